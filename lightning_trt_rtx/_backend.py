@@ -1,0 +1,202 @@
+"""The one place that imports ``torch_tensorrt`` and knows its private paths.
+
+Everything else in the package asks this module. Importing ``lightning_trt_rtx`` never imports
+``torch_tensorrt`` (slow, and it raises on a host without an NVIDIA driver); :func:`torch_tensorrt`
+imports it on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import logging
+import sys
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from packaging.version import Version
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'lightning-trt-rtx[rtx]'"
+MIN_VERSION = Version("2.13")
+_RTX_DISTRIBUTION = "torch-tensorrt-rtx"
+_TRT_DISTRIBUTION = "torch-tensorrt"
+_ENGINE_TYPE = "__torch__.torch.classes.tensorrt.Engine"
+
+# Integer codes the C++ engine's ``update_runtime_settings`` takes (mirrors upstream's private maps).
+KERNEL_STRATEGY_CODES = {"lazy": 0, "eager": 1, "none": 2}
+CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
+
+
+def installed_distribution() -> Optional[str]:
+    """Name of the installed torch-tensorrt distribution, without importing it (None if absent)."""
+    for name in (_RTX_DISTRIBUTION, _TRT_DISTRIBUTION):
+        try:
+            importlib.metadata.version(name)
+            return name
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def installed_version() -> Optional[Version]:
+    dist = installed_distribution()
+    return Version(importlib.metadata.version(dist)) if dist else None
+
+
+def is_available() -> bool:
+    """True when a torch-tensorrt distribution is installed (checked without importing it)."""
+    return installed_distribution() is not None
+
+
+def is_imported() -> bool:
+    return "torch_tensorrt" in sys.modules
+
+
+def is_rtx_build() -> bool:
+    """Whether the installed build is TensorRT-RTX, the only one that honours the runtime settings."""
+    if is_imported():
+        return bool(sys.modules["torch_tensorrt"].ENABLED_FEATURES.tensorrt_rtx)
+    return installed_distribution() == _RTX_DISTRIBUTION
+
+
+@contextmanager
+def _answer_cuda_queries_without_cuda() -> Iterator[None]:
+    # torch_tensorrt 2.14 asks CUDA for the device capability (``_utils.is_tegra_platform``) and the
+    # current device (``dynamo/_defaults.default_device``) while it is being imported, which raises on
+    # a host without an NVIDIA driver. Upstream PR #4504 (open) fixes this. Until it lands we answer
+    # those two queries, only while importing and only when no CUDA device exists, so the pure-Python
+    # objects (RuntimeSettings, RuntimeCache, engine-less TorchTensorRTModule) work on CPU hosts.
+    if torch.cuda.is_available():
+        yield
+        return
+    capability, current = torch.cuda.get_device_capability, torch.cuda.current_device
+    torch.cuda.get_device_capability = lambda *args, **kwargs: (0, 0)
+    torch.cuda.current_device = lambda: 0
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability, torch.cuda.current_device = capability, current
+
+
+@functools.lru_cache(maxsize=None)
+def torch_tensorrt() -> Any:
+    """Import and return ``torch_tensorrt``, with errors that say what to do."""
+    dist = installed_distribution()
+    if dist is None:
+        raise ModuleNotFoundError(
+            f"torch-tensorrt is not installed. TensorRT-RTX runtime settings need it: `{INSTALL_HINT}`."
+        )
+    version = installed_version()
+    if version is not None and version.release < MIN_VERSION.release:
+        raise ImportError(
+            f"{dist} {version} is installed, but the runtime-settings API needs torch-tensorrt >= {MIN_VERSION}"
+            f" (RuntimeSettings, runtime_cache, enable_cudagraphs(cuda_graph_strategy=)). Upgrade: `{INSTALL_HINT}`."
+        )
+    with _answer_cuda_queries_without_cuda():
+        module = importlib.import_module("torch_tensorrt")
+    if not hasattr(module, "runtime") or not hasattr(module.runtime, "RuntimeSettings"):
+        raise ImportError(
+            f"torch_tensorrt {getattr(module, '__version__', '?')} has no runtime-settings API;"
+            f" torch-tensorrt >= {MIN_VERSION} is required: `{INSTALL_HINT}`."
+        )
+    return module
+
+
+def runtime_settings_class() -> Any:
+    return torch_tensorrt().runtime.RuntimeSettings
+
+
+def new_cache_handle() -> Any:
+    """A fresh ``RuntimeCache`` with no path: this package does all file I/O itself."""
+    return torch_tensorrt().runtime.RuntimeCache(path="", autosave_on_del=False)
+
+
+def enable_cudagraphs(module: torch.nn.Module, cuda_graph_strategy: Optional[str]) -> Any:
+    return torch_tensorrt().runtime.enable_cudagraphs(module, cuda_graph_strategy=cuda_graph_strategy)
+
+
+def cudagraphs_mode() -> int:
+    """torch_tensorrt's process-global CUDA-graphs mode (0 standard, 1 subgraph, 2 whole graph)."""
+    if not is_imported():
+        return 0
+    return int(sys.modules["torch_tensorrt.runtime._cudagraphs"]._PY_RT_CUDAGRAPHS)
+
+
+def trt_version() -> Optional[str]:
+    """The TensorRT(-RTX) library version, read from package metadata (no import)."""
+    for name in ("tensorrt-rtx", "tensorrt_rtx", "tensorrt"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+# --- recognising engines, without importing torch_tensorrt --------------------------------------
+
+
+def is_trt_module(obj: Any) -> bool:
+    """A ``TorchTensorRTModule`` (only possible once torch_tensorrt has been imported)."""
+    if not is_imported():
+        return False
+    from torch_tensorrt.dynamo.runtime._TorchTensorRTModule import TorchTensorRTModule
+
+    return isinstance(obj, TorchTensorRTModule)
+
+
+def is_bare_engine(obj: Any) -> bool:
+    """A torchbind ``tensorrt.Engine`` held as a plain attribute (programs from ``torch_tensorrt.load``)."""
+    return isinstance(obj, torch.ScriptObject) and obj._type().qualified_name() == _ENGINE_TYPE
+
+
+def is_mutable_module(obj: Any) -> bool:
+    """A ``MutableTorchTensorRTModule`` (not an ``nn.Module``: its engines live in ``.gm``)."""
+    if not is_imported():
+        return False
+    return isinstance(obj, sys.modules["torch_tensorrt"].MutableTorchTensorRTModule)
+
+
+def set_trt_module_settings(module: Any, settings: Any) -> None:
+    """Give a TorchTensorRTModule settings; one without an engine yet keeps them exactly as given.
+
+    The public setter would turn a path string into a fresh implicit cache handle and read the
+    per-user default file; for an engine that does not exist yet, the stash is what upstream's
+    ``setup_engine`` applies at the first context creation, so restoring it is exact.
+    """
+    if module.engine is None:
+        module._runtime_settings = settings
+    else:
+        module.runtime_settings = settings
+
+
+# Bare engines have no settings getter: remember what was last given to each (settings are never
+# serialized, so an engine we have not touched holds upstream's post-load default).
+_bare_engine_settings: dict[int, tuple["weakref.ref[Any]", Any]] = {}
+
+
+def bare_engine_settings(engine: Any) -> Any:
+    entry = _bare_engine_settings.get(id(engine))
+    if entry is not None and entry[0]() is engine:
+        return entry[1]
+    return runtime_settings_class()(runtime_cache=None)
+
+
+def set_bare_engine_settings(engine: Any, settings: Any) -> None:
+    from torch_tensorrt.runtime._runtime_cache import _to_torchbind_handle
+
+    engine.update_runtime_settings(
+        KERNEL_STRATEGY_CODES[settings.dynamic_shapes_kernel_specialization_strategy],
+        CUDA_GRAPH_STRATEGY_CODES[settings.cuda_graph_strategy],
+        _to_torchbind_handle(settings.runtime_cache),
+    )
+    _bare_engine_settings[id(engine)] = (weakref.ref(engine), settings)
+
+
+def contexts_created(engine: Any) -> int:
+    """How many execution contexts a torchbind engine has created (for tests and figures)."""
+    return int(engine.num_execution_contexts_created())

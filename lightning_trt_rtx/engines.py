@@ -1,0 +1,143 @@
+"""Find every TensorRT engine under a module tree, apply settings to all of them, restore them.
+
+Three places hold engines, and upstream's context managers reach only the first:
+
+* ``TorchTensorRTModule`` submodules, including ones whose engine is not set up yet (the setter
+  stashes settings for the first context creation; ``runtime_config`` skips those);
+* bare torchbind ``Engine`` attributes of programs loaded with ``torch_tensorrt.load(...).module()``;
+* ``MutableTorchTensorRTModule`` objects (not ``nn.Module``\\ s), whose ``.gm`` appears at the first
+  forward and is replaced by a recompile.
+
+Usage::
+
+    bound = EngineBinding(model)
+    bound.apply(runtime_settings)   # snapshot what was there, then set; equal settings are skipped
+    ...
+    bound.refresh()                 # cheap: picks up a replaced/new ``.gm`` of mutable modules
+    bound.restore()                 # exactly what was there before
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from lightning_trt_rtx import _backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine found under a module: ``kind`` is ``"module"`` (a TorchTensorRTModule) or ``"bare"``."""
+
+    name: str
+    kind: str
+    obj: Any
+
+    def get(self) -> Any:
+        if self.kind == "module":
+            return self.obj.runtime_settings
+        return _backend.bare_engine_settings(self.obj)
+
+    def set(self, settings: Any) -> None:
+        if self.kind == "module":
+            _backend.set_trt_module_settings(self.obj, settings)
+        else:
+            _backend.set_bare_engine_settings(self.obj, settings)
+
+
+def _children(root: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if _backend.is_mutable_module(root):
+        yield from _children(root.gm, f"{prefix}.gm" if prefix else "gm") if root.gm is not None else ()
+        return
+    if not isinstance(root, torch.nn.Module):
+        return
+    for name, module in root.named_modules(prefix=prefix):
+        if _backend.is_trt_module(module):
+            yield name, Engine(name, "module", module)
+            continue
+        for attr, value in vars(module).items():
+            full = f"{name}.{attr}" if name else attr
+            if _backend.is_bare_engine(value):
+                yield full, Engine(full, "bare", value)
+            elif _backend.is_mutable_module(value):
+                yield full, value
+
+
+def find_engines(root: Any) -> list[Engine]:
+    """Every engine under ``root`` (an ``nn.Module`` or a ``MutableTorchTensorRTModule``), each once."""
+    engines, seen = [], set()
+    stack = [("", root)]
+    while stack:
+        prefix, node = stack.pop()
+        for name, found in _children(node, prefix):
+            if isinstance(found, Engine):
+                if id(found.obj) not in seen:
+                    seen.add(id(found.obj))
+                    engines.append(found)
+            else:
+                stack.append((name, found))
+    return engines
+
+
+def find_mutable_modules(root: Any) -> list[Any]:
+    """The ``MutableTorchTensorRTModule`` objects under ``root`` (they change engines on recompile)."""
+    found = [root] if _backend.is_mutable_module(root) else []
+    if isinstance(root, torch.nn.Module):
+        for module in root.modules():
+            found.extend(v for v in vars(module).values() if _backend.is_mutable_module(v))
+    return found
+
+
+class EngineBinding:
+    """Settings applied to every engine under one root, with a snapshot to restore."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.engines: list[Engine] = []
+        self._prior: dict[int, tuple[Engine, Any]] = {}
+        self._settings: Optional[Any] = None
+        self._mutable_gms: dict[int, Any] = {}
+
+    def apply(self, settings: Any) -> int:
+        """Give ``settings`` to every engine, remembering each one's prior settings on first touch.
+
+        Engines that already hold equal settings are left alone (no new execution context).
+        Returns how many engines were changed.
+        """
+        self._settings = settings
+        self.engines = find_engines(self.root)
+        self._mutable_gms = {id(m): m.gm for m in find_mutable_modules(self.root)}
+        changed = 0
+        for engine in self.engines:
+            current = engine.get()
+            self._prior.setdefault(id(engine.obj), (engine, current))
+            if current != settings:
+                engine.set(settings)
+                changed += 1
+        log.debug("Applied %s to %d of %d engines", settings, changed, len(self.engines))
+        return changed
+
+    def refresh(self) -> int:
+        """Re-apply if a mutable module's ``.gm`` appeared or was replaced; cheap otherwise."""
+        if self._settings is None or not self._mutable_gms:
+            return 0
+        mutables = find_mutable_modules(self.root)
+        if all(self._mutable_gms.get(id(m)) is m.gm for m in mutables):
+            return 0
+        return self.apply(self._settings)
+
+    def restore(self) -> None:
+        """Put back exactly the settings each engine had before the first :meth:`apply`."""
+        for engine, prior in self._prior.values():
+            try:
+                if engine.get() != prior:
+                    engine.set(prior)
+            except Exception as err:  # one engine's failure must not stop the others' restore
+                log.warning("Could not restore the runtime settings of engine %s: %s", engine.name, err)
+        self._prior.clear()
+        self._settings = None

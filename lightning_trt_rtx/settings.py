@@ -1,0 +1,121 @@
+"""The validated, immutable description of TensorRT-RTX's three runtime knobs.
+
+Plain data: built from keyword arguments, a dict or YAML, compared and printed without importing
+``torch_tensorrt``; turned into ``torch_tensorrt.runtime.RuntimeSettings`` only when applied::
+
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture")
+    settings = TRTSettings.from_yaml("cuda_graph_strategy: whole_graph_capture\\nruntime_cache: null")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from lightning_trt_rtx import cache
+
+CUDA_GRAPH_STRATEGIES = ("disabled", "whole_graph_capture")
+KERNEL_STRATEGIES = ("lazy", "eager", "none")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    valid = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {valid}; got {type(value).__name__} {value!r}.")
+    if value not in choices:
+        close = difflib.get_close_matches(value.lower(), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Invalid {name} {value!r}. Valid choices: {valid}.{hint}")
+
+
+@dataclass(frozen=True)
+class TRTSettings:
+    """TensorRT-RTX runtime settings for every engine of a model.
+
+    Args:
+        cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"`` (TensorRT-RTX captures and
+            replays each engine internally; fastest for launch-bound models).
+        dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``: when
+            kernels for dynamic shapes are JIT-compiled.
+        runtime_cache: a path template for the on-disk kernel cache, or ``None`` for none. The
+            placeholders are ``{rank}``, ``{local_rank}``, ``{node_rank}``, ``{world_size}``, ``{sm}``,
+            ``{trt}``, ``{cuda}`` and ``{host}``; the default gives each global rank its own file
+            under a directory keyed by GPU architecture and TensorRT-RTX/CUDA versions. An fsspec
+            URL (``s3://...``) works too.
+    """
+
+    cuda_graph_strategy: str = "disabled"
+    dynamic_shapes_kernel_specialization_strategy: str = "lazy"
+    runtime_cache: Optional[str] = field(default_factory=cache.default_template)
+
+    def __post_init__(self) -> None:
+        _check_choice("cuda_graph_strategy", self.cuda_graph_strategy, CUDA_GRAPH_STRATEGIES)
+        _check_choice(
+            "dynamic_shapes_kernel_specialization_strategy",
+            self.dynamic_shapes_kernel_specialization_strategy,
+            KERNEL_STRATEGIES,
+        )
+        if isinstance(self.runtime_cache, os.PathLike):
+            object.__setattr__(self, "runtime_cache", os.fspath(self.runtime_cache))
+        if self.runtime_cache is not None:
+            if not isinstance(self.runtime_cache, str):
+                raise TypeError(
+                    "runtime_cache must be a path template (str) or None;"
+                    f" got {type(self.runtime_cache).__name__} {self.runtime_cache!r}."
+                )
+            cache.template_fields(self.runtime_cache)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TRTSettings":
+        """Build from a mapping; unknown keys raise TypeError naming the valid keys."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"TRTSettings.from_dict takes a mapping, got {type(values).__name__}.")
+        unknown = sorted(str(k) for k in values if k not in cls.keys())
+        if unknown:
+            raise TypeError(f"Unknown TRTSettings key(s) {unknown}. Valid keys: {list(cls.keys())}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, source: Union[str, os.PathLike]) -> "TRTSettings":
+        """Build from YAML text or a YAML file holding a mapping of the three keys."""
+        import yaml
+
+        text = source
+        if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and os.path.isfile(source)):
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        values = yaml.safe_load(text)
+        if values is None:
+            values = {}
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def is_default(self) -> bool:
+        """Whether the strategies are TensorRT-RTX's defaults (the cache aside)."""
+        return self.cuda_graph_strategy == "disabled" and self.dynamic_shapes_kernel_specialization_strategy == "lazy"
+
+    def to_runtime_settings(self, cache_handle: Any = None, **overrides: Any) -> Any:
+        """``torch_tensorrt.runtime.RuntimeSettings`` with ``cache_handle`` (a shared ``RuntimeCache``)."""
+        from lightning_trt_rtx import _backend
+
+        values = dict(
+            cuda_graph_strategy=self.cuda_graph_strategy,
+            dynamic_shapes_kernel_specialization_strategy=self.dynamic_shapes_kernel_specialization_strategy,
+            runtime_cache=cache_handle,
+        )
+        values.update(overrides)
+        return _backend.runtime_settings_class()(**values)
