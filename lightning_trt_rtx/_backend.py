@@ -107,6 +107,19 @@ def torch_tensorrt() -> Any:
     return module
 
 
+def load_program(path: str) -> torch.nn.Module:
+    """``torch_tensorrt.load(path).module()``, made servable by Lightning.
+
+    ``ExportedProgram.module()`` replaces ``train``/``eval`` with methods that raise, and Lightning
+    calls ``eval()`` on the whole LightningModule before predicting. A compiled program has no
+    train/eval behaviour to switch, so the plain ``nn.Module`` methods are put back.
+    """
+    program = torch_tensorrt().load(path).module()
+    for name in ("train", "eval"):
+        program.__dict__.pop(name, None)
+    return program
+
+
 def runtime_settings_class() -> Any:
     return torch_tensorrt().runtime.RuntimeSettings
 

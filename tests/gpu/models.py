@@ -1,0 +1,49 @@
+"""Small models and compile helpers shared by the GPU tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ConvNet(torch.nn.Module):
+    """Several distinct layer shapes: JIT-compiling its kernels dominates the first execute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 5, padding=2)
+        self.c3 = torch.nn.Conv2d(32, 24, 1)
+        self.fc = torch.nn.Linear(24 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.sigmoid(self.c3(x))
+        return self.fc(x.flatten(1))
+
+
+class TwoBlocks(torch.nn.Module):
+    """Two linear blocks around a sigmoid that is forced to run in PyTorch: a graph break."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+        self.b = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.sigmoid(self.a(x)))
+
+
+def mlp(width: int = 1024, layers: int = 8) -> torch.nn.Module:
+    blocks = []
+    for _ in range(layers):
+        blocks += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*blocks)
+
+
+def compile_trt(model: torch.nn.Module, example: torch.Tensor, graph_break: bool = False, **kwargs):
+    import torch_tensorrt
+
+    if graph_break:
+        kwargs["torch_executed_ops"] = {"torch.ops.aten.sigmoid.default"}
+    return torch_tensorrt.compile(model.cuda().eval(), ir="dynamo", inputs=[example], min_block_size=1, **kwargs)
