@@ -1,3 +1,282 @@
-"""The main job (placeholder until the examples issue fills it in)."""
+"""The main job: serve a torch-tensorrt-rtx model through ``Trainer.predict`` with TRTRuntimeSettings.
 
-print("examples/predict.py: will compile a small model with torch-tensorrt-rtx and serve it through Trainer.predict")
+    python examples/predict.py                       # conv net, 1 GPU, cache under ~/.cache/lightning-trt-rtx-example
+    python examples/predict.py --model mlp --batches 200
+    python examples/predict.py --devices 2           # DDP: one engine and one cache file per rank
+
+On an NVIDIA GPU with torch-tensorrt-rtx it clears its kernel cache, then runs ``Trainer.predict``
+three times, each in a fresh process (compile, then serve):
+
+1. ``cold``:   empty kernel cache, every kernel is JIT-compiled at the first batch;
+2. ``warm``:   the cache file the cold run saved is loaded: the first batch skips the JIT;
+3. ``graphs``: warm cache and ``cuda_graph_strategy="whole_graph_capture"``.
+
+and prints one table: first-batch latency cold vs warm, per-batch latency default vs graphs, and
+each rank's cache file and size. Without an NVIDIA GPU it says so, runs the same Lightning job
+eagerly on CPU with the callback attached, prints how many predictions it made and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+PHASES = (  # name, cuda_graph_strategy, what it shows
+    ("cold", "disabled", "empty kernel cache"),
+    ("warm", "disabled", "kernel cache from the cold run"),
+    ("graphs", "whole_graph_capture", "warm cache + whole-graph capture"),
+)
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lightning-trt-rtx-example")
+
+
+def cache_template(cache_dir: str) -> str:
+    """One file per rank, under a directory keyed by GPU architecture and library versions."""
+    return os.path.join(cache_dir, "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin")
+
+
+def clear_cache(cache_dir: str) -> list[str]:
+    """Remove this example's cache files (and their lock/tmp/quarantine siblings), nothing else."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(cache_dir), "*", "rank*.bin*")):
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP above 1), or CPU processes (default: 1)")
+    parser.add_argument("--model", choices=("conv", "mlp"), default="conv", help="conv: JIT-heavy; mlp: launch-bound")
+    parser.add_argument("--batch-size", type=int, default=None, help="compiled batch size (default: conv 32, mlp 8)")
+    parser.add_argument("--batches", type=int, default=50, help="batches per run, split across ranks (default: 50)")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="kernel cache directory (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    parser.add_argument("--verbose", action="store_true", help="show the output of each run, not only on failure")
+    parser.add_argument("--_phase", choices=[p[0] for p in PHASES], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.devices < 1 or args.batches < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--devices, --batches and --batch-size must be positive")
+    args.cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir))
+    return args
+
+
+def make_trainer(args: argparse.Namespace, callbacks: list, accelerator: str) -> Any:
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        accelerator=accelerator,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+# --- one phase, in its own process -------------------------------------------------------------------
+
+
+def run_phase(args: argparse.Namespace) -> int:
+    """Compile, serve ``--batches`` through ``Trainer.predict``, write rank zero's figures to ``--_result``."""
+    from dataclasses import asdict
+
+    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name
+
+    from lightning_trt_rtx import TRTRuntimeSettings, _backend
+
+    strategy = dict((p[0], p[1]) for p in PHASES)[args._phase]
+    settings = TRTRuntimeSettings(
+        cuda_graph_strategy=strategy, runtime_cache=cache_template(args.cache_dir), print_table=False
+    )
+    timer = BatchTimer()
+    model = CompiledPredictor(args.model, args.batch_size)
+    data = SyntheticDataModule(args.model, args.batch_size, args.batches)
+    trainer = make_trainer(args, [settings, timer], accelerator="gpu")
+    predictions = trainer.predict(model, datamodule=data, return_predictions=True)
+    if trainer.is_global_zero and args._result:
+        result = {
+            "phase": args._phase,
+            "cuda_graph_strategy": strategy,
+            "gpu": device_name(),
+            "torch_tensorrt": str(_backend.installed_version()),
+            "rtx": _backend.is_rtx_build(),
+            "compile_s": model.compile_s,
+            "predicted_batches": len(predictions or []),
+            "timer": timer.result(),
+            "figures": [asdict(f) for f in settings.figures],
+        }
+        with open(args._result, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+# --- the three phases, and the table -----------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
+    return f"{n} B"
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("phase", "cuda graphs", "rank", "cache", "first batch", "per batch", "cache file", "loaded", "saved")
+    rows = []
+    for result in results:
+        for rank, fig in enumerate(result["figures"]):
+            rows.append(
+                (
+                    result["phase"],
+                    result["cuda_graph_strategy"],
+                    str(fig.get("rank", rank)),
+                    fig["cache_source"],
+                    f"{fig['first_batch_ms']:.1f} ms",
+                    f"{fig['mean_batch_ms']:.3f} ms",
+                    fig["cache_path"] or "-",
+                    _size(fig["cache_bytes"]),
+                    _size(fig["saved_bytes"]),
+                )
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_lines(by_phase: dict[str, dict]) -> list[str]:
+    """Rank zero's cold/warm first batch and default/graphs per-batch, as ratios."""
+    lines = []
+    cold, warm, graphs = (by_phase[p]["figures"][0] for p in ("cold", "warm", "graphs"))
+    if cold["first_batch_ms"] > 0:
+        ratio = warm["first_batch_ms"] / cold["first_batch_ms"]
+        lines.append(
+            f"warm start: first batch {warm['first_batch_ms']:.1f} ms with the warm cache vs"
+            f" {cold['first_batch_ms']:.1f} ms cold ({ratio:.2f}x the cold time)"
+        )
+    if graphs["mean_batch_ms"] > 0:
+        speedup = warm["mean_batch_ms"] / graphs["mean_batch_ms"]
+        lines.append(
+            f"whole-graph capture: {graphs['mean_batch_ms']:.3f} ms per batch vs {warm['mean_batch_ms']:.3f} ms"
+            f" without ({speedup:.2f}x faster)"
+        )
+    return lines
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    removed = clear_cache(args.cache_dir)
+    print(
+        f"Serving {args.model} with torch-tensorrt-rtx through Trainer.predict on {args.devices} GPU(s);"
+        f" kernel cache under {args.cache_dir} ({len(removed)} old file(s) cleared)."
+    )
+    env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.pop("LOCAL_RANK", None)  # each phase is a fresh Lightning job
+    results = []
+    with tempfile.TemporaryDirectory(prefix="trt-rtx-predict-") as tmp:
+        for name, strategy, what in PHASES:
+            result_path = os.path.join(tmp, f"{name}.json")
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--devices", str(args.devices),
+                "--model", args.model,
+                "--batches", str(args.batches),
+                "--cache-dir", args.cache_dir,
+                "--_phase", name,
+                "--_result", result_path,
+            ]  # fmt: skip
+            if args.batch_size:
+                command += ["--batch-size", str(args.batch_size)]
+            print(f"  {name:<6} ({what}): compiling and serving in a fresh process ...", flush=True)
+            proc = subprocess.run(
+                command,
+                env=env,
+                stdout=None if args.verbose else subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            if proc.returncode != 0 or not os.path.isfile(result_path):
+                if proc.stdout:
+                    print("\n".join(proc.stdout.splitlines()[-80:]), file=sys.stderr)
+                print(f"error: the {name} run failed (exit code {proc.returncode}).", file=sys.stderr)
+                return proc.returncode or 1
+            with open(result_path, encoding="utf-8") as f:
+                results.append(json.load(f))
+    by_phase = {r["phase"]: r for r in results}
+    gpu = results[0]["gpu"]
+    batch_size = args.batch_size or (32 if args.model == "conv" else 8)
+    print()
+    print(
+        f"TensorRT-RTX serving on {gpu}: {args.model}, batch {batch_size}, {args.batches} batches,"
+        f" {args.devices} rank(s), torch-tensorrt {results[0]['torch_tensorrt']}"
+        f" (compile {results[0]['compile_s']:.1f} s per run, not in the figures)"
+    )
+    print(format_table(results))
+    print()
+    for line in summary_lines(by_phase):
+        print(line)
+    if not results[0]["rtx"]:
+        print("note: this torch-tensorrt is not a TensorRT-RTX build: the runtime settings were no-ops.")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"gpu": gpu, "model": args.model, "devices": args.devices, "phases": by_phase}, f, indent=2)
+    return 0
+
+
+def run_fallback(args: argparse.Namespace, reason: str) -> int:
+    """The same Lightning job, eager, with the callback attached (it warns that there are no engines)."""
+    from _model import CompiledPredictor, SyntheticDataModule
+
+    from lightning_trt_rtx import TRTRuntimeSettings
+
+    print(reason, flush=True)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    settings = TRTRuntimeSettings(runtime_cache=cache_template(args.cache_dir), print_table=False)
+    model = CompiledPredictor(args.model, args.batch_size, use_tensorrt=False)
+    data = SyntheticDataModule(args.model, args.batch_size, args.batches)
+    trainer = make_trainer(args, [settings], accelerator=accelerator)
+    predictions = trainer.predict(model, datamodule=data, return_predictions=True) or []
+    if trainer.is_global_zero:
+        samples = sum(len(p) for p in predictions)
+        print(f"predictions: {len(predictions)} batches, {samples} samples ({args.model}, eager on {accelerator})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args._phase:
+        return run_phase(args)
+    from lightning_trt_rtx import _backend
+
+    if not torch.cuda.is_available():
+        return run_fallback(
+            args, "TensorRT needs an NVIDIA GPU and none is available here: running the same job eagerly on CPU."
+        )
+    if not _backend.is_available():
+        return run_fallback(
+            args, f"torch-tensorrt-rtx is not installed (`{_backend.INSTALL_HINT}`): running the same job eagerly."
+        )
+    return run_gpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -23,9 +24,18 @@ _SKIP_SUFFIXES = (".lock", ".tmp")
 
 
 def _entry(root: str, path: str, now: float) -> dict:
-    with open(path, "rb") as f:
-        data = f.read()
-    problem = "quarantined by a run" if path.endswith(".corrupt") else cache.check_bytes(data)
+    # a dangling symlink, a FIFO or a file removed since the walk is listed as invalid, not a traceback
+    data, mtime, problem = b"", now, None
+    try:
+        if not os.path.isfile(path):
+            raise OSError("not a regular file")
+        with open(path, "rb") as f:
+            data = f.read()
+        mtime = os.path.getmtime(path)
+    except OSError as err:
+        problem = f"unreadable ({err})"
+    if problem is None:
+        problem = "quarantined by a run" if path.endswith(".corrupt") else cache.check_bytes(data)
     rel = os.path.relpath(path, root)
     key = os.path.dirname(rel) or "."
     return {
@@ -33,7 +43,7 @@ def _entry(root: str, path: str, now: float) -> dict:
         "file": os.path.basename(path),
         "path": path,
         "bytes": len(data),
-        "age_s": round(now - os.path.getmtime(path), 1),
+        "age_s": round(now - mtime, 1),
         "valid": problem is None,
         "problem": problem or "",
     }
@@ -49,7 +59,7 @@ def _list(root: str, as_json: bool) -> int:
         for name in sorted(files):
             if not name.endswith(_SKIP_SUFFIXES):
                 entries.append(_entry(root, os.path.join(directory, name), now))
-    entries.sort(key=lambda e: (e["key"], e["file"]))
+    entries.sort(key=lambda e: (e["key"], _natural(e["file"])))
     if as_json:
         print(json.dumps(entries, indent=2))
     elif not entries:
@@ -60,6 +70,11 @@ def _list(root: str, as_json: bool) -> int:
         for e in entries:
             print("  ".join(_cell(e, k).ljust(w) for k, w in widths.items()) + f"  {e['problem']}".rstrip())
     return EXIT_OK if all(e["valid"] for e in entries) else EXIT_INVALID
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts rank2.bin before rank10.bin."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _cell(entry: dict, key: str) -> str:

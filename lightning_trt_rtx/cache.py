@@ -67,6 +67,8 @@ def template_fields(template: str) -> list[str]:
         raise TypeError(f"A cache path template must be a str, got {type(template).__name__}.")
     if not template.strip():
         raise ValueError("A cache path template must not be empty; pass None to run without a cache.")
+    if "\x00" in template:  # no filesystem accepts it; os calls would raise ValueError at save time
+        raise ValueError(f"A cache path template must not contain a NUL character: {template!r}.")
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
@@ -134,9 +136,19 @@ class Placement:
     def siblings_pattern(self, template: str) -> str:
         """A glob matching every rank's file under this placement's key (rank placeholders -> ``*``)."""
         template_fields(template)
-        values: dict[str, Any] = {k: glob.escape(str(v)) for k, v in asdict(self).items()}
-        values.update({k: "*" for k in RANK_PLACEHOLDERS})
-        return os.path.expanduser(template.format(**values))
+        values = asdict(self)
+        pattern = ""
+        for literal, name, _, _ in string.Formatter().parse(template):
+            if not pattern and literal.startswith("~") and ("/" in literal or name is None):
+                literal = os.path.expanduser(literal)  # "~/" or "~user/" as resolve() expands it
+            # the template's own text is escaped too: a directory named "run[1]" is not a glob class
+            pattern += glob.escape(literal)
+            if name is not None:
+                if name not in RANK_PLACEHOLDERS:
+                    pattern += glob.escape(str(values[name]))
+                elif not pattern.endswith("*"):  # "{rank}{local_rank}": one "*" ("**" means directories)
+                    pattern += "*"
+        return pattern
 
 
 # --- file checks ----------------------------------------------------------------------------------
@@ -233,14 +245,24 @@ def _read_checked(path: str, stats: CacheStats) -> Optional[bytes]:
     return data
 
 
+def _size_or_zero(fs: Any, path: str) -> int:
+    try:  # a dangling symlink or a file removed since the glob must not stop seeding from the others
+        return fs.size(path) or 0
+    except OSError:
+        return 0
+
+
 def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> Optional[bytes]:
     """The largest valid sibling file: a job that grows from 4 to 8 ranks starts warm everywhere."""
     pattern = placement.siblings_pattern(template)
-    fs, inner, _ = _fs(pattern)
+    fs, inner, local = _fs(pattern)
+    own_inner = _fs(own)[1]
+    if local:  # fsspec's glob matches nothing through "a//b" or "a/x/../b": compare normalized paths
+        inner, own_inner = os.path.normpath(inner), os.path.normpath(own_inner)
     try:
-        candidates = [c for c in fs.glob(inner) if c != _fs(own)[1] and not c.endswith((".corrupt", ".tmp", ".lock"))]
-        candidates.sort(key=lambda c: fs.size(c), reverse=True)
-    except OSError:
+        candidates = [c for c in fs.glob(inner) if c != own_inner and not c.endswith((".corrupt", ".tmp", ".lock"))]
+        candidates.sort(key=lambda c: _size_or_zero(fs, c), reverse=True)
+    except (OSError, ValueError):  # ValueError: a pattern the filesystem rejects
         return None
     for candidate in candidates:
         try:
@@ -365,9 +387,11 @@ _shared: dict[str, SharedCache] = {}
 def open_shared(template: str, placement: Placement) -> SharedCache:
     """The process's one handle for the file ``template`` resolves to, loading it on first use."""
     path = placement.resolve(template)
-    if path not in _shared:
-        _shared[path] = SharedCache(template, placement)
-    return _shared[path]
+    # one file, one handle, however it is spelled ("a/cache.bin", "./a/cache.bin", a symlinked dir)
+    key = path if "://" in path else os.path.realpath(path)
+    if key not in _shared:
+        _shared[key] = SharedCache(template, placement)
+    return _shared[key]
 
 
 def forget_shared() -> None:

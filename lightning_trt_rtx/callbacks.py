@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Literal, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_trt_rtx import cache, report
+from lightning_trt_rtx import report
 from lightning_trt_rtx.session import ServingSession
-from lightning_trt_rtx.settings import TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, TRTSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,10 @@ _LOOPS = ("predict", "validate", "test")
 
 
 def _check_loops(loops: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(loops, str) or not all(isinstance(loop, str) for loop in loops):
+    if isinstance(loops, (str, bytes)) or not isinstance(loops, Iterable):
+        raise TypeError(f"loops must be a list of loop names from {list(_LOOPS)}; got {loops!r}.")
+    loops = tuple(loops)  # an iterator would be consumed by the checks below
+    if not all(isinstance(loop, str) for loop in loops):
         raise TypeError(f"loops must be a list of loop names from {list(_LOOPS)}; got {loops!r}.")
     unknown = [loop for loop in loops if loop not in _LOOPS]
     if unknown or not loops:
@@ -109,7 +113,7 @@ class TRTRuntimeSettings(_LoopHooks):
         self,
         cuda_graph_strategy: Literal["disabled", "whole_graph_capture"] = "disabled",
         dynamic_shapes_kernel_specialization_strategy: Literal["lazy", "eager", "none"] = "lazy",
-        runtime_cache: Optional[str] = cache.default_template(),
+        runtime_cache: Optional[str] = DEFAULT_CACHE,
         loops: Sequence[Loop] = ("predict",),
         print_table: bool = True,
     ) -> None:
@@ -132,7 +136,9 @@ class TRTRuntimeSettings(_LoopHooks):
             return
         session = ServingSession.of(pl_module)
         session.configure(self.settings, type(self).__name__, trainer)
-        session.attach()  # engines that exist now get their settings before any context is created
+        # engines that exist now get their settings before any context is created; no warning yet,
+        # configure_model (which runs after this hook) may still create them
+        session.attach(warn_if_none=False)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         session = ServingSession.of(pl_module)
@@ -199,8 +205,10 @@ class TRTCudaGraphs(_LoopHooks):
     """
 
     def __init__(self, targets: Optional[list[str]] = None, loops: Sequence[Loop] = ("predict",)) -> None:
+        if targets is not None and not isinstance(targets, (str, bytes)) and isinstance(targets, Iterable):
+            targets = list(targets)  # an iterator would be consumed by the check below
         if targets is not None and (
-            isinstance(targets, str) or not all(isinstance(t, str) and t.isidentifier() for t in targets)
+            not isinstance(targets, list) or not all(isinstance(t, str) and t.isidentifier() for t in targets)
         ):
             raise TypeError(f"targets must be a list of attribute names (identifiers) or None; got {targets!r}.")
         self.targets = list(targets) if targets is not None else None

@@ -60,6 +60,11 @@ def _children(root: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         if _backend.is_trt_module(module):
             yield name, Engine(name, "module", module)
             continue
+        if _backend.is_mutable_module(module):
+            # it subclasses the wrapped model's class, so ``self.model = Mutable...(...)`` registers it
+            # as a submodule: its engines live in ``.gm``, not in ``named_modules()``
+            yield name, module
+            continue
         for attr, value in vars(module).items():
             full = f"{name}.{attr}" if name else attr
             if _backend.is_bare_engine(value):
@@ -89,6 +94,8 @@ def find_mutable_modules(root: Any) -> list[Any]:
     found = [root] if _backend.is_mutable_module(root) else []
     if isinstance(root, torch.nn.Module):
         for module in root.modules():
+            if module is not root and _backend.is_mutable_module(module):
+                found.append(module)  # registered as a submodule
             found.extend(v for v in vars(module).values() if _backend.is_mutable_module(v))
     return found
 

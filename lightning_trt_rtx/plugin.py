@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_trt_rtx import cache, report
+from lightning_trt_rtx import report
 from lightning_trt_rtx.session import ServingSession
-from lightning_trt_rtx.settings import TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, TRTSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class TRTRuntimePrecision(Precision):
         precision: Union[Literal["32-true", "16-mixed", "bf16-mixed"], Precision] = "32-true",
         cuda_graph_strategy: Literal["disabled", "whole_graph_capture"] = "disabled",
         dynamic_shapes_kernel_specialization_strategy: Literal["lazy", "eager", "none"] = "lazy",
-        runtime_cache: Optional[str] = cache.default_template(),
+        runtime_cache: Optional[str] = DEFAULT_CACHE,
     ) -> None:
         super().__init__()
         self.inner = _inner_precision(precision)

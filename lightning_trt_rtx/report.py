@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -42,7 +43,13 @@ def gather(figures: RankFigures) -> list[RankFigures]:
     if world == 1:
         return [figures]
     gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, asdict(figures))
+    try:
+        torch.distributed.all_gather_object(gathered, asdict(figures))
+    except Exception as err:
+        # a peer that failed (its predict_step raised) closes its connections: this rank's run is done
+        # and its cache saved, so the figures table must not turn its success into an error
+        warnings.warn(f"Could not gather the serving figures of the other ranks ({err}); reporting this rank only.")
+        return [figures]
     return [RankFigures(**g) for g in gathered]
 
 

@@ -58,8 +58,6 @@ class ServingSession:
 
     def configure(self, settings: TRTSettings, owner: str, trainer: Any = None) -> None:
         """Register who serves this module with which settings; two owners must agree."""
-        if trainer is not None and trainer is not self.trainer:
-            self._owners.clear()  # a new Trainer serving a module served before
         self._remember(trainer)
         if self.settings is not None and settings != self.settings and owner not in self._owners:
             raise ValueError(
@@ -75,7 +73,12 @@ class ServingSession:
         self.graphs_requested, self.graph_targets = True, targets
 
     def _remember(self, trainer: Any) -> None:
-        if trainer is not None:
+        if trainer is not None and trainer is not self.trainer:
+            # a new Trainer serving a module served before: none of the last one's configuration
+            # (owners, settings, graphs request) carries over, whichever of its hooks runs first
+            self._owners.clear()
+            self.settings = None
+            self.graphs_requested, self.graph_targets = False, None
             self._trainer = weakref.ref(trainer)
 
     @property
@@ -84,19 +87,20 @@ class ServingSession:
 
     # --- opening -----------------------------------------------------------------------------
 
-    def attach(self) -> int:
+    def attach(self, warn_if_none: bool = True) -> int:
         """Apply the settings (and the shared cache) to every engine now under the module.
 
         Idempotent and cheap when nothing changed: call it at every point where engines may have
         appeared or been reset (setup, after a checkpoint restore, at loop start).
-        Returns the number of engines served.
+        ``warn_if_none=False`` where engines may still appear later (``configure_model`` runs after
+        ``Callback.setup``). Returns the number of engines served.
         """
         module = self._module()
         if module is None or self.settings is None:
             return 0
         engines = find_engines(module)
         if not engines:
-            if not self._warned_no_engines:
+            if warn_if_none and not self._warned_no_engines:
                 self._warned_no_engines = True
                 rank_zero_warn(
                     f"No TensorRT engines found under {type(module).__name__}: the TensorRT-RTX runtime settings"

@@ -19,6 +19,7 @@ from lightning_trt_rtx import cache
 
 CUDA_GRAPH_STRATEGIES = ("disabled", "whole_graph_capture")
 KERNEL_STRATEGIES = ("lazy", "eager", "none")
+DEFAULT_CACHE = "default"  # runtime_cache="default": one file per rank under the default cache directory
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -44,7 +45,7 @@ class TRTSettings:
             placeholders are ``{rank}``, ``{local_rank}``, ``{node_rank}``, ``{world_size}``, ``{sm}``,
             ``{trt}``, ``{cuda}`` and ``{host}``; the default gives each global rank its own file
             under a directory keyed by GPU architecture and TensorRT-RTX/CUDA versions. An fsspec
-            URL (``s3://...``) works too.
+            URL (``s3://...``) works too. ``"default"`` names the default template.
     """
 
     cuda_graph_strategy: str = "disabled"
@@ -58,6 +59,9 @@ class TRTSettings:
             self.dynamic_shapes_kernel_specialization_strategy,
             KERNEL_STRATEGIES,
         )
+        if self.runtime_cache == DEFAULT_CACHE:
+            # resolved at construction, so LIGHTNING_TRT_RTX_CACHE_DIR set after import still counts
+            object.__setattr__(self, "runtime_cache", cache.default_template())
         if isinstance(self.runtime_cache, os.PathLike):
             object.__setattr__(self, "runtime_cache", os.fspath(self.runtime_cache))
         if self.runtime_cache is not None:
@@ -87,11 +91,16 @@ class TRTSettings:
         """Build from YAML text or a YAML file holding a mapping of the three keys."""
         import yaml
 
+        if not isinstance(source, (str, bytes, os.PathLike)):
+            raise TypeError(f"TRTSettings.from_yaml takes YAML text or a file path, got {type(source).__name__}.")
         text = source
         if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and os.path.isfile(source)):
             with open(source, encoding="utf-8") as f:
                 text = f.read()
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"Invalid TRTSettings YAML ({err}). Valid keys: {list(cls.keys())}.") from None
         if values is None:
             values = {}
         return cls.from_dict(values)

@@ -65,7 +65,7 @@ class EngineModel(LightningModule):
             self.trt = compiled_tree()
         self.seen: list[list[Any]] = []  # per predict_step: every engine's runtime_settings
         self.seen_modes: list[int] = []  # per predict_step: torch_tensorrt's CUDA-graphs mode
-        self.seen_trt: list[Any] = []  # per predict_step: the object self.trt is at that moment
+        self.seen_children: list[dict[str, nn.Module]] = []  # per predict_step: the module's children then
 
     def configure_model(self) -> None:
         if self.engines_in == "configure_model" and not hasattr(self, "trt"):
@@ -76,16 +76,25 @@ class EngineModel(LightningModule):
 
         return [m for m in self.modules() if _backend.is_trt_module(m)]
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def _record(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         from lightning_trt_rtx import _backend
 
         self.seen.append([e.runtime_settings for e in self.engines()])
         self.seen_modes.append(_backend.cudagraphs_mode())
-        self.seen_trt.append(getattr(self, "trt", None))
+        self.seen_children.append(dict(self.named_children()))
         if self.fail_at is not None and batch_idx == self.fail_at:
             assert self.error is not None
             raise self.error
         return self.linear(batch)
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self._record(batch, batch_idx)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._record(batch, batch_idx)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._record(batch, batch_idx)
 
     # enough to fit one step and write a real Lightning checkpoint
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

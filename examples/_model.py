@@ -1,0 +1,346 @@
+"""Small models, a synthetic data module and a LightningModule shared by the examples and benchmarks.
+
+* ``conv``: a small conv net with many distinct layer shapes. TensorRT-RTX JIT-compiles a kernel for
+  each at the first execute, which makes it the model that shows the kernel cache (warm start).
+* ``mlp``: 8 layers of 1024-wide ``Linear`` + ``ReLU``, fp16 on GPU. Launch-bound at small batches,
+  which makes it the model that shows whole-graph capture.
+
+:class:`CompiledPredictor` compiles its model with ``torch_tensorrt`` (dynamo, static shape = the
+batch size) where a CUDA device and torch-tensorrt are present, and stays eager elsewhere. Nothing is
+downloaded; every tensor comes from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_trt_rtx
+from lightning_trt_rtx import _backend
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    """A 3x32x32 image classifier with eight conv layers of different shapes (kernel, stride, groups)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),  # 16x16
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 5, padding=2, groups=8),  # grouped 5x5
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),  # 8x8
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 96, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(96, 80, 1),
+            nn.ReLU(),
+            nn.Conv2d(80, 128, 3, stride=2, padding=1),  # 4x4
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """``layers`` x (``Linear(width, width)`` + ``ReLU``), the last layer without the ReLU."""
+
+    def __init__(self, width: int = 1024, layers: int = 8) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks.append(nn.Linear(width, width))
+            if i < layers - 1:
+                blocks.append(nn.ReLU())
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    batch_size: int  # the default batch size
+    half_on_gpu: bool  # served in fp16 on a GPU
+
+
+MODELS: dict[str, ModelSpec] = {
+    "conv": ModelSpec(ConvNet, (3, 32, 32), 32, False),
+    "mlp": ModelSpec(MLP, (1024,), 8, True),
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Valid choices: {sorted(MODELS)}.")
+    return MODELS[name]
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """The eager model ``name`` with weights from ``seed``, in eval mode, on CPU, fp32."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_spec(name).build()
+    return model.eval()
+
+
+def default_half(name: str) -> bool:
+    """Whether ``name`` is served in fp16 here (only on a CUDA device)."""
+    return model_spec(name).half_on_gpu and torch.cuda.is_available()
+
+
+# --- torch_tensorrt -------------------------------------------------------------------------------
+
+
+def can_compile() -> bool:
+    """A CUDA device and an installed torch-tensorrt (checked without importing it)."""
+    return torch.cuda.is_available() and _backend.is_available()
+
+
+def compile_tensorrt(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``torch_tensorrt.compile`` (dynamo, static shape of ``example``, everything in TensorRT)."""
+    trt = _backend.torch_tensorrt()
+    with torch.cuda.device(example.device):
+        return trt.compile(model, ir="dynamo", inputs=[example], min_block_size=1)
+
+
+def save_program(compiled: nn.Module, path: str, example: torch.Tensor) -> None:
+    """Save a compiled module as an ExportedProgram file (engines serialized inside)."""
+    trt = _backend.torch_tensorrt()
+    trt.save(compiled, path, inputs=[example])
+
+
+load_program = lightning_trt_rtx.load_program  # torch_tensorrt.load(path).module(), made servable by Lightning
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+class SyntheticDataset(Dataset):
+    """``num_samples`` inputs for model ``model_name``, drawn from a fixed pool of seeded tensors."""
+
+    POOL = 64
+
+    def __init__(self, model_name: str, num_samples: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        shape = model_spec(model_name).input_shape
+        generator = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn((self.POOL, *shape), generator=generator).to(dtype)  # the same for any size
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return self.pool[index % len(self.pool)]
+
+
+class SyntheticDataModule(LightningDataModule):
+    """``batches`` full batches of synthetic inputs (``drop_last``: every batch has the compiled shape).
+
+    Args:
+        model_name: ``"conv"`` or ``"mlp"`` (decides the input shape).
+        batch_size: samples per batch (default: the model's).
+        batches: number of batches in the whole dataset (split across ranks under DDP).
+        half: fp16 inputs; by default, fp16 where the model is served in fp16 (mlp on a GPU).
+        seed: the data seed.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "conv",
+        batch_size: Optional[int] = None,
+        batches: int = 100,
+        half: Optional[bool] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        model_spec(model_name)
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}.")
+        self.model_name = model_name
+        self.batch_size = batch_size or model_spec(model_name).batch_size
+        self.batches = batches
+        self.half = default_half(model_name) if half is None else half
+        self.seed = seed
+
+    def predict_dataloader(self) -> DataLoader:
+        dtype = torch.float16 if self.half else torch.float32
+        dataset = SyntheticDataset(self.model_name, self.batches * self.batch_size, dtype, self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+
+# --- the LightningModule --------------------------------------------------------------------------
+
+
+class CompiledPredictor(LightningModule):
+    """Serves ``model_name`` through ``predict_step``: compiled with torch_tensorrt on a GPU, eager on CPU.
+
+    The model is built in ``__init__`` (eager, CPU) and compiled in ``setup``, once the Trainer has
+    picked this rank's device: ``torch_tensorrt.compile(ir="dynamo")`` with a static input of
+    ``batch_size`` samples. ``program`` loads a program saved with :func:`save_program` instead.
+
+    Args:
+        model_name: ``"conv"`` or ``"mlp"``.
+        batch_size: the compiled (static) batch size (default: the model's).
+        use_tensorrt: compile with torch_tensorrt; by default wherever CUDA and torch-tensorrt exist.
+        half: serve in fp16 (default: the model's choice on a GPU, fp32 on CPU).
+        program: path of a saved compiled program to load instead of compiling.
+        seed: the weights' seed.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "conv",
+        batch_size: Optional[int] = None,
+        use_tensorrt: Optional[bool] = None,
+        half: Optional[bool] = None,
+        program: Optional[str] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name = model_name
+        self.batch_size = batch_size or model_spec(model_name).batch_size
+        self.use_tensorrt = use_tensorrt
+        self.half = half
+        self.program = program
+        self.net = build_model(model_name, seed)
+        self.input_dtype = torch.float32
+        self.compiled = False
+        self.compile_s = 0.0  # seconds spent compiling (or loading the program)
+
+    def setup(self, stage: str) -> None:
+        if self.compiled:
+            return  # a second predict with the same module reuses its engines
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return  # CPU: eager
+        half = default_half(self.model_name) if self.half is None else self.half
+        use_tensorrt = _backend.is_available() if self.use_tensorrt is None else self.use_tensorrt
+        if self.program is None and not use_tensorrt:
+            rank_zero_warn(f"torch-tensorrt is not installed: serving {self.model_name} eagerly on {device}.")
+        start = time.perf_counter()
+        if self.program is not None:
+            self.net = load_program(self.program).to(device)
+            self.input_dtype = torch.float16 if half else torch.float32
+            self.compiled = True
+        else:
+            net = self.net.to(device).eval()
+            if half:
+                net = net.half()
+            self.input_dtype = torch.float16 if half else torch.float32
+            if use_tensorrt:
+                example = torch.randn(
+                    (self.batch_size, *model_spec(self.model_name).input_shape), device=device, dtype=self.input_dtype
+                )
+                self.net = compile_tensorrt(net, example)
+                self.compiled = True
+            else:
+                self.net = net
+        self.compile_s = time.perf_counter() - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.net(batch.to(self.input_dtype))
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class BatchTimer(Callback):
+    """Times the predict loop of this rank: first batch, and the mean of the others (steady state).
+
+    The first batch runs from its ``on_predict_batch_start`` to its end (after a CUDA synchronize),
+    so it includes execution-context creation and any kernel JIT. The steady per-batch time runs
+    from the end of the first batch to the end of the loop (synchronized) over the remaining
+    batches. Wall-clock stamps (``time.time()``) let several ranks' windows be combined.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches = 0
+        self.samples = 0
+        self.first_batch_ms = 0.0
+        self.per_batch_ms = 0.0
+        self.loop_s = 0.0
+        self.wall_start = self.wall_first_end = self.wall_end = 0.0
+        self._start = self._first_end = 0.0
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self.reset()
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.batches == 0:
+            self._start, self.wall_start = time.perf_counter(), time.time()
+
+    def on_predict_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.batches += 1
+        self.samples += len(batch)
+        if self.batches == 1:
+            _sync()
+            self._first_end, self.wall_first_end = time.perf_counter(), time.time()
+            self.first_batch_ms = (self._first_end - self._start) * 1e3
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.batches == 0:
+            return
+        _sync()
+        end, self.wall_end = time.perf_counter(), time.time()
+        self.loop_s = end - self._start
+        if self.batches > 1:
+            self.per_batch_ms = (end - self._first_end) * 1e3 / (self.batches - 1)
+        else:
+            self.per_batch_ms = self.first_batch_ms
+
+    def result(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "first_batch_ms": self.first_batch_ms,
+            "per_batch_ms": self.per_batch_ms,
+            "loop_s": self.loop_s,
+            "wall_start": self.wall_start,
+            "wall_first_end": self.wall_first_end,
+            "wall_end": self.wall_end,
+        }
+
+
+def device_name() -> str:
+    """The GPU model (``torch.cuda.get_device_name``), or ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return "cpu"
