@@ -62,6 +62,7 @@ DRY_RUN_ENV = "LIGHTNING_TRT_RTX_BENCH_DRY_RUN"
 def dry_run() -> bool:
     return os.environ.get(DRY_RUN_ENV) == "1"
 
+
 # key: (comparison, goal, how the goal reads)
 GOALS: dict[str, tuple[str, float, str]] = {
     "warm_start": ("<=", 0.10, "<= 0.10"),
@@ -145,7 +146,13 @@ def task_prep(spec: dict) -> dict:
     from lightning_trt_rtx import _backend
 
     if dry_run():
-        return {"gpu": device_name(), "capability": "cpu", "gpus": 0, "versions": _versions(), "rtx": _backend.is_rtx_build()}
+        return {
+            "gpu": device_name(),
+            "capability": "cpu",
+            "gpus": 0,
+            "versions": _versions(),
+            "rtx": _backend.is_rtx_build(),
+        }
     _backend.torch_tensorrt()
     device = torch.device("cuda", 0)
     net = build_model("conv").to(device)
@@ -153,9 +160,9 @@ def task_prep(spec: dict) -> dict:
     start = time.perf_counter()
     compiled = compile_tensorrt(net, x)
     compile_s = time.perf_counter() - start
+    save_program(compiled, spec["program"], x)  # before anything runs it: the saved engine is untouched
     with torch.inference_mode():
         diff = (compiled(x) - net(x)).abs().max().item()
-    save_program(compiled, spec["program"], x)
     major, minor = torch.cuda.get_device_capability(device)
     return {
         "gpu": device_name(),
@@ -511,12 +518,27 @@ def measure_graphs(runner: Runner, cfg: dict) -> dict:
         "key": "graphs",
         "measurement": "whole-graph capture: per-batch speedup in Trainer.predict (8x1024 MLP, fp16, batch 8)",
         "value": default / graphs if graphs > 0 else None,
-        "display": f"{default / graphs:.2f}x ({default * 1e3:.0f} us -> {graphs * 1e3:.0f} us per batch)" if graphs > 0 else "n/a",
-        "pair": {"labels": ["default", "whole_graph_capture"], "values": [default * 1e3, graphs * 1e3], "unit": "us per batch"},
+        "display": f"{default / graphs:.2f}x ({default * 1e3:.0f} us -> {graphs * 1e3:.0f} us per batch)"
+        if graphs > 0
+        else "n/a",
+        "pair": {
+            "labels": ["default", "whole_graph_capture"],
+            "values": [default * 1e3, graphs * 1e3],
+            "unit": "us per batch",
+        },
         "details": {
-            "lightning_per_batch_ms": {"disabled": result["lightning_disabled"], "whole_graph_capture": result["lightning_whole_graph_capture"]},
-            "callback_figures_mean_batch_ms": {"disabled": result["figures_disabled"], "whole_graph_capture": result["figures_whole_graph_capture"]},
-            "engine_only_per_call_ms": {"disabled": result["engine_disabled"], "whole_graph_capture": result["engine_whole_graph_capture"]},
+            "lightning_per_batch_ms": {
+                "disabled": result["lightning_disabled"],
+                "whole_graph_capture": result["lightning_whole_graph_capture"],
+            },
+            "callback_figures_mean_batch_ms": {
+                "disabled": result["figures_disabled"],
+                "whole_graph_capture": result["figures_whole_graph_capture"],
+            },
+            "engine_only_per_call_ms": {
+                "disabled": result["engine_disabled"],
+                "whole_graph_capture": result["engine_whole_graph_capture"],
+            },
             "engine_only_speedup": engine_default / engine_graphs if engine_graphs > 0 else None,
         },
     }
@@ -532,7 +554,9 @@ def measure_overhead(runner: Runner, cfg: dict) -> dict:
         "key": "integration_overhead",
         "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand (MLP, per batch)",
         "value": pct,
-        "display": f"{pct:+.2f}% ({callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)" if pct is not None else "n/a",
+        "display": f"{pct:+.2f}% ({callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)"
+        if pct is not None
+        else "n/a",
         "pair": {"labels": ["by hand", "callback"], "values": [manual * 1e3, callback * 1e3], "unit": "us per batch"},
         "details": {"per_batch_ms": result},
     }
@@ -551,8 +575,14 @@ def measure_loop(runner: Runner, cfg: dict, profile: bool) -> dict:
         "measurement": "Trainer.predict vs a hand-written loop: per-batch time ratio (same MLP engine and settings)",
         "value": lightning / loop if loop > 0 else None,
         "display": f"{lightning / loop:.2f}x ({lightning * 1e3:.0f} us vs {loop * 1e3:.0f} us per batch,"
-        f" {(lightning - loop) * 1e3:.0f} us of Lightning per batch)" if loop > 0 else "n/a",
-        "pair": {"labels": ["hand loop", "Trainer.predict"], "values": [loop * 1e3, lightning * 1e3], "unit": "us per batch"},
+        f" {(lightning - loop) * 1e3:.0f} us of Lightning per batch)"
+        if loop > 0
+        else "n/a",
+        "pair": {
+            "labels": ["hand loop", "Trainer.predict"],
+            "values": [loop * 1e3, lightning * 1e3],
+            "unit": "us per batch",
+        },
         "details": {"per_batch_ms": reps, "profile": result.get("profile")},
     }
 
@@ -584,7 +614,11 @@ def measure_two_gpu(runner: Runner, cfg: dict) -> list[dict]:
         "display": f"{speedup:.2f}x ({two['steady_samples_per_s']:.0f} vs {one['steady_samples_per_s']:.0f} samples/s)"
         if speedup
         else "n/a",
-        "pair": {"labels": ["1 GPU", "2 GPUs"], "values": [one["steady_samples_per_s"], two["steady_samples_per_s"]], "unit": "samples/s"},
+        "pair": {
+            "labels": ["1 GPU", "2 GPUs"],
+            "values": [one["steady_samples_per_s"], two["steady_samples_per_s"]],
+            "unit": "samples/s",
+        },
         "details": {
             "samples_per_s_including_first_batch": [one["samples_per_s"], two["samples_per_s"]],
             "batches": cfg["two_gpu_batches"],
@@ -652,7 +686,9 @@ def markdown(results: dict) -> str:
     ]
     for row in results["measurements"]:
         value = row.get("display") or ("failed" if row.get("error") else "n/a")
-        lines.append(f"| {row['measurement']} | {value} | {row.get('goal', '')} | {_met(row.get('met'))} | {gpu} | {date} |")
+        lines.append(
+            f"| {row['measurement']} | {value} | {row.get('goal', '')} | {_met(row.get('met'))} | {gpu} | {date} |"
+        )
     lines += ["", "## Method", ""]
     lines += [f"- {line}" for line in results.get("method", [])]
     lines += ["", "## Details", ""]
@@ -711,15 +747,23 @@ METHOD = [
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results folder")
     parser.add_argument("--quick", action="store_true", help="2 repetitions, 100 batches (about 2 minutes)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5, quick 2)")
-    parser.add_argument("--batches", type=int, default=None, help="batches for per-batch latency (default 500, quick 100)")
+    parser.add_argument(
+        "--batches", type=int, default=None, help="batches for per-batch latency (default 500, quick 100)"
+    )
     parser.add_argument("--two-gpu", action="store_true", help="also measure examples/distributed_predict.py on 2 GPUs")
-    parser.add_argument("--driver-jit-cache", action="store_true", help="keep the CUDA driver's JIT cache in warm-start runs")
+    parser.add_argument(
+        "--driver-jit-cache", action="store_true", help="keep the CUDA driver's JIT cache in warm-start runs"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile of Trainer.predict")
-    parser.add_argument("--only", nargs="+", choices=("warm_start", "graphs", "overhead", "loop", "two_gpu"), default=None)
+    parser.add_argument(
+        "--only", nargs="+", choices=("warm_start", "graphs", "overhead", "loop", "two_gpu"), default=None
+    )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--_task", choices=sorted(TASKS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_spec", default="{}", help=argparse.SUPPRESS)
@@ -768,7 +812,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"benchmarks: results to {out} ({reps} repetitions, {cfg['batches']} batches per latency run)", flush=True)
     print("  preparing: compiling and saving the conv net ...", flush=True)
     prep = runner.task("prep", {"program": os.path.join(runner.work, "conv.ep"), "batch_size": 32})
-    print(f"  GPU: {prep['gpu']} ({prep['capability']}), conv net compiled in {prep.get('conv_compile_s', 0):.1f} s", flush=True)
+    print(
+        f"  GPU: {prep['gpu']} ({prep['capability']}), conv net compiled in {prep.get('conv_compile_s', 0):.1f} s",
+        flush=True,
+    )
     results: dict[str, Any] = {
         "gpu": prep["gpu"],
         "capability": prep["capability"],
@@ -784,7 +831,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dry_run():
         results["gpu"] = "cpu (DRY RUN: plumbing check, no engines, not measurements)"
     steps: list[tuple[str, str, Callable[[], Any]]] = [
-        ("warm_start", "warm start (cold/warm processes)", lambda: measure_warm_start(runner, cfg, args.driver_jit_cache)),
+        (
+            "warm_start",
+            "warm start (cold/warm processes)",
+            lambda: measure_warm_start(runner, cfg, args.driver_jit_cache),
+        ),
         ("graphs", "whole-graph capture", lambda: measure_graphs(runner, cfg)),
         ("overhead", "callback vs by hand", lambda: measure_overhead(runner, cfg)),
         ("loop", "Trainer.predict vs hand loop", lambda: measure_loop(runner, cfg, not args.no_profile)),
@@ -811,13 +862,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         for row in measured if isinstance(measured, list) else [measured]:
             results["measurements"].append(row)
-            print(f"    {row['measurement']}: {row.get('display')} ({time.perf_counter() - step_start:.0f} s)", flush=True)
+            print(
+                f"    {row['measurement']}: {row.get('display')} ({time.perf_counter() - step_start:.0f} s)", flush=True
+            )
     results["runtime_s"] = time.perf_counter() - start
     written = write_results(results, out)
     print()
     print(markdown(results).split("## Method")[0].rstrip())
     print()
-    print("wrote " + ", ".join(written) + (f" (results.png {results['plot']})" if results["plot"] != "results.png" else ""))
+    print(
+        "wrote "
+        + ", ".join(written)
+        + (f" (results.png {results['plot']})" if results["plot"] != "results.png" else "")
+    )
     return 1 if failed else 0
 
 

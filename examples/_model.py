@@ -301,7 +301,9 @@ class BatchTimer(Callback):
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         self.reset()
 
-    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.batches == 0:
             self._start, self.wall_start = time.perf_counter(), time.time()
 

@@ -77,7 +77,14 @@ class RankPredictionWriter(BasePredictionWriter):
         self._file = open(self.path, "wb")  # a rank with no batches still leaves an (empty) file
 
     def write_on_batch_end(
-        self, trainer: Any, pl_module: Any, prediction: Any, batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         self._append(batch_indices, prediction)
 
@@ -120,23 +127,33 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=None, help="ranks (default: every GPU; 2 CPU processes without one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help="ranks (default: every GPU; 2 CPU processes without one)"
+    )
     parser.add_argument("--model", choices=("conv", "mlp"), default="conv")
     parser.add_argument("--batch-size", type=int, default=None, help="compiled batch size (default: conv 32, mlp 8)")
     parser.add_argument("--batches", type=int, default=200, help="batches in the whole dataset, split across ranks")
     parser.add_argument("--runs", type=int, default=1, help="runs; from the second on, every rank starts warm")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="kernel cache directory (default: %(default)s)")
-    parser.add_argument("--output-dir", default="predictions", help="one predictions file per rank (default: %(default)s)")
+    parser.add_argument(
+        "--output-dir", default="predictions", help="one predictions file per rank (default: %(default)s)"
+    )
     parser.add_argument("--write-interval", choices=("batch", "epoch"), default="batch")
-    parser.add_argument("--clear-cache", action="store_true", help="remove this example's cache files first (cold start)")
+    parser.add_argument(
+        "--clear-cache", action="store_true", help="remove this example's cache files first (cold start)"
+    )
     parser.add_argument("--summary-json", default=None, help="write every run's per-rank figures and throughput here")
-    parser.add_argument("--in-process", action="store_true", help="repeat runs in this process (automatic under torchrun)")
+    parser.add_argument(
+        "--in-process", action="store_true", help="repeat runs in this process (automatic under torchrun)"
+    )
     parser.add_argument("--_run", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.devices is None:
-        args.devices = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or torch.cuda.device_count() or 2
+        args.devices = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or torch.cuda.device_count() or 2
     if min(args.devices, args.batches, args.runs) < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--devices, --batches, --runs and --batch-size must be positive")
     args.cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir))
@@ -164,7 +181,7 @@ def clear_cache(cache_dir: str) -> int:
 
 
 def run_once(args: argparse.Namespace, run: int, result_dir: str) -> Optional[dict]:
-    """One ``Trainer.predict`` over all ranks; every rank writes its figures, rank zero combines them."""
+    """One ``Trainer.predict`` over all ranks; rank zero gathers every rank's figures and writes the run's summary."""
     from dataclasses import asdict
 
     from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name
@@ -203,21 +220,19 @@ def run_once(args: argparse.Namespace, run: int, result_dir: str) -> Optional[di
         "prediction_rows": writer.rows,
         **timer.result(),
     }
-    os.makedirs(result_dir, exist_ok=True)
-    with open(os.path.join(result_dir, f"run{run}-rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(mine, f)
-    trainer.strategy.barrier("figures-written")
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, mine)  # every rank reaches this point once, in order
+    else:
+        ranks = [mine]
     if not trainer.is_global_zero:
         return None
-    ranks = []
-    for r in range(trainer.world_size):
-        with open(os.path.join(result_dir, f"run{run}-rank{r}.json"), encoding="utf-8") as f:
-            ranks.append(json.load(f))
     figures = [asdict(fig) for fig in settings.figures]
     for r, row in enumerate(ranks):
         row["figures"] = figures[r] if r < len(figures) else {}
     summary = {"run": run, "world_size": trainer.world_size, "accelerator": "gpu" if gpu else "cpu", "ranks": ranks}
     summary.update(throughput(ranks))
+    os.makedirs(result_dir, exist_ok=True)
     with open(os.path.join(result_dir, f"run{run}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -263,7 +278,18 @@ def print_run(summary: dict) -> None:
         f" {summary['seconds']:.3f} s: throughput {summary['samples_per_s']:.0f} samples/s"
         f" (steady {summary['steady_samples_per_s']:.0f} samples/s)"
     )
-    header = ("rank", "device", "engines", "cache", "batches", "first batch", "per batch", "cache file", "saved", "predictions")
+    header = (
+        "rank",
+        "device",
+        "engines",
+        "cache",
+        "batches",
+        "first batch",
+        "per batch",
+        "cache file",
+        "saved",
+        "predictions",
+    )
     rows = []
     for r in summary["ranks"]:
         fig = r.get("figures") or {}
@@ -325,10 +351,19 @@ def finish(args: argparse.Namespace, summaries: list[dict]) -> int:
     return 0
 
 
+def _destroy_process_group() -> None:
+    # exiting with the group alive can abort in its threads ("terminate called without an active exception")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._run is not None:  # one run, in a fresh process (Lightning relaunches this same command per rank)
-        run_once(args, args._run, args._result_dir)
+        try:
+            run_once(args, args._run, args._result_dir)
+        finally:
+            _destroy_process_group()
         return 0
 
     import tempfile
@@ -341,14 +376,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summaries = []
     if args.in_process or launched_externally():
         # torchrun: its store and ranks are this process's; repeat the runs here, each with fresh modules
-        result_dir = args._result_dir or os.path.join(args.output_dir, ".figures")
+        result_dir = args._result_dir or os.path.join(args.output_dir, ".runs")
         if args.clear_cache and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-        for run in range(1, args.runs + 1):
-            summary = run_once(args, run, result_dir)
-            if summary is not None:
-                print_run(summary)
-                summaries.append(summary)
+        try:
+            for run in range(1, args.runs + 1):
+                summary = run_once(args, run, result_dir)
+                if summary is not None:
+                    print_run(summary)
+                    summaries.append(summary)
+        finally:
+            _destroy_process_group()
         return finish(args, summaries) if summaries else 0
 
     env = dict(os.environ)

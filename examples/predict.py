@@ -57,7 +57,9 @@ def clear_cache(cache_dir: str) -> list[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP above 1), or CPU processes (default: 1)")
     parser.add_argument("--model", choices=("conv", "mlp"), default="conv", help="conv: JIT-heavy; mlp: launch-bound")
     parser.add_argument("--batch-size", type=int, default=None, help="compiled batch size (default: conv 32, mlp 8)")
@@ -100,7 +102,7 @@ def run_phase(args: argparse.Namespace) -> int:
 
     from lightning_trt_rtx import TRTRuntimeSettings, _backend
 
-    strategy = dict((p[0], p[1]) for p in PHASES)[args._phase]
+    strategy = {p[0]: p[1] for p in PHASES}[args._phase]
     settings = TRTRuntimeSettings(
         cuda_graph_strategy=strategy, runtime_cache=cache_template(args.cache_dir), print_table=False
     )
@@ -191,7 +193,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     env.pop("LOCAL_RANK", None)  # each phase is a fresh Lightning job
     results = []
     with tempfile.TemporaryDirectory(prefix="trt-rtx-predict-") as tmp:
-        for name, strategy, what in PHASES:
+        for name, _strategy, what in PHASES:
             result_path = os.path.join(tmp, f"{name}.json")
             command = [
                 sys.executable,
@@ -247,7 +249,8 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
 
     from lightning_trt_rtx import TRTRuntimeSettings
 
-    print(reason, flush=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # Lightning relaunches this script for the other ranks
+        print(reason, flush=True)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     settings = TRTRuntimeSettings(runtime_cache=cache_template(args.cache_dir), print_table=False)
     model = CompiledPredictor(args.model, args.batch_size, use_tensorrt=False)
@@ -256,13 +259,29 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
     predictions = trainer.predict(model, datamodule=data, return_predictions=True) or []
     if trainer.is_global_zero:
         samples = sum(len(p) for p in predictions)
-        print(f"predictions: {len(predictions)} batches, {samples} samples ({args.model}, eager on {accelerator})")
+        share = f", rank 0 of {trainer.world_size}" if trainer.world_size > 1 else ""
+        print(
+            f"predictions: {len(predictions)} batches, {samples} samples ({args.model}, eager on {accelerator}{share})"
+        )
     return 0
+
+
+def _destroy_process_group() -> None:
+    # a DDP process exiting with its group alive can abort in the group's threads
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    try:
+        return _main(args)
+    finally:
+        _destroy_process_group()
+
+
+def _main(args: argparse.Namespace) -> int:
     if args._phase:
         return run_phase(args)
     from lightning_trt_rtx import _backend

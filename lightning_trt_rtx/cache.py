@@ -87,6 +87,13 @@ def template_fields(template: str) -> list[str]:
                 f" Valid placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}."
             )
         fields.append(name)
+    protocol = fsspec.core.split_protocol(template)[0]
+    if protocol is not None and any(p not in fsspec.available_protocols() for p in protocol.split("::")):
+        # else every load and save of the job would fail on it, far from where it was configured
+        raise ValueError(
+            f"Unknown filesystem protocol {protocol!r} in cache path template {template!r}."
+            f" Valid protocols (fsspec): {', '.join(sorted(fsspec.available_protocols()))}."
+        )
     return fields
 
 
@@ -231,7 +238,7 @@ def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheSta
 def _read_checked(path: str, stats: CacheStats) -> Optional[bytes]:
     try:
         data = _read(path)
-    except OSError as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: the URL's fsspec backend is missing
         warnings.warn(f"Kernel cache {path} could not be read ({err}); running with a cold cache.", stacklevel=3)
         return None
     if data is None:
@@ -255,14 +262,14 @@ def _size_or_zero(fs: Any, path: str) -> int:
 def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> Optional[bytes]:
     """The largest valid sibling file: a job that grows from 4 to 8 ranks starts warm everywhere."""
     pattern = placement.siblings_pattern(template)
-    fs, inner, local = _fs(pattern)
-    own_inner = _fs(own)[1]
-    if local:  # fsspec's glob matches nothing through "a//b" or "a/x/../b": compare normalized paths
-        inner, own_inner = os.path.normpath(inner), os.path.normpath(own_inner)
     try:
+        fs, inner, local = _fs(pattern)
+        own_inner = _fs(own)[1]
+        if local:  # fsspec's glob matches nothing through "a//b" or "a/x/../b": compare normalized paths
+            inner, own_inner = os.path.normpath(inner), os.path.normpath(own_inner)
         candidates = [c for c in fs.glob(inner) if c != own_inner and not c.endswith((".corrupt", ".tmp", ".lock"))]
         candidates.sort(key=lambda c: _size_or_zero(fs, c), reverse=True)
-    except (OSError, ValueError):  # ValueError: a pattern the filesystem rejects
+    except (OSError, ValueError, ImportError):  # ValueError: a pattern the filesystem rejects
         return None
     for candidate in candidates:
         try:
@@ -300,7 +307,7 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None) -> CacheSta
             fs.makedirs(fs._parent(inner), exist_ok=True)
             fs.pipe_file(inner + ".tmp", data)
             fs.mv(inner + ".tmp", inner)
-    except (OSError, Timeout) as err:
+    except (OSError, Timeout, ValueError, ImportError) as err:  # ImportError: the URL's backend is missing
         stats.save_error = f"{type(err).__name__}: {err}"
         warnings.warn(
             f"Could not save the kernel cache to {path} ({stats.save_error}). The run goes on;"

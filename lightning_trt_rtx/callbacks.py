@@ -211,6 +211,8 @@ class TRTCudaGraphs(_LoopHooks):
             not isinstance(targets, list) or not all(isinstance(t, str) and t.isidentifier() for t in targets)
         ):
             raise TypeError(f"targets must be a list of attribute names (identifiers) or None; got {targets!r}.")
+        if targets == []:
+            raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
         self.targets = list(targets) if targets is not None else None
         self.loops = _check_loops(loops)
 

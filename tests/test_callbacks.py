@@ -586,3 +586,10 @@ def test_graphs_unknown_target_fails_naming_found_attributes(tmp_path, recording
     assert recording_graphs.events == []
     assert model.seen == []
     assert_restored(model, prior)
+
+
+def test_cuda_graphs_rejects_an_empty_target_list():
+    from lightning_trt_rtx import TRTCudaGraphs
+
+    with pytest.raises(ValueError, match="pass None for every compiled one"):
+        TRTCudaGraphs(targets=[])

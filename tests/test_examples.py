@@ -72,7 +72,12 @@ def test_predict_clear_cache_removes_only_cache_files(tmp_path):
     (key / "notes.txt").write_text("keep me")
     (tmp_path / "rank0.bin").write_bytes(b"not under a key directory")
     removed = predict.clear_cache(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in removed) == ["rank0.bin", "rank0.bin.lock", "rank1.bin", "rank1.bin.corrupt"]
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "rank0.bin",
+        "rank0.bin.lock",
+        "rank1.bin",
+        "rank1.bin.corrupt",
+    ]
     assert sorted(os.listdir(key)) == ["notes.txt"]
     assert (tmp_path / "rank0.bin").exists()
 
@@ -120,7 +125,10 @@ def test_distributed_predict_two_cpu_ranks_two_runs(tmp_path):
     assert proc.returncode == 0, _explain(proc)
     assert "running the same job eagerly on CPU" in proc.stdout
     for run in (1, 2):
-        assert any(line.startswith(f"run {run} (eager, no engines): 2 rank(s) on cpu, 12 samples") for line in proc.stdout.splitlines()), _explain(proc)
+        assert any(
+            line.startswith(f"run {run} (eager, no engines): 2 rank(s) on cpu, 12 samples")
+            for line in proc.stdout.splitlines()
+        ), _explain(proc)
     assert "samples/s" in proc.stdout
 
     distributed = _load("example_distributed", os.path.join(EXAMPLES, "distributed_predict.py"))
@@ -160,6 +168,31 @@ def test_prediction_writer_intervals_write_the_same_file(tmp_path, interval):
     with torch.inference_mode():
         expected = model_mod.build_model("mlp")(torch.stack([dataset[i] for i in range(6)])).numpy()
     np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_module_served_by_trainers_with_different_settings():
+    """The benchmarks serve one compiled module with several Trainers in turn, each its own settings."""
+    from lightning.pytorch import Trainer
+
+    from lightning_trt_rtx import TRTCudaGraphs, TRTRuntimeSettings
+    from lightning_trt_rtx.session import ServingSession
+
+    model_mod = _load("example_model", os.path.join(EXAMPLES, "_model.py"))
+    model = model_mod.CompiledPredictor("mlp", 2)
+    data = model_mod.SyntheticDataModule("mlp", 2, batches=2)
+    served = []
+    for strategy, graphs in (("disabled", True), ("whole_graph_capture", False), ("disabled", False)):
+        settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False)
+        callbacks = [settings] + ([TRTCudaGraphs()] if graphs else [])
+        trainer = Trainer(
+            accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False,
+        )  # fmt: skip
+        trainer.predict(model, datamodule=data, return_predictions=False)
+        session = ServingSession.of(model)
+        served.append((session.settings.cuda_graph_strategy, session.graphs_requested, settings.figures[0].batches))
+    # each Trainer's own settings; the first one's graphs request does not leak into the next
+    assert served == [("disabled", True, 2), ("whole_graph_capture", False, 2), ("disabled", False, 2)]
 
 
 def test_throughput_combines_rank_windows():
@@ -236,7 +269,13 @@ def test_write_results_tables_goals_and_gpu_name(tmp_path):
         "versions": {"torch": "2.14.1"},
         "method": ["medians"],
         "measurements": [
-            {"key": k, "measurement": f"m-{k}", "value": v, "display": None if v is None else f"{v}", "details": {"x": 1}}
+            {
+                "key": k,
+                "measurement": f"m-{k}",
+                "value": v,
+                "display": None if v is None else f"{v}",
+                "details": {"x": 1},
+            }
             for k, v, _ in rows
         ],
     }

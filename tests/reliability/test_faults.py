@@ -636,3 +636,35 @@ def test_bad_file_on_an_fsspec_url(real_cache_bytes):
         assert cache.load("memory://reliability/k/rank{rank}.bin", cache.Placement())[0] == good
     finally:
         fs.rm("/reliability", recursive=True)
+
+
+def _protocol_without_backend() -> str:
+    import fsspec
+
+    for protocol in ("s3", "gcs", "abfs", "oci", "dropbox"):
+        try:
+            fsspec.core.url_to_fs(f"{protocol}://bucket/key")
+        except ImportError:
+            return protocol
+        except Exception:  # installed, but e.g. no credentials: not the case under test
+            continue
+    pytest.skip("every probed fsspec backend is installed")
+
+
+def test_url_whose_fsspec_backend_is_missing(tmp_path, real_cache_bytes, trt):
+    """A known protocol without its package (s3 without s3fs): warnings, a cold run, predictions returned."""
+    protocol = _protocol_without_backend()
+    template = f"{protocol}://bucket/caches/rank{{rank}}.bin"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data, stats = cache.load(template, cache.Placement(world_size=2))
+        saved = cache.save(f"{protocol}://bucket/caches/rank0.bin", make_payload(real_cache_bytes, "x", size=1000))
+    assert (data, stats.source) == (None, "cold")
+    assert not saved.saved and "ImportError" in saved.save_error
+    assert len([w for w in caught if "could not be read" in str(w.message)]) == 1
+    assert len([w for w in caught if "Could not save" in str(w.message)]) == 1
+    callback = TRTRuntimeSettings(runtime_cache=template, print_table=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predictions = make_trainer(tmp_path, callback).predict(engine_model_class()(), loader(2))
+    assert len(predictions) == 2 and callback.figures[0].cache_source == "cold"
