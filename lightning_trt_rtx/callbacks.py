@@ -32,23 +32,16 @@ def _check_loops(loops: Sequence[str]) -> tuple[str, ...]:
 
 
 class _LoopHooks(Callback):
-    """Routes the start/batch/end hooks of the served loops to ``_start``/``_batch_*``/``_end``."""
+    """Routes the start and end hooks of the served loops to ``_start`` and ``_end``."""
 
     loops: tuple[str, ...]
 
-    def _serves(self, trainer: Trainer) -> bool:
-        return trainer.state.stage is not None and trainer.state.stage.value in self.loops
-
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
-
-    def _batch_start(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
-
-    def _batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
 
     def _hook(self, trainer: Trainer, pl_module: LightningModule, handler: str) -> None:
-        if self._serves(trainer):
+        if trainer.state.stage is not None and trainer.state.stage.value in self.loops:
             getattr(self, handler)(trainer, pl_module)
 
     def on_predict_start(self, trainer, pl_module):  # noqa: D102
@@ -59,24 +52,6 @@ class _LoopHooks(Callback):
 
     def on_test_start(self, trainer, pl_module):  # noqa: D102
         self._hook(trainer, pl_module, "_start")
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_start")
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_start")
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_start")
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_end")
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_end")
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
-        self._hook(trainer, pl_module, "_batch_end")
 
     def on_predict_end(self, trainer, pl_module):  # noqa: D102
         self._hook(trainer, pl_module, "_end")
@@ -125,6 +100,7 @@ class TRTRuntimeSettings(_LoopHooks):
         self.loops = _check_loops(loops)
         self.print_table = print_table
         self.figures: list[report.RankFigures] = []
+        self._serving: Optional[ServingSession] = None
         self.checkpoint_settings: Optional[dict[str, Any]] = None
 
     @property
@@ -146,20 +122,45 @@ class TRTRuntimeSettings(_LoopHooks):
         session.attach()  # engines made in configure_model / reset by a checkpoint restore
         session.open_graphs()
         session.loop_started()
-
-    def _batch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ServingSession.of(pl_module).batch_started()
-
-    def _batch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ServingSession.of(pl_module).batch_ended()
+        self._serving = session  # the per-batch hooks below are on the hot path: no lookups there
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._serving = None
         session = ServingSession.of(pl_module)
         session.loop_ended()
         session.close(save=True)
 
+    # --- per batch: one attribute test when not serving, a timestamp when serving -----------------
+
+    def _batch_start(self) -> None:
+        if self._serving is not None:
+            self._serving.batch_started()
+
+    def _batch_end(self) -> None:
+        if self._serving is not None:
+            self._serving.batch_ended()
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_start()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_start()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_start()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_end()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_end()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+        self._batch_end()
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips on_predict_end and teardown after an error or Ctrl-C: save here, never raise
+        self._serving = None
         try:
             ServingSession.of(pl_module).close(save=True)
         except Exception as err:

@@ -80,15 +80,17 @@ def test_settings_reach_the_bare_engines_of_a_loaded_program(conv_program, tmp_p
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,  # an upstream fix makes this pass, and the strict xfail then fails: drop the mark
+    reason="MutableTorchTensorRTModule builds refittable engines, which TensorRT-RTX 1.6.1 fails to build on"
+    " H200 (Myelin: 'CUDA error 222 loading a module'); it rejects immutable_weights=True. Seen 2026-11-26.",
+)
 def test_settings_reach_a_mutable_module_and_follow_its_recompile(tmp_path):
     import torch_tensorrt
 
     x = torch.randn(8, 64, device="cuda")
-    # refittable engines (the mutable default) fail to build with TensorRT-RTX 1.6.1 on an H200:
-    # Myelin reports "CUDA error 222 loading a module" (seen 2026-11-26); the recompile logic is the same
-    mutable = torch_tensorrt.MutableTorchTensorRTModule(
-        TwoBlocks().cuda().eval(), min_block_size=1, immutable_weights=True
-    )
+    mutable = torch_tensorrt.MutableTorchTensorRTModule(TwoBlocks().cuda().eval(), min_block_size=1)
     holder = torch.nn.Module()
     holder.mutable = mutable  # not an nn.Module: a plain attribute
     binding = EngineBinding(holder)
