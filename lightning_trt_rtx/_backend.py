@@ -187,6 +187,31 @@ def set_trt_module_settings(module: Any, settings: Any) -> None:
         module.runtime_settings = settings
 
 
+@contextmanager
+def settings_at_engine_setup(settings: Any) -> Iterator[None]:
+    """Every TorchTensorRTModule set up inside the block starts with ``settings``.
+
+    ``torch_tensorrt.compile`` sets each engine up before it returns; engines with native NCCL
+    collectives may create their execution context there, collectively, and any later settings
+    change costs every rank a second one. Stashing the settings just before upstream's
+    ``setup_engine`` applies its stash makes that first context the right one.
+    """
+    from torch_tensorrt.dynamo.runtime._TorchTensorRTModule import TorchTensorRTModule
+
+    original = TorchTensorRTModule.setup_engine
+
+    def setup_engine(module: Any) -> None:
+        if module.engine is None:
+            module._runtime_settings = settings
+        original(module)
+
+    TorchTensorRTModule.setup_engine = setup_engine
+    try:
+        yield
+    finally:
+        TorchTensorRTModule.setup_engine = original
+
+
 # Bare engines have no settings getter: remember what was last given to each (settings are never
 # serialized, so an engine we have not touched holds upstream's post-load default).
 _bare_engine_settings: dict[int, tuple["weakref.ref[Any]", Any]] = {}

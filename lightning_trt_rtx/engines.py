@@ -89,6 +89,18 @@ def find_engines(root: Any) -> list[Engine]:
     return engines
 
 
+def created_with(settings: Any) -> Any:
+    """Context manager: engines compiled (set up) inside it start with ``settings``.
+
+    For engines whose first execution context is created while compiling (native NCCL
+    collectives), so applying settings afterwards would cost every rank a second one::
+
+        with created_with(TRTSettings().to_runtime_settings(shared.handle)):
+            compiled = torch_tensorrt.dynamo.compile(exported, inputs=[x], use_distributed_mode_trace=True)
+    """
+    return _backend.settings_at_engine_setup(settings)
+
+
 def find_mutable_modules(root: Any) -> list[Any]:
     """The ``MutableTorchTensorRTModule`` objects under ``root`` (they change engines on recompile)."""
     found = [root] if _backend.is_mutable_module(root) else []

@@ -304,3 +304,28 @@ def test_mutable_faked_at_boundary(monkeypatch, TTM):
     fake.gm = None
     assert binding.refresh() == 0  # gm went away: nothing to apply, but the new state is remembered
     assert binding.refresh() == 0
+
+
+def test_created_with_stashes_settings_before_upstream_setup(trt, monkeypatch):
+    """Engines set up inside the block hold the settings when upstream's setup_engine applies them."""
+    from torch_tensorrt.dynamo.runtime._TorchTensorRTModule import TorchTensorRTModule
+
+    from lightning_trt_rtx.engines import created_with
+    from lightning_trt_rtx.settings import TRTSettings
+
+    seen = []
+    # upstream's setup_engine needs a real engine (a GPU): record what it would apply instead
+    monkeypatch.setattr(TorchTensorRTModule, "setup_engine", lambda self: seen.append(self._runtime_settings))
+    recorder = TorchTensorRTModule.setup_engine
+    wanted = TRTSettings(cuda_graph_strategy="whole_graph_capture").to_runtime_settings(None)
+    module = TorchTensorRTModule(name="e0")
+    with created_with(wanted):
+        assert TorchTensorRTModule.setup_engine is not recorder
+        module.setup_engine()
+    assert seen == [wanted]
+    assert TorchTensorRTModule.setup_engine is recorder  # restored
+    module.setup_engine()
+    assert seen[-1] is wanted  # the stash stays; outside the block nothing is overridden
+    other = TorchTensorRTModule(name="e1")
+    other.setup_engine()
+    assert seen[-1].cuda_graph_strategy == "disabled"

@@ -295,3 +295,11 @@ def test_write_results_tables_goals_and_gpu_name(tmp_path):
         assert not (tmp_path / "results.png").exists()
     else:
         assert str(tmp_path / "results.png") in written and (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_tensor_parallel_example_says_what_it_needs_without_gpus():
+    proc = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "needs 2 NVIDIA GPUs and torch-tensorrt-rtx (found 0 GPU(s))" in proc.stdout
+    bad = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--gpus", "1")
+    assert bad.returncode == 2 and "--gpus must be at least 2" in bad.stderr

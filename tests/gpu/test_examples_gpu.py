@@ -137,3 +137,20 @@ def test_benchmark_runner_quick(tmp_path):
     md = (out / "results.md").read_text()
     assert md.count(f"| {gpu} |") == 4
     assert (out / "lightning_profile.txt").stat().st_size > 0
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_tensor_parallel_engines_get_settings_before_their_one_context(tmp_path):
+    runs = []
+    for _ in range(2):
+        proc = run_script("examples/tensor_parallel_predict.py", "--cache-dir", str(tmp_path), timeout=300)
+        assert proc.returncode == 0, _explain(proc)
+        runs.append([json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("TP ")])
+    cold, warm = runs
+    assert [r["rank"] for r in cold] == [0, 1]
+    for row in cold + warm:
+        assert row["engines"] >= 1 and all(row["native_nccl"]), row
+        assert row["contexts"] == [1] * row["engines"], row  # settings were there before the first context
+        assert row["max_abs_error"] < 1e-2, row
+    assert [r["cache"] for r in cold] == ["cold", "cold"] and [r["cache"] for r in warm] == ["own", "own"]
+    assert all(r["cache_bytes"] > 0 for r in cold)
