@@ -258,15 +258,8 @@ def throughput(ranks: list[dict]) -> dict[str, float]:
     }
 
 
-def _size(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    if n >= 1 << 10:
-        return f"{n / (1 << 10):.1f} KiB"
-    return f"{n} B"
-
-
 def print_run(summary: dict) -> None:
+    from lightning_trt_rtx.report import format_bytes
     run, world = summary["run"], summary["world_size"]
     if summary["accelerator"] != "gpu":
         label = "eager, no engines"
@@ -303,7 +296,7 @@ def print_run(summary: dict) -> None:
                 f"{r['first_batch_ms']:.1f} ms",
                 f"{r['per_batch_ms']:.3f} ms",
                 fig.get("cache_path") or "-",
-                _size(fig.get("saved_bytes", 0)),
+                format_bytes(fig.get("saved_bytes", 0)),
                 f"{r['predictions']} ({r['prediction_rows']} rows)",
             )
         )

@@ -131,15 +131,8 @@ def run_phase(args: argparse.Namespace) -> int:
 # --- the three phases, and the table -----------------------------------------------------------------
 
 
-def _size(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    if n >= 1 << 10:
-        return f"{n / (1 << 10):.1f} KiB"
-    return f"{n} B"
-
-
 def format_table(results: list[dict]) -> str:
+    from lightning_trt_rtx.report import format_bytes
     header = ("phase", "cuda graphs", "rank", "cache", "first batch", "per batch", "cache file", "loaded", "saved")
     rows = []
     for result in results:
@@ -153,8 +146,8 @@ def format_table(results: list[dict]) -> str:
                     f"{fig['first_batch_ms']:.1f} ms",
                     f"{fig['mean_batch_ms']:.3f} ms",
                     fig["cache_path"] or "-",
-                    _size(fig["cache_bytes"]),
-                    _size(fig["saved_bytes"]),
+                    format_bytes(fig["cache_bytes"]),
+                    format_bytes(fig["saved_bytes"]),
                 )
             )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

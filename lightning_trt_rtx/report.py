@@ -61,8 +61,8 @@ def table(rows: list[RankFigures]) -> str:
             str(r.rank),
             str(r.engines),
             r.cache_source,
-            _size(r.cache_bytes),
-            _size(r.saved_bytes),
+            format_bytes(r.cache_bytes),
+            format_bytes(r.saved_bytes),
             str(r.batches),
             f"{r.first_batch_ms:.2f} ms",
             f"{r.mean_batch_ms:.3f} ms",
@@ -76,7 +76,8 @@ def table(rows: list[RankFigures]) -> str:
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``503.0 KiB``: a byte count for tables."""
     if n >= 1 << 20:
         return f"{n / (1 << 20):.1f} MiB"
     if n >= 1 << 10:

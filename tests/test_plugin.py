@@ -7,26 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, _backend, cache
 from lightning_trt_rtx.session import ServingSession
-from tests.procs.lightning_models import EngineModel, predict_loader
-
-
-def make_trainer(tmp_path, plugins=None, callbacks=()) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        plugins=plugins,
-        callbacks=list(callbacks),
-    )
+from tests.procs.lightning_models import EngineModel, make_trainer, predict_loader
 
 
 def snapshot(model: EngineModel) -> list[Any]:

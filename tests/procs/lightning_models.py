@@ -11,9 +11,25 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
+
+
+def make_trainer(tmp_path: Any, callbacks: Any = (), plugins: Any = None, **kwargs: Any) -> Trainer:
+    """A quiet single-process CPU Trainer writing under ``tmp_path``."""
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        plugins=plugins,
+        **kwargs,
+    )
 
 
 def ttm(name: str) -> nn.Module:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from lightning_trt_rtx import TRTRuntimeSettings, cache
 from lightning_trt_rtx.session import ServingSession
+from tests.procs.lightning_models import make_trainer as shared_trainer
 from tests.reliability.workers import CRASH_POINTS, REPO, digest, engine_model_class, make_payload, round_payload
 
 PROCESSES, ROUNDS = 8, 5
@@ -80,17 +81,7 @@ def cache_warnings(caught, path) -> list[str]:
 
 
 def make_trainer(tmp_path, *callbacks, **kwargs) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    return shared_trainer(tmp_path, callbacks, **kwargs)
 
 
 def loader(batches: int = 4) -> DataLoader:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, cache
 from lightning_trt_rtx.session import ServingSession
+from tests.procs.lightning_models import make_trainer
 from tests.reliability.workers import REPO, engine_model_class, make_payload
 
 
@@ -44,20 +44,6 @@ def save_calls(monkeypatch):
 
     monkeypatch.setattr(cache.SharedCache, "save", spy)
     return calls
-
-
-def make_trainer(tmp_path, callbacks=(), plugins=None) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        plugins=plugins,
-    )
 
 
 def loader(batches: int = 4) -> DataLoader:
