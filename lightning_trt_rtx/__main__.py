@@ -88,11 +88,15 @@ def _verify(paths: Sequence[str]) -> int:
     status = EXIT_OK
     for path in paths:
         if not os.path.isfile(path):
-            print(f"{path}: missing", file=sys.stderr)
+            what = "not a regular file" if os.path.exists(path) else "missing"
+            print(f"{path}: {what}", file=sys.stderr)
             status = max(status, EXIT_USAGE)
             continue
-        with open(path, "rb") as f:
-            problem = cache.check_bytes(f.read())
+        try:
+            with open(path, "rb") as f:
+                problem = cache.check_bytes(f.read())
+        except OSError as err:
+            problem = f"unreadable: {err.strerror or err}"
         if problem:
             print(f"{path}: INVALID ({problem})")
             status = max(status, EXIT_INVALID)

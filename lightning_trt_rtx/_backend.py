@@ -168,7 +168,7 @@ def is_bare_engine(obj: Any) -> bool:
 
 
 def is_mutable_module(obj: Any) -> bool:
-    """A ``MutableTorchTensorRTModule`` (not an ``nn.Module``: its engines live in ``.gm``)."""
+    """A ``MutableTorchTensorRTModule``: its engines live in ``.gm``, outside ``named_modules()``."""
     if not is_imported():
         return False
     return isinstance(obj, sys.modules["torch_tensorrt"].MutableTorchTensorRTModule)

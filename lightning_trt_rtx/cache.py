@@ -23,10 +23,10 @@ import struct
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import fsspec
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ def template_fields(template: str) -> list[str]:
 
 
 def is_per_rank(template: str) -> bool:
-    """Whether every rank of a job gets its own file (the template names ``{rank}``)."""
-    return "rank" in template_fields(template)
+    """Whether every rank of a job gets its own file: the template names ``{rank}``, or names
+    ``{local_rank}`` together with ``{node_rank}`` or ``{host}``."""
+    fields = set(template_fields(template))
+    return "rank" in fields or ("local_rank" in fields and bool(fields & {"node_rank", "host"}))
 
 
 @dataclass(frozen=True)
@@ -212,12 +214,12 @@ def _read(path: str) -> Optional[bytes]:
 
 def quarantine(path: str, reason: str) -> str:
     """Move a bad file aside to ``<path>.corrupt`` (one warning) so the run continues cold."""
-    fs, inner, _ = _fs(path)
     aside = path + ".corrupt"
     try:
+        fs, inner, _ = _fs(path)
         fs.mv(inner, inner + ".corrupt")
         moved = f"moved aside to {aside}"
-    except OSError as err:
+    except Exception as err:
         moved = f"could not move it aside ({err}); it will be replaced at the next save"
     warnings.warn(f"Kernel cache {path} is unusable ({reason}); {moved}. Running with a cold cache.", stacklevel=2)
     return aside
@@ -238,7 +240,7 @@ def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheSta
 def _read_checked(path: str, stats: CacheStats) -> Optional[bytes]:
     try:
         data = _read(path)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: the URL's fsspec backend is missing
+    except Exception as err:  # any backend's failure (OSError, a missing fsspec backend, ...) reads as no file
         warnings.warn(f"Kernel cache {path} could not be read ({err}); running with a cold cache.", stacklevel=3)
         return None
     if data is None:
@@ -255,7 +257,7 @@ def _read_checked(path: str, stats: CacheStats) -> Optional[bytes]:
 def _size_or_zero(fs: Any, path: str) -> int:
     try:  # a dangling symlink or a file removed since the glob must not stop seeding from the others
         return fs.size(path) or 0
-    except OSError:
+    except Exception:
         return 0
 
 
@@ -269,12 +271,12 @@ def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> O
             inner, own_inner = os.path.normpath(inner), os.path.normpath(own_inner)
         candidates = [c for c in fs.glob(inner) if c != own_inner and not c.endswith((".corrupt", ".tmp", ".lock"))]
         candidates.sort(key=lambda c: _size_or_zero(fs, c), reverse=True)
-    except (OSError, ValueError, ImportError):  # ValueError: a pattern the filesystem rejects
+    except Exception:  # a pattern or a filesystem that cannot be listed: nothing to seed from
         return None
     for candidate in candidates:
         try:
             data = fs.cat_file(candidate)
-        except OSError:
+        except Exception:
             continue
         if check_bytes(data) is None:
             stats.source, stats.loaded_from, stats.load_bytes = "seeded", fs.unstrip_protocol(candidate), len(data)
@@ -293,6 +295,7 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None) -> CacheSta
     recorded in the returned stats.
     """
     stats = stats if stats is not None else CacheStats(path=path)
+    stats.saved, stats.save_bytes, stats.save_error = False, 0, ""  # this save's outcome only
     start = time.perf_counter()
     problem = check_bytes(data)
     if problem:
@@ -307,7 +310,7 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None) -> CacheSta
             fs.makedirs(fs._parent(inner), exist_ok=True)
             fs.pipe_file(inner + ".tmp", data)
             fs.mv(inner + ".tmp", inner)
-    except (OSError, Timeout, ValueError, ImportError) as err:  # ImportError: the URL's backend is missing
+    except Exception as err:  # any backend's failure (OSError, a lock Timeout, botocore, ...) is a failed save
         stats.save_error = f"{type(err).__name__}: {err}"
         warnings.warn(
             f"Could not save the kernel cache to {path} ({stats.save_error}). The run goes on;"
@@ -405,6 +408,3 @@ def forget_shared() -> None:
     """Drop every in-process handle (the next :func:`open_shared` reloads from disk)."""
     _shared.clear()
 
-
-def describe(stats: CacheStats) -> Mapping[str, Any]:
-    return asdict(stats)

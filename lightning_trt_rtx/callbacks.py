@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_trt_rtx import report
@@ -35,6 +36,10 @@ class _LoopHooks(Callback):
     """Routes the start and end hooks of the served loops to ``_start`` and ``_end``."""
 
     loops: tuple[str, ...]
+
+    def _serves_stage(self, stage: str) -> bool:
+        """Whether ``setup``/``teardown`` of this stage concern us (fit runs the validation loop)."""
+        return stage in self.loops or (stage == "fit" and "validate" in self.loops)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
 
@@ -103,12 +108,8 @@ class TRTRuntimeSettings(_LoopHooks):
         self._serving: Optional[ServingSession] = None
         self.checkpoint_settings: Optional[dict[str, Any]] = None
 
-    @property
-    def state_key(self) -> str:
-        return "TRTRuntimeSettings"
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage not in self.loops:
+        if not self._serves_stage(stage):
             return
         session = ServingSession.of(pl_module)
         session.configure(self.settings, type(self).__name__, trainer)
@@ -128,7 +129,10 @@ class TRTRuntimeSettings(_LoopHooks):
         self._serving = None
         session = ServingSession.of(pl_module)
         session.loop_ended()
-        session.close(save=True)
+        if trainer.state.fn != TrainerFn.FITTING:
+            session.close()
+        # inside fit the validation loop comes back every epoch: the engines keep their settings
+        # (and execution contexts) until teardown saves and restores once
 
     # --- per batch: one attribute test when not serving, a timestamp when serving -----------------
 
@@ -162,15 +166,15 @@ class TRTRuntimeSettings(_LoopHooks):
         # Lightning skips on_predict_end and teardown after an error or Ctrl-C: save here, never raise
         self._serving = None
         try:
-            ServingSession.of(pl_module).close(save=True)
+            ServingSession.of(pl_module).close()
         except Exception as err:
             log.warning("Closing the TensorRT-RTX serving session after %r failed: %s", exception, err)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage not in self.loops:
+        if not self._serves_stage(stage):
             return
         session = ServingSession.of(pl_module)
-        session.close(save=True)  # a loop with zero batches runs no on_*_end hook
+        session.close()  # a loop with zero batches runs no on_*_end hook
         # every rank reaches teardown once, whatever its batch count: the one place to gather
         self.figures = report.gather(session.figures)
         if trainer.logger is not None:
@@ -218,7 +222,7 @@ class TRTCudaGraphs(_LoopHooks):
         self.loops = _check_loops(loops)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage in self.loops:
+        if self._serves_stage(stage):
             ServingSession.of(pl_module).request_graphs(self.targets, trainer)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -5,15 +5,15 @@ Three places hold engines, and upstream's context managers reach only the first:
 * ``TorchTensorRTModule`` submodules, including ones whose engine is not set up yet (the setter
   stashes settings for the first context creation; ``runtime_config`` skips those);
 * bare torchbind ``Engine`` attributes of programs loaded with ``torch_tensorrt.load(...).module()``;
-* ``MutableTorchTensorRTModule`` objects (not ``nn.Module``\\ s), whose ``.gm`` appears at the first
-  forward and is replaced by a recompile.
+* ``MutableTorchTensorRTModule`` objects, whose engines live in ``.gm`` (outside ``named_modules()``),
+  which appears at the first forward and is replaced by a recompile.
 
 Usage::
 
     bound = EngineBinding(model)
     bound.apply(runtime_settings)   # snapshot what was there, then set; equal settings are skipped
     ...
-    bound.refresh()                 # cheap: picks up a replaced/new ``.gm`` of mutable modules
+    bound.refresh()                 # picks up a replaced/new ``.gm`` of mutable modules (none: a no-op)
     bound.restore()                 # exactly what was there before
 """
 
@@ -131,6 +131,9 @@ class EngineBinding:
         self._settings = settings
         self.engines = find_engines(self.root)
         self._mutable_gms = {id(m): m.gm for m in find_mutable_modules(self.root)}
+        # engines a recompile replaced are gone from the model: forget them and the memory they hold
+        present = {id(engine.obj) for engine in self.engines}
+        self._prior = {key: entry for key, entry in self._prior.items() if key in present}
         changed = 0
         for engine in self.engines:
             current = engine.get()
@@ -142,7 +145,10 @@ class EngineBinding:
         return changed
 
     def refresh(self) -> int:
-        """Re-apply if a mutable module's ``.gm`` appeared or was replaced; cheap otherwise."""
+        """Re-apply if a mutable module's ``.gm`` appeared or was replaced.
+
+        Without mutable modules this returns at once; with them it walks the module tree once.
+        """
         if self._settings is None or not self._mutable_gms:
             return 0
         mutables = find_mutable_modules(self.root)

@@ -82,10 +82,14 @@ class TRTRuntimePrecision(Precision):
     def teardown(self) -> None:
         try:
             module = self._module() if self._module is not None else None
-            if module is not None:
-                session = ServingSession.of(module)
-                session.close(save=True)
-                rank_zero_info(f"TensorRT-RTX serving:\n{report.table([session.figures])}")
+            # the callback, when present, has closed the session already and reports the figures
+            if module is not None and ServingSession.of(module).close():
+                figures = ServingSession.of(module).figures
+                rank_zero_info(
+                    f"TensorRT-RTX serving: {figures.engines} engine(s), kernel cache {figures.cache_source}"
+                    f" ({report.format_bytes(figures.cache_bytes)} loaded, {report.format_bytes(figures.saved_bytes)}"
+                    f" saved) {figures.cache_path}"
+                )
         except Exception as err:  # teardown also runs after the user's exception: never mask it
             log.warning("Closing the TensorRT-RTX serving session failed: %s", err)
         finally:
@@ -113,3 +117,19 @@ class TRTRuntimePrecision(Precision):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
+
+    def pre_backward(self, tensor: Any, module: Any) -> Any:
+        return self.inner.pre_backward(tensor, module)
+
+    def backward(self, tensor: Any, model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        self.inner.backward(tensor, model, optimizer, *args, **kwargs)
+
+    def post_backward(self, tensor: Any, module: Any) -> Any:
+        return self.inner.post_backward(tensor, module)
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
+
+    def clip_gradients(self, optimizer: Any, clip_val: Any = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        algorithm = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
+        self.inner.clip_gradients(optimizer, clip_val, **algorithm)

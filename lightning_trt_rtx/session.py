@@ -127,6 +127,7 @@ class ServingSession:
 
     def _open_cache(self) -> None:
         template = self.settings.runtime_cache
+        self.shared_cache = None
         if template is None:
             return
         placement = cache.Placement.current(**_ranks(self.trainer))
@@ -190,16 +191,26 @@ class ServingSession:
             except Exception as err:
                 warnings.warn(f"Closing the CUDA-graphs scope failed: {err}", stacklevel=2)
 
-    def close(self, save: bool = True) -> None:
-        """Close graph scopes, save the cache, restore the engines. Never raises over the user's error."""
+    def close(self) -> bool:
+        """Close graph scopes, save the cache, restore the engines. Never raises over the user's error.
+
+        Returns whether this call closed an open session (the callbacks and the plugin all call it).
+        """
         self.close_graphs()
         if self.binding is None:
-            return
+            return False
         binding, self.binding = self.binding, None
-        if save and self.shared_cache is not None:
-            stats = self.shared_cache.save()
-            self.figures.saved_bytes = stats.save_bytes
-        binding.restore()
+        try:
+            if self.shared_cache is not None:
+                self.figures.saved_bytes = self.shared_cache.save().save_bytes
+        except Exception as err:  # cache.save never raises; this guards the restore below regardless
+            warnings.warn(f"Saving the kernel cache failed: {err}", stacklevel=2)
+        finally:
+            binding.restore()
+            # what this run configured ends with it: the next run (or loop) configures afresh
+            self.settings = None
+            self._owners.clear()
+        return True
 
     # --- figures -----------------------------------------------------------------------------
 

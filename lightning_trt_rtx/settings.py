@@ -59,7 +59,7 @@ class TRTSettings:
             self.dynamic_shapes_kernel_specialization_strategy,
             KERNEL_STRATEGIES,
         )
-        if self.runtime_cache == DEFAULT_CACHE:
+        if isinstance(self.runtime_cache, (str, os.PathLike)) and os.fspath(self.runtime_cache) == DEFAULT_CACHE:
             # resolved at construction, so LIGHTNING_TRT_RTX_CACHE_DIR set after import still counts
             object.__setattr__(self, "runtime_cache", cache.default_template())
         if isinstance(self.runtime_cache, os.PathLike):
@@ -103,6 +103,8 @@ class TRTSettings:
             raise ValueError(f"Invalid TRTSettings YAML ({err}). Valid keys: {list(cls.keys())}.") from None
         if values is None:
             values = {}
+        if isinstance(values, str) and "\n" not in values and values.endswith((".yaml", ".yml")):
+            raise ValueError(f"No YAML file {values!r}: pass YAML text or an existing file. Valid keys: {list(cls.keys())}.")
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,10 +114,6 @@ class TRTSettings:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def is_default(self) -> bool:
-        """Whether the strategies are TensorRT-RTX's defaults (the cache aside)."""
-        return self.cuda_graph_strategy == "disabled" and self.dynamic_shapes_kernel_specialization_strategy == "lazy"
 
     def to_runtime_settings(self, cache_handle: Any = None, **overrides: Any) -> Any:
         """``torch_tensorrt.runtime.RuntimeSettings`` with ``cache_handle`` (a shared ``RuntimeCache``)."""

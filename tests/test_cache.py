@@ -3,6 +3,7 @@ file, fsspec URLs, the shared in-process handle, and real concurrent and killed 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -501,7 +502,7 @@ def test_shared_cache_loads_real_bytes_and_saves_them_identically(trt, template,
     assert stats is shared.stats
     assert stats.saved and stats.save_bytes == len(real_cache_bytes) and stats.save_ms > 0
     assert read(path) == real_cache_bytes
-    assert set(cache.describe(stats)) >= {
+    assert set(dataclasses.asdict(stats)) >= {
         "path",
         "source",
         "loaded_from",
@@ -512,7 +513,7 @@ def test_shared_cache_loads_real_bytes_and_saves_them_identically(trt, template,
         "saved",
         "save_error",
     }
-    assert json.loads(json.dumps(cache.describe(stats)))["source"] == "own"
+    assert json.loads(json.dumps(dataclasses.asdict(stats)))["source"] == "own"
     assert not recorded
 
 
@@ -702,3 +703,51 @@ def test_live_lock_holder_times_out_without_harm(tmp_path, real_cache_bytes, mon
         proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_backend_failure_of_any_kind_is_a_warning_not_a_crash(tmp_path, real_cache_bytes, monkeypatch):
+    """fsspec backends raise their own exceptions (botocore's NoCredentialsError is no OSError)."""
+    import fsspec
+
+    class NoCredentials(Exception):
+        pass
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/any/rank0.bin", real_cache_bytes)
+
+    def refuse(*args, **kwargs):
+        raise NoCredentials("Unable to locate credentials")
+
+    monkeypatch.setattr(type(fs), "pipe_file", refuse)
+    monkeypatch.setattr(type(fs), "isfile", refuse)
+    with pytest.warns(UserWarning, match="Unable to locate credentials"):
+        stats = cache.save("memory://any/rank0.bin", real_cache_bytes)
+    assert not stats.saved and "NoCredentials" in stats.save_error
+    with pytest.warns(UserWarning, match="could not be read"):
+        data, loaded = cache.load("memory://any/rank{rank}.bin", cache.Placement())
+    assert data is None and loaded.source == "cold"
+
+
+def test_save_stats_describe_the_latest_save_only(tmp_path, real_cache_bytes, monkeypatch):
+    path = str(tmp_path / "c.bin")
+    stats = cache.save(path, real_cache_bytes)
+    assert stats.saved and stats.save_bytes == len(real_cache_bytes) and not stats.save_error
+    monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.warns(UserWarning, match="No space left"):
+        cache.save(path, real_cache_bytes, stats)
+    assert not stats.saved and stats.save_bytes == 0 and "No space left" in stats.save_error
+
+
+@pytest.mark.parametrize(
+    ("template", "per_rank"),
+    [
+        ("c/rank{rank}.bin", True),
+        ("c/node{node_rank}/gpu{local_rank}.bin", True),
+        ("c/{host}-{local_rank}.bin", True),
+        ("c/gpu{local_rank}.bin", False),
+        ("c/{host}.bin", False),
+        ("c/shared.bin", False),
+    ],
+)
+def test_templates_that_give_every_rank_its_own_file(template, per_rank):
+    assert cache.is_per_rank(template) is per_rank

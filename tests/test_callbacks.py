@@ -593,3 +593,58 @@ def test_cuda_graphs_rejects_an_empty_target_list():
 
     with pytest.raises(ValueError, match="pass None for every compiled one"):
         TRTCudaGraphs(targets=[])
+
+
+# --- found in review ------------------------------------------------------------------------------
+
+
+def _cpu_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    from tests.procs.lightning_models import make_trainer
+
+    return make_trainer(tmp_path, callbacks, **kwargs)
+
+
+def test_validation_inside_fit_keeps_settings_across_epochs_and_saves_once(tmp_path, monkeypatch, real_cache_bytes):
+    """loops=["validate"] in trainer.fit: applied once, engines keep their context every epoch, one save."""
+    saves = []
+    original = cache.save
+    monkeypatch.setattr(cache, "save", lambda *a, **k: saves.append(a[0]) or original(*a, **k))
+    template = str(tmp_path / "r{rank}.bin")
+    (tmp_path / "r0.bin").write_bytes(real_cache_bytes)
+    model = EngineModel()
+    prior = [e.runtime_settings for e in model.engines()]
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=template, loops=["validate"])
+    trainer = _cpu_trainer(tmp_path, [callback], max_epochs=3, limit_train_batches=1, limit_val_batches=2,
+                           num_sanity_val_steps=0)
+    trainer.fit(model, predict_loader(batches=2), predict_loader(batches=2))
+    assert len(model.seen) == 6  # 3 epochs x 2 validation batches
+    handles = {id(s.runtime_cache) for step in model.seen for s in step}
+    assert len(handles) == 1 and all(s.cuda_graph_strategy == "whole_graph_capture" for st in model.seen for s in st)
+    assert saves == [str(tmp_path / "r0.bin")]  # once, at teardown
+    assert [e.runtime_settings for e in model.engines()] == prior  # restored at the end of fit
+    assert callback.figures and callback.figures[0].engines == len(prior)
+
+
+def test_turning_the_cache_off_drops_the_previous_runs_handle(tmp_path):
+    model = EngineModel()
+    _cpu_trainer(tmp_path, [TRTRuntimeSettings(runtime_cache=str(tmp_path / "r{rank}.bin"))]).predict(
+        model, predict_loader()
+    )
+    assert all(s.runtime_cache is not None for s in model.seen[-1])
+    _cpu_trainer(tmp_path, [TRTRuntimeSettings(runtime_cache=None)]).predict(model, predict_loader())
+    assert all(s.runtime_cache is None for s in model.seen[-1])
+
+
+def test_engines_are_restored_even_when_saving_fails_unexpectedly(tmp_path, monkeypatch):
+    model = EngineModel()
+    prior = [e.runtime_settings for e in model.engines()]
+
+    def broken(self):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(cache.SharedCache, "save", broken)
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "r{rank}.bin"))
+    with pytest.warns(UserWarning, match="disk controller on fire"):
+        predictions = _cpu_trainer(tmp_path, [callback]).predict(model, predict_loader())
+    assert len(predictions) == 3
+    assert [e.runtime_settings for e in model.engines()] == prior

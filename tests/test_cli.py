@@ -237,3 +237,22 @@ def test_console_script(good_root):
     )
     assert proc.returncode == EXIT_OK, proc.stderr
     assert "rank0.bin" in proc.stdout and "rank1.bin" in proc.stdout
+
+
+def test_verify_a_directory_or_an_unreadable_file(tmp_path, capsys, monkeypatch):
+    from lightning_trt_rtx.__main__ import main
+
+    assert main(["cache", "verify", str(tmp_path)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    locked = tmp_path / "rank0.bin"
+    locked.write_bytes(b"x")
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    assert main(["cache", "verify", str(locked)]) == 1
+    assert "INVALID (unreadable: Permission denied)" in capsys.readouterr().out

@@ -27,7 +27,6 @@ def test_defaults(tmp_path):
         str(tmp_path / "default-cache"), "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin"
     )
     assert cache.is_per_rank(s.runtime_cache)
-    assert s.is_default()
     assert TRTSettings.keys() == (
         "cuda_graph_strategy",
         "dynamic_shapes_kernel_specialization_strategy",
@@ -52,9 +51,7 @@ def test_kwargs(tmp_path):
     assert s.cuda_graph_strategy == "whole_graph_capture"
     assert s.dynamic_shapes_kernel_specialization_strategy == "eager"
     assert s.runtime_cache == str(tmp_path / "{sm}" / "r{rank}-of-{world_size}.bin")
-    assert not s.is_default()
     assert TRTSettings(runtime_cache=None).runtime_cache is None
-    assert TRTSettings(runtime_cache=None).is_default()
     # a PathLike becomes its string form (so equality, YAML and hashing work)
     p = TRTSettings(runtime_cache=tmp_path / "c.bin")
     assert p.runtime_cache == str(tmp_path / "c.bin") and isinstance(p.runtime_cache, str)
@@ -303,3 +300,9 @@ def test_default_cache_is_resolved_at_construction_not_import(tmp_path, monkeypa
     assert TRTSettings().runtime_cache == expected
     assert TRTRuntimeSettings().settings.runtime_cache == expected
     assert TRTRuntimePrecision().settings.runtime_cache == expected
+
+
+def test_from_yaml_names_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="No YAML file 'settings.yaml'"):
+        TRTSettings.from_yaml("settings.yaml")
