@@ -346,3 +346,10 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.cuda.current_device())
     return "cpu"
+
+
+def destroy_process_group() -> None:
+    """End the process group before exit: a DDP process exiting with it alive can abort in its threads
+    ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

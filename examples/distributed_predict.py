@@ -344,19 +344,15 @@ def finish(args: argparse.Namespace, summaries: list[dict]) -> int:
     return 0
 
 
-def _destroy_process_group() -> None:
-    # exiting with the group alive can abort in its threads ("terminate called without an active exception")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._run is not None:  # one run, in a fresh process (Lightning relaunches this same command per rank)
         try:
             run_once(args, args._run, args._result_dir)
         finally:
-            _destroy_process_group()
+            from _model import destroy_process_group
+
+            destroy_process_group()
         return 0
 
     import tempfile
@@ -379,7 +375,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print_run(summary)
                     summaries.append(summary)
         finally:
-            _destroy_process_group()
+            from _model import destroy_process_group
+
+            destroy_process_group()
         return finish(args, summaries) if summaries else 0
 
     env = dict(os.environ)

@@ -259,19 +259,15 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
     return 0
 
 
-def _destroy_process_group() -> None:
-    # a DDP process exiting with its group alive can abort in the group's threads
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
         return _main(args)
     finally:
-        _destroy_process_group()
+        from _model import destroy_process_group
+
+        destroy_process_group()
 
 
 def _main(args: argparse.Namespace) -> int:
