@@ -1,8 +1,8 @@
 """The benchmark runner: one command, every measurement in a fresh process, medians of repetitions.
 
-    python benchmarks/run.py --out benchmarks/results            # about 4-5 minutes on one H100
+    python benchmarks/run.py --out benchmarks/results            # about 5 minutes on one H200
     python benchmarks/run.py --out benchmarks/results --quick    # fewer repetitions and batches
-    python benchmarks/run.py --out benchmarks/results --two-gpu  # adds the 2-GPU scaling figures
+    python benchmarks/run.py --out benchmarks/results --two-gpu  # adds the 2-GPU figures (2-3 minutes)
 
 Needs an NVIDIA GPU and torch-tensorrt-rtx; anywhere else it exits with status 2 and says why.
 
@@ -10,27 +10,30 @@ Measurements (goals in brackets):
 
 1. warm start [<= 0.10]: first-batch latency inside ``Trainer.predict`` (execution-context creation
    and kernel JIT included) with this rank's warm kernel cache, over the same with an empty cache.
-   The conv net is compiled and saved once; every repetition is a cold process then a warm
+   The conv net (14 conv layers of distinct shapes) is compiled and saved once; every repetition is a cold process then a warm
    process that only load the saved program, so compile time is never measured. The CUDA driver's
    own JIT cache is disabled in these processes (``CUDA_CACHE_DISABLE=1``), so only the kernel
    cache is measured (``--driver-jit-cache`` keeps it).
 2. CUDA graphs [>= 2.5x]: per-batch latency inside ``Trainer.predict`` without and with
-   ``cuda_graph_strategy="whole_graph_capture"`` (8-layer 1024-wide MLP, fp16, batch 8); the same
-   two settings on a bare loop of engine calls are reported alongside.
+   ``cuda_graph_strategy="whole_graph_capture"`` (``mlp-deep``: 32-layer 256-wide MLP, fp16, batch
+   8); the same two settings on a bare loop of engine calls are reported alongside.
 3. integration overhead [<= 2%]: the TRTRuntimeSettings callback vs the same settings applied by
    hand in the LightningModule (``setup`` assigns ``RuntimeSettings`` with one shared
-   ``RuntimeCache`` to every TorchTensorRTModule; ``on_predict_end`` saves it): per-batch latency.
+   ``RuntimeCache`` to every TorchTensorRTModule; ``on_predict_end`` saves it): per-batch latency,
+   one compiled module serving both variants, twice the repetitions and batches of the others.
 4. Lightning vs a hand-written loop [<= 1.2x]: ``Trainer.predict`` vs a loop over the same
    DataLoader with the same engine and settings (batch to device, ``predict_step``); a cProfile
    of one ``Trainer.predict`` is written to ``lightning_profile.txt``.
-5. ``--two-gpu``: ``examples/distributed_predict.py`` on 2 ranks vs 1 rank, steady throughput of the
-   warm second run [>= 1.8x], and each rank's first batch warm / cold [<= 0.10].
+5. ``--two-gpu``: ``examples/distributed_predict.py`` on 2 ranks (a cold run, then a warm one) and
+   then on 1 rank (warm, from rank 0's file): steady throughput of the warm runs [>= 1.8x], and
+   each rank's first batch warm / cold [<= 0.10].
 
 Per-batch latency is the mean over all batches after the first (from the end of the first batch
 to the end of the loop, CUDA-synchronized; ``time.perf_counter``); each variant of one measurement
 runs in the same process, interleaved, the first round a warm-up that is left out. Writes
 ``results.md``, ``results.json`` and ``results.png`` (when matplotlib is importable) to ``--out``,
-each naming the GPU model; logs and programs go to ``--out/work`` (git-ignored).
+each naming the GPU model, and rewrites them after every measurement (an interrupted run keeps
+what it measured); logs and programs go to ``--out/work`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -313,9 +316,12 @@ class _ManualSettingsPredictor:
                 self.cache_path = cache_path
                 self.cuda_graph_strategy = cuda_graph_strategy
                 self.runtime_cache: Any = None
+                self.by_hand = True  # False: behave as a plain CompiledPredictor (the callback's variant)
 
             def setup(self, stage: str) -> None:
                 super().setup(stage)
+                if not self.by_hand:
+                    return
                 runtime = _backend.torch_tensorrt().runtime
                 if self.runtime_cache is None:
                     self.runtime_cache = runtime.RuntimeCache(path=self.cache_path)
@@ -328,22 +334,22 @@ class _ManualSettingsPredictor:
                         module.runtime_settings = settings
 
             def on_predict_end(self) -> None:
-                self.runtime_cache.save()
+                if self.by_hand:
+                    self.runtime_cache.save()
 
         cls.cls = ManualSettingsPredictor
         return cls.cls
 
 
 def task_overhead(spec: dict) -> dict:
-    """Per-batch latency: the callback vs the same settings applied by hand, interleaved."""
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule
+    """Per-batch latency: the callback vs the same settings applied by hand, interleaved, one engine."""
+    from _model import BatchTimer, SyntheticDataModule
 
     from lightning_trt_rtx import TRTRuntimeSettings
 
     strategy = spec["strategy"]
     template = os.path.join(spec["cache_dir"], "callback", "rank{rank}.bin")
-    served = CompiledPredictor(spec["model"], spec["batch_size"])
-    manual = _ManualSettingsPredictor.get()(
+    model = _ManualSettingsPredictor.get()(  # one compiled module for both: only the way of applying differs
         spec["model"], spec["batch_size"], os.path.join(spec["cache_dir"], "manual", "rank0.bin"), strategy
     )
     data = SyntheticDataModule(spec["model"], spec["batch_size"], spec["batches"])
@@ -351,11 +357,12 @@ def task_overhead(spec: dict) -> dict:
     for rep in range(spec["reps"] + 1):
         for variant in ("callback", "manual") if rep % 2 == 0 else ("manual", "callback"):
             timer = BatchTimer()
+            model.by_hand = variant == "manual"
             if variant == "callback":
                 settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)
-                _predict(served, data, [settings, timer])
+                _predict(model, data, [settings, timer])
             else:
-                _predict(manual, data, [timer])
+                _predict(model, data, [timer])
             if rep:
                 out[variant].append(timer.per_batch_ms)
     return {"reps": out}
@@ -507,7 +514,7 @@ def measure_warm_start(runner: Runner, cfg: dict, driver_jit_cache: bool) -> dic
 
 
 def measure_graphs(runner: Runner, cfg: dict) -> dict:
-    spec = {"model": "mlp", "batch_size": 8, "batches": cfg["batches"], "reps": cfg["reps"]}
+    spec = {"model": "mlp-deep", "batch_size": 8, "batches": cfg["batches"], "reps": cfg["reps"]}
     spec["cache_dir"] = os.path.join(runner.work, "cache-graphs")
     result = runner.task("graphs", spec)["reps"]
     default = median(result["lightning_disabled"])
@@ -516,7 +523,7 @@ def measure_graphs(runner: Runner, cfg: dict) -> dict:
     engine_graphs = median(result["engine_whole_graph_capture"])
     return {
         "key": "graphs",
-        "measurement": "whole-graph capture: per-batch speedup in Trainer.predict (8x1024 MLP, fp16, batch 8)",
+        "measurement": "whole-graph capture: per-batch speedup in Trainer.predict (32x256 MLP, fp16, batch 8)",
         "value": default / graphs if graphs > 0 else None,
         "display": f"{default / graphs:.2f}x ({default * 1e3:.0f} us -> {graphs * 1e3:.0f} us per batch)"
         if graphs > 0
@@ -545,14 +552,14 @@ def measure_graphs(runner: Runner, cfg: dict) -> dict:
 
 
 def measure_overhead(runner: Runner, cfg: dict) -> dict:
-    spec = {"model": "mlp", "batch_size": 8, "batches": cfg["batches"], "reps": cfg["reps"], "strategy": "disabled"}
-    spec["cache_dir"] = os.path.join(runner.work, "cache-overhead")
+    spec = {"model": "mlp", "batch_size": 8, "batches": 2 * cfg["batches"], "reps": 2 * cfg["reps"]}
+    spec.update(strategy="disabled", cache_dir=os.path.join(runner.work, "cache-overhead"))
     result = runner.task("overhead", spec)["reps"]
     callback, manual = median(result["callback"]), median(result["manual"])
     pct = (callback / manual - 1.0) * 100 if manual > 0 else None
     return {
         "key": "integration_overhead",
-        "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand (MLP, per batch)",
+        "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand (8x1024 MLP, batch 8, per batch)",
         "value": pct,
         "display": f"{pct:+.2f}% ({callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)"
         if pct is not None
@@ -572,7 +579,7 @@ def measure_loop(runner: Runner, cfg: dict, profile: bool) -> dict:
     lightning, loop = median(reps["lightning"]), median(reps["loop"])
     return {
         "key": "lightning_vs_loop",
-        "measurement": "Trainer.predict vs a hand-written loop: per-batch time ratio (same MLP engine and settings)",
+        "measurement": "Trainer.predict vs a hand-written loop: per-batch time ratio (same 8x1024 MLP engine, batch 8, default settings)",
         "value": lightning / loop if loop > 0 else None,
         "display": f"{lightning / loop:.2f}x ({lightning * 1e3:.0f} us vs {loop * 1e3:.0f} us per batch,"
         f" {(lightning - loop) * 1e3:.0f} us of Lightning per batch)"
@@ -588,17 +595,18 @@ def measure_loop(runner: Runner, cfg: dict, profile: bool) -> dict:
 
 
 def measure_two_gpu(runner: Runner, cfg: dict) -> list[dict]:
+    """2 ranks cold then warm, then 1 rank warm from rank 0's file: throughput of the warm runs, warm/cold per rank."""
+    cache_dir = os.path.join(runner.work, "cache-distributed")
     summaries = {}
-    for devices in (1, 2):
+    for devices, runs in ((2, 2), (1, 1)):
         path = os.path.join(runner.work, f"distributed-{devices}.json")
         command = [
             sys.executable, os.path.join(EXAMPLES, "distributed_predict.py"),
-            "--devices", str(devices), "--runs", "2", "--clear-cache", "--model", "conv",
-            "--batches", str(cfg["two_gpu_batches"]),
-            "--cache-dir", os.path.join(runner.work, f"cache-distributed-{devices}"),
+            "--devices", str(devices), "--runs", str(runs), "--model", "conv",
+            "--batches", str(cfg["two_gpu_batches"]), "--cache-dir", cache_dir,
             "--output-dir", os.path.join(runner.work, f"predictions-{devices}"),
             "--summary-json", path,
-        ]  # fmt: skip
+        ] + (["--clear-cache"] if devices == 2 else [])  # fmt: skip
         summaries[devices] = runner.script(f"distributed-{devices}", command, path)
     one, two = summaries[1]["runs"][-1], summaries[2]["runs"][-1]
     speedup = two["steady_samples_per_s"] / one["steady_samples_per_s"] if one["steady_samples_per_s"] else None
@@ -607,9 +615,14 @@ def measure_two_gpu(runner: Runner, cfg: dict) -> list[dict]:
         w["first_batch_ms"] / c["first_batch_ms"] if c["first_batch_ms"] else float("nan")
         for c, w in zip(cold_run["ranks"], warm_run["ranks"])
     ]
+
+    def ranks(run: dict) -> list[dict]:
+        keys = ("batches", "per_batch_ms", "first_batch_ms", "loop_s")
+        return [{k: r[k] for k in keys} for r in run["ranks"]]
+
     throughput = {
         "key": "two_gpu_throughput",
-        "measurement": "2 GPUs vs 1: steady throughput of examples/distributed_predict.py (conv net, warm run)",
+        "measurement": "2 GPUs vs 1: steady throughput of examples/distributed_predict.py (conv net, batch 32, warm runs)",
         "value": speedup,
         "display": f"{speedup:.2f}x ({two['steady_samples_per_s']:.0f} vs {one['steady_samples_per_s']:.0f} samples/s)"
         if speedup
@@ -622,6 +635,8 @@ def measure_two_gpu(runner: Runner, cfg: dict) -> list[dict]:
         "details": {
             "samples_per_s_including_first_batch": [one["samples_per_s"], two["samples_per_s"]],
             "batches": cfg["two_gpu_batches"],
+            "ranks_1_gpu": ranks(one),
+            "ranks_2_gpus": ranks(two),
         },
     }
     warm = {
@@ -738,11 +753,14 @@ METHOD = [
     "Per-batch latency: mean over the batches after the first, from the end of the first batch to the end of the"
     " loop (torch.cuda.synchronize, time.perf_counter). Trainer.predict runs with return_predictions=False,"
     " no logger, no progress bar.",
-    "Warm start: the conv net is compiled once and saved with torch_tensorrt.save; each repetition is a cold"
-    " process (cache files removed) then a warm process, both loading that program, timed by the callback's"
-    " figures.first_batch_ms (context creation and kernel JIT or cache load included).",
-    "Integration overhead: the callback-served module and the hand-applied module are two compiles of the same"
-    " model in one process.",
+    "Warm start: the conv net (14 conv layers of distinct shapes) is compiled once and saved with"
+    " torch_tensorrt.save; each repetition is a cold process (cache files removed) then a warm process, both"
+    " loading that program with the CUDA driver's JIT cache off, timed by the callback's figures.first_batch_ms"
+    " (context creation and kernel JIT or cache load included).",
+    "Integration overhead: one compiled module serves both variants in one process; only the way the settings"
+    " are applied differs (callback, or setup/on_predict_end in the LightningModule).",
+    "2 GPUs: distributed_predict.py runs on 2 ranks (cold, then warm), then on 1 rank (warm, from rank 0's file)."
+    " Throughput is all ranks' samples after their first batch over the union of their wall-clock windows.",
 ]
 
 
@@ -751,10 +769,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results folder")
-    parser.add_argument("--quick", action="store_true", help="2 repetitions, 100 batches (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions, 200 batches (about 2 minutes)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5, quick 2)")
     parser.add_argument(
-        "--batches", type=int, default=None, help="batches for per-batch latency (default 500, quick 100)"
+        "--batches", type=int, default=None, help="batches for per-batch latency (default 1000, quick 200)"
     )
     parser.add_argument("--two-gpu", action="store_true", help="also measure examples/distributed_predict.py on 2 GPUs")
     parser.add_argument(
@@ -803,8 +821,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = {
         "reps": reps,
         "first_batch_reps": reps,
-        "batches": args.batches or (100 if args.quick else 500),
-        "two_gpu_batches": 400 if args.quick else 2000,
+        "batches": args.batches or (200 if args.quick else 1000),
+        "two_gpu_batches": 2000 if args.quick else 8000,  # long enough that the ranks' start skew is noise
     }
     out = os.path.abspath(args.out)
     runner = Runner(out, verbose=args.verbose)
@@ -865,6 +883,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(
                 f"    {row['measurement']}: {row.get('display')} ({time.perf_counter() - step_start:.0f} s)", flush=True
             )
+        results["runtime_s"] = time.perf_counter() - start
+        write_results(results, out)  # after each measurement: an interrupted run keeps what it measured
     results["runtime_s"] = time.perf_counter() - start
     written = write_results(results, out)
     print()

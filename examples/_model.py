@@ -4,6 +4,8 @@
   each at the first execute, which makes it the model that shows the kernel cache (warm start).
 * ``mlp``: 8 layers of 1024-wide ``Linear`` + ``ReLU``, fp16 on GPU. Launch-bound at small batches,
   which makes it the model that shows whole-graph capture.
+* ``mlp-deep``: 32 layers of 256-wide ``Linear`` + ``ReLU``, fp16 on GPU: more launches per call
+  and less work in each, the benchmark's model for whole-graph capture inside ``Trainer.predict``.
 
 :class:`CompiledPredictor` compiles its model with ``torch_tensorrt`` (dynamo, static shape = the
 batch size) where a CUDA device and torch-tensorrt are present, and stays eager elsewhere. Nothing is
@@ -29,33 +31,39 @@ from lightning_trt_rtx import _backend
 
 
 class ConvNet(nn.Module):
-    """A 3x32x32 image classifier with eight conv layers of different shapes (kernel, stride, groups)."""
+    """A 3x32x32 image classifier with 14 conv layers of distinct shapes.
+
+    Kernel sizes 7, 5, 3, 1 and 1x5/5x1, strides 1 and 2, depthwise, grouped and dilated
+    convolutions: TensorRT-RTX JIT-compiles a kernel for each shape at the first execute, so the
+    first batch is dominated by JIT when the kernel cache is cold.
+    """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),  # 16x16
-            nn.ReLU(),
-            nn.Conv2d(32, 32, 5, padding=2, groups=8),  # grouped 5x5
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 1),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1),  # 8x8
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.Conv2d(64, 96, 3, padding=2, dilation=2),
-            nn.ReLU(),
-            nn.Conv2d(96, 80, 1),
-            nn.ReLU(),
-            nn.Conv2d(80, 128, 3, stride=2, padding=1),  # 4x4
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        layers: list[nn.Module] = []
+
+        def conv(c_in: int, c_out: int, kernel: Any, stride=1, groups=1, dilation=1, norm=False) -> None:
+            k = (kernel, kernel) if isinstance(kernel, int) else kernel
+            padding = (k[0] // 2 * dilation, k[1] // 2 * dilation)
+            layers.append(nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, groups=groups, dilation=dilation))
+            layers.extend([nn.BatchNorm2d(c_out), nn.ReLU()] if norm else [nn.ReLU()])
+
+        conv(3, 24, 7, norm=True)
+        conv(24, 24, 3, groups=24)  # depthwise
+        conv(24, 48, 1)
+        conv(48, 48, (1, 5))
+        conv(48, 48, (5, 1))
+        conv(48, 72, 3, stride=2)  # 16x16
+        conv(72, 72, 5, groups=72)  # depthwise 5x5
+        conv(72, 96, 3, dilation=2)
+        conv(96, 40, 1)
+        conv(40, 112, 3, stride=2, norm=True)  # 8x8
+        conv(112, 112, 3, groups=4)
+        conv(112, 160, 1)
+        conv(160, 160, 3, stride=2)  # 4x4
+        conv(160, 200, 3, groups=8)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(200, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -88,6 +96,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "conv": ModelSpec(ConvNet, (3, 32, 32), 32, False),
     "mlp": ModelSpec(MLP, (1024,), 8, True),
+    # 32 narrow layers: each call is dozens of tiny kernel launches, the case whole-graph capture is for
+    "mlp-deep": ModelSpec(lambda: MLP(width=256, layers=32), (256,), 8, True),
 }
 
 
