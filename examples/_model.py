@@ -293,7 +293,10 @@ class BatchTimer(Callback):
     The first batch runs from its ``on_predict_batch_start`` to its end (after a CUDA synchronize),
     so it includes execution-context creation and any kernel JIT. The steady per-batch time runs
     from the end of the first batch to the end of the loop (synchronized) over the remaining
-    batches. Wall-clock stamps (``time.time()``) let several ranks' windows be combined.
+    batches. The loop ends at ``on_predict_epoch_end``, which Lightning calls before any
+    ``on_predict_end``: what callbacks and modules do after the loop (a kernel-cache save) is not
+    loop time, wherever this timer is listed. Wall-clock stamps (``time.time()``) let several
+    ranks' windows be combined.
     """
 
     def __init__(self) -> None:
@@ -327,7 +330,7 @@ class BatchTimer(Callback):
             self._first_end, self.wall_first_end = time.perf_counter(), time.time()
             self.first_batch_ms = (self._first_end - self._start) * 1e3
 
-    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.batches == 0:
             return
         _sync()

@@ -195,6 +195,31 @@ def test_one_module_served_by_trainers_with_different_settings():
     assert served == [("disabled", True, 2), ("whole_graph_capture", False, 2), ("disabled", False, 2)]
 
 
+@pytest.mark.parametrize("timer_first", [True, False])
+def test_batch_timer_leaves_end_of_loop_work_out_of_the_loop(timer_first):
+    """A callback's on_predict_end (the kernel-cache save) is not loop time, whichever is listed first."""
+    import time
+
+    from lightning.pytorch import Callback, Trainer
+
+    model_mod = _load("example_model", os.path.join(EXAMPLES, "_model.py"))
+
+    class SlowSave(Callback):
+        def on_predict_end(self, trainer, pl_module):
+            time.sleep(0.5)
+
+    timer = model_mod.BatchTimer()
+    callbacks = [timer, SlowSave()] if timer_first else [SlowSave(), timer]
+    trainer = Trainer(
+        accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    data = model_mod.SyntheticDataModule("mlp", 2, batches=4)
+    trainer.predict(model_mod.CompiledPredictor("mlp", 2), datamodule=data, return_predictions=False)
+    assert timer.batches == 4 and timer.samples == 8
+    assert 0 < timer.loop_s < 0.5 and 0 < timer.per_batch_ms < timer.loop_s * 1e3
+
+
 def test_throughput_combines_rank_windows():
     distributed = _load("example_distributed", os.path.join(EXAMPLES, "distributed_predict.py"))
     ranks = [
