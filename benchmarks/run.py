@@ -10,10 +10,10 @@ Measurements (goals in brackets):
 
 1. warm start [<= 0.10]: first-batch latency inside ``Trainer.predict`` (execution-context creation
    and kernel JIT included) with this rank's warm kernel cache, over the same with an empty cache.
-   The conv net (14 conv layers of distinct shapes) is compiled and saved once; every repetition is a cold process then a warm
-   process that only load the saved program, so compile time is never measured. The CUDA driver's
-   own JIT cache is disabled in these processes (``CUDA_CACHE_DISABLE=1``), so only the kernel
-   cache is measured (``--driver-jit-cache`` keeps it).
+   The conv net (14 conv layers of distinct shapes) is compiled and saved once; every repetition
+   is a cold process then a warm process that only load the saved program, so compile time is
+   never measured. The CUDA driver's own JIT cache is disabled in these processes
+   (``CUDA_CACHE_DISABLE=1``), so only the kernel cache is measured (``--driver-jit-cache`` keeps it).
 2. CUDA graphs [>= 2.5x]: per-batch latency inside ``Trainer.predict`` without and with
    ``cuda_graph_strategy="whole_graph_capture"`` (``mlp-deep``: 32-layer 256-wide MLP, fp16, batch
    8); the same two settings on a bare loop of engine calls are reported alongside.
@@ -29,7 +29,8 @@ Measurements (goals in brackets):
    each rank's first batch warm / cold [<= 0.10].
 
 Per-batch latency is the mean over all batches after the first (from the end of the first batch
-to the end of the loop, CUDA-synchronized; ``time.perf_counter``); each variant of one measurement
+to ``on_predict_epoch_end``, before any callback's end-of-loop cache save; CUDA-synchronized,
+``time.perf_counter``); each variant of one measurement
 runs in the same process, interleaved, the first round a warm-up that is left out. Writes
 ``results.md``, ``results.json`` and ``results.png`` (when matplotlib is importable) to ``--out``,
 each naming the GPU model, and rewrites them after every measurement (an interrupted run keeps
@@ -559,7 +560,8 @@ def measure_overhead(runner: Runner, cfg: dict) -> dict:
     pct = (callback / manual - 1.0) * 100 if manual > 0 else None
     return {
         "key": "integration_overhead",
-        "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand (8x1024 MLP, batch 8, per batch)",
+        "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand"
+        " (8x1024 MLP, batch 8, per batch)",
         "value": pct,
         "display": f"{pct:+.2f}% ({callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)"
         if pct is not None
@@ -579,7 +581,8 @@ def measure_loop(runner: Runner, cfg: dict, profile: bool) -> dict:
     lightning, loop = median(reps["lightning"]), median(reps["loop"])
     return {
         "key": "lightning_vs_loop",
-        "measurement": "Trainer.predict vs a hand-written loop: per-batch time ratio (same 8x1024 MLP engine, batch 8, default settings)",
+        "measurement": "Trainer.predict vs a hand-written loop: per-batch time ratio"
+        " (same 8x1024 MLP engine, batch 8, default settings)",
         "value": lightning / loop if loop > 0 else None,
         "display": f"{lightning / loop:.2f}x ({lightning * 1e3:.0f} us vs {loop * 1e3:.0f} us per batch,"
         f" {(lightning - loop) * 1e3:.0f} us of Lightning per batch)"
@@ -622,7 +625,8 @@ def measure_two_gpu(runner: Runner, cfg: dict) -> list[dict]:
 
     throughput = {
         "key": "two_gpu_throughput",
-        "measurement": "2 GPUs vs 1: steady throughput of examples/distributed_predict.py (conv net, batch 32, warm runs)",
+        "measurement": "2 GPUs vs 1: steady throughput of examples/distributed_predict.py"
+        " (conv net, batch 32, warm runs)",
         "value": speedup,
         "display": f"{speedup:.2f}x ({two['steady_samples_per_s']:.0f} vs {one['steady_samples_per_s']:.0f} samples/s)"
         if speedup
@@ -751,7 +755,8 @@ METHOD = [
     "Every measurement runs in fresh processes (subprocesses of benchmarks/run.py); within one, the variants"
     " being compared alternate, the first round is a warm-up left out, and the figure is the median of the rest.",
     "Per-batch latency: mean over the batches after the first, from the end of the first batch to the end of the"
-    " loop (torch.cuda.synchronize, time.perf_counter). Trainer.predict runs with return_predictions=False,"
+    " loop at on_predict_epoch_end, before any end-of-loop cache save (torch.cuda.synchronize,"
+    " time.perf_counter). Trainer.predict runs with return_predictions=False,"
     " no logger, no progress bar.",
     "Warm start: the conv net (14 conv layers of distinct shapes) is compiled once and saved with"
     " torch_tensorrt.save; each repetition is a cold process (cache files removed) then a warm process, both"
