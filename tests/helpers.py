@@ -1,9 +1,15 @@
-"""Test gates in the manner of Lightning's ``RunIf``."""
+"""Test gates in the manner of Lightning's ``RunIf``, and the runner for the example scripts."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_if(min_cuda_gpus: int = 0, rtx: bool = False) -> pytest.MarkDecorator:
@@ -28,3 +34,18 @@ def run_if(min_cuda_gpus: int = 0, rtx: bool = False) -> pytest.MarkDecorator:
         return fn
 
     return apply
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python *args`` from the project root with it on PYTHONPATH, NCCL's NVLink multicast off."""
+    child_env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    child_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def explain(proc: subprocess.CompletedProcess, tail: int = 6000) -> str:
+    """A failed script's exit code and the tails of its output, for an assertion message."""
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-tail:]}\n--- stderr\n{proc.stderr[-tail:]}"

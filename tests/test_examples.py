@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -35,16 +37,11 @@ def _load(name: str, path: str):
 
 
 def run_script(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    child_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    child_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout
-    )
+    return helpers.run_script(*args, env={"CUDA_VISIBLE_DEVICES": "", **(env or {})}, timeout=timeout)
 
 
 def _explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    return helpers.explain(proc, tail=4000)
 
 
 # --- examples/predict.py --------------------------------------------------------------------------

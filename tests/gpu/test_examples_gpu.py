@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests import helpers
 from tests.helpers import run_if
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def run_script(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    child_env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    child_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+run_script = helpers.run_script
+_explain = helpers.explain
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
