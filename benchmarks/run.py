@@ -19,8 +19,11 @@ Measurements (goals in brackets):
    8); the same two settings on a bare loop of engine calls are reported alongside.
 3. integration overhead [<= 2%]: the TRTRuntimeSettings callback vs the same settings applied by
    hand in the LightningModule (``setup`` assigns ``RuntimeSettings`` with one shared
-   ``RuntimeCache`` to every TorchTensorRTModule; ``on_predict_end`` saves it): per-batch latency,
-   one compiled module serving both variants, twice the repetitions and batches of the others.
+   ``RuntimeCache`` to every TorchTensorRTModule; ``on_predict_end`` saves it): the median over
+   repetitions of the per-batch ratio, each pair run back to back; one compiled module serves
+   every variant, with twice the repetitions and batches of the others. A third variant applies
+   the settings through this package's core layer in the module (no callback), to tell a cost of
+   the callback's hooks from one of the settings themselves.
 4. Lightning vs a hand-written loop [<= 1.2x]: ``Trainer.predict`` vs a loop over the same
    DataLoader with the same engine and settings (batch to device, ``predict_step``); a cProfile
    of one ``Trainer.predict`` is written to ``lightning_profile.txt``.
@@ -293,7 +296,7 @@ def task_graphs(spec: dict) -> dict:
 
 
 class _ManualSettingsPredictor:
-    """Factory for the hand-applied variant (defined lazily: importing Lightning is slow)."""
+    """Factory for the hand-applied variants (defined lazily: importing Lightning is slow)."""
 
     cls: Any = None
 
@@ -303,43 +306,57 @@ class _ManualSettingsPredictor:
             return cls.cls
         from _model import CompiledPredictor
 
-        from lightning_trt_rtx import _backend
+        from lightning_trt_rtx import _backend, cache, engines
+        from lightning_trt_rtx.settings import TRTSettings
 
         class ManualSettingsPredictor(CompiledPredictor):
-            """The same settings applied by hand, the way one would without the callback.
+            """The same settings applied in the LightningModule, without the callback.
 
-            ``setup`` gives every TorchTensorRTModule ``RuntimeSettings`` holding one shared
-            ``RuntimeCache`` (loaded from ``cache_path``); ``on_predict_end`` saves the cache.
+            ``by_hand="manual"``: what one would write with upstream's API alone: ``setup`` gives
+            every TorchTensorRTModule ``RuntimeSettings`` holding one ``RuntimeCache`` (loaded from
+            ``cache_path``); ``on_predict_end`` saves it. ``by_hand="core"``: this package's core
+            layer (one shared cache handle, ``EngineBinding``) without the callback, which tells a
+            cost of the callback's hooks apart from one of the settings it applies.
+            ``by_hand=None``: a plain CompiledPredictor (the callback's variant).
             """
 
-            def __init__(self, model_name: str, batch_size: int, cache_path: str, cuda_graph_strategy: str) -> None:
+            def __init__(self, model_name: str, batch_size: int, cache_dir: str, cuda_graph_strategy: str) -> None:
                 super().__init__(model_name, batch_size)
-                self.cache_path = cache_path
+                self.cache_dir = cache_dir
                 self.cuda_graph_strategy = cuda_graph_strategy
+                self.by_hand: Optional[str] = "manual"
                 self.runtime_cache: Any = None
-                self.by_hand = True  # False: behave as a plain CompiledPredictor (the callback's variant)
+                self.shared: Any = None
 
             def setup(self, stage: str) -> None:
                 super().setup(stage)
-                if not self.by_hand:
-                    return
-                runtime = _backend.torch_tensorrt().runtime
-                if self.runtime_cache is None:
-                    self.runtime_cache = runtime.RuntimeCache(path=self.cache_path)
-                    self.runtime_cache.load()
-                settings = runtime.RuntimeSettings(
-                    cuda_graph_strategy=self.cuda_graph_strategy, runtime_cache=self.runtime_cache
-                )
-                for module in self.net.modules():
-                    if isinstance(module, runtime.TorchTensorRTModule):
-                        module.runtime_settings = settings
+                if self.by_hand == "manual":
+                    runtime = _backend.torch_tensorrt().runtime
+                    if self.runtime_cache is None:
+                        self.runtime_cache = runtime.RuntimeCache(path=os.path.join(self.cache_dir, "manual.bin"))
+                        self.runtime_cache.load()
+                    settings = runtime.RuntimeSettings(
+                        cuda_graph_strategy=self.cuda_graph_strategy, runtime_cache=self.runtime_cache
+                    )
+                    for module in self.net.modules():
+                        if isinstance(module, runtime.TorchTensorRTModule):
+                            module.runtime_settings = settings
+                elif self.by_hand == "core":
+                    self.shared = cache.open_shared(os.path.join(self.cache_dir, "core.bin"), cache.Placement.current())
+                    settings = TRTSettings(cuda_graph_strategy=self.cuda_graph_strategy)
+                    engines.EngineBinding(self.net).apply(settings.to_runtime_settings(self.shared.handle))
 
             def on_predict_end(self) -> None:
-                if self.by_hand:
+                if self.by_hand == "manual":
                     self.runtime_cache.save()
+                elif self.by_hand == "core":
+                    self.shared.save()
 
         cls.cls = ManualSettingsPredictor
         return cls.cls
+
+
+OVERHEAD_VARIANTS = ("callback", "manual", "core")
 
 
 def task_overhead(spec: dict) -> dict:
@@ -350,20 +367,20 @@ def task_overhead(spec: dict) -> dict:
 
     strategy = spec["strategy"]
     template = os.path.join(spec["cache_dir"], "callback", "rank{rank}.bin")
-    model = _ManualSettingsPredictor.get()(  # one compiled module for both: only the way of applying differs
-        spec["model"], spec["batch_size"], os.path.join(spec["cache_dir"], "manual", "rank0.bin"), strategy
-    )
+    # one compiled module for every variant: only the way of applying the settings differs
+    model = _ManualSettingsPredictor.get()(spec["model"], spec["batch_size"], spec["cache_dir"], strategy)
     data = SyntheticDataModule(spec["model"], spec["batch_size"], spec["batches"])
-    out: dict[str, list] = {"callback": [], "manual": []}
+    out: dict[str, list] = {variant: [] for variant in OVERHEAD_VARIANTS}
     for rep in range(spec["reps"] + 1):
-        for variant in ("callback", "manual") if rep % 2 == 0 else ("manual", "callback"):
+        shift = rep % len(OVERHEAD_VARIANTS)  # every variant takes every place in the order in turn
+        for variant in OVERHEAD_VARIANTS[shift:] + OVERHEAD_VARIANTS[:shift]:
             timer = BatchTimer()
-            model.by_hand = variant == "manual"
+            model.by_hand = None if variant == "callback" else variant
+            callbacks: list = [timer]
             if variant == "callback":
                 settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)
-                _predict(model, data, [settings, timer])
-            else:
-                _predict(model, data, [timer])
+                callbacks.insert(0, settings)
+            _predict(model, data, callbacks)
             if rep:
                 out[variant].append(timer.per_batch_ms)
     return {"reps": out}
@@ -552,22 +569,38 @@ def measure_graphs(runner: Runner, cfg: dict) -> dict:
     }
 
 
+def paired_pct(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per repetition, how much slower ``a`` ran than ``b`` in % (the two ran back to back)."""
+    return [(x / y - 1.0) * 100 for x, y in zip(a, b) if y > 0]
+
+
 def measure_overhead(runner: Runner, cfg: dict) -> dict:
     spec = {"model": "mlp", "batch_size": 8, "batches": 2 * cfg["batches"], "reps": 2 * cfg["reps"]}
     spec.update(strategy="disabled", cache_dir=os.path.join(runner.work, "cache-overhead"))
     result = runner.task("overhead", spec)["reps"]
     callback, manual = median(result["callback"]), median(result["manual"])
-    pct = (callback / manual - 1.0) * 100 if manual > 0 else None
+    # paired: variants of one repetition ran back to back, so a drift of the host's speed cancels
+    pairs = paired_pct(result["callback"], result["manual"])
+    core_pairs = paired_pct(result["core"], result["manual"])
+    pct = median(pairs) if pairs else None
+    slower = sum(p > 0 for p in pairs)
     return {
         "key": "integration_overhead",
         "measurement": "integration overhead: TRTRuntimeSettings callback vs the same settings applied by hand"
-        " (8x1024 MLP, batch 8, per batch)",
+        " (8x1024 MLP, batch 8, per batch; median of paired repetitions)",
         "value": pct,
-        "display": f"{pct:+.2f}% ({callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)"
+        "display": f"{pct:+.2f}% (callback slower in {slower} of {len(pairs)} pairs, {min(pairs):+.1f}% to"
+        f" {max(pairs):+.1f}%; medians {callback * 1e3:.0f} us vs {manual * 1e3:.0f} us per batch)"
         if pct is not None
         else "n/a",
         "pair": {"labels": ["by hand", "callback"], "values": [manual * 1e3, callback * 1e3], "unit": "us per batch"},
-        "details": {"per_batch_ms": result},
+        "details": {
+            "per_batch_ms": result,
+            "paired_pct_callback_vs_manual": pairs,
+            # the package's core layer applied in the module: the settings' cost without the callback's hooks
+            "paired_pct_core_vs_manual": core_pairs,
+            "median_pct_core_vs_manual": median(core_pairs) if core_pairs else None,
+        },
     }
 
 
@@ -762,8 +795,10 @@ METHOD = [
     " torch_tensorrt.save; each repetition is a cold process (cache files removed) then a warm process, both"
     " loading that program with the CUDA driver's JIT cache off, timed by the callback's figures.first_batch_ms"
     " (context creation and kernel JIT or cache load included).",
-    "Integration overhead: one compiled module serves both variants in one process; only the way the settings"
-    " are applied differs (callback, or setup/on_predict_end in the LightningModule).",
+    "Integration overhead: one compiled module serves three variants in one process, in rotating order; only the"
+    " way the settings are applied differs: the callback, upstream's API in setup/on_predict_end of the"
+    " LightningModule (the baseline), or this package's core layer there (no callback). The figure is the median"
+    " over repetitions of callback / baseline - 1, each pair measured back to back.",
     "2 GPUs: distributed_predict.py runs on 2 ranks (cold, then warm), then on 1 rank (warm, from rank 0's file)."
     " Throughput is all ranks' samples after their first batch over the union of their wall-clock windows.",
 ]

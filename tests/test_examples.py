@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -262,13 +263,21 @@ def test_benchmark_plumbing_dry_run_on_cpu(tmp_path):
     """The runner's tasks, subprocesses, medians and outputs, with eager CPU models (test-only mode)."""
     out = tmp_path / "results"
     proc = run_script(
-        "benchmarks/run.py", "--out", str(out), "--reps", "1", "--batches", "3", "--only", "loop",
+        "benchmarks/run.py", "--out", str(out), "--reps", "1", "--batches", "3", "--only", "loop", "overhead",
         env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, _explain(proc)
     results = json.loads((out / "results.json").read_text())
     assert results["gpu"].startswith("cpu (DRY RUN")
-    (row,) = results["measurements"]
+    overhead, row = results["measurements"]
+    # overhead: three variants, twice the repetitions, the figure a median of back-to-back pairs
+    assert overhead["key"] == "integration_overhead" and overhead["goal"] == "<= 2%"
+    runs = overhead["details"]["per_batch_ms"]
+    assert sorted(runs) == ["callback", "core", "manual"] and all(len(v) == 2 for v in runs.values())
+    pairs = [(c / m - 1) * 100 for c, m in zip(runs["callback"], runs["manual"])]
+    assert overhead["details"]["paired_pct_callback_vs_manual"] == pytest.approx(pairs)
+    assert overhead["value"] == pytest.approx(statistics.median(pairs))
+    assert f"in {sum(p > 0 for p in pairs)} of 2 pairs" in overhead["display"]
     assert row["key"] == "lightning_vs_loop" and row["goal"] == "<= 1.2x"
     reps = row["details"]["per_batch_ms"]
     assert len(reps["lightning"]) == 1 and len(reps["loop"]) == 1
