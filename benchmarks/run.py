@@ -20,7 +20,7 @@ Measurements (goals in brackets):
 3. integration overhead [<= 2%]: the TRTRuntimeSettings callback vs the same settings applied by
    hand in the LightningModule (``setup`` assigns ``RuntimeSettings`` with one shared
    ``RuntimeCache`` to every TorchTensorRTModule; ``on_predict_end`` saves it): the median over
-   repetitions of the per-batch ratio, each pair run back to back; one compiled module serves
+   repetitions of the per-batch ratio, each pair from one round; one compiled module serves
    every variant, with twice the repetitions and batches of the others. A third variant applies
    the settings through this package's core layer in the module (no callback), to tell a cost of
    the callback's hooks from one of the settings themselves.
@@ -314,7 +314,7 @@ class _ManualSettingsPredictor:
 
             ``by_hand="manual"``: what one would write with upstream's API alone: ``setup`` gives
             every TorchTensorRTModule ``RuntimeSettings`` holding one ``RuntimeCache`` (loaded from
-            ``cache_path``); ``on_predict_end`` saves it. ``by_hand="core"``: this package's core
+            ``cache_dir``/manual.bin); ``on_predict_end`` saves it. ``by_hand="core"``: this package's core
             layer (one shared cache handle, ``EngineBinding``) without the callback, which tells a
             cost of the callback's hooks apart from one of the settings it applies.
             ``by_hand=None``: a plain CompiledPredictor (the callback's variant).
@@ -570,7 +570,7 @@ def measure_graphs(runner: Runner, cfg: dict) -> dict:
 
 
 def paired_pct(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """Per repetition, how much slower ``a`` ran than ``b`` in % (the two ran back to back)."""
+    """Per repetition, how much slower ``a`` ran than ``b`` in % (both from the same round)."""
     return [(x / y - 1.0) * 100 for x, y in zip(a, b) if y > 0]
 
 
@@ -579,7 +579,7 @@ def measure_overhead(runner: Runner, cfg: dict) -> dict:
     spec.update(strategy="disabled", cache_dir=os.path.join(runner.work, "cache-overhead"))
     result = runner.task("overhead", spec)["reps"]
     callback, manual = median(result["callback"]), median(result["manual"])
-    # paired: variants of one repetition ran back to back, so a drift of the host's speed cancels
+    # paired: the variants of one round ran within seconds of each other, so a drift of the host's speed cancels
     pairs = paired_pct(result["callback"], result["manual"])
     core_pairs = paired_pct(result["core"], result["manual"])
     pct = median(pairs) if pairs else None
@@ -798,7 +798,7 @@ METHOD = [
     "Integration overhead: one compiled module serves three variants in one process, in rotating order; only the"
     " way the settings are applied differs: the callback, upstream's API in setup/on_predict_end of the"
     " LightningModule (the baseline), or this package's core layer there (no callback). The figure is the median"
-    " over repetitions of callback / baseline - 1, each pair measured back to back.",
+    " over repetitions of callback / baseline - 1, each pair from the same round.",
     "2 GPUs: distributed_predict.py runs on 2 ranks (cold, then warm), then on 1 rank (warm, from rank 0's file)."
     " Throughput is all ranks' samples after their first batch over the union of their wall-clock windows.",
 ]
