@@ -306,7 +306,8 @@ class _ManualSettingsPredictor:
             return cls.cls
         from _model import CompiledPredictor
 
-        from lightning_trt_rtx import _backend, cache, engines
+        from lightning_trt_rtx import _backend
+        from lightning_trt_rtx.session import ServingSession
         from lightning_trt_rtx.settings import TRTSettings
 
         class ManualSettingsPredictor(CompiledPredictor):
@@ -314,9 +315,10 @@ class _ManualSettingsPredictor:
 
             ``by_hand="manual"``: what one would write with upstream's API alone: ``setup`` gives
             every TorchTensorRTModule ``RuntimeSettings`` holding one ``RuntimeCache`` (loaded from
-            ``cache_dir``/manual.bin); ``on_predict_end`` saves it. ``by_hand="core"``: this package's core
-            layer (one shared cache handle, ``EngineBinding``) without the callback, which tells a
-            cost of the callback's hooks apart from one of the settings it applies.
+            ``cache_dir``/manual.bin); ``on_predict_end`` saves it. ``by_hand="core"``: the package's own
+            ``ServingSession`` (what the callback drives) opened in ``setup`` and closed in
+            ``on_predict_end``, without the callback's per-batch hooks: it tells a cost of those
+            hooks apart from one of the settings and cache the package applies.
             ``by_hand=None``: a plain CompiledPredictor (the callback's variant).
             """
 
@@ -326,7 +328,6 @@ class _ManualSettingsPredictor:
                 self.cuda_graph_strategy = cuda_graph_strategy
                 self.by_hand: Optional[str] = "manual"
                 self.runtime_cache: Any = None
-                self.shared: Any = None
 
             def setup(self, stage: str) -> None:
                 super().setup(stage)
@@ -342,15 +343,19 @@ class _ManualSettingsPredictor:
                         if isinstance(module, runtime.TorchTensorRTModule):
                             module.runtime_settings = settings
                 elif self.by_hand == "core":
-                    self.shared = cache.open_shared(os.path.join(self.cache_dir, "core.bin"), cache.Placement.current())
-                    settings = TRTSettings(cuda_graph_strategy=self.cuda_graph_strategy)
-                    engines.EngineBinding(self.net).apply(settings.to_runtime_settings(self.shared.handle))
+                    settings = TRTSettings(
+                        cuda_graph_strategy=self.cuda_graph_strategy,
+                        runtime_cache=os.path.join(self.cache_dir, "core.bin"),
+                    )
+                    session = ServingSession.of(self)
+                    session.configure(settings, "benchmark core variant", self.trainer)
+                    session.attach()
 
             def on_predict_end(self) -> None:
                 if self.by_hand == "manual":
                     self.runtime_cache.save()
                 elif self.by_hand == "core":
-                    self.shared.save()
+                    ServingSession.of(self).close()  # saves the cache, restores the engines
 
         cls.cls = ManualSettingsPredictor
         return cls.cls
