@@ -58,7 +58,8 @@ def two_blocks():
 def test_trainer_predict_creates_one_context_per_engine(two_blocks, tmp_path):
     _, compiled, x = two_blocks
     holder = Holder(compiled)
-    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "r{rank}.bin"))
+    cache = str(tmp_path / "r{rank}.bin")
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=cache)
     _trainer(callback).predict(holder, _loader(x, 6))
     assert all(s.cuda_graph_strategy == "whole_graph_capture" for s in holder.seen_settings[0])
     engines = find_engines(compiled)
