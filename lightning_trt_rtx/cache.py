@@ -2,39 +2,51 @@
 
 A cache path is a template, resolved per process::
 
-    ~/.cache/lightning-trt-rtx/{sm}-trtrtx{trt}-cuda{cuda}/rank{rank}.bin   (the default)
+    ~/.cache/lightning-trt-rtx/{sm}-trtrtx{trt}-cuda{cuda}/gpu-{gpu}.bin   (the default)
 
-One file per global rank means ranks never race; the directory key (GPU architecture, TensorRT-RTX
-and CUDA versions) means a cache is never offered to a GPU or library it cannot serve.
+A TensorRT-RTX runtime cache is bound to the physical GPU that filled it (measured on 2 x H100: a
+file from the other GPU of the same model gives a cold start), so the default keys the file by the
+GPU's UUID (``{gpu}``), not by rank: a rank that lands on another GPU next time, or two jobs on two
+GPUs of one host, each find their own GPU's kernels. The directory key (GPU architecture,
+TensorRT-RTX and CUDA versions) means a cache is never offered to a library it cannot serve.
 
-Files are TensorRT-RTX ``IRuntimeCache`` bytes. They are checked before TensorRT sees them,
-written under a lock to a temporary file that is atomically moved into place, and a save that fails
-(crash, full disk, read-only directory) leaves the last good file untouched and never raises.
+Files are TensorRT-RTX ``IRuntimeCache`` bytes. Beside each, ``<file>.json`` records which GPU
+filled it (with the file's size and SHA-256, so a stale record never vouches for other bytes).
+Files are checked before TensorRT sees them, written under a lock to a temporary file that is
+atomically moved into place, and a save that fails (crash, full disk, read-only directory) leaves
+the last good file untouched and never raises.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
+import json
 import logging
 import os
 import socket
 import string
 import struct
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
 import fsspec
 from filelock import FileLock
 
+from lightning_trt_rtx._messages import warn
+
 log = logging.getLogger(__name__)
 
-PLACEHOLDERS = ("rank", "local_rank", "node_rank", "world_size", "sm", "trt", "cuda", "host")
-# Placeholders that differ between the ranks of one job; the others form the cache key.
-RANK_PLACEHOLDERS = ("rank", "local_rank", "node_rank", "world_size", "host")
+PLACEHOLDERS = ("gpu", "rank", "local_rank", "node_rank", "world_size", "sm", "trt", "cuda", "host")
+# Placeholders that differ between the processes of one job; the others form the cache key.
+PROCESS_PLACEHOLDERS = ("gpu", "rank", "local_rank", "node_rank", "world_size", "host")
 CACHE_DIR_ENV = "LIGHTNING_TRT_RTX_CACHE_DIR"
 LOCK_TIMEOUT_S = 60.0
+RECORD_SUFFIX = ".json"
+RECORD_FORMAT = "lightning-trt-rtx/cache-record/1"
+SIDE_SUFFIXES = (".corrupt", ".tmp", ".lock", RECORD_SUFFIX)  # files beside a cache that are not caches
 
 # TensorRT-RTX runtime-cache archive header, learned from cache bytes produced on an H200 with
 # TensorRT-RTX 1.6.1: a magic tag, then the little-endian uint64 size of what follows the 20-byte
@@ -43,7 +55,14 @@ LOCK_TIMEOUT_S = 60.0
 MAGIC = b"ptrt"
 HEADER_LEN = 20
 
-Source = Literal["own", "seeded", "cold", "corrupt"]
+# What a run loaded, and whether its kernels apply to this GPU:
+#   warm       its own file, recorded as filled on this GPU
+#   seeded     another file under the same key, recorded as filled on this GPU
+#   other-gpu  its own file, filled on another GPU: loaded, but expect a cold start
+#   unverified its own file with no valid record of its GPU (older version, copied without its record)
+#   cold       nothing to load;  corrupt: the file was unusable and moved aside
+Source = Literal["warm", "seeded", "other-gpu", "unverified", "cold", "corrupt"]
+APPLIES = {"warm": "yes", "seeded": "yes", "other-gpu": "no", "unverified": "unknown", "cold": "-", "corrupt": "-"}
 
 
 def default_cache_dir() -> str:
@@ -54,8 +73,40 @@ def default_cache_dir() -> str:
     return os.path.join(base, "lightning-trt-rtx")
 
 
-def default_template() -> str:
-    return os.path.join(default_cache_dir(), "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin")
+def default_template(shared_gpu: bool = False) -> str:
+    """One file per physical GPU; ``shared_gpu``: several ranks of one job on one GPU, one file each."""
+    name = "gpu-{gpu}-rank{rank}.bin" if shared_gpu else "gpu-{gpu}.bin"
+    return os.path.join(default_cache_dir(), "{sm}-trtrtx{trt}-cuda{cuda}", name)
+
+
+# --- the GPU this process runs on -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A physical GPU: the same whatever ``CUDA_VISIBLE_DEVICES`` numbers it."""
+
+    uuid: str = ""  # e.g. "3b6d1a2c-5e2f-...", empty on a host without CUDA
+    name: str = ""
+    sm: str = "cpu"
+
+    @property
+    def id(self) -> str:
+        """The ``{gpu}`` placeholder: the UUID's first 8 hex digits (as ``nvidia-smi -L`` starts it)."""
+        return self.uuid.replace("-", "")[:8] if self.uuid else "cpu"
+
+
+def current_gpu() -> Gpu:
+    """The physical GPU of this process's current CUDA device (``Gpu()`` where there is none)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return Gpu()
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", "") or "").lower()
+    uuid = uuid[4:] if uuid.startswith("gpu-") else uuid
+    return Gpu(uuid=uuid, name=props.name, sm=f"sm{props.major}{props.minor}")
 
 
 # --- templates ------------------------------------------------------------------------------------
@@ -104,6 +155,11 @@ def is_per_rank(template: str) -> bool:
     return "rank" in fields or ("local_rank" in fields and bool(fields & {"node_rank", "host"}))
 
 
+def is_per_process(template: str) -> bool:
+    """Whether processes on different GPUs or ranks get different files (so there are siblings to seed from)."""
+    return bool(set(template_fields(template)) & set(PROCESS_PLACEHOLDERS))
+
+
 @dataclass(frozen=True)
 class Placement:
     """The values a template is resolved with: who this process is and what it runs on."""
@@ -116,36 +172,41 @@ class Placement:
     trt: str = "none"
     cuda: str = "none"
     host: str = field(default_factory=socket.gethostname)
+    gpu: Gpu = field(default_factory=Gpu)
 
     @classmethod
     def current(cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1) -> "Placement":
-        """This process on its current CUDA device (``sm`` is ``cpu`` where there is none)."""
+        """This process on its current CUDA device (``sm`` and ``gpu`` are ``cpu`` where there is none)."""
         import torch
 
         from lightning_trt_rtx import _backend
 
-        sm = "cpu"
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            sm = f"sm{major}{minor}"
+        gpu = current_gpu()
         return cls(
             rank=rank,
             local_rank=local_rank,
             node_rank=node_rank,
             world_size=world_size,
-            sm=sm,
+            sm=gpu.sm,
             trt=_backend.trt_version() or "none",
             cuda=torch.version.cuda or "none",
+            gpu=gpu,
         )
+
+    def values(self) -> dict[str, Any]:
+        """Placeholder name -> value."""
+        values = {name: getattr(self, name) for name in PLACEHOLDERS if name != "gpu"}
+        values["gpu"] = self.gpu.id
+        return values
 
     def resolve(self, template: str) -> str:
         template_fields(template)
-        return os.path.expanduser(template.format(**asdict(self)))
+        return os.path.expanduser(template.format(**self.values()))
 
     def siblings_pattern(self, template: str) -> str:
-        """A glob matching every rank's file under this placement's key (rank placeholders -> ``*``)."""
+        """A glob matching every process's file under this placement's key (process placeholders -> ``*``)."""
         template_fields(template)
-        values = asdict(self)
+        values = self.values()
         pattern = ""
         for literal, name, _, _ in string.Formatter().parse(template):
             if not pattern and literal.startswith("~") and ("/" in literal or name is None):
@@ -153,7 +214,7 @@ class Placement:
             # the template's own text is escaped too: a directory named "run[1]" is not a glob class
             pattern += glob.escape(literal)
             if name is not None:
-                if name not in RANK_PLACEHOLDERS:
+                if name not in PROCESS_PLACEHOLDERS:
                     pattern += glob.escape(str(values[name]))
                 elif not pattern.endswith("*"):  # "{rank}{local_rank}": one "*" ("**" means directories)
                     pattern += "*"
@@ -177,22 +238,95 @@ def check_bytes(data: bytes) -> Optional[str]:
     return None
 
 
+# --- which GPU filled a file ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """``<file>.json``: who filled a cache file, valid only for the bytes it describes."""
+
+    gpu_uuid: str
+    gpu_name: str
+    sm: str
+    trt: str
+    cuda: str
+    host: str
+    pid: int
+    saved_unix: float
+    bytes: int
+    sha256: str
+    format: str = RECORD_FORMAT
+
+    @property
+    def gpu_id(self) -> str:
+        return Gpu(uuid=self.gpu_uuid).id
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_unix))
+        return f"GPU {self.gpu_id} ({self.gpu_name or 'unknown model'}) on {self.host}, pid {self.pid}, at {when}"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_record(path: str, data: Optional[bytes] = None) -> Optional[Record]:
+    """The record beside ``path`` if it describes exactly ``data`` (read from ``path`` if not given)."""
+    try:
+        fs, inner, _ = _fs(path)
+        if not fs.isfile(inner + RECORD_SUFFIX):
+            return None
+        values = json.loads(fs.cat_file(inner + RECORD_SUFFIX))
+        record = Record(**values)
+        if record.format != RECORD_FORMAT:
+            return None
+        if data is None:
+            data = fs.cat_file(inner)
+    except Exception:  # missing, unreadable, not JSON, other keys: no record
+        return None
+    if record.bytes != len(data) or record.sha256 != _digest(data):
+        return None  # a stale record (the file was replaced without it): it vouches for nothing
+    return record
+
+
+def _new_record(data: bytes, placement: Placement) -> Record:
+    return Record(
+        gpu_uuid=placement.gpu.uuid,
+        gpu_name=placement.gpu.name,
+        sm=placement.sm,
+        trt=placement.trt,
+        cuda=placement.cuda,
+        host=placement.host,
+        pid=os.getpid(),
+        saved_unix=time.time(),
+        bytes=len(data),
+        sha256=_digest(data),
+    )
+
+
 # --- load and save --------------------------------------------------------------------------------
 
 
 @dataclass
 class CacheStats:
-    """What happened to one cache file in one process."""
+    """What happened to one cache file in one run."""
 
     path: str = ""
     source: Source = "cold"
     loaded_from: str = ""
+    filled_on: str = ""  # the GPU that filled what was loaded, from its record ("" if unknown)
     load_bytes: int = 0
     load_ms: float = 0.0
     save_bytes: int = 0
     save_ms: float = 0.0
     saved: bool = False
     save_error: str = ""
+    disk_state: tuple = ()  # (size, mtime_ns) of the own file when loaded: () absent, for "changed since"
+
+    @property
+    def applies(self) -> str:
+        """Whether the loaded kernels apply to this GPU: ``yes``, ``no``, ``unknown`` or ``-`` (none loaded)."""
+        return APPLIES[self.source]
 
 
 def _fs(path: str) -> tuple[Any, str, bool]:
@@ -212,45 +346,100 @@ def _read(path: str) -> Optional[bytes]:
         return None
 
 
-def quarantine(path: str, reason: str) -> str:
-    """Move a bad file aside to ``<path>.corrupt`` (one warning) so the run continues cold."""
-    aside = path + ".corrupt"
+def _disk_state(path: str) -> tuple:
+    """(size, mtime_ns) of a local file, () if absent or not local: what "changed on disk" compares."""
+    fs, inner, local = _fs(path)
+    if not local:
+        return ()
     try:
-        fs, inner, _ = _fs(path)
-        fs.mv(inner, inner + ".corrupt")
-        moved = f"moved aside to {aside}"
+        st = os.stat(inner)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _locked(path: str) -> Any:
+    """The lock every writer and the quarantine take for ``path`` (a no-op for fsspec URLs)."""
+    import contextlib
+
+    fs, inner, local = _fs(path)
+    if not local:
+        return contextlib.nullcontext()
+    os.makedirs(os.path.dirname(inner) or ".", exist_ok=True)
+    return FileLock(inner + ".lock", timeout=LOCK_TIMEOUT_S)
+
+
+def quarantine(path: str, reason: str, rank: int = 0) -> bool:
+    """Move a bad file aside to ``<path>.corrupt`` so the run continues cold.
+
+    Under the file's lock the file is read and checked again first: a good file another process
+    saved since this run read the bad one is never moved. Returns False only in that case.
+    """
+    try:
+        with _locked(path):
+            data = _read(path)
+            if data is None or check_bytes(data) is None:
+                log.debug("Kernel cache %s was replaced by a valid file before quarantine: kept", path)
+                return False
+            fs, inner, _ = _fs(path)
+            fs.mv(inner, inner + ".corrupt")
+            moved = f"moved aside to {path}.corrupt"
     except Exception as err:
         moved = f"could not move it aside ({err}); it will be replaced at the next save"
-    warnings.warn(f"Kernel cache {path} is unusable ({reason}); {moved}. Running with a cold cache.", stacklevel=2)
-    return aside
+    warn(f"Kernel cache {path} is unusable ({reason}); {moved}. Running with a cold cache.", rank=rank)
+    return True
 
 
 def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheStats]:
-    """Read this rank's cache: its own file, else a sibling rank's under the same key, else cold."""
+    """Read this process's cache: its own file if this GPU filled it, else a file under the same key
+    that this GPU filled, else its own file from another or an unknown GPU, else cold."""
     start = time.perf_counter()
     path = placement.resolve(template)
-    stats = CacheStats(path=path)
-    data = _read_checked(path, stats)
-    if data is None and stats.source == "cold" and is_per_rank(template):
+    stats = CacheStats(path=path, disk_state=_disk_state(path))
+    own = _read_checked(path, stats, placement.rank)
+    gpu = placement.gpu.uuid
+    data: Optional[bytes] = None
+    if own is not None:
+        record = read_record(path, own)
+        stats.filled_on = record.describe() if record else ""
+        if record is not None and gpu and record.gpu_uuid == gpu:
+            data, stats.source = own, "warm"
+        else:
+            stats.source = "other-gpu" if record is not None and gpu else "unverified"
+    if data is None and gpu and stats.source != "corrupt" and is_per_process(template):
         data = _seed(template, placement, path, stats)
+    if data is None and own is not None:
+        data = own  # its kernels may not apply, but loading it costs little and never hurts (measured)
+    if data is not None:
+        stats.load_bytes = len(data)
+        stats.loaded_from = stats.loaded_from or path
     stats.load_ms = (time.perf_counter() - start) * 1e3
+    if stats.source == "other-gpu":
+        warn(
+            f"Kernel cache {path} was filled on another GPU ({stats.filled_on}); this process runs on GPU"
+            f" {placement.gpu.id} ({placement.gpu.name}). Kernels are bound to the GPU that compiled them, so"
+            " this run starts cold, and its save replaces that GPU's kernels. Name {gpu} in the template"
+            " (the default does) to keep one file per GPU.",
+            rank=placement.rank,
+        )
     return data, stats
 
 
-def _read_checked(path: str, stats: CacheStats) -> Optional[bytes]:
+def _read_checked(path: str, stats: CacheStats, rank: int) -> Optional[bytes]:
     try:
         data = _read(path)
     except Exception as err:  # any backend's failure (OSError, a missing fsspec backend, ...) reads as no file
-        warnings.warn(f"Kernel cache {path} could not be read ({err}); running with a cold cache.", stacklevel=3)
+        warn(f"Kernel cache {path} could not be read ({err}); running with a cold cache.", rank=rank)
         return None
     if data is None:
         return None
     problem = check_bytes(data)
     if problem:
-        quarantine(path, problem)
-        stats.source = "corrupt"
-        return None
-    stats.source, stats.loaded_from, stats.load_bytes = "own", path, len(data)
+        if quarantine(path, problem, rank):
+            stats.source = "corrupt"
+            return None
+        data = _read(path)  # another process saved a good file since: use it
+        return data if data is not None and check_bytes(data) is None else None
     return data
 
 
@@ -262,14 +451,14 @@ def _size_or_zero(fs: Any, path: str) -> int:
 
 
 def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> Optional[bytes]:
-    """The largest valid sibling file: a job that grows from 4 to 8 ranks starts warm everywhere."""
+    """The largest valid file under the same key that this GPU filled (per its record)."""
     pattern = placement.siblings_pattern(template)
     try:
         fs, inner, local = _fs(pattern)
         own_inner = _fs(own)[1]
         if local:  # fsspec's glob matches nothing through "a//b" or "a/x/../b": compare normalized paths
             inner, own_inner = os.path.normpath(inner), os.path.normpath(own_inner)
-        candidates = [c for c in fs.glob(inner) if c != own_inner and not c.endswith((".corrupt", ".tmp", ".lock"))]
+        candidates = [c for c in fs.glob(inner) if c != own_inner and not c.endswith(SIDE_SUFFIXES)]
         candidates.sort(key=lambda c: _size_or_zero(fs, c), reverse=True)
     except Exception:  # a pattern or a filesystem that cannot be listed: nothing to seed from
         return None
@@ -278,23 +467,28 @@ def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> O
             data = fs.cat_file(candidate)
         except Exception:
             continue
-        if check_bytes(data) is None:
-            stats.source, stats.loaded_from, stats.load_bytes = "seeded", fs.unstrip_protocol(candidate), len(data)
-            if stats.loaded_from.startswith("file://"):
-                stats.loaded_from = candidate
+        if check_bytes(data) is not None:
+            continue
+        url = fs.unstrip_protocol(candidate)
+        url = candidate if url.startswith("file://") else url
+        record = read_record(url, data)
+        if record is not None and record.gpu_uuid == placement.gpu.uuid:
+            stats.source, stats.loaded_from, stats.filled_on = "seeded", url, record.describe()
             return data
     return None
 
 
-def save(path: str, data: bytes, stats: Optional[CacheStats] = None) -> CacheStats:
-    """Atomically replace ``path`` with ``data``; never raises, never destroys the last good file.
+def save(path: str, data: bytes, stats: Optional[CacheStats] = None, placement: Optional[Placement] = None) -> CacheStats:
+    """Atomically replace ``path`` with ``data`` and its record; never raises, never destroys the last good file.
 
     Empty or invalid bytes are not written (an empty cache never overwrites a non-empty one). Local
     files are written under ``<path>.lock`` to ``<path>.tmp``, flushed to disk, then renamed over
-    ``path``; fsspec URLs are written to ``<path>.tmp`` and moved. Failures warn once and are
-    recorded in the returned stats.
+    ``path``; fsspec URLs are written to ``<path>.tmp`` and moved. If the file changed on disk since
+    ``stats`` loaded it (another process on this GPU saved meanwhile), this save still replaces it
+    (caches cannot be merged) and says so. Failures warn once and are recorded in the returned stats.
     """
-    stats = stats if stats is not None else CacheStats(path=path)
+    stats = stats if stats is not None else CacheStats(path=path, disk_state=_disk_state(path))
+    placement = placement if placement is not None else Placement()
     stats.saved, stats.save_bytes, stats.save_error = False, 0, ""  # this save's outcome only
     start = time.perf_counter()
     problem = check_bytes(data)
@@ -302,45 +496,64 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None) -> CacheSta
         stats.save_error = f"nothing to save ({problem})"
         log.debug("Not saving kernel cache %s: %s", path, problem)
         return stats
+    record = json.dumps(asdict(_new_record(data, placement)), indent=1).encode()
     try:
         fs, inner, local = _fs(path)
-        if local:
-            _save_local(inner, data)
-        else:
-            fs.makedirs(fs._parent(inner), exist_ok=True)
-            fs.pipe_file(inner + ".tmp", data)
-            fs.mv(inner + ".tmp", inner)
+        with _locked(path):
+            _warn_if_changed(path, stats, placement.rank)
+            if local:
+                _write_local(inner, data)
+                _write_local(inner + RECORD_SUFFIX, record)
+            else:
+                fs.makedirs(fs._parent(inner), exist_ok=True)
+                for target, content in ((inner, data), (inner + RECORD_SUFFIX, record)):
+                    fs.pipe_file(target + ".tmp", content)
+                    fs.mv(target + ".tmp", target)
     except Exception as err:  # any backend's failure (OSError, a lock Timeout, botocore, ...) is a failed save
         stats.save_error = f"{type(err).__name__}: {err}"
-        warnings.warn(
+        warn(
             f"Could not save the kernel cache to {path} ({stats.save_error}). The run goes on;"
             " the previous cache file, if any, is untouched.",
-            stacklevel=2,
+            rank=placement.rank,
         )
     else:
         stats.saved, stats.save_bytes = True, len(data)
+        stats.disk_state = _disk_state(path)
     stats.save_ms = (time.perf_counter() - start) * 1e3
     return stats
 
 
-def _save_local(path: str, data: bytes) -> None:
+def _warn_if_changed(path: str, stats: CacheStats, rank: int) -> None:
+    now = _disk_state(path)
+    if now and now != stats.disk_state:
+        record = read_record(path)
+        by = record.describe() if record else "a writer that left no record"
+        warn(
+            f"Kernel cache {path} changed on disk since this run loaded it (saved by {by}). Saving this"
+            " run's kernels over it: caches cannot be merged, so the other writer's new kernels are lost."
+            " Give each concurrent job on one GPU its own file (e.g. a template with {host} or a job name).",
+            rank=rank,
+        )
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Write ``<path>.tmp``, fsync, rename over ``path`` (caller holds the lock)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp"
-    with FileLock(path + ".lock", timeout=LOCK_TIMEOUT_S):
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed write (ENOSPC, EROFS, Ctrl-C) must not leave a half file for the next run to trip on
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            # a failed write (ENOSPC, EROFS, Ctrl-C) must not leave a half file for the next run to trip on
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     try:  # make the rename itself durable
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -351,31 +564,29 @@ def _save_local(path: str, data: bytes) -> None:
         pass
 
 
-# --- the shared in-process handle -----------------------------------------------------------------
+# --- one run's handle -----------------------------------------------------------------------------
 
 
-class SharedCache:
-    """One ``RuntimeCache`` handle per cache file per process, shared by every engine that uses it.
+class RunCache:
+    """One ``RuntimeCache`` handle for one run, shared by every engine the run serves.
 
     Upstream gives each engine its own implicit handle on one file, so engines overwrite each
-    other's kernels at save; one handle pools them. Use :func:`open_shared`.
+    other's kernels at save; one handle pools them. Each run opens its own, so it reads what is on
+    disk now (another process may have saved since the last run) and its figures are its own.
     """
 
     def __init__(self, template: str, placement: Placement) -> None:
         from lightning_trt_rtx import _backend
 
         self.template = template
+        self.placement = placement
         self.path = placement.resolve(template)
         self.handle = _backend.new_cache_handle()
         data, self.stats = load(template, placement)
         if data:
-            import io
-
             self.handle.load_from_stream(io.BytesIO(data))
 
     def serialize(self) -> bytes:
-        import io
-
         buffer = io.BytesIO()
         self.handle.save_to_stream(buffer)
         return buffer.getvalue()
@@ -386,25 +597,6 @@ class SharedCache:
             data = self.serialize()
         except Exception as err:  # a broken handle must not take the user's run down
             self.stats.save_error = f"could not serialize the cache: {err}"
-            warnings.warn(f"Kernel cache {self.path} not saved: {self.stats.save_error}", stacklevel=2)
+            warn(f"Kernel cache {self.path} not saved: {self.stats.save_error}", rank=self.placement.rank)
             return self.stats
-        return save(self.path, data, self.stats)
-
-
-_shared: dict[str, SharedCache] = {}
-
-
-def open_shared(template: str, placement: Placement) -> SharedCache:
-    """The process's one handle for the file ``template`` resolves to, loading it on first use."""
-    path = placement.resolve(template)
-    # one file, one handle, however it is spelled ("a/cache.bin", "./a/cache.bin", a symlinked dir)
-    key = path if "://" in path else os.path.realpath(path)
-    if key not in _shared:
-        _shared[key] = SharedCache(template, placement)
-    return _shared[key]
-
-
-def forget_shared() -> None:
-    """Drop every in-process handle (the next :func:`open_shared` reloads from disk)."""
-    _shared.clear()
-
+        return save(self.path, data, self.stats, self.placement)
