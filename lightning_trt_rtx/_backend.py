@@ -133,6 +133,16 @@ def enable_cudagraphs(module: torch.nn.Module, cuda_graph_strategy: Optional[str
     return torch_tensorrt().runtime.enable_cudagraphs(module, cuda_graph_strategy=cuda_graph_strategy)
 
 
+def has_graph_breaks(module: Any) -> bool:
+    """Whether ``enable_cudagraphs`` will wrap ``module`` in a whole-module graph (upstream's own test:
+    a child named ``_run_on_gpu*``, i.e. PyTorch ops between TensorRT engines)."""
+    if is_mutable_module(module):
+        module = module.gm
+    if not isinstance(module, torch.nn.Module):
+        return False
+    return any("_run_on_gpu" in name for name, _ in module.named_children())
+
+
 def cudagraphs_mode() -> int:
     """torch_tensorrt's process-global CUDA-graphs mode (0 standard, 1 subgraph, 2 whole graph)."""
     if not is_imported():
@@ -213,7 +223,8 @@ def settings_at_engine_setup(settings: Any) -> Iterator[None]:
 
 
 # Bare engines have no settings getter: remember what was last given to each (settings are never
-# serialized, so an engine we have not touched holds upstream's post-load default).
+# serialized, so an engine we have not touched holds upstream's post-load default). An entry lives
+# exactly as long as its engine: the weak reference's callback removes it, with the cache handle it holds.
 _bare_engine_settings: dict[int, tuple["weakref.ref[Any]", Any]] = {}
 
 
@@ -232,7 +243,9 @@ def set_bare_engine_settings(engine: Any, settings: Any) -> None:
         CUDA_GRAPH_STRATEGY_CODES[settings.cuda_graph_strategy],
         _to_torchbind_handle(settings.runtime_cache),
     )
-    _bare_engine_settings[id(engine)] = (weakref.ref(engine), settings)
+    # the callback runs while the engine is freed, before its id can be reused
+    ref = weakref.ref(engine, lambda _, key=id(engine): _bare_engine_settings.pop(key, None))
+    _bare_engine_settings[id(engine)] = (ref, settings)
 
 
 def contexts_created(engine: Any) -> int:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lightning_trt_rtx import report
+from lightning_trt_rtx._messages import info
+from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.session import ServingSession
-from lightning_trt_rtx.settings import DEFAULT_CACHE, TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
 
 Loop = Literal["predict", "validate", "test"]
-_LOOPS = ("predict", "validate", "test")
+_LOOPS: tuple[str, ...] = get_args(Loop)
 
 
 def _check_loops(loops: Sequence[str]) -> tuple[str, ...]:
@@ -49,50 +51,71 @@ class _LoopHooks(Callback):
         if trainer.state.stage is not None and trainer.state.stage.value in self.loops:
             getattr(self, handler)(trainer, pl_module)
 
-    def on_predict_start(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_start")
 
-    def on_validation_start(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_start")
 
-    def on_test_start(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_start")
 
-    def on_predict_end(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_end")
 
-    def on_validation_end(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_end")
 
-    def on_test_end(self, trainer, pl_module):  # noqa: D102
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._hook(trainer, pl_module, "_end")
+
+
+def serving_session(trainer: Trainer) -> Optional[ServingSession]:
+    """The open session of this Trainer's run: its TRTRuntimeSettings callback's, else its
+    TRTRuntimePrecision plugin's (the components find each other through the Trainer)."""
+    from lightning_trt_rtx.plugin import TRTRuntimePrecision
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, TRTRuntimeSettings) and callback.session is not None:
+            return callback.session
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, TRTRuntimePrecision):
+        return plugin.session
+    return None
 
 
 class TRTRuntimeSettings(_LoopHooks):
-    """Serve every TensorRT-RTX engine of the model with runtime settings and a per-rank kernel cache.
+    """Serve every TensorRT-RTX engine of the model with runtime settings and this GPU's kernel cache.
 
     Settings reach each engine before its first execute (one execution context per engine), the
-    kernel cache is loaded before the first batch and saved when the loop ends, also after an
-    exception or Ctrl-C, and every engine gets its prior settings back afterwards::
+    kernel cache filled on this GPU is loaded before the first batch and saved when the loop ends,
+    also after an exception or Ctrl-C, and every engine gets its prior settings back afterwards::
 
         trainer = Trainer(callbacks=[TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture")])
         trainer.predict(model, dataloader)
+        trainer.callbacks[0].figures      # every rank's figures, also printed as a table on rank zero
 
     Args:
         cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
-        runtime_cache: kernel-cache path template (placeholders ``{rank}``, ``{local_rank}``,
+        runtime_cache: kernel-cache path template (placeholders ``{gpu}``, ``{rank}``, ``{local_rank}``,
             ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}``, ``{host}``; fsspec URLs
-            work), or ``None`` for no cache. The default is one file per global rank under
-            ``~/.cache/lightning-trt-rtx`` (``$LIGHTNING_TRT_RTX_CACHE_DIR``), keyed by GPU and versions.
+            work), ``"default"`` (one file per physical GPU under ``~/.cache/lightning-trt-rtx`` or
+            ``$LIGHTNING_TRT_RTX_CACHE_DIR``, keyed by GPU architecture and versions), or ``None``.
         loops: the loops to serve: ``"predict"`` (default), ``"validate"``, ``"test"``.
         print_table: print every rank's figures as one table on rank zero when serving ends.
     """
 
     def __init__(
         self,
-        cuda_graph_strategy: Literal["disabled", "whole_graph_capture"] = "disabled",
-        dynamic_shapes_kernel_specialization_strategy: Literal["lazy", "eager", "none"] = "lazy",
+        cuda_graph_strategy: CudaGraphStrategy = "disabled",
+        dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
         runtime_cache: Optional[str] = DEFAULT_CACHE,
         loops: Sequence[Loop] = ("predict",),
         print_table: bool = True,
@@ -105,32 +128,36 @@ class TRTRuntimeSettings(_LoopHooks):
         self.loops = _check_loops(loops)
         self.print_table = print_table
         self.figures: list[report.RankFigures] = []
-        self._serving: Optional[ServingSession] = None
+        self.session: Optional[ServingSession] = None  # this run's; None between runs
+        self._serving: Optional[ServingSession] = None  # set while a loop runs: the per-batch hooks' fast path
         self.checkpoint_settings: Optional[dict[str, Any]] = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self._serves_stage(stage):
             return
-        session = ServingSession.of(pl_module)
-        session.configure(self.settings, type(self).__name__, trainer)
-        # engines that exist now get their settings before any context is created; no warning yet,
+        _check_agrees_with_plugin(trainer, self.settings)
+        if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
+            self.session.close()
+        self.session = ServingSession.for_trainer(trainer, self.settings)
+        # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
-        session.attach(warn_if_none=False)
+        self.session.serve(pl_module, warn_if_none=False)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        session = ServingSession.of(pl_module)
-        session.configure(self.settings, type(self).__name__, trainer)
-        session.attach()  # engines made in configure_model / reset by a checkpoint restore
-        session.open_graphs()
-        session.loop_started()
-        self._serving = session  # the per-batch hooks below are on the hot path: no lookups there
+        if self.session is None or self.session.closed:  # a second loop of the same stage in this fit
+            self.session = ServingSession.for_trainer(trainer, self.settings)
+        self.session.serve(pl_module)  # engines made in configure_model / reset by a checkpoint restore
+        self.session.loop_started()
+        self._serving = self.session
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._serving = None
-        session = ServingSession.of(pl_module)
-        session.loop_ended()
+        if self.session is None:
+            return
+        self.session.loop_ended()
         if trainer.state.fn != TrainerFn.FITTING:
-            session.close()
+            self.session.close()
         # inside fit the validation loop comes back every epoch: the engines keep their settings
         # (and execution contexts) until teardown saves and restores once
 
@@ -144,51 +171,89 @@ class TRTRuntimeSettings(_LoopHooks):
         if self._serving is not None:
             self._serving.batch_ended()
 
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch_start()
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch_start()
 
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._batch_start()
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end()
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: D102
+    @override
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips on_predict_end and teardown after an error or Ctrl-C: save here, never raise
         self._serving = None
-        try:
-            ServingSession.of(pl_module).close()
-        except Exception as err:
-            log.warning("Closing the TensorRT-RTX serving session after %r failed: %s", exception, err)
+        session, self.session = self.session, None
+        if session is not None:
+            self.figures = [session.close()]
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not self._serves_stage(stage):
+        if not self._serves_stage(stage) or self.session is None:
             return
-        session = ServingSession.of(pl_module)
-        session.close()  # a loop with zero batches runs no on_*_end hook
+        session, self.session = self.session, None
+        figures = session.close()  # a loop with zero batches runs no on_*_end hook
         # every rank reaches teardown once, whatever its batch count: the one place to gather
-        self.figures = report.gather(session.figures)
+        self.figures = report.gather(figures)
         if trainer.logger is not None:
             for row in self.figures:
                 trainer.logger.log_metrics(row.metrics(prefix=f"trt_rtx/rank{row.rank}"), step=trainer.global_step)
-        if self.print_table and trainer.is_global_zero:
-            rank_zero_info(f"TensorRT-RTX serving ({self.settings.cuda_graph_strategy}):\n{report.table(self.figures)}")
+        if self.print_table:
+            table = report.table(self.figures)
+            info(f"TensorRT-RTX serving ({self.settings.cuda_graph_strategy}):\n{table}", rank=trainer.global_rank,
+                 rank_zero=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"settings": self.settings.to_dict(), "loops": list(self.loops)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # what a checkpoint says it was served with; this callback's own arguments still decide
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
+
+
+def _check_agrees_with_plugin(trainer: Trainer, settings: TRTSettings) -> None:
+    from lightning_trt_rtx.plugin import TRTRuntimePrecision
+
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, TRTRuntimePrecision) and plugin.settings != settings:
+        raise ValueError(
+            f"TRTRuntimeSettings and TRTRuntimePrecision configure different TensorRT-RTX settings for the same"
+            f" model ({settings} vs {plugin.settings}). Configure the settings in one place: either the"
+            " TRTRuntimeSettings callback or the TRTRuntimePrecision plugin."
+        )
 
 
 class TRTCudaGraphs(_LoopHooks):
@@ -196,10 +261,12 @@ class TRTCudaGraphs(_LoopHooks):
 
     The scope opens when the loop starts and closes when it ends (on exception too), restoring
     torch_tensorrt's process-global CUDA-graphs mode. Calls are routed through what
-    ``enable_cudagraphs`` returns, which for models with graph breaks is a new wrapper: the
+    ``enable_cudagraphs`` returns, which for models with graph breaks is a whole-module wrapper: the
     attribute holding the compiled model is swapped for the loop and put back afterwards. With
-    :class:`TRTRuntimeSettings` in the same Trainer, settings are applied outside the graphs in
-    either callback order, and ``whole_graph_capture`` goes through ``enable_cudagraphs`` itself::
+    :class:`TRTRuntimeSettings` (or :class:`~lightning_trt_rtx.TRTRuntimePrecision`) in the same
+    Trainer, settings are applied outside the graphs in either callback order; under
+    ``whole_graph_capture`` the engines of a wrapped (graph-break) model leave the capture to the
+    wrapper for the loop::
 
         trainer = Trainer(callbacks=[TRTCudaGraphs(), TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture")])
 
@@ -220,19 +287,33 @@ class TRTCudaGraphs(_LoopHooks):
             raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
         self.targets = list(targets) if targets is not None else None
         self.loops = _check_loops(loops)
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._serves_stage(stage):
-            ServingSession.of(pl_module).request_graphs(self.targets, trainer)
+        self._scopes: Optional[GraphScopes] = None  # graphs alone, without a settings session
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ServingSession.of(pl_module).open_graphs()
+        session = serving_session(trainer)
+        if session is not None and not session.closed:
+            session.serve(pl_module)
+            session.open_graphs(self.targets)
+        elif self._scopes is None:
+            scopes = GraphScopes(pl_module, self.targets, rank=trainer.global_rank)
+            scopes.open()
+            self._scopes = scopes
+
+    def _close(self, trainer: Trainer) -> None:
+        session = serving_session(trainer)
+        if session is not None:
+            session.close_graphs()
+        if self._scopes is not None:
+            scopes, self._scopes = self._scopes, None
+            scopes.close()
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ServingSession.of(pl_module).close_graphs()
+        self._close(trainer)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        ServingSession.of(pl_module).close_graphs()
+        self._close(trainer)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        ServingSession.of(pl_module).close_graphs()
+        self._close(trainer)

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator, MPSAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
-from lightning_trt_rtx import report
+from lightning_trt_rtx._messages import info, warn
 from lightning_trt_rtx.session import ServingSession
-from lightning_trt_rtx.settings import DEFAULT_CACHE, TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+PrecisionName = Literal["32-true", "16-mixed", "bf16-mixed"]
+_PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 
 
-def _inner_precision(precision: Union[str, Precision]) -> Precision:
+def _inner_precision(precision: Union[str, Precision], device: str) -> Precision:
+    """The precision plugin Lightning would build for ``Trainer(precision=...)`` on ``device``."""
     if isinstance(precision, Precision):
         if isinstance(precision, TRTRuntimePrecision):
             raise TypeError("TRTRuntimePrecision cannot wrap another TRTRuntimePrecision.")
@@ -28,7 +30,15 @@ def _inner_precision(precision: Union[str, Precision]) -> Precision:
     if precision == "32-true":
         return Precision()
     if precision in ("16-mixed", "bf16-mixed"):
-        return MixedPrecision(precision, device="cuda" if torch.cuda.is_available() else "cpu")
+        if precision == "16-mixed" and device == "cpu":
+            warn(
+                "TRTRuntimePrecision('16-mixed') on a CPU Trainer: AMP with fp16 is not supported on CPU. Using"
+                " 'bf16-mixed' instead, as Trainer(precision='16-mixed') does.",
+                rank_zero=True,
+                once=True,
+            )
+            precision = "bf16-mixed"
+        return MixedPrecision(precision, device=device)  # type: ignore[arg-type]
     raise ValueError(
         f"Invalid precision {precision!r}. Valid choices: {list(_PRECISIONS)} or a Precision plugin instance."
     )
@@ -37,59 +47,73 @@ def _inner_precision(precision: Union[str, Precision]) -> Precision:
 class TRTRuntimePrecision(Precision):
     """Wraps the precision you would otherwise use and serves the model's TensorRT-RTX engines.
 
-    Settings and the shared kernel cache are applied in ``convert_module`` (the earliest point where
+    Settings and this GPU's kernel cache are applied in ``convert_module`` (the earliest point where
     the model and its engines exist, before anything runs) and the cache is saved in ``teardown``,
-    which Lightning runs on success and after exceptions. Everything else is the wrapped precision's::
+    which Lightning runs on success and after exceptions. Everything else is the wrapped precision's,
+    built for the Trainer's accelerator as ``Trainer(precision=...)`` would::
 
         trainer = Trainer(plugins=[TRTRuntimePrecision("bf16-mixed", cuda_graph_strategy="whole_graph_capture")])
 
-    With the :class:`~lightning_trt_rtx.TRTRuntimeSettings` callback in the same Trainer the two share
-    one session: settings are applied and the cache saved once (their settings must agree).
+    With the :class:`~lightning_trt_rtx.TRTRuntimeSettings` callback in the same Trainer, the
+    callback's session serves the run (settings applied and the cache saved once, one report); the
+    two must be given equal settings.
 
     Args:
         precision: ``"32-true"`` (default), ``"16-mixed"``, ``"bf16-mixed"`` or a Precision instance.
         cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
-        runtime_cache: kernel-cache path template, or ``None`` (see ``TRTSettings``).
+        runtime_cache: kernel-cache path template, ``"default"`` or ``None`` (see ``TRTSettings``).
     """
 
     def __init__(
         self,
-        precision: Union[Literal["32-true", "16-mixed", "bf16-mixed"], Precision] = "32-true",
-        cuda_graph_strategy: Literal["disabled", "whole_graph_capture"] = "disabled",
-        dynamic_shapes_kernel_specialization_strategy: Literal["lazy", "eager", "none"] = "lazy",
+        precision: Union[PrecisionName, Precision] = "32-true",
+        cuda_graph_strategy: CudaGraphStrategy = "disabled",
+        dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
         runtime_cache: Optional[str] = DEFAULT_CACHE,
     ) -> None:
         super().__init__()
-        self.inner = _inner_precision(precision)
+        self._requested = precision
+        # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
+        self.inner = _inner_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = self.inner.precision
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
             dynamic_shapes_kernel_specialization_strategy=dynamic_shapes_kernel_specialization_strategy,
             runtime_cache=runtime_cache,
         )
-        self._module: Optional["weakref.ref[torch.nn.Module]"] = None
+        self.session: Optional[ServingSession] = None  # this plugin's own run, when no callback serves it
 
+    @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from lightning_trt_rtx.callbacks import serving_session
+
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and isinstance(self._requested, str):
+            self.inner = _inner_precision(self._requested, _autocast_device(trainer))
+            self.precision = self.inner.precision
         converted = self.inner.convert_module(module)
         # DDP ignores the return value: the settings go onto the engines in place
-        session = ServingSession.of(module)
-        session.configure(self.settings, type(self).__name__, getattr(module, "_trainer", None))
-        session.attach()
-        self._module = weakref.ref(module)
+        callback_session = serving_session(trainer) if trainer is not None else None
+        if callback_session is not None and callback_session is not self.session:
+            callback_session.serve(module)  # the callback's run: it saves and reports
+            return converted
+        if self.session is not None:
+            self.session.close()
+        self.session = (
+            ServingSession.for_trainer(trainer, self.settings) if trainer is not None
+            else ServingSession(settings=self.settings)
+        )
+        self.session.serve(module)
         return converted
 
+    @override
     def teardown(self) -> None:
         try:
-            module = self._module() if self._module is not None else None
-            # the callback, when present, has closed the session already and reports the figures
-            if module is not None and ServingSession.of(module).close():
-                figures = ServingSession.of(module).figures
-                rank_zero_info(
-                    f"TensorRT-RTX serving: {figures.engines} engine(s), kernel cache {figures.cache_source}"
-                    f" ({report.format_bytes(figures.cache_bytes)} loaded, {report.format_bytes(figures.saved_bytes)}"
-                    f" saved) {figures.cache_path}"
-                )
+            session, self.session = self.session, None
+            if session is not None:
+                figures = session.close()
+                info(figures.summary(), rank=session.ranks.rank, rank_zero=True)
         except Exception as err:  # teardown also runs after the user's exception: never mask it
             log.warning("Closing the TensorRT-RTX serving session failed: %s", err)
         finally:
@@ -97,6 +121,7 @@ class TRTRuntimePrecision(Precision):
 
     # --- everything else is the wrapped precision's ---------------------------------------------
 
+    @override
     def tensor_init_context(self) -> AbstractContextManager:
         return self.inner.tensor_init_context()
 
@@ -133,3 +158,11 @@ class TRTRuntimePrecision(Precision):
     def clip_gradients(self, optimizer: Any, clip_val: Any = 0.0, gradient_clip_algorithm: Any = None) -> None:
         algorithm = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
         self.inner.clip_gradients(optimizer, clip_val, **algorithm)
+
+
+def _autocast_device(trainer: Any) -> str:
+    """The autocast device Lightning's own connector picks: the accelerator's, ``cuda`` for GPUs."""
+    accelerator = trainer.accelerator
+    if isinstance(accelerator, CPUAccelerator):
+        return "cpu"
+    return "mps" if isinstance(accelerator, MPSAccelerator) else "cuda"

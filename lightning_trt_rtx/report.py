@@ -1,38 +1,80 @@
-"""Per-rank serving figures, gathered once at the end of a loop, a rank-zero table, logger metrics."""
+"""Per-rank serving figures, gathered once at the end of a run, a rank-zero table, logger metrics."""
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from lightning_trt_rtx._messages import warn
+from lightning_trt_rtx.cache import CacheStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RankFigures:
-    """What one rank's serving looked like."""
+    """What one rank's serving looked like. ``cache`` is the run's cache stats (None: no cache)."""
 
     rank: int = 0
+    gpu: str = "cpu"
     engines: int = 0
-    cache_source: str = "none"
-    cache_path: str = ""
-    cache_bytes: int = 0
-    saved_bytes: int = 0
+    graphs: str = ""
     batches: int = 0
     first_batch_ms: float = 0.0
     mean_batch_ms: float = 0.0
+    cache: Optional[CacheStats] = None
+
+    @property
+    def cache_source(self) -> str:
+        """``warm``, ``seeded``, ``other-gpu``, ``unverified``, ``cold``, ``corrupt``; ``none`` without a cache."""
+        return self.cache.source if self.cache is not None else "none"
+
+    @property
+    def cache_path(self) -> str:
+        return self.cache.path if self.cache is not None else ""
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.load_bytes if self.cache is not None else 0
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.cache.save_bytes if self.cache is not None else 0
 
     def metrics(self, prefix: str = "trt_rtx") -> dict[str, float]:
         """Numeric figures for ``trainer.logger.log_metrics``."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(cache_bytes=self.cache_bytes, saved_bytes=self.saved_bytes, cache_warm=float(self.warm))
         return {
-            f"{prefix}/{f.name}": float(getattr(self, f.name))
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), (int, float)) and f.name != "rank"
+            f"{prefix}/{name}": float(value)
+            for name, value in values.items()
+            if isinstance(value, (int, float)) and name != "rank"
         }
+
+    @property
+    def warm(self) -> bool:
+        """Whether the kernels this run loaded were filled on this GPU."""
+        return self.cache is not None and self.cache.applies == "yes"
+
+    def summary(self) -> str:
+        """One line: engines, what the cache loaded and whether it applied, what was saved."""
+        if self.cache is None:
+            return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache"
+        c = self.cache
+        saved = format_bytes(c.save_bytes) + " saved" if c.saved else f"not saved ({c.save_error or 'nothing new'})"
+        return (
+            f"TensorRT-RTX serving: {self.engines} engine(s) on GPU {self.gpu}, kernel cache {c.source}"
+            f" ({format_bytes(c.load_bytes)} loaded, applies: {c.applies}; {saved}) {c.path}"
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RankFigures":
+        values = dict(values)
+        stats = values.pop("cache", None)
+        return cls(**values, cache=CacheStats(**stats) if stats is not None else None)
 
 
 def gather(figures: RankFigures) -> list[RankFigures]:
@@ -48,21 +90,24 @@ def gather(figures: RankFigures) -> list[RankFigures]:
     except Exception as err:
         # a peer that failed (its predict_step raised) closes its connections: this rank's run is done
         # and its cache saved, so the figures table must not turn its success into an error
-        warnings.warn(f"Could not gather the serving figures of the other ranks ({err}); reporting this rank only.")
+        warn(f"Could not gather the other ranks' serving figures ({err}); reporting this rank only.", rank=figures.rank)
         return [figures]
-    return [RankFigures(**g) for g in gathered]
+    return [RankFigures.from_dict(g) for g in gathered]
 
 
 def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
-    header = ("rank", "engines", "cache", "loaded", "saved", "batches", "first batch", "mean batch", "cache file")
+    header = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches", "first batch", "mean batch")
+    header += ("cache file",)
     body = [
         (
             str(r.rank),
+            r.gpu,
             str(r.engines),
             r.cache_source,
+            r.cache.applies if r.cache is not None else "-",
             format_bytes(r.cache_bytes),
-            format_bytes(r.saved_bytes),
+            _saved_cell(r.cache),
             str(r.batches),
             f"{r.first_batch_ms:.2f} ms",
             f"{r.mean_batch_ms:.3f} ms",
@@ -74,6 +119,14 @@ def table(rows: list[RankFigures]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _saved_cell(stats: Optional[CacheStats]) -> str:
+    if stats is None or not (stats.saved or stats.save_error):
+        return "-"
+    if stats.saved:
+        return format_bytes(stats.save_bytes)
+    return "-" if stats.save_error.startswith("nothing to save") else "FAILED"
 
 
 def format_bytes(n: int) -> str:

@@ -1,224 +1,310 @@
-"""One serving session per LightningModule: settings + shared cache handle + engines + graphs + figures.
+"""One serving run: settings on every engine, this GPU's kernel cache, CUDA-graph scopes, figures.
 
-The callbacks and the precision plugin all drive the session of the module they serve, so using
-several of them in one Trainer applies settings once, opens CUDA-graph scopes inside the settings
-(whatever order the callbacks are listed in) and saves the cache once.
+The public entry point for jobs without a Trainer (``torchrun`` scripts, Lightning Fabric loops),
+and the core the callbacks and the precision plugin drive::
+
+    from lightning_trt_rtx import ServingSession, TRTSettings
+
+    with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture")) as session:
+        for batch in loader:
+            model(batch)
+    print(session.figures)          # engines, what the cache loaded and whether it applied, bytes saved
+
+Engines that create their execution context while compiling (native NCCL collectives) get the
+settings before they exist::
+
+    with ServingSession(settings=settings) as session:
+        with session.engines_created():
+            compiled = torch_tensorrt.dynamo.compile(exported, inputs=[x], use_distributed_mode_trace=True)
+        session.serve(compiled)
+
+On exit, also after an exception or Ctrl-C, the session saves the cache, gives every engine its prior
+settings back and fills in the figures; it never raises over the user's own error. A session serves
+one run: each run opens its own and so reads what is on disk now.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-import warnings
-import weakref
-from contextlib import ExitStack
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_trt_rtx import _backend, cache
+from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
+from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.report import RankFigures
 from lightning_trt_rtx.settings import TRTSettings
 
 log = logging.getLogger(__name__)
 
-_sessions: "weakref.WeakKeyDictionary[torch.nn.Module, ServingSession]" = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class Ranks:
+    """Who this process is in its job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    node_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> "Ranks":
+        return cls(trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size)
+
+    @classmethod
+    def from_environment(cls) -> "Ranks":
+        """From ``torch.distributed`` when initialised (else a single process), local and node rank
+        from ``LOCAL_RANK`` / ``GROUP_RANK`` or ``NODE_RANK`` as torchrun and Lightning set them."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank if world == 1 else 0))
+        node = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)))
+        return cls(rank, local, node, world)
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "local_rank", "node_rank", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+        if self.world_size < 1 or self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size): got rank {self.rank}, world_size {self.world_size}.")
 
 
 class ServingSession:
-    """Everything one module's serving needs, opened by :meth:`attach` and closed by :meth:`close`."""
+    """Serve a module's TensorRT-RTX engines with runtime settings and this GPU's kernel cache.
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self._module = weakref.ref(module)
-        self.settings: Optional[TRTSettings] = None
-        self._owners: set[str] = set()
-        self.graph_targets: Optional[Sequence[str]] = None
-        self.graphs_requested = False
+    Args:
+        module: the model whose engines to serve (or pass it to :meth:`serve` later).
+        settings: the runtime settings (default: ``TRTSettings()``: lazy kernels, no graphs, the
+            default per-GPU cache file).
+        rank, local_rank, node_rank, world_size: this process's place in the job; by default from
+            ``torch.distributed`` (and ``LOCAL_RANK``/``NODE_RANK``), a single process without it.
+    """
+
+    def __init__(
+        self,
+        module: Optional[torch.nn.Module] = None,
+        settings: Optional[TRTSettings] = None,
+        *,
+        rank: Optional[int] = None,
+        local_rank: Optional[int] = None,
+        node_rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (or None), got {type(module).__name__}.")
+        if settings is None:
+            settings = TRTSettings()
+        if not isinstance(settings, TRTSettings):
+            raise TypeError(
+                f"settings must be a TRTSettings, got {type(settings).__name__}; e.g."
+                " TRTSettings(cuda_graph_strategy='whole_graph_capture') or TRTSettings.from_dict({...})."
+            )
+        given = dict(rank=rank, local_rank=local_rank, node_rank=node_rank, world_size=world_size)
+        base = Ranks.from_environment()
+        self.ranks = Ranks(**{k: getattr(base, k) if v is None else v for k, v in given.items()})
+        self.settings = settings
+        self.module = module
+        self.figures = RankFigures(rank=self.ranks.rank)
+        self.cache: Optional[cache.RunCache] = None
         self.binding: Optional[EngineBinding] = None
-        self.shared_cache: Optional[cache.SharedCache] = None
-        self.figures = RankFigures()
-        self._graphs: Optional[ExitStack] = None
-        self._warned_no_engines = False
-        self._trainer: Optional["weakref.ref[Any]"] = None
-        self._batch_start = 0.0
-        self._first_batch_end = 0.0
+        self.graphs: Optional[GraphScopes] = None
+        self.closed = False
+        self._cache_opened = False
+        self._timer = _BatchTimer(self.figures)
 
     @classmethod
-    def of(cls, module: torch.nn.Module) -> "ServingSession":
-        """The session of ``module``, created on first use."""
-        if module not in _sessions:
-            _sessions[module] = cls(module)
-        return _sessions[module]
+    def for_trainer(cls, trainer: Any, settings: TRTSettings) -> "ServingSession":
+        return cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
 
-    @property
-    def active(self) -> bool:
-        return self.binding is not None
+    # --- opening -------------------------------------------------------------------------------
 
-    def configure(self, settings: TRTSettings, owner: str, trainer: Any = None) -> None:
-        """Register who serves this module with which settings; two owners must agree."""
-        self._remember(trainer)
-        if self.settings is not None and settings != self.settings and owner not in self._owners:
-            raise ValueError(
-                f"{owner} and {', '.join(sorted(self._owners))} configure different TensorRT-RTX settings for the same"
-                f" model ({settings} vs {self.settings}). Configure the settings in one place: either the"
-                " TRTRuntimeSettings callback or the TRTRuntimePrecision plugin."
-            )
-        self.settings = settings
-        self._owners.add(owner)
+    def __enter__(self) -> "ServingSession":
+        if self.module is not None:
+            self.serve(self.module)
+        return self
 
-    def request_graphs(self, targets: Optional[Sequence[str]], trainer: Any = None) -> None:
-        self._remember(trainer)
-        self.graphs_requested, self.graph_targets = True, targets
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-    def _remember(self, trainer: Any) -> None:
-        if trainer is not None and trainer is not self.trainer:
-            # a new Trainer serving a module served before: none of the last one's configuration
-            # (owners, settings, graphs request) carries over, whichever of its hooks runs first
-            self._owners.clear()
-            self.settings = None
-            self.graphs_requested, self.graph_targets = False, None
-            self._trainer = weakref.ref(trainer)
+    def serve(self, module: Optional[torch.nn.Module] = None, warn_if_none: bool = True) -> int:
+        """Give every engine under ``module`` the settings and this run's cache handle; returns the count.
 
-    @property
-    def trainer(self) -> Any:
-        return self._trainer() if self._trainer is not None else None
-
-    # --- opening -----------------------------------------------------------------------------
-
-    def attach(self, warn_if_none: bool = True) -> int:
-        """Apply the settings (and the shared cache) to every engine now under the module.
-
-        Idempotent and cheap when nothing changed: call it at every point where engines may have
-        appeared or been reset (setup, after a checkpoint restore, at loop start).
-        ``warn_if_none=False`` where engines may still appear later (``configure_model`` runs after
-        ``Callback.setup``). Returns the number of engines served.
+        Idempotent and cheap when nothing changed (engines already holding the settings are left
+        alone): call it wherever engines may have appeared or been reset. ``warn_if_none=False`` where
+        engines may still appear later.
         """
-        module = self._module()
-        if module is None or self.settings is None:
-            return 0
+        self._check_open()
+        module = self.module = module if module is not None else self.module
+        if module is None:
+            raise ValueError("ServingSession.serve needs a module: pass it here or to ServingSession(module, ...).")
         engines = find_engines(module)
+        self.figures.engines = len(engines)
         if not engines:
-            if warn_if_none and not self._warned_no_engines:
-                self._warned_no_engines = True
-                rank_zero_warn(
+            if warn_if_none:
+                warn(
                     f"No TensorRT engines found under {type(module).__name__}: the TensorRT-RTX runtime settings"
                     " change nothing. Compile the model with torch_tensorrt (or load a compiled program) in"
-                    " __init__, setup or configure_model."
+                    " __init__, setup or configure_model.",
+                    rank=self.ranks.rank,
+                    rank_zero=True,
+                    once=True,
                 )
             return 0
         if not _backend.is_rtx_build():
-            rank_zero_warn(
+            warn(
                 f"torch-tensorrt {_backend.installed_version()} is not a TensorRT-RTX build: cuda_graph_strategy,"
                 " dynamic_shapes_kernel_specialization_strategy and runtime_cache are no-ops there. The job runs"
-                f" with standard TensorRT. For the runtime settings: `{_backend.INSTALL_HINT}`."
+                f" with standard TensorRT. For the runtime settings: `{_backend.INSTALL_HINT}`.",
+                rank=self.ranks.rank,
+                rank_zero=True,
+                once=True,
             )
-            self.figures.engines = len(engines)
             return len(engines)
-        if self.binding is None:
+        self._open_cache()
+        if self.binding is None or self.binding.root is not module:
+            if self.binding is not None:
+                self.binding.restore()
             self.binding = EngineBinding(module)
-            self.figures = RankFigures(rank=_ranks(self.trainer).get("rank", 0))
-            self._open_cache()
-        handle = self.shared_cache.handle if self.shared_cache is not None else None
-        self.binding.apply(self.settings.to_runtime_settings(handle))
+        self.binding.apply(self.runtime_settings())
         self.figures.engines = len(self.binding.engines)
         return self.figures.engines
 
+    def runtime_settings(self) -> Any:
+        """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle."""
+        return self.settings.to_runtime_settings(self.cache.handle if self.cache is not None else None)
+
+    @contextmanager
+    def engines_created(self) -> Iterator[None]:
+        """Engines set up (compiled) inside the block start with the settings and this run's cache.
+
+        For engines that create their execution context while compiling (native NCCL collectives):
+        setting them afterwards would cost every rank a second, collective, context creation.
+        """
+        self._check_open()
+        if not _backend.is_rtx_build():
+            yield
+            return
+        self._open_cache()
+        with _backend.settings_at_engine_setup(self.runtime_settings()):
+            yield
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("This ServingSession is closed: a session serves one run. Open a new one.")
+
     def _open_cache(self) -> None:
+        if self._cache_opened:
+            return
+        self._cache_opened = True
         template = self.settings.runtime_cache
-        self.shared_cache = None
         if template is None:
             return
-        placement = cache.Placement.current(**_ranks(self.trainer))
-        if placement.world_size > 1 and not cache.is_per_rank(template):
-            rank_zero_warn(
-                f"All {placement.world_size} ranks share the kernel cache file {template!r}: the last writer wins"
-                " and kernels the other ranks compiled are lost. Give each rank its own file with a template"
-                f" that names {{rank}}, e.g. the default {cache.default_template()!r}."
-            )
-        self.shared_cache = cache.open_shared(template, placement)
-        stats = self.shared_cache.stats
-        self.figures.cache_path, self.figures.cache_source = stats.path, stats.source
-        self.figures.cache_bytes = stats.load_bytes
+        placement = cache.Placement.current(**vars(self.ranks))
+        template = self._template_for_this_job(template, placement)
+        self.cache = cache.RunCache(template, placement)
+        self.figures.gpu = placement.gpu.id
+        self.figures.cache = self.cache.stats
 
-    def refresh(self) -> None:
-        """Per-batch: re-apply only if a MutableTorchTensorRTModule recompiled (an identity check)."""
-        if self.binding is not None:
-            self.binding.refresh()
+    def _template_for_this_job(self, template: str, placement: cache.Placement) -> str:
+        """The default gives each physical GPU its own file; ranks that share one GPU get one each."""
+        if placement.world_size == 1:
+            return template
+        peers = _gather((placement.gpu.uuid, placement.resolve(template)))
+        if peers is None:  # no process group: judge by the template alone
+            if not cache.is_per_rank(template) and "gpu" not in cache.template_fields(template):
+                self._warn_shared_file(template, placement)
+            return template
+        gpus = [gpu for gpu, _ in peers]
+        if template == cache.default_template() and gpus.count(placement.gpu.uuid) > 1:
+            return cache.default_template(shared_gpu=True)
+        paths = [path for _, path in peers]
+        if len(set(paths)) < len(paths):
+            self._warn_shared_file(template, placement)
+        return template
 
-    def open_graphs(self) -> None:
-        """Open ``enable_cudagraphs`` around each compiled attribute of the module, routing calls through it."""
-        module = self._module()
-        if module is None or not self.graphs_requested or self._graphs is not None:
+    def _warn_shared_file(self, template: str, placement: cache.Placement) -> None:
+        warn(
+            f"Several ranks of this job share the kernel cache file {template!r}: the last writer wins and"
+            " kernels the other ranks compiled are lost. Give each its own file: name {gpu} (one file per"
+            f" GPU) or {{rank}} in the template, e.g. the default {cache.default_template()!r}.",
+            rank=placement.rank,
+            rank_zero=True,
+        )
+
+    # --- CUDA graphs ---------------------------------------------------------------------------
+
+    def open_graphs(self, targets: Optional[Sequence[str]] = None) -> None:
+        """Open CUDA-graph scopes (see :mod:`lightning_trt_rtx.graphs`) inside the applied settings."""
+        self._check_open()
+        if self.graphs is not None and self.graphs.is_open:
             return
-        self.attach()  # settings outside, graphs inside, whatever order the callbacks run in
-        targets = list(self.graph_targets) if self.graph_targets else _compiled_attributes(module)
-        if not targets:
-            return
-        strategy = None
-        if self.settings is not None and self.settings.cuda_graph_strategy != "disabled":
-            if _backend.is_rtx_build():
-                strategy = self.settings.cuda_graph_strategy
-            else:
-                rank_zero_warn(
-                    "cuda_graph_strategy needs a TensorRT-RTX build; capturing CUDA graphs without it."
-                )
-        stack = ExitStack()
-        for name in targets:
-            original = getattr(module, name, None)
-            if original is None:
-                stack.close()
-                raise AttributeError(
-                    f"{type(module).__name__} has no attribute {name!r} to capture in CUDA graphs."
-                    f" Compiled attributes found: {_compiled_attributes(module)}."
-                )
-            entered = stack.enter_context(_backend.enable_cudagraphs(original, strategy))
-            if entered is not original:
-                # graph breaks: enable_cudagraphs returns a new wrapper; calls must go through it
-                setattr(module, name, entered)
-                stack.callback(setattr, module, name, original)
-        self._graphs = stack
-
-    # --- closing -----------------------------------------------------------------------------
+        if self.module is None:
+            raise ValueError("open_graphs needs the session's module: call serve(module) first.")
+        self.serve(self.module)  # settings outside, graphs inside, whatever order the callbacks run in
+        handle = self.cache.handle if self.cache is not None else None
+        self.graphs = GraphScopes(self.module, targets, self.settings, handle, self.ranks.rank)
+        self.graphs.open()
+        self.figures.graphs = "; ".join(f"{k}: {v}" for k, v in self.graphs.modes.items())
 
     def close_graphs(self) -> None:
-        """Leave the CUDA-graph scopes (innermost first), putting the original attributes back."""
-        if self._graphs is not None:
-            graphs, self._graphs = self._graphs, None
-            try:
-                graphs.close()
-            except Exception as err:
-                warnings.warn(f"Closing the CUDA-graphs scope failed: {err}", stacklevel=2)
+        if self.graphs is not None:
+            self.graphs.close()
 
-    def close(self) -> bool:
-        """Close graph scopes, save the cache, restore the engines. Never raises over the user's error.
-
-        Returns whether this call closed an open session (the callbacks and the plugin all call it).
-        """
-        self.close_graphs()
-        if self.binding is None:
-            return False
-        binding, self.binding = self.binding, None
-        try:
-            if self.shared_cache is not None:
-                self.figures.saved_bytes = self.shared_cache.save().save_bytes
-        except Exception as err:  # cache.save never raises; this guards the restore below regardless
-            warnings.warn(f"Saving the kernel cache failed: {err}", stacklevel=2)
-        finally:
-            binding.restore()
-            # what this run configured ends with it: the next run (or loop) configures afresh
-            self.settings = None
-            self._owners.clear()
-        return True
-
-    # --- figures -----------------------------------------------------------------------------
+    # --- timing --------------------------------------------------------------------------------
 
     def loop_started(self) -> None:
+        self._timer.start()
+
+    def batch_started(self) -> None:
+        if self.binding is not None:
+            self.binding.refresh()  # a MutableTorchTensorRTModule may have recompiled
+        self._timer.batch_started()
+
+    def batch_ended(self) -> None:
+        self._timer.batch_ended()
+
+    def loop_ended(self) -> None:
+        self._timer.end()
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def close(self) -> RankFigures:
+        """Close graph scopes, save the cache, restore the engines; idempotent, never raises."""
+        if self.closed:
+            return self.figures
+        self.closed = True
+        self.close_graphs()
+        try:
+            if self.cache is not None:
+                self.cache.save()
+        except Exception as err:  # RunCache.save never raises; this guards the restore below regardless
+            warn(f"Saving the kernel cache failed: {err}", rank=self.ranks.rank)
+        finally:
+            if self.binding is not None:
+                self.binding.restore()
+        return self.figures
+
+
+class _BatchTimer:
+    """First-batch and steady per-batch time, synchronised with the GPU only at the two edges."""
+
+    def __init__(self, figures: RankFigures) -> None:
+        self.figures = figures
+        self._batch_start = 0.0
+        self._first_batch_end = 0.0
+
+    def start(self) -> None:
         self.figures.batches, self.figures.first_batch_ms, self.figures.mean_batch_ms = 0, 0.0, 0.0
 
     def batch_started(self) -> None:
-        self.refresh()
         self._batch_start = time.perf_counter()
 
     def batch_ended(self) -> None:
@@ -230,7 +316,7 @@ class ServingSession:
             self._first_batch_end = time.perf_counter()
             figures.first_batch_ms = (self._first_batch_end - self._batch_start) * 1e3
 
-    def loop_ended(self) -> None:
+    def end(self) -> None:
         figures = self.figures
         if figures.batches > 1:
             if torch.cuda.is_available():
@@ -240,19 +326,10 @@ class ServingSession:
             figures.mean_batch_ms = figures.first_batch_ms
 
 
-def _ranks(trainer: Any) -> dict[str, int]:
-    if trainer is None:
-        return {}
-    return dict(
-        rank=trainer.global_rank,
-        local_rank=trainer.local_rank,
-        node_rank=trainer.node_rank,
-        world_size=trainer.world_size,
-    )
-
-
-def _compiled_attributes(module: torch.nn.Module) -> list[str]:
-    """Attributes of ``module`` that hold compiled models: children with engines, or mutable modules."""
-    names = [name for name, child in module.named_children() if find_engines(child)]
-    names += [name for name, value in vars(module).items() if _backend.is_mutable_module(value)]
-    return names
+def _gather(value: Any) -> Optional[list[Any]]:
+    """Every rank's ``value`` (one collective), or None without an initialised process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -13,13 +13,16 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union, get_args
 
 from lightning_trt_rtx import cache
 
-CUDA_GRAPH_STRATEGIES = ("disabled", "whole_graph_capture")
-KERNEL_STRATEGIES = ("lazy", "eager", "none")
-DEFAULT_CACHE = "default"  # runtime_cache="default": one file per rank under the default cache directory
+# The one place the valid choices are spelled: typed arguments (LightningCLI) and the checks use these.
+CudaGraphStrategy = Literal["disabled", "whole_graph_capture"]
+KernelStrategy = Literal["lazy", "eager", "none"]
+CUDA_GRAPH_STRATEGIES: tuple[str, ...] = get_args(CudaGraphStrategy)
+KERNEL_STRATEGIES: tuple[str, ...] = get_args(KernelStrategy)
+DEFAULT_CACHE = "default"  # runtime_cache="default": one file per physical GPU under the default cache directory
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -42,14 +45,15 @@ class TRTSettings:
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``: when
             kernels for dynamic shapes are JIT-compiled.
         runtime_cache: a path template for the on-disk kernel cache, or ``None`` for none. The
-            placeholders are ``{rank}``, ``{local_rank}``, ``{node_rank}``, ``{world_size}``, ``{sm}``,
-            ``{trt}``, ``{cuda}`` and ``{host}``; the default gives each global rank its own file
-            under a directory keyed by GPU architecture and TensorRT-RTX/CUDA versions. An fsspec
-            URL (``s3://...``) works too. ``"default"`` names the default template.
+            placeholders are ``{gpu}`` (the physical GPU, from its UUID), ``{rank}``, ``{local_rank}``,
+            ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}`` and ``{host}``; the default
+            gives each physical GPU its own file under a directory keyed by GPU architecture and
+            TensorRT-RTX/CUDA versions. An fsspec URL (``s3://...``) works too. ``"default"`` names
+            the default template.
     """
 
-    cuda_graph_strategy: str = "disabled"
-    dynamic_shapes_kernel_specialization_strategy: str = "lazy"
+    cuda_graph_strategy: CudaGraphStrategy = "disabled"
+    dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy"
     runtime_cache: Optional[str] = field(default_factory=cache.default_template)
 
     def __post_init__(self) -> None:
