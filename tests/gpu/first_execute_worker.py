@@ -1,4 +1,4 @@
-"""Fresh process: load a program, attach this rank's shared cache, time the first execute, save."""
+"""Fresh process: load a program, open this run's cache, time the first execute, save."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lightning_trt_rtx.settings import TRTSettings
 def main(program_path: str, template: str) -> None:
     program = load_program(program_path)
     x = torch.randn(4, 3, 16, 16, device="cuda")
-    shared = cache.open_shared(template, cache.Placement.current())
+    shared = cache.RunCache(template, cache.Placement.current())
     EngineBinding(program).apply(TRTSettings(runtime_cache=template).to_runtime_settings(shared.handle))
     torch.cuda.synchronize()
     start = time.perf_counter()

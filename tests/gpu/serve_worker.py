@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import lightning as L
@@ -43,7 +44,15 @@ def main() -> None:
     )
     trainer.predict(model, loader)
     engines = [v for m in model.program.modules() for v in vars(m).values() if _backend.is_bare_engine(v)]
-    row = vars(callback.figures[0]) | {"contexts": [_backend.contexts_created(e) for e in engines]}
+    figures = callback.figures[0]
+    row = dataclasses.asdict(figures) | {
+        "cache_source": figures.cache_source,
+        "cache_bytes": figures.cache_bytes,
+        "saved_bytes": figures.saved_bytes,
+        "applies": figures.cache.applies if figures.cache else "-",
+        "contexts": [_backend.contexts_created(e) for e in engines],
+        "device": torch.cuda.get_device_name(),
+    }
     print("FIGURES " + json.dumps(row))
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import lightning as L
 import pytest
@@ -70,12 +72,23 @@ def test_trainer_predict_creates_one_context_per_engine(two_blocks, tmp_path):
     assert all(e.get().cuda_graph_strategy == "disabled" for e in engines)  # restored
 
 
-def _serve(program: str, template: str) -> dict:
-    out = subprocess.run(
+def _serve(program: str, template: str, env: Optional[dict] = None) -> dict:
+    return _figures(_start_serving(program, template, env))
+
+
+def _start_serving(program: str, template: str, env: Optional[dict] = None) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "tests.gpu.serve_worker", program, template],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("FIGURES "))[8:])
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})),
+    )
+
+
+def _figures(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("FIGURES "))[8:])
+    row["stderr"] = err
+    return row
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +109,7 @@ def test_second_run_starts_warm_and_loaded_programs_are_served(conv_program, tmp
     template = str(tmp_path / "{sm}-{trt}" / "rank{rank}.bin")
     cold = _serve(conv_program, template)
     warm = _serve(conv_program, template)
-    assert (cold["cache_source"], warm["cache_source"]) == ("cold", "own")
+    assert (cold["cache_source"], warm["cache_source"]) == ("cold", "warm")
     assert cold["engines"] >= 1 and cold["contexts"] == [1] * cold["engines"]
     assert warm["cache_bytes"] == cold["saved_bytes"] > 0
     ratio = cold["first_batch_ms"] / warm["first_batch_ms"]
@@ -126,11 +139,13 @@ def test_whole_graph_capture_gives_every_batch_its_own_output(tmp_path):
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("strategy", ["disabled", "whole_graph_capture"])
 @pytest.mark.parametrize("order", ["graphs_first", "settings_first"])
-def test_graph_break_model_under_cuda_graphs_matches_eager(two_blocks, order):
+def test_graph_break_model_under_cuda_graphs_matches_eager(two_blocks, order, strategy):
+    # whole_graph_capture inside the wrapper's whole-module capture was a nested capture that CUDA refused
     eager, compiled, x = two_blocks
     holder = Holder(compiled)
-    callbacks = [TRTCudaGraphs(), TRTRuntimeSettings(runtime_cache=None, print_table=False)]
+    callbacks = [TRTCudaGraphs(), TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False)]
     if order == "settings_first":
         callbacks.reverse()
     loader = _loader(x, 4)
@@ -140,6 +155,9 @@ def test_graph_break_model_under_cuda_graphs_matches_eager(two_blocks, order):
     assert set(holder.called) == {CudaGraphsTorchTensorRTModule}  # calls went through the wrapper
     assert holder.model is compiled  # and the attribute was put back
     assert _backend.cudagraphs_mode() == 0  # process-global mode restored
+    # inside the wrapper the engines leave the capture to it; afterwards they hold their prior settings
+    assert all(s.cuda_graph_strategy == "disabled" for step in holder.seen_settings for s in step)
+    assert all(e.get().cuda_graph_strategy == "disabled" for e in find_engines(compiled))
     with torch.no_grad():
         expected = [eager(batch.cuda()) for batch in loader]
     for got, want in zip(outputs, expected):
@@ -156,3 +174,78 @@ def test_precision_plugin_applies_in_convert_module(two_blocks, tmp_path):
     _trainer(plugins=[plugin]).predict(holder, _loader(x, 2))
     assert all(s.dynamic_shapes_kernel_specialization_strategy == "eager" for s in holder.seen_settings[0])
     assert os.path.getsize(tmp_path / "p0.bin") > 0
+
+
+# --- the kernel cache follows the physical GPU (two GPUs) ----------------------------------------------
+
+
+def _on(gpu: int, cache_dir) -> dict:
+    return {"CUDA_VISIBLE_DEVICES": str(gpu), "LIGHTNING_TRT_RTX_CACHE_DIR": str(cache_dir)}
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_default_cache_follows_the_gpu_in_either_order(conv_program, tmp_path):
+    # one process per GPU, each seen as device 0: with the default template each GPU keeps its own file
+    first = [_serve(conv_program, "default", _on(gpu, tmp_path)) for gpu in (0, 1)]
+    second = [_serve(conv_program, "default", _on(gpu, tmp_path)) for gpu in (1, 0)]  # the other order
+    assert [r["cache_source"] for r in first] == ["cold", "cold"]
+    assert [r["cache_source"] for r in second] == ["warm", "warm"]
+    assert first[0]["gpu"] != first[1]["gpu"] and {r["gpu"] for r in second} == {r["gpu"] for r in first}
+    files = sorted(glob.glob(str(tmp_path / "*" / "gpu-*.bin")))
+    assert [os.path.basename(f) for f in files] == sorted(f"gpu-{r['gpu']}.bin" for r in first)
+    for cold, warm in zip(first, reversed(second)):
+        ratio = warm["first_batch_ms"] / cold["first_batch_ms"]
+        print(f"\n[{cold['device']}] GPU {cold['gpu']}: first batch cold {cold['first_batch_ms']:.1f} ms,"
+              f" warm after the order swap {warm['first_batch_ms']:.1f} ms ({ratio:.3f} of cold)")
+        assert ratio <= 0.25
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_two_concurrent_single_gpu_jobs_are_both_warm_on_their_second_run(conv_program, tmp_path):
+    runs = []
+    for _ in range(2):
+        jobs = [_start_serving(conv_program, "default", _on(gpu, tmp_path)) for gpu in (0, 1)]
+        runs.append([_figures(job) for job in jobs])
+    assert [r["cache_source"] for r in runs[0]] == ["cold", "cold"]
+    assert [r["cache_source"] for r in runs[1]] == ["warm", "warm"]
+    for cold, warm in zip(*runs):
+        print(f"\n[{cold['device']}] concurrent job on GPU {cold['gpu']}: cold {cold['first_batch_ms']:.1f} ms,"
+              f" warm {warm['first_batch_ms']:.1f} ms ({warm['first_batch_ms'] / cold['first_batch_ms']:.3f})")
+        assert "changed on disk" not in warm["stderr"]
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_a_file_copied_to_the_other_gpu_is_reported_as_such(conv_program, tmp_path):
+    template = str(tmp_path / "copied.bin")  # one fixed file: a user copying a cache between machines/GPUs
+    filled = _serve(conv_program, template, {"CUDA_VISIBLE_DEVICES": "0"})
+    elsewhere = _serve(conv_program, template, {"CUDA_VISIBLE_DEVICES": "1"})
+    assert (filled["cache_source"], elsewhere["cache_source"], elsewhere["applies"]) == ("cold", "other-gpu", "no")
+    assert elsewhere["cache_bytes"] == filled["saved_bytes"] > 0
+    assert "was filled on another GPU" in elsewhere["stderr"]
+    print(f"\n[{filled['device']}] copied file: GPU {filled['gpu']} filled it (cold {filled['first_batch_ms']:.1f}"
+          f" ms); GPU {elsewhere['gpu']} ran its first batch in {elsewhere['first_batch_ms']:.1f} ms, reported"
+          f" {elsewhere['cache_source']!r}\n{elsewhere['stderr'].strip()[-600:]}")
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_corrupt_file_and_read_only_directory_messages_reach_stderr(conv_program, tmp_path):
+    template = str(tmp_path / "c" / "cache.bin")
+    os.makedirs(os.path.dirname(template))
+    with open(template, "wb") as f:
+        f.write(b"not a cache at all")
+    corrupt = _serve(conv_program, template)
+    assert corrupt["cache_source"] == "corrupt" and os.path.exists(template + ".corrupt")
+    assert "is unusable" in corrupt["stderr"]
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        filled = _serve(conv_program, str(mnt / "cache.bin"))
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True).returncode == 0
+        read_only = _serve(conv_program, str(mnt / "cache.bin"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert filled["saved_bytes"] > 0 and read_only["cache_source"] == "warm"
+    assert read_only["saved_bytes"] == 0 and "Could not save the kernel cache" in read_only["stderr"]
+    print("\nas printed:\n" + corrupt["stderr"].strip()[-800:] + "\n" + read_only["stderr"].strip()[-800:])
