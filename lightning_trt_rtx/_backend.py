@@ -243,9 +243,12 @@ def set_bare_engine_settings(engine: Any, settings: Any) -> None:
         CUDA_GRAPH_STRATEGY_CODES[settings.cuda_graph_strategy],
         _to_torchbind_handle(settings.runtime_cache),
     )
-    # the callback runs while the engine is freed, before its id can be reused
-    ref = weakref.ref(engine, lambda _, key=id(engine): _bare_engine_settings.pop(key, None))
-    _bare_engine_settings[id(engine)] = (ref, settings)
+    key = id(engine)
+
+    def forget(_: "weakref.ref[Any]") -> None:  # runs while the engine is freed, before its id is reused
+        _bare_engine_settings.pop(key, None)
+
+    _bare_engine_settings[key] = (weakref.ref(engine, forget), settings)
 
 
 def contexts_created(engine: Any) -> int:

@@ -81,7 +81,7 @@ def serving_session(trainer: Trainer) -> Optional[ServingSession]:
     TRTRuntimePrecision plugin's (the components find each other through the Trainer)."""
     from lightning_trt_rtx.plugin import TRTRuntimePrecision
 
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
         if isinstance(callback, TRTRuntimeSettings) and callback.session is not None:
             return callback.session
     plugin = trainer.precision_plugin

@@ -152,7 +152,7 @@ class TRTRuntimePrecision(Precision):
     def post_backward(self, tensor: Any, module: Any) -> Any:
         return self.inner.post_backward(tensor, module)
 
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
 
     def clip_gradients(self, optimizer: Any, clip_val: Any = 0.0, gradient_clip_algorithm: Any = None) -> None:

@@ -97,7 +97,7 @@ def gather(figures: RankFigures) -> list[RankFigures]:
 
 def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
-    header = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches", "first batch", "mean batch")
+    header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches", "first batch", "mean batch")
     header += ("cache file",)
     body = [
         (

@@ -97,10 +97,11 @@ class TRTSettings:
 
         if not isinstance(source, (str, bytes, os.PathLike)):
             raise TypeError(f"TRTSettings.from_yaml takes YAML text or a file path, got {type(source).__name__}.")
-        text = source
         if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and os.path.isfile(source)):
             with open(source, encoding="utf-8") as f:
-                text = f.read()
+                text: Union[str, bytes] = f.read()
+        else:
+            text = source
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as err:
