@@ -22,7 +22,6 @@ from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
 
 def _load(name: str, path: str):
@@ -248,7 +247,7 @@ def test_cli_predict_with_callback_and_plugin_from_yaml(tmp_path):
     assert "TensorRT-RTX serving (whole_graph_capture)" in output
 
 
-# --- benchmarks/run.py ----------------------------------------------------------------------------
+# --- benchmarks/ (run.py and its modules) ---------------------------------------------------------
 
 
 def test_benchmarks_without_gpu_exit_2_and_measure_nothing(tmp_path):
@@ -289,10 +288,12 @@ def test_benchmark_plumbing_dry_run_on_cpu(tmp_path):
 
 
 def test_write_results_tables_goals_and_gpu_name(tmp_path):
-    bench = _load("bench_run", os.path.join(BENCHMARKS, "run.py"))
+    from benchmarks import harness as bench
+
     rows = [
         ("warm_start", 0.08, True), ("graphs", 2.1, False), ("integration_overhead", 2.5, False),
         ("lightning_vs_loop", 1.1, True), ("two_gpu_throughput", 1.9, True), ("two_gpu_warm_start", None, None),
+        ("two_gpu_swapped_warm_start", 0.12, False),
     ]  # fmt: skip
     results = {
         "gpu": "NVIDIA H100 80GB HBM3",

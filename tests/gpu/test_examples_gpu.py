@@ -124,7 +124,7 @@ def test_benchmark_runner_quick(tmp_path):
         assert row["value"] is not None and row["value"] == row["value"], row  # measured, not NaN
         assert isinstance(row["met"], bool)
     warm = results["measurements"][0]["details"]
-    assert warm["warm_cache_source"] == ["own"] and warm["engines"] >= 1
+    assert warm["warm_cache_source"] == ["warm"] and warm["engines"] >= 1
     md = (out / "results.md").read_text()
     assert md.count(f"| {gpu} |") == 4
     assert (out / "lightning_profile.txt").stat().st_size > 0
