@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
+from lightning_utilities.core.imports import RequirementCache
 from packaging.version import Version
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,14 @@ CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
 
 
 def installed_distribution() -> Optional[str]:
-    """Name of the installed torch-tensorrt distribution, without importing it (None if absent)."""
+    """Name of the installed torch-tensorrt distribution, without importing it (None if absent).
+
+    Lightning's ``RequirementCache`` on the distribution name reads package metadata only; given a
+    module name it would import ``torch_tensorrt``, which raises on a host without a driver.
+    """
     for name in (_RTX_DISTRIBUTION, _TRT_DISTRIBUTION):
-        try:
-            importlib.metadata.version(name)
+        if RequirementCache(name):
             return name
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return None
 
 
