@@ -63,16 +63,16 @@ def test_find_engines_finds_every_ttm(TTM):
 
 def test_apply_sets_all_and_is_idempotent(TTM, RS, tmp_path):
     model, ttms = build_tree(TTM)
-    shared = cache.open_shared(str(tmp_path / "{sm}" / "rank{rank}.bin"), cache.Placement())
-    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture").to_runtime_settings(shared.handle)
+    run_cache = cache.RunCache(str(tmp_path / "{sm}" / "gpu-{gpu}.bin"), cache.Placement())
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture").to_runtime_settings(run_cache.handle)
     binding = EngineBinding(model)
     assert binding.apply(settings) == 4
     for t in ttms:
         assert t.runtime_settings == settings
         assert t.runtime_settings.cuda_graph_strategy == "whole_graph_capture"
-        assert t.runtime_settings.runtime_cache is shared.handle  # one handle object for every engine
+        assert t.runtime_settings.runtime_cache is run_cache.handle  # one handle object for every engine
     # equal settings (a distinct but equal object) change nothing the second time
-    again = TRTSettings(cuda_graph_strategy="whole_graph_capture").to_runtime_settings(shared.handle)
+    again = TRTSettings(cuda_graph_strategy="whole_graph_capture").to_runtime_settings(run_cache.handle)
     assert again is not settings and again == settings
     assert binding.apply(again) == 0
     assert all(t.runtime_settings is settings for t in ttms)

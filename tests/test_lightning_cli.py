@@ -102,9 +102,9 @@ def test_invalid_template_fails_when_instantiated(tmp_path):
     with open(VALID) as f:
         text = f.read()
     config = tmp_path / "config.yaml"
-    config.write_text(text.replace("kernels/{sm}/rank{rank}", "kernels/{gpu}/rank{rank}", 1))
+    config.write_text(text.replace("kernels/{sm}/rank{rank}", "kernels/{device}/rank{rank}", 1))
     # types pass parsing; the constructor's ValueError comes back from jsonargparse's instantiation
     with pytest.raises(ValueError) as excinfo:
         build(str(config))
-    assert "Unknown placeholder {gpu}" in str(excinfo.value)
-    assert "Valid placeholders: {rank}" in str(excinfo.value)
+    assert "Unknown placeholder {device}" in str(excinfo.value)
+    assert "Valid placeholders: {gpu}, {rank}" in str(excinfo.value)

@@ -24,9 +24,11 @@ def test_defaults(tmp_path):
     assert s.dynamic_shapes_kernel_specialization_strategy == "lazy"
     # conftest points the default cache dir at tmp_path/default-cache
     assert s.runtime_cache == os.path.join(
-        str(tmp_path / "default-cache"), "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin"
+        str(tmp_path / "default-cache"), "{sm}-trtrtx{trt}-cuda{cuda}", "gpu-{gpu}.bin"
     )
-    assert cache.is_per_rank(s.runtime_cache)
+    # one file per physical GPU (not per rank): every process on another GPU gets its own file
+    assert cache.template_fields(s.runtime_cache) == ["sm", "trt", "cuda", "gpu"]
+    assert cache.is_per_process(s.runtime_cache) and not cache.is_per_rank(s.runtime_cache)
     assert TRTSettings.keys() == (
         "cuda_graph_strategy",
         "dynamic_shapes_kernel_specialization_strategy",
@@ -223,7 +225,7 @@ def test_unknown_key_names_valid_keys():
 @pytest.mark.parametrize(
     "template",
     [
-        "/tmp/{gpu}/rank{rank}.bin",
+        "/tmp/{device}/rank{rank}.bin",
         "/tmp/{rank:03d}.bin",
         "/tmp/{rank!r}.bin",
         "/tmp/{}.bin",
@@ -295,7 +297,7 @@ def test_default_cache_is_resolved_at_construction_not_import(tmp_path, monkeypa
     from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings
 
     monkeypatch.setenv("LIGHTNING_TRT_RTX_CACHE_DIR", str(tmp_path / "late"))
-    expected = str(tmp_path / "late" / "{sm}-trtrtx{trt}-cuda{cuda}" / "rank{rank}.bin")
+    expected = str(tmp_path / "late" / "{sm}-trtrtx{trt}-cuda{cuda}" / "gpu-{gpu}.bin")
     assert TRTSettings(runtime_cache="default").runtime_cache == expected
     assert TRTSettings().runtime_cache == expected
     assert TRTRuntimeSettings().settings.runtime_cache == expected

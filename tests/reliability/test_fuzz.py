@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -32,6 +33,7 @@ from lightning_trt_rtx.__main__ import main
 from lightning_trt_rtx.callbacks import _LOOPS
 from lightning_trt_rtx.plugin import _PRECISIONS
 from lightning_trt_rtx.settings import CUDA_GRAPH_STRATEGIES, KERNEL_STRATEGIES
+from tests.conftest import FAKE_GPU, OTHER_GPU
 from tests.reliability.workers import FIXTURE, make_payload
 
 FUZZ = settings(
@@ -311,7 +313,9 @@ yaml_scalars = st.one_of(
 @FUZZ
 @given(
     doc=st.one_of(
-        st.dictionaries(st.sampled_from(KEYS) | key_typos, yaml_scalars | st.lists(yaml_scalars, max_size=2), max_size=3),
+        st.dictionaries(
+            st.sampled_from(KEYS) | key_typos, yaml_scalars | st.lists(yaml_scalars, max_size=2), max_size=3
+        ),
         st.lists(yaml_scalars, max_size=3),
         yaml_scalars,
     ),
@@ -343,8 +347,13 @@ def test_trt_settings_from_yaml_documents(doc, as_file, tmp_path):
 @given(
     source=st.one_of(
         st.text(max_size=40),
-        st.lists(st.sampled_from(["{", "}", "[", "]", ":", "- ", "\n", "runtime_cache: ", "&a ", "*a", "!!python/object "
-                                   "", "'", '"', "\x00", "\t", "cuda_graph_strategy: disabled"]), max_size=8).map("".join),
+        st.lists(
+            st.sampled_from(
+                ["{", "}", "[", "]", ":", "- ", "\n", "runtime_cache: ", "&a ", "*a", "!!python/object "
+                 "", "'", '"', "\x00", "\t", "cuda_graph_strategy: disabled"]
+            ),
+            max_size=8,
+        ).map("".join),
         st.binary(max_size=20),
         st.integers(),
         st.none(),
@@ -359,7 +368,8 @@ def test_trt_settings_from_yaml_any_input(source, tmp_path, monkeypatch):
         obj = TRTSettings.from_yaml(source)
     except (ValueError, TypeError) as err:
         message = str(err)
-        assert any(k in message for k in KEYS + CUDA_GRAPH_STRATEGIES + KERNEL_STRATEGIES + ("YAML", "mapping")), message
+        named = KEYS + CUDA_GRAPH_STRATEGIES + KERNEL_STRATEGIES + ("YAML", "mapping")
+        assert any(k in message for k in named), message
     else:
         assert isinstance(obj, TRTSettings)
         if isinstance(source, str):
@@ -378,7 +388,20 @@ placements = st.builds(
     trt=st.sampled_from(["none", "1.6.1.120"]),
     cuda=st.sampled_from(["none", "13.0"]),
     host=st.text(alphabet=string.ascii_letters + "-.{}", min_size=1, max_size=8),
+    gpu=st.sampled_from([cache.Gpu(), FAKE_GPU, OTHER_GPU]),
 )
+
+
+def oracle_values(placement: cache.Placement) -> dict:
+    """Placeholder values, read independently of ``Placement.values``: ``{gpu}`` is the UUID's first 8 hex digits."""
+    values = {k: getattr(placement, k) for k in PLACEHOLDER_NAMES if k != "gpu"}
+    values["gpu"] = placement.gpu.uuid.replace("-", "")[:8] if placement.gpu.uuid else "cpu"
+    return values
+
+
+def oracle_per_rank(fields: list) -> bool:
+    """Every rank gets its own file: ``{rank}``, or ``{local_rank}`` with ``{node_rank}`` or ``{host}``."""
+    return "rank" in fields or ("local_rank" in fields and bool({"node_rank", "host"} & set(fields)))
 
 
 @FUZZ
@@ -389,6 +412,9 @@ placements = st.builds(
 @example(template="~/{rank}", placement=cache.Placement())
 @example(template="s4://bucket/{rank}.bin", placement=cache.Placement())  # a typo of s3: rejected up front
 @example(template="cache/://{rank}", placement=cache.Placement())
+@example(template="/c/{sm}/gpu-{gpu}.bin", placement=cache.Placement(gpu=FAKE_GPU))
+@example(template="/c/gpu-{gpu}.bin", placement=cache.Placement())  # no CUDA: "cpu"
+@example(template="/c/{host}-{local_rank}.bin", placement=cache.Placement())  # per rank without {rank}
 def test_templates_fields_and_resolve(template, placement):
     CASES["template_fields / Placement.resolve"] += 1
     fields = oracle_fields(template)
@@ -401,9 +427,9 @@ def test_templates_fields_and_resolve(template, placement):
             placement.siblings_pattern(template)
         return
     assert got == fields
-    assert cache.is_per_rank(template) == ("rank" in fields)
-    values = {k: getattr(placement, k) for k in PLACEHOLDER_NAMES}
-    assert placement.resolve(template) == oracle_resolve(template, values)
+    assert cache.is_per_rank(template) == oracle_per_rank(fields)
+    assert cache.is_per_process(template) == bool(set(fields) & set(cache.PROCESS_PLACEHOLDERS))
+    assert placement.resolve(template) == oracle_resolve(template, oracle_values(placement))
     # the sibling glob of the same key matches this rank's own file
     import fnmatch
 
@@ -421,6 +447,8 @@ def test_templates_fields_and_resolve(template, placement):
 @example(relative="x/../{rank}/./c", placement=cache.Placement(), body=0)
 @example(relative="{rank}/", placement=cache.Placement(), body=0)
 @example(relative="://", placement=cache.Placement(), body=0)  # cache.load raised "Protocol not known"
+@example(relative="gpu-{gpu}.bin", placement=cache.Placement(gpu=FAKE_GPU), body=0)  # the default's file name
+@example(relative="r{rank}.bin", placement=cache.Placement(gpu=FAKE_GPU), body=0)
 def test_accepted_templates_load_and_save_without_raising(relative, placement, body, tmp_path):
     """Whatever template TRTSettings accepts, loading and saving through it warns at worst, never raises."""
     CASES["accepted template -> cache.load/save"] += 1
@@ -438,18 +466,29 @@ def test_accepted_templates_load_and_save_without_raising(relative, placement, b
         warnings.simplefilter("ignore")
         data, stats = cache.load(template, placement)
         assert data is None and stats.source == "cold"
-        saved = cache.save(resolved, payload)
+        saved = cache.save(resolved, payload, placement=placement)
         if not saved.saved:
             assert saved.save_error
             return
         data, stats = cache.load(template, placement)
-        assert data == payload and stats.source == "own"
-        # another rank under the same key, without a file of its own, starts from this one
-        sibling = dataclasses.replace(placement, rank=placement.rank + 1)
-        if cache.is_per_rank(template) and not os.path.lexists(sibling.resolve(template)):
+        # its own file, recorded as filled on this GPU: warm; without a GPU the record vouches for nothing
+        assert data == payload and stats.source == ("warm" if placement.gpu.uuid else "unverified")
+        # another rank on the same GPU under the same key, without a file of its own, starts from this one;
+        # a rank on another GPU never does (kernels are bound to the GPU that compiled them)
+        other_gpu = OTHER_GPU if placement.gpu != OTHER_GPU else FAKE_GPU
+        for gpu in (placement.gpu, other_gpu):
+            sibling = dataclasses.replace(placement, rank=placement.rank + 1, gpu=gpu)
+            path = sibling.resolve(template)
+            if path == resolved or os.path.lexists(path):
+                continue
+            if not os.path.realpath(path).startswith(os.path.realpath(base) + os.sep):
+                continue
             data, stats = cache.load(template, sibling)
-            assert (stats.source, data) == ("seeded", payload), (template, stats)
-            assert os.path.realpath(stats.loaded_from) == os.path.realpath(resolved)
+            if gpu.uuid and gpu == placement.gpu:
+                assert (stats.source, data) == ("seeded", payload), (template, stats)
+                assert os.path.realpath(stats.loaded_from) == os.path.realpath(resolved)
+            else:
+                assert (stats.source, data) == ("cold", None), (template, stats)
 
 
 # --- callbacks and plugin -------------------------------------------------------------------------
@@ -569,6 +608,8 @@ def test_trt_runtime_precision_plugin(precision, values):
         assert_fields(plugin.settings, {"runtime_cache": _default_arg(TRTRuntimePrecision), **values})
         if isinstance(precision, Precision):
             assert plugin.inner is precision
+        elif precision == "16-mixed" and not torch.cuda.is_available():
+            assert plugin.precision == "bf16-mixed"  # fp16 AMP is not supported on CPU: Lightning's choice too
         else:
             assert plugin.precision == precision
 
