@@ -152,6 +152,19 @@ def cudagraphs_mode() -> int:
     return int(sys.modules["torch_tensorrt.runtime._cudagraphs"]._PY_RT_CUDAGRAPHS)
 
 
+def restore_cudagraphs_mode(mode: int) -> None:
+    """Put torch_tensorrt's process-global CUDA-graphs mode back to ``mode`` (Python and C++ sides).
+
+    ``enable_cudagraphs``'s ``__enter__`` changes the mode before it builds its wrapper; if building
+    fails, its ``__exit__`` never runs and the mode would stay changed for the rest of the process.
+    """
+    if not is_imported():
+        return
+    sys.modules["torch_tensorrt.runtime._cudagraphs"]._PY_RT_CUDAGRAPHS = mode
+    if sys.modules["torch_tensorrt"].ENABLED_FEATURES.torch_tensorrt_runtime:
+        torch.ops.tensorrt.set_cudagraphs_mode(mode)
+
+
 def trt_version() -> Optional[str]:
     """The TensorRT(-RTX) library version, read from package metadata (no import)."""
     for name in ("tensorrt-rtx", "tensorrt_rtx", "tensorrt"):

@@ -85,12 +85,14 @@ class GraphScopes:
             return
         targets = self.targets or compiled_attributes(self.module)
         strategy = self._strategy()
+        mode = _backend.cudagraphs_mode()
         stack = ExitStack()
         try:
             for name in targets:
                 self._open_one(stack, name, strategy)
         except BaseException:
             stack.close()
+            _backend.restore_cudagraphs_mode(mode)  # a scope that failed half-way never exits
             self.modes.clear()
             raise
         self._stack = stack

@@ -145,6 +145,10 @@ class ServingSession:
         module = self.module = module if module is not None else self.module
         if module is None:
             raise ValueError("ServingSession.serve needs a module: pass it here or to ServingSession(module, ...).")
+        if self.graphs is not None and self.graphs.is_open:
+            # served just before the scopes opened; re-applying now would undo a scope's own settings
+            # (engines inside a whole-module graph hold their capture off)
+            return self.figures.engines
         engines = find_engines(module)
         self.figures.engines = len(engines)
         if not engines:
