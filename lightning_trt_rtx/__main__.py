@@ -1,26 +1,105 @@
-"""``python -m lightning_trt_rtx cache ...`` (also ``lightning-trt-rtx cache ...``): inspect kernel caches.
+"""``python -m lightning_trt_rtx cache ...`` (also ``lightning-trt-rtx cache ...``): inspect and clear kernel caches.
 
-    lightning-trt-rtx cache list [ROOT] [--json]   every cache file under ROOT by key and rank
-    lightning-trt-rtx cache verify FILE...         exit 0 if every FILE is a loadable cache
+    lightning-trt-rtx cache list [ROOT] [--json]             every cache file under ROOT: key, GPU, size, age, validity
+    lightning-trt-rtx cache verify FILE...                   exit 0 if every FILE is a loadable cache
+    lightning-trt-rtx cache clear [ROOT] [--gpu ID] [--dry-run]
+                                                             remove our cache files (only GPU ID's, with --gpu)
 
-Exit codes: 0 all good, 1 a file is invalid (or ROOT holds invalid files), 2 bad usage or a
-missing path.
+ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
+A file under ROOT is ours if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
+starts with the TensorRT-RTX cache tag; files moved aside by a run (``<file>.corrupt``) are listed
+as quarantined. Anything else (a README, notes) is never listed and never removed. ``clear`` also
+removes a cache's record, lock and temporary files: run it while no job uses the caches.
+
+Exit codes: 0 ok (quarantined files do not count as failures), 1 an invalid file was found (or a
+file could not be removed), 2 bad usage or a missing path.
+
+This module imports neither torch nor Lightning: the command starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from lightning_trt_rtx import cache
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-_SKIP_SUFFIXES = (".lock", ".tmp")
+QUARANTINED = ".corrupt"
+_GPU_ID = re.compile(r"(?:gpu-)?([0-9a-f]{8})(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}|([0-9a-f]{8})")
+
+
+# --- which files are ours ---------------------------------------------------------------------------
+
+
+def _base(name: str) -> str:
+    """The cache file a name belongs to: ``rank0.bin.json.tmp`` -> ``rank0.bin``."""
+    while name.endswith(cache.SIDE_SUFFIXES):
+        name = name[: name.rindex(".")]
+    return name
+
+
+def _starts_with_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(cache.MAGIC)) == cache.MAGIC
+    except OSError:
+        return False
+
+
+def _is_record(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(1 << 16)).get("format") == cache.RECORD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _groups(root: str) -> list[tuple[str, str, list[str]]]:
+    """(directory, base name, file names) for every cache of ours under ``root``, with its side files."""
+    found = []
+    for directory, _, names in os.walk(root):
+        by_base: dict[str, list[str]] = {}
+        for name in names:
+            by_base.setdefault(_base(name), []).append(name)
+        for base, members in by_base.items():
+            path = os.path.join(directory, base)
+            if (
+                base.endswith(".bin")
+                or base + QUARANTINED in members
+                or (base + cache.RECORD_SUFFIX in members and _is_record(path + cache.RECORD_SUFFIX))
+                or (base in members and _starts_with_magic(path))
+                or (base + ".tmp" in members and _starts_with_magic(path + ".tmp"))
+            ):
+                found.append((directory, base, sorted(members)))
+    return found
+
+
+def _root_or_error(root: str | None) -> tuple[str | None, int]:
+    """(the root to read, EXIT_OK) or (None, an exit code): a default root not made yet holds nothing."""
+    if root is None:
+        default = cache.default_cache_dir()
+        if not os.path.exists(default):
+            return None, EXIT_OK
+        root = default
+    if not os.path.isdir(root):
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        print(
+            f"error: cache root {root!r} {what}; give an existing directory"
+            f" (the default root is {cache.default_cache_dir()!r})",
+            file=sys.stderr,
+        )
+        return None, EXIT_USAGE
+    return root, EXIT_OK
+
+
+# --- list -------------------------------------------------------------------------------------------
 
 
 def _entry(root: str, path: str, now: float) -> dict:
@@ -34,42 +113,54 @@ def _entry(root: str, path: str, now: float) -> dict:
         mtime = os.path.getmtime(path)
     except OSError as err:
         problem = f"unreadable ({err})"
+    quarantined = path.endswith(QUARANTINED)
     if problem is None:
-        problem = "quarantined by a run" if path.endswith(".corrupt") else cache.check_bytes(data)
-    rel = os.path.relpath(path, root)
-    key = os.path.dirname(rel) or "."
+        problem = cache.check_bytes(data)
+    if quarantined:
+        problem = "quarantined by a run" + (f": {problem}" if problem else "")
+    record = cache.read_record(path, data) if problem is None else None
     return {
-        "key": key,
+        "key": os.path.dirname(os.path.relpath(path, root)) or ".",
         "file": os.path.basename(path),
         "path": path,
+        "gpu": record.gpu_id if record else "",
+        "gpu_name": record.gpu_name if record else "",
+        "gpu_uuid": record.gpu_uuid if record else "",
         "bytes": len(data),
         "age_s": round(now - mtime, 1),
         "valid": problem is None,
+        "quarantined": quarantined,
         "problem": problem or "",
     }
 
 
-def _list(root: str, as_json: bool) -> int:
-    if not os.path.isdir(root):
-        print(f"error: cache root {root!r} is not a directory", file=sys.stderr)
-        return EXIT_USAGE
-    now = time.time()
-    entries = []
-    for directory, _, files in os.walk(root):
-        for name in sorted(files):
-            if not name.endswith(_SKIP_SUFFIXES):
+def _entries(root: str) -> list[dict]:
+    """The listed files under ``root`` (caches of ours and quarantined ones), by key, then by rank."""
+    now, entries = time.time(), []
+    for directory, base, members in _groups(root):
+        for name in (base, base + QUARANTINED):
+            if name in members:
                 entries.append(_entry(root, os.path.join(directory, name), now))
-    entries.sort(key=lambda e: (e["key"], _natural(e["file"])))
+    return sorted(entries, key=lambda e: (e["key"], _natural(e["file"])))
+
+
+def _list(root: str | None, as_json: bool) -> int:
+    shown = root or cache.default_cache_dir()
+    root, status = _root_or_error(root)
+    if status != EXIT_OK:
+        return status
+    entries = _entries(root) if root else []
     if as_json:
         print(json.dumps(entries, indent=2))
     elif not entries:
-        print(f"no cache files under {root}")
+        print(f"no cache files under {shown}" + ("" if root else " (no run has saved there yet)"))
     else:
-        widths = {k: max(len(k), *(len(_cell(e, k)) for e in entries)) for k in ("key", "file", "bytes", "age_s", "valid")}
+        columns = ("key", "file", "bytes", "age_s", "valid", "gpu")
+        widths = {k: max(len(k), *(len(_cell(e, k)) for e in entries)) for k in columns}
         print("  ".join(k.ljust(w) for k, w in widths.items()) + "  problem")
         for e in entries:
-            print("  ".join(_cell(e, k).ljust(w) for k, w in widths.items()) + f"  {e['problem']}".rstrip())
-    return EXIT_OK if all(e["valid"] for e in entries) else EXIT_INVALID
+            print(("  ".join(_cell(e, k).ljust(w) for k, w in widths.items()) + f"  {e['problem']}").rstrip())
+    return EXIT_OK if all(e["valid"] or e["quarantined"] for e in entries) else EXIT_INVALID
 
 
 def _natural(name: str) -> list:
@@ -78,10 +169,16 @@ def _natural(name: str) -> list:
 
 
 def _cell(entry: dict, key: str) -> str:
-    value = entry[key]
     if key == "valid":
-        return "yes" if value else "NO"
-    return str(value)
+        return "quarantined" if entry["quarantined"] else "yes" if entry["valid"] else "NO"
+    if key == "gpu":
+        if not entry["gpu"]:
+            return "-"
+        return f"{entry['gpu']} ({entry['gpu_name']})" if entry["gpu_name"] else entry["gpu"]
+    return str(entry[key])
+
+
+# --- verify -----------------------------------------------------------------------------------------
 
 
 def _verify(paths: Sequence[str]) -> int:
@@ -105,27 +202,122 @@ def _verify(paths: Sequence[str]) -> int:
     return status
 
 
+# --- clear ------------------------------------------------------------------------------------------
+
+
+def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
+    shown = root or cache.default_cache_dir()
+    root, status = _root_or_error(root)
+    if root is None:
+        if status == EXIT_OK:
+            print(f"nothing to clear under {shown} (no run has saved there yet)")
+        return status
+    status, removed, size, seen = EXIT_OK, 0, 0, set()
+    for directory, base, members in sorted(_groups(root)):
+        if gpu is not None:
+            record = cache.read_record(os.path.join(directory, base))
+            seen.add(record.gpu_id if record else "")
+            if record is None or record.gpu_id != gpu:
+                continue
+        for name in members:
+            path = os.path.join(directory, name)
+            nbytes = os.path.getsize(path) if os.path.isfile(path) else 0
+            if not dry_run:
+                try:
+                    os.remove(path)
+                except OSError as err:
+                    print(f"could not remove {path}: {err.strerror or err}", file=sys.stderr)
+                    status = EXIT_INVALID
+                    continue
+            print(f"{'would remove' if dry_run else 'removed'} {path}")
+            removed, size = removed + 1, size + nbytes
+        if not dry_run and directory != root:
+            _remove_if_empty(directory, root)
+    which = f" of GPU {gpu}" if gpu else ""
+    if removed:
+        print(f"{'would remove' if dry_run else 'removed'} {removed} files ({size} bytes){which} under {root}")
+    else:
+        others = sorted(g for g in seen if g)
+        hint = f" (GPUs with recorded files there: {', '.join(others)})" if gpu and others else ""
+        print(f"no cache files{which} under {root}{hint}")
+    return status
+
+
+def _remove_if_empty(directory: str, root: str) -> None:
+    """Remove a key directory the clear emptied, and its empty parents below ``root``."""
+    while os.path.normpath(directory) != os.path.normpath(root):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (another key, a user's file) or already gone
+            return
+        directory = os.path.dirname(directory)
+
+
+def _gpu_id(text: str) -> str:
+    """``--gpu``: the 8-hex id of ``cache list``'s gpu column, or a full UUID (``nvidia-smi -L``'s too)."""
+    match = _GPU_ID.fullmatch(text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a GPU id: give the 8 hex digits of the gpu column of 'cache list'"
+            " (e.g. 3b6d1a2c) or the GPU's UUID (e.g. GPU-3b6d1a2c-5e2f-4a1b-9c3d-0123456789ab)"
+        )
+    return match.group(1) or match.group(2)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-trt-rtx", description="Inspect TensorRT-RTX kernel caches.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-trt-rtx", description="Inspect and clear TensorRT-RTX kernel caches."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{cache}")
-    cache_cmd = commands.add_parser("cache", help="list or verify kernel cache files")
-    actions = cache_cmd.add_subparsers(dest="action", required=True, metavar="{list,verify}")
-    listing = actions.add_parser("list", help="list a cache root by key and rank with sizes, ages and validity")
-    listing.add_argument("root", nargs="?", default=cache.default_cache_dir(), help="cache root (default: %(default)s)")
+    cache_cmd = commands.add_parser("cache", help="list, verify or clear kernel cache files")
+    actions = cache_cmd.add_subparsers(dest="action", required=True, metavar="{list,verify,clear}")
+    raw = argparse.RawTextHelpFormatter  # a long default root stays on one line, unbroken at its hyphens
+    root_help = f"cache root (default: {cache.default_cache_dir()})"
+    listing = actions.add_parser("list", formatter_class=raw, help="list cache files with GPU, size, age, validity")
+    listing.add_argument("root", nargs="?", help=root_help)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = actions.add_parser("verify", help="check that files are loadable caches")
     verify.add_argument("files", nargs="+")
+    clear = actions.add_parser("clear", formatter_class=raw, help="remove cache files and their records, locks")
+    clear.add_argument("root", nargs="?", help=root_help)
+    clear.add_argument("--gpu", type=_gpu_id, metavar="ID", help="only files a record says GPU ID filled")
+    clear.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    for action in (listing, verify, clear):
+        action.set_defaults(parser=action)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed arguments; an unknown argument is reported by its command, whose usage lists the valid ones."""
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        options = [o for a in args.parser._actions for o in a.option_strings]
+        close = difflib.get_close_matches(unknown[0], options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except SystemExit as exit_:  # argparse prints the usage error itself
         return EXIT_USAGE if exit_.code else EXIT_OK
-    if args.action == "list":
-        return _list(args.root, args.json)
-    return _verify(args.files)
+    try:
+        if args.action == "list":
+            return _list(args.root, args.json)
+        if args.action == "clear":
+            return _clear(args.root, args.gpu, args.dry_run)
+        return _verify(args.files)
+    except BrokenPipeError:  # "cache list | head": the reader has what it wanted, no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails quietly
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m lightning_trt_rtx cache list|verify`` and ``main(argv)``: output and exit codes."""
+"""``python -m lightning_trt_rtx cache list|verify|clear`` and ``main(argv)``: output, exit codes, start time."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from tests.procs.cache_writer import make_payload
 
 KEY = "sm90-trtrtx1.6.1-cuda13.0"
 OTHER_KEY = "sm89-trtrtx1.6.1-cuda12.9"
+H100 = cache.Gpu(uuid="3b6d1a2c-0000-1111-2222-333344445555", name="NVIDIA H100 80GB HBM3", sm="sm90")
+OTHER = cache.Gpu(uuid="9f8e7d6c-1a2b-4c3d-8e9f-ba9876543210", name="NVIDIA H100 80GB HBM3", sm="sm90")
 
 
 def write(path, data: bytes) -> str:
@@ -22,6 +24,28 @@ def write(path, data: bytes) -> str:
     with open(path, "wb") as f:
         f.write(data)
     return str(path)
+
+
+def save(path, data: bytes, gpu: cache.Gpu = H100) -> str:
+    """A cache file with its record, as a run on ``gpu`` saves it."""
+    assert cache.save(str(path), data, None, cache.Placement(gpu=gpu, sm=gpu.sm)).saved
+    return str(path)
+
+
+def files_under(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names}
+
+
+def listing(root, capsys) -> tuple[int, dict]:
+    code = main(["cache", "list", str(root), "--json"])
+    return code, {(e["key"], e["file"]): e for e in json.loads(capsys.readouterr().out)}
+
+
+def table(root, capsys) -> tuple[int, list[str], dict]:
+    """Exit code, header cells, and the table's rows by (key, file)."""
+    code = main(["cache", "list", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    return code, lines[0].split(), {tuple(line.split()[:2]): line for line in lines[1:]}
 
 
 @pytest.fixture
@@ -47,50 +71,116 @@ def good_root(tmp_path, real_cache_bytes):
     return str(r)
 
 
+@pytest.fixture
+def gpu_root(tmp_path, real_cache_bytes):
+    """The default layout after runs on two GPUs, an older per-rank file, and what users leave beside them."""
+    r = tmp_path / "gpus"
+    save(r / KEY / "gpu-3b6d1a2c.bin", real_cache_bytes, H100)
+    save(r / KEY / "gpu-9f8e7d6c.bin", make_payload(real_cache_bytes, 1, 0), OTHER)
+    write(r / KEY / "rank0.bin", real_cache_bytes)  # from 0.1: no record
+    write(r / KEY / "gpu-3b6d1a2c.bin.corrupt", b"junk")
+    write(r / "README", b"kernel caches of the team's jobs\n")
+    write(r / KEY / "notes.txt", b"H100 runs\n")
+    return r
+
+
+# --- list -------------------------------------------------------------------------------------------
+
+
 def test_list_table(root, capsys, real_cache_bytes):
-    assert main(["cache", "list", root]) == EXIT_INVALID
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["key", "file", "bytes", "age_s", "valid", "problem"]
-    rows = {tuple(line.split()[:2]): line for line in out[1:]}
-    assert set(rows) == {
-        (KEY, "rank0.bin"),
-        (KEY, "rank1.bin"),
-        (KEY, "rank2.bin"),
-        (KEY, "rank3.bin.corrupt"),
-        (OTHER_KEY, "rank0.bin"),
-    }
-    # sorted by key, then file (so by rank)
-    assert [tuple(line.split()[:2]) for line in out[1:]] == sorted(rows)
+    code, header, rows = table(root, capsys)
+    assert code == EXIT_INVALID  # rank2.bin is truncated
+    assert header == ["key", "file", "bytes", "age_s", "valid", "gpu", "problem"]
+    assert list(rows) == [(OTHER_KEY, "rank0.bin")] + [(KEY, f) for f in ("rank0.bin", "rank1.bin", "rank2.bin")] + [
+        (KEY, "rank3.bin.corrupt")
+    ]  # sorted by key, then by rank; no .lock or .tmp
     first = rows[(KEY, "rank0.bin")].split()
-    assert len(first) == 5 and first[2] == str(len(real_cache_bytes)) and first[4] == "yes"
+    assert first[2:] == [str(len(real_cache_bytes)), first[3], "yes", "-"]  # no record: GPU unknown
     assert 0 <= float(first[3]) < 600
-    assert rows[(KEY, "rank2.bin")].split()[2] == "5000"
-    assert " NO " in rows[(KEY, "rank2.bin")] and "header says" in rows[(KEY, "rank2.bin")]
-    assert " NO " in rows[(KEY, "rank3.bin.corrupt")] and "quarantined" in rows[(KEY, "rank3.bin.corrupt")]
-    assert rows[(OTHER_KEY, "rank0.bin")].rstrip().endswith("yes")
-    assert not any(".lock" in line or ".tmp" in line for line in out)
+    truncated = rows[(KEY, "rank2.bin")]
+    assert truncated.split()[2] == "5000" and truncated.split()[4] == "NO" and "header says" in truncated
+    quarantined = rows[(KEY, "rank3.bin.corrupt")]
+    assert quarantined.split()[4] == "quarantined" and "quarantined by a run: truncated" in quarantined
+    assert not any(line != line.rstrip() for line in rows.values())
 
 
 def test_list_json(root, capsys, real_cache_bytes):
-    assert main(["cache", "list", root, "--json"]) == EXIT_INVALID
-    entries = json.loads(capsys.readouterr().out)
-    assert [(e["key"], e["file"]) for e in entries] == [
+    code, by_file = listing(root, capsys)
+    assert code == EXIT_INVALID
+    assert list(by_file) == [
         (OTHER_KEY, "rank0.bin"),
         (KEY, "rank0.bin"),
         (KEY, "rank1.bin"),
         (KEY, "rank2.bin"),
         (KEY, "rank3.bin.corrupt"),
     ]
-    by_file = {(e["key"], e["file"]): e for e in entries}
     first = by_file[(KEY, "rank0.bin")]
-    assert first["valid"] is True and first["problem"] == ""
+    assert first["valid"] is True and first["quarantined"] is False and first["problem"] == ""
+    assert (first["gpu"], first["gpu_name"], first["gpu_uuid"]) == ("", "", "")
     assert first["bytes"] == len(real_cache_bytes)
     assert first["path"] == os.path.join(root, KEY, "rank0.bin")
     assert 0 <= first["age_s"] < 600
     assert by_file[(KEY, "rank2.bin")]["valid"] is False and "truncated" in by_file[(KEY, "rank2.bin")]["problem"]
-    assert by_file[(KEY, "rank3.bin.corrupt")]["valid"] is False
-    assert by_file[(KEY, "rank3.bin.corrupt")]["problem"] == "quarantined by a run"
+    corrupt = by_file[(KEY, "rank3.bin.corrupt")]
+    assert (corrupt["valid"], corrupt["quarantined"]) == (False, True)
+    assert corrupt["problem"].startswith("quarantined by a run: truncated")
     assert by_file[(OTHER_KEY, "rank0.bin")]["valid"] is True
+
+
+def test_list_shows_the_gpu_that_filled_each_file(gpu_root, capsys, real_cache_bytes):
+    code, by_file = listing(gpu_root, capsys)
+    assert code == EXIT_OK  # a quarantined file is not a failure
+    assert list(by_file) == [
+        (KEY, "gpu-3b6d1a2c.bin"),
+        (KEY, "gpu-3b6d1a2c.bin.corrupt"),
+        (KEY, "gpu-9f8e7d6c.bin"),
+        (KEY, "rank0.bin"),
+    ]  # no README, notes.txt or .json records
+    h100 = by_file[(KEY, "gpu-3b6d1a2c.bin")]
+    assert (h100["gpu"], h100["gpu_name"], h100["gpu_uuid"]) == ("3b6d1a2c", H100.name, H100.uuid)
+    assert by_file[(KEY, "gpu-9f8e7d6c.bin")]["gpu_uuid"] == OTHER.uuid
+    assert by_file[(KEY, "rank0.bin")]["gpu"] == by_file[(KEY, "gpu-3b6d1a2c.bin.corrupt")]["gpu"] == ""
+
+    code, header, rows = table(gpu_root, capsys)
+    assert code == EXIT_OK and header[5] == "gpu"
+    assert "  3b6d1a2c (NVIDIA H100 80GB HBM3)  " in rows[(KEY, "gpu-3b6d1a2c.bin")] + "  "
+    assert "  9f8e7d6c (NVIDIA H100 80GB HBM3)  " in rows[(KEY, "gpu-9f8e7d6c.bin")] + "  "
+    assert rows[(KEY, "rank0.bin")].split()[5] == "-"
+    assert rows[(KEY, "gpu-3b6d1a2c.bin.corrupt")].split()[4:6] == ["quarantined", "-"]
+
+    # a file replaced without its record: the stale record vouches for nothing
+    write(gpu_root / KEY / "gpu-9f8e7d6c.bin", real_cache_bytes)
+    _, by_file = listing(gpu_root, capsys)
+    assert by_file[(KEY, "gpu-9f8e7d6c.bin")]["valid"] is True and by_file[(KEY, "gpu-9f8e7d6c.bin")]["gpu"] == ""
+
+
+def test_list_quarantined_files_alone_exit_ok(tmp_path, capsys, real_cache_bytes):
+    write(tmp_path / "q" / KEY / "rank0.bin", real_cache_bytes)
+    write(tmp_path / "q" / KEY / "rank1.bin.corrupt", real_cache_bytes[:100])
+    code, by_file = listing(tmp_path / "q", capsys)
+    assert code == EXIT_OK
+    assert [e["quarantined"] for e in by_file.values()] == [False, True]
+    assert main(["cache", "list", str(tmp_path / "q")]) == EXIT_OK
+    assert "quarantined by a run: truncated or padded" in capsys.readouterr().out
+
+
+def test_list_skips_files_that_are_not_caches(tmp_path, capsys, real_cache_bytes):
+    r = tmp_path / "mixed"
+    write(r / "README", b"# caches\n")
+    write(r / "notes.txt", b"ptr")  # shorter than the tag
+    write(r / KEY / "config.json", b'{"format": "something else"}')
+    write(r / KEY / "data", b"\x00" * 64)
+    write(r / KEY / "notes.txt.lock", b"")
+    write(r / KEY / "x.lock", b"")
+    write(r / KEY / "x.tmp", b"half")
+    save(r / KEY / "custom", real_cache_bytes)  # a template without .bin: its record says it is ours
+    write(r / KEY / "kernels", real_cache_bytes)  # no .bin, no record: the cache tag says it is ours
+    write(r / KEY / "rank0.bin", real_cache_bytes[:7])  # named like a cache: listed, as invalid
+    code, by_file = listing(r, capsys)
+    assert code == EXIT_INVALID
+    assert list(by_file) == [(KEY, "custom"), (KEY, "kernels"), (KEY, "rank0.bin")]
+    assert by_file[(KEY, "custom")]["gpu"] == H100.id and by_file[(KEY, "kernels")]["valid"] is True
+    assert "truncated" in by_file[(KEY, "rank0.bin")]["problem"]
 
 
 def test_list_all_valid_and_empty(good_root, tmp_path, capsys):
@@ -121,32 +211,176 @@ def test_list_files_at_the_root(tmp_path, capsys, real_cache_bytes):
 def test_list_missing_root_is_usage_error(tmp_path, capsys):
     assert main(["cache", "list", str(tmp_path / "nope")]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "not a directory" in err and "nope" in err
+    assert "does not exist" in err and "nope" in err and cache.default_cache_dir() in err
     write(tmp_path / "file", b"x")
     assert main(["cache", "list", str(tmp_path / "file")]) == EXIT_USAGE
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_list_default_root_is_the_cache_dir(real_cache_bytes, capsys):
     default = cache.default_cache_dir()  # conftest points it into this test's tmp_path
-    assert main(["cache", "list"]) == EXIT_USAGE  # nothing saved yet
+    assert not os.path.exists(default)
+    assert main(["cache", "list"]) == EXIT_OK  # no run has saved yet: no caches, not an error
+    assert f"no cache files under {default}" in capsys.readouterr().out
+    assert main(["cache", "list", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["cache", "list", default]) == EXIT_USAGE  # named explicitly, it must exist
     capsys.readouterr()
-    write(os.path.join(default, KEY, "rank0.bin"), real_cache_bytes)
+    save(os.path.join(default, KEY, "gpu-3b6d1a2c.bin"), real_cache_bytes)
     assert main(["cache", "list", "--json"]) == EXIT_OK
     (entry,) = json.loads(capsys.readouterr().out)
-    assert entry["path"] == os.path.join(default, KEY, "rank0.bin")
+    assert (entry["path"], entry["gpu"]) == (os.path.join(default, KEY, "gpu-3b6d1a2c.bin"), "3b6d1a2c")
 
 
-def test_list_sees_what_a_save_leaves(tmp_path, real_cache_bytes, capsys):
+def test_list_default_root_that_is_a_file(real_cache_bytes, capsys):
+    write(cache.default_cache_dir(), b"x")
+    assert main(["cache", "list"]) == EXIT_USAGE
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_list_sees_what_a_run_leaves(tmp_path, real_cache_bytes, capsys, messages):
     """End to end with the store: a run's save and a quarantine show up as a listing would show them."""
-    template = str(tmp_path / "r" / "{sm}" / "rank{rank}.bin")
-    placement = cache.Placement(sm="sm90")
-    assert cache.save(placement.resolve(template), real_cache_bytes).saved
-    write(cache.Placement(rank=1, sm="sm90").resolve(template), b"junk")
-    with pytest.warns(UserWarning, match="unusable"):
-        cache.load(template, cache.Placement(rank=1, sm="sm90"))
-    assert main(["cache", "list", str(tmp_path / "r"), "--json"]) == EXIT_INVALID
-    entries = json.loads(capsys.readouterr().out)
-    assert [(e["file"], e["valid"]) for e in entries] == [("rank0.bin", True), ("rank1.bin.corrupt", False)]
+    template = str(tmp_path / "r" / "{sm}" / "gpu-{gpu}.bin")
+    assert cache.save(
+        cache.Placement(sm="sm90", gpu=H100).resolve(template),
+        real_cache_bytes,
+        None,
+        cache.Placement(sm="sm90", gpu=H100),
+    ).saved
+    other = cache.Placement(sm="sm90", gpu=OTHER)
+    write(other.resolve(template), b"junk")
+    cache.load(template, other)
+    assert messages.matching("unusable")
+    code, by_file = listing(tmp_path / "r", capsys)
+    assert code == EXIT_OK
+    assert [(e["file"], e["valid"], e["quarantined"], e["gpu"]) for e in by_file.values()] == [
+        ("gpu-3b6d1a2c.bin", True, False, "3b6d1a2c"),
+        ("gpu-9f8e7d6c.bin.corrupt", False, True, ""),
+    ]
+
+
+# --- clear ------------------------------------------------------------------------------------------
+
+
+def test_clear_removes_ours_and_keeps_the_rest(gpu_root, capsys):
+    before = files_under(gpu_root)
+    ours = {f for f in before if f.startswith(KEY) and not f.endswith("notes.txt")}
+    assert {f"{KEY}/gpu-3b6d1a2c.bin.json", f"{KEY}/gpu-3b6d1a2c.bin.lock"} <= ours  # records and locks too
+    assert main(["cache", "clear", str(gpu_root)]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(out[:-1]) == sorted(f"removed {gpu_root / f}" for f in ours)
+    assert out[-1].startswith(f"removed {len(ours)} files (") and out[-1].endswith(f"under {gpu_root}")
+    assert files_under(gpu_root) == {"README", f"{KEY}/notes.txt"}
+    code, by_file = listing(gpu_root, capsys)
+    assert (code, by_file) == (EXIT_OK, {})
+
+
+def test_clear_removes_emptied_key_directories_not_the_root(tmp_path, capsys, real_cache_bytes):
+    r = tmp_path / "r"
+    save(r / KEY / "gpu-3b6d1a2c.bin", real_cache_bytes)
+    save(r / "nested" / OTHER_KEY / "gpu-3b6d1a2c.bin", real_cache_bytes)
+    assert main(["cache", "clear", str(r)]) == EXIT_OK
+    assert os.listdir(r) == []
+    assert main(["cache", "clear", str(r)]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[-1] == f"no cache files under {r}"
+
+
+def test_clear_one_gpu(gpu_root, capsys):
+    assert main(["cache", "clear", str(gpu_root), "--gpu", "3b6d1a2c"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"removed {gpu_root / KEY / 'gpu-3b6d1a2c.bin'}\n" in out and " of GPU 3b6d1a2c under " in out
+    assert files_under(gpu_root) == {
+        "README",
+        f"{KEY}/notes.txt",
+        f"{KEY}/rank0.bin",  # no record: not known to be this GPU's
+        f"{KEY}/gpu-9f8e7d6c.bin",
+        f"{KEY}/gpu-9f8e7d6c.bin.json",
+        f"{KEY}/gpu-9f8e7d6c.bin.lock",
+    }
+    # a full UUID as nvidia-smi -L prints it names the same GPU
+    assert main(["cache", "clear", str(gpu_root), "--gpu", "GPU-" + OTHER.uuid.upper()]) == EXIT_OK
+    assert files_under(gpu_root) == {"README", f"{KEY}/notes.txt", f"{KEY}/rank0.bin"}
+
+
+def test_clear_a_gpu_with_no_files_says_which_gpus_have_some(gpu_root, capsys):
+    before = files_under(gpu_root)
+    assert main(["cache", "clear", str(gpu_root), "--gpu", "deadbeef"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "no cache files of GPU deadbeef" in out and "3b6d1a2c, 9f8e7d6c" in out
+    assert files_under(gpu_root) == before
+
+
+def test_clear_dry_run_removes_nothing(gpu_root, capsys):
+    before = files_under(gpu_root)
+    assert main(["cache", "clear", str(gpu_root), "--dry-run", "--gpu", "9f8e7d6c"]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"would remove {gpu_root / KEY / 'gpu-9f8e7d6c.bin'}",
+        f"would remove {gpu_root / KEY / 'gpu-9f8e7d6c.bin.json'}",
+        f"would remove {gpu_root / KEY / 'gpu-9f8e7d6c.bin.lock'}",
+        out[-1],
+    ]
+    assert out[-1].startswith("would remove 3 files (")
+    assert files_under(gpu_root) == before
+
+
+def test_clear_leftovers_of_a_file_that_is_gone(tmp_path, capsys, real_cache_bytes):
+    """A crashed save's temp file and a record whose cache was deleted by hand are ours to clear."""
+    r = tmp_path / "r"
+    write(r / KEY / "gpu-3b6d1a2c.bin.tmp", real_cache_bytes[:100])
+    write(r / KEY / "gpu-3b6d1a2c.bin.json.tmp", b"{")
+    write(r / KEY / "custom.json", json.dumps({"format": cache.RECORD_FORMAT}).encode())
+    write(r / KEY / "custom.lock", b"")
+    write(r / KEY / "mine.tmp", real_cache_bytes[:100])  # a template without .bin, crashed mid-save
+    write(r / KEY / "user.json", b'{"a": 1}')
+    write(r / KEY / "user.tmp", b"draft")
+    assert main(["cache", "list", str(r)]) == EXIT_OK  # nothing to list: side files only
+    assert main(["cache", "clear", str(r)]) == EXIT_OK
+    assert files_under(r) == {f"{KEY}/user.json", f"{KEY}/user.tmp"}
+
+
+def test_clear_missing_roots(tmp_path, capsys):
+    assert main(["cache", "clear"]) == EXIT_OK  # the default root: no run has saved yet
+    assert "nothing to clear" in capsys.readouterr().out
+    assert not os.path.exists(cache.default_cache_dir())  # and it is not created
+    assert main(["cache", "clear", str(tmp_path / "nope")]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_clear_default_root(capsys, real_cache_bytes):
+    path = save(os.path.join(cache.default_cache_dir(), KEY, "gpu-3b6d1a2c.bin"), real_cache_bytes)
+    assert main(["cache", "clear"]) == EXIT_OK
+    assert f"removed {path}\n" in capsys.readouterr().out
+    assert os.listdir(cache.default_cache_dir()) == []
+
+
+def test_clear_reports_a_file_it_cannot_remove(gpu_root, capsys, monkeypatch):
+    stuck = str(gpu_root / KEY / "rank0.bin")
+    real_remove = os.remove
+
+    def remove(path, *args, **kwargs):
+        if str(path) == stuck:
+            raise PermissionError(13, "Permission denied", path)
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", remove)
+    assert main(["cache", "clear", str(gpu_root)]) == EXIT_INVALID
+    captured = capsys.readouterr()
+    assert f"could not remove {stuck}: Permission denied" in captured.err
+    assert f"removed {stuck}" not in captured.out and f"removed {gpu_root / KEY / 'gpu-9f8e7d6c.bin'}" in captured.out
+    assert files_under(gpu_root) == {"README", f"{KEY}/notes.txt", f"{KEY}/rank0.bin"}
+
+
+@pytest.mark.parametrize("gpu", ["3b6d1a2", "3b6d1a2cz", "xyz", "", "GPU-", "3b6d1a2c-0000"])
+def test_clear_bad_gpu_id(gpu, gpu_root, capsys):
+    before = files_under(gpu_root)
+    assert main(["cache", "clear", str(gpu_root), "--gpu", gpu]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "argument --gpu" in err and "8 hex digits" in err and "UUID" in err
+    assert files_under(gpu_root) == before
+
+
+# --- verify -----------------------------------------------------------------------------------------
 
 
 def test_verify(root, capsys, real_cache_bytes):
@@ -176,30 +410,61 @@ def test_verify(root, capsys, real_cache_bytes):
     assert main(["cache", "verify", os.path.join(root, KEY)]) == EXIT_USAGE  # a directory is not a file
 
 
+def test_verify_a_directory_or_an_unreadable_file(tmp_path, capsys, monkeypatch):
+    assert main(["cache", "verify", str(tmp_path)]) == EXIT_USAGE
+    assert "not a regular file" in capsys.readouterr().err
+    locked = tmp_path / "rank0.bin"
+    locked.write_bytes(b"x")
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    assert main(["cache", "verify", str(locked)]) == EXIT_INVALID
+    assert "INVALID (unreadable: Permission denied)" in capsys.readouterr().out
+
+
+# --- usage ------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "names"),
     [
-        [],
-        ["cache"],
-        ["cache", "frobnicate"],
-        ["cache", "verify"],
-        ["cache", "list", "--jsn"],
-        ["purge"],
-        ["cache", "list", "a", "b"],
+        ([], "{cache}"),
+        (["cache"], "list,verify,clear"),
+        (["cache", "frobnicate"], "'list', 'verify', 'clear'"),
+        (["cache", "verify"], "files"),
+        (["cache", "list", "--jsn"], "did you mean --json?"),
+        (["purge"], "'cache'"),
+        (["cache", "list", "a", "b"], "unrecognized arguments: b"),
+        (["cache", "clear", "a", "b"], "unrecognized arguments: b"),
+        (["cache", "clear", "--gpu"], "--gpu ID"),
+        (["cache", "clear", "--dryrun"], "usage: lightning-trt-rtx cache clear [-h] [--gpu ID] [--dry-run] [root]"),
     ],
 )
-def test_bad_usage(argv, capsys):
+def test_bad_usage(argv, names, capsys):
     assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "usage: lightning-trt-rtx" in err
-    assert "error:" in err
+    assert "usage: lightning-trt-rtx" in err and "error:" in err
+    assert names in err  # the error or its usage line names what is valid
 
 
 def test_help_exits_ok(capsys):
     assert main(["--help"]) == EXIT_OK
     assert "cache" in capsys.readouterr().out
+    assert main(["cache", "--help"]) == EXIT_OK
+    assert "clear" in capsys.readouterr().out
     assert main(["cache", "list", "--help"]) == EXIT_OK
     assert "--json" in capsys.readouterr().out
+    assert main(["cache", "clear", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "--gpu ID" in out and "--dry-run" in out and cache.default_cache_dir() in out
+
+
+# --- as a command -----------------------------------------------------------------------------------
 
 
 def run_module(*args, env=None):
@@ -228,6 +493,35 @@ def test_module_entry_point(root, real_cache_bytes):
     assert "usage:" in proc.stderr
 
 
+# A fresh interpreter runs the command as ``python -m`` does, then says which heavy modules it imported.
+IMPORTS_PROBE = """
+import json, runpy, sys
+sys.argv = ["lightning-trt-rtx", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("lightning_trt_rtx", run_name="__main__", alter_sys=True)
+except SystemExit as exit_:
+    code = exit_.code
+heavy = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "torch_tensorrt", "tensorrt")
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in heavy)}))
+"""
+
+
+@pytest.mark.parametrize("action", [["list"], ["list", "--json"], ["clear", "--dry-run"], ["clear"], ["verify"]])
+def test_command_imports_neither_torch_nor_lightning(action, gpu_root):
+    """The command starts fast: nothing on its path imports torch or Lightning (they took ~3 s)."""
+    files = [str(gpu_root / KEY / "gpu-3b6d1a2c.bin")] if action == ["verify"] else [str(gpu_root)]
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, json.dumps(["cache", *action, *files])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result == {"code": EXIT_OK, "heavy": []}
+
+
 def test_console_script(good_root):
     script = os.path.join(os.path.dirname(sys.executable), "lightning-trt-rtx")
     if not os.path.exists(script):
@@ -239,20 +533,11 @@ def test_console_script(good_root):
     assert "rank0.bin" in proc.stdout and "rank1.bin" in proc.stdout
 
 
-def test_verify_a_directory_or_an_unreadable_file(tmp_path, capsys, monkeypatch):
-    from lightning_trt_rtx.__main__ import main
-
-    assert main(["cache", "verify", str(tmp_path)]) == 2
-    assert "not a regular file" in capsys.readouterr().err
-    locked = tmp_path / "rank0.bin"
-    locked.write_bytes(b"x")
-    real_open = open
-
-    def refuse(path, *args, **kwargs):
-        if str(path) == str(locked):
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", refuse)
-    assert main(["cache", "verify", str(locked)]) == 1
-    assert "INVALID (unreadable: Permission denied)" in capsys.readouterr().out
+def test_list_into_a_closed_pipe(tmp_path):
+    """``cache list | head -1``: no traceback when the reader stops early."""
+    for r in range(2000):  # far more JSON than a pipe buffers
+        write(tmp_path / "many" / KEY / f"rank{r}.bin", b"x")
+    cmd = f"{sys.executable} -m lightning_trt_rtx cache list {tmp_path / 'many'} --json | head -1"
+    proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.stdout == "[\n"
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

@@ -665,6 +665,31 @@ def test_cli_any_argv(argv, cli_tree, monkeypatch):
 
 
 @FUZZ
+@given(
+    argv=st.lists(
+        st.sampled_from(["cache", "clear", "list", "--gpu", "--dry-run", "--dry", "3b6d1a2c", "GPU-3b6d1a2c", "zz",
+                         "good", "mixed", "empty", ".", "valid.bin", "--json", "-h", ""]) | st.text(max_size=8),
+        max_size=6,
+    ).filter(lambda argv: not any(a.startswith(("/", "~")) or ".." in a for a in argv)),
+)
+def test_cli_any_argv_with_clear(argv, cli_tree, tmp_path_factory, monkeypatch):
+    """``cache clear`` with any arguments: 0, 1 or 2, says why on 2, and never removes a file that is not ours."""
+    import shutil
+
+    CASES["CLI main(argv) with clear"] += 1
+    tree = tmp_path_factory.mktemp("clear") / "cli"
+    shutil.copytree(cli_tree, tree, symlinks=True)  # each example clears its own copy
+    (tree / "good" / "README").write_text("not a cache")
+    (tree / "mixed" / "k" / "notes.txt").write_text("not a cache either")
+    monkeypatch.chdir(tree)
+    code, out, err = run_cli(["cache", "clear", *argv])
+    assert type(code) is int and code in (0, 1, 2), (argv, code)
+    if code == 2:
+        assert err, f"exit 2 without saying why: {argv}"
+    assert (tree / "good" / "README").exists() and (tree / "mixed" / "k" / "notes.txt").exists()
+
+
+@FUZZ
 @given(files=st.lists(st.sampled_from(["valid.bin", "invalid.bin", "missing.bin", "empty", "mixed/k/rank1.bin",
                                        "mixed/k/rank0.bin", "mixed/k/rank4.bin"]), min_size=1, max_size=4))
 def test_cli_verify_exit_code(files, cli_tree, monkeypatch):
@@ -684,5 +709,88 @@ def test_cli_list_survives_unreadable_entries(cli_tree, as_json):
     code, out, _ = run_cli(["cache", "list", str(cli_tree / "mixed")] + (["--json"] if as_json else []))
     assert code == 1
     assert "rank0.bin" in out and "rank4.bin" in out and "rank3.bin.tmp" not in out
+    assert "rank2.bin.corrupt" in out and "quarantined by a run" in out
     code, out, _ = run_cli(["cache", "list", str(cli_tree / "good")])
     assert code == 0 and "rank0.bin" in out and ".lock" not in out
+    # clearing removes the dangling link itself (never what it points to), and the rest of ours
+    code, out, _ = run_cli(["cache", "clear", str(cli_tree / "mixed")])
+    assert code == 0 and f"removed {cli_tree / 'mixed' / 'k' / 'rank4.bin'}" in out
+    assert os.listdir(cli_tree / "mixed") == []
+
+
+@FUZZ
+@given(data=st.data())
+def test_cli_clear_removes_exactly_what_list_calls_ours(data, tmp_path):
+    """Any mix of caches, side files and other files: ``cache list`` lists the caches of ours and
+    ``cache clear`` removes them with their side files, nothing else; ``--gpu`` only files a valid
+    record ties to that GPU; ``--dry-run`` names the same files and removes none."""
+    import json
+
+    CASES["CLI list/clear"] += 1
+    gpu_a = cache.Gpu(uuid="3b6d1a2c-0000-1111-2222-333344445555", name="NVIDIA H100 80GB HBM3", sm="sm90")
+    gpu_b = cache.Gpu(uuid="9f8e7d6c-1a2b-4c3d-8e9f-ba9876543210", name="NVIDIA H100 80GB HBM3", sm="sm90")
+    saved = tmp_path / "saved"  # saved once by the store, copied into each example's root
+    if not saved.exists():
+        for name, gpu in (("gpu-a.bin", gpu_a), ("gpu-b.bin", gpu_b), ("custom", gpu_a)):
+            assert cache.save(str(saved / name), REAL_CACHE_BYTES, None, cache.Placement(gpu=gpu)).saved
+
+    def run_files(name: str) -> dict:
+        return {f"k/{name}{s}": (saved / f"{name}{s}").read_bytes() for s in ("", ".json", ".lock")}
+
+    groups = {  # a cache of ours -> (its files, the GPU its record names)
+        "gpu-a": (run_files("gpu-a.bin"), gpu_a.id),
+        "gpu-b": (run_files("gpu-b.bin"), gpu_b.id),
+        "custom": (run_files("custom"), gpu_a.id),  # not named .bin: its record says it is ours
+        "rank0": ({"k/rank0.bin": REAL_CACHE_BYTES}, None),  # no record
+        "rank1": ({"k/rank1.bin": REAL_CACHE_BYTES[:100], "k/rank1.bin.tmp": b"half"}, None),  # truncated
+        "rank2": ({"k/rank2.bin.corrupt": b"junk"}, None),  # quarantined by a run
+        "kernels": ({"kernels": REAL_CACHE_BYTES}, None),  # at the root, no .bin, no record: the tag says ours
+        "gone": ({"k/gone.bin.json": (saved / "gpu-a.bin.json").read_bytes()}, None),  # record of a deleted file
+    }
+    others = {
+        "README": b"# team caches\n",
+        "k/notes.txt": b"H100 runs\n",
+        "k/notes.txt.lock": b"",
+        "k/config.json": b'{"format": "other"}',
+        "k/data": b"\0" * 64,
+        "k/user.tmp": b"draft",
+        "k/sub/readme.md": b"hi",
+    }
+    chosen = data.draw(st.sets(st.sampled_from(sorted(groups))), label="caches")
+    junk = data.draw(st.sets(st.sampled_from(sorted(others))), label="other files")
+    gpu = data.draw(st.sampled_from([None, gpu_a.id, gpu_b.id, "deadbeef", "GPU-" + gpu_a.uuid.upper()]), label="gpu")
+    dry_run = data.draw(st.booleans(), label="dry_run")
+
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    files = {path: content for g in chosen for path, content in groups[g][0].items()}
+    files.update({path: others[path] for path in junk})
+    for path, content in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+
+    def on_disk() -> set:
+        return {os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names}
+
+    def listed() -> tuple[int, dict]:
+        code, out, err = run_cli(["cache", "list", str(root), "--json"])
+        return code, {os.path.relpath(e["path"], root): e for e in json.loads(out)}
+
+    code, entries = listed()
+    caches = {p for g in chosen for p in groups[g][0] if not p.endswith((".json", ".lock", ".tmp"))}
+    assert set(entries) == caches
+    assert code == (1 if "rank1" in chosen else 0)  # a quarantined file is not a failure
+    for g in chosen & {"gpu-a", "gpu-b", "custom"}:
+        (path,) = [p for p in groups[g][0] if not p.endswith((".json", ".lock"))]
+        assert entries[path]["gpu"] == groups[g][1] and entries[path]["gpu_name"] == gpu_a.name
+
+    wanted = gpu_a.id if gpu and gpu.startswith("GPU-") else gpu
+    removed = {p for g in chosen if wanted is None or groups[g][1] == wanted for p in groups[g][0]}
+    argv = ["cache", "clear", str(root)] + (["--gpu", gpu] if gpu else []) + (["--dry-run"] if dry_run else [])
+    code, out, err = run_cli(argv)
+    assert (code, err) == (0, "")
+    verb = "would remove " if dry_run else "removed "
+    named = {line[len(verb) :] for line in out.splitlines() if line.startswith(verb + str(root))}
+    assert named == {str(root / p) for p in removed}
+    assert on_disk() == set(files) - (set() if dry_run else removed)
+    assert root.is_dir()
+    assert set(listed()[1]) == (caches if dry_run else caches - removed)
