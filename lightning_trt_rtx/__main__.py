@@ -6,9 +6,10 @@
                                                              remove our cache files (only GPU ID's, with --gpu)
 
 ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
-A file under ROOT is ours if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
+A file under ROOT is listed if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
 starts with the TensorRT-RTX cache tag; files moved aside by a run (``<file>.corrupt``) are listed
-as quarantined. Anything else (a README, notes) is never listed and never removed. ``clear`` also
+as quarantined. ``clear`` removes only files with a record, the tag or a quarantine (a ``*.bin``
+name alone could be a model's weights). Anything else (a README, notes) is never listed or removed. ``clear`` also
 removes a cache's record, lock and temporary files: run it while no job uses the caches.
 
 Exit codes: 0 ok (quarantined files do not count as failures), 1 an invalid file was found (or a
@@ -61,8 +62,12 @@ def _is_record(path: str) -> bool:
         return False
 
 
-def _groups(root: str) -> list[tuple[str, str, list[str]]]:
-    """(directory, base name, file names) for every cache of ours under ``root``, with its side files."""
+def _groups(root: str, by_name: bool = True) -> list[tuple[str, str, list[str]]]:
+    """(directory, base name, file names) for every cache of ours under ``root``, with its side files.
+
+    ``by_name=False`` (what ``clear`` removes): a ``*.bin`` name alone is not proof enough, since a
+    model's ``pytorch_model.bin`` has it too; a record, a quarantine or the cache tag is.
+    """
     found = []
     for directory, _, names in os.walk(root):
         by_base: dict[str, list[str]] = {}
@@ -71,7 +76,7 @@ def _groups(root: str) -> list[tuple[str, str, list[str]]]:
         for base, members in by_base.items():
             path = os.path.join(directory, base)
             if (
-                base.endswith(".bin")
+                (by_name and base.endswith(".bin"))
                 or base + QUARANTINED in members
                 or (base + cache.RECORD_SUFFIX in members and _is_record(path + cache.RECORD_SUFFIX))
                 or (base in members and _starts_with_magic(path))
@@ -213,7 +218,7 @@ def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
             print(f"nothing to clear under {shown} (no run has saved there yet)")
         return status
     status, removed, size, seen = EXIT_OK, 0, 0, set()
-    for directory, base, members in sorted(_groups(root)):
+    for directory, base, members in sorted(_groups(root, by_name=False)):
         if gpu is not None:
             record = cache.read_record(os.path.join(directory, base))
             seen.add(record.gpu_id if record else "")
