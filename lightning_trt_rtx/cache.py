@@ -19,6 +19,7 @@ the last good file untouched and never raises.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -277,7 +278,8 @@ def read_record(path: str, data: Optional[bytes] = None) -> Optional[Record]:
         if not fs.isfile(inner + RECORD_SUFFIX):
             return None
         values = json.loads(fs.cat_file(inner + RECORD_SUFFIX))
-        record = Record(**values)
+        known = {f.name for f in dataclasses.fields(Record)}  # a later version may add fields
+        record = Record(**{k: v for k, v in values.items() if k in known})
         if record.format != RECORD_FORMAT:
             return None
         if data is None:
