@@ -8,15 +8,21 @@
   and less work in each, the benchmark's model for whole-graph capture inside ``Trainer.predict``.
 
 :class:`CompiledPredictor` compiles its model with ``torch_tensorrt`` (dynamo, static shape = the
-batch size) where a CUDA device and torch-tensorrt are present, and stays eager elsewhere. Nothing is
-downloaded; every tensor comes from a fixed seed.
+batch size) where a CUDA device and torch-tensorrt are present, and stays eager elsewhere;
+:func:`prepare_model` does the same for loops without a Trainer (Lightning Fabric). The examples keep
+their kernel caches one file per physical GPU (:func:`cache_template`: the package's default layout
+under the example's own directory) and report each rank's ``RankFigures`` as :func:`figures_dict`.
+Nothing is downloaded; every tensor comes from a fixed seed.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
@@ -144,6 +150,75 @@ def save_program(compiled: nn.Module, path: str, example: torch.Tensor) -> None:
 load_program = lightning_trt_rtx.load_program  # torch_tensorrt.load(path).module(), made servable by Lightning
 
 
+def prepare_model(
+    model_name: str,
+    device: Any,
+    batch_size: int | None = None,
+    half: bool | None = None,
+    use_tensorrt: bool | None = None,
+    seed: int = 0,
+    net: nn.Module | None = None,
+) -> tuple[nn.Module, torch.dtype, bool]:
+    """``model_name`` ready to serve on ``device``: (module, input dtype, whether compiled with TensorRT).
+
+    On a CUDA device with torch-tensorrt (``use_tensorrt=None``: wherever it is installed) the model
+    is compiled for a static input of ``batch_size`` samples; elsewhere it stays eager (fp32 on CPU).
+    ``net``: the eager model to serve (default: :func:`build_model` with ``seed``).
+    """
+    device = torch.device(device)
+    net = build_model(model_name, seed) if net is None else net
+    if device.type != "cuda":
+        return net, torch.float32, False
+    half = default_half(model_name) if half is None else half
+    dtype = torch.float16 if half else torch.float32
+    net = net.to(device=device, dtype=dtype).eval()
+    if not (_backend.is_available() if use_tensorrt is None else use_tensorrt):
+        return net, dtype, False
+    batch_size = batch_size or model_spec(model_name).batch_size
+    example = torch.randn((batch_size, *model_spec(model_name).input_shape), device=device, dtype=dtype)
+    return compile_tensorrt(net, example), dtype, True
+
+
+# --- kernel caches and figures --------------------------------------------------------------------
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lightning-trt-rtx-example")
+
+
+def cache_template(cache_dir: str) -> str:
+    """The package's default layout under ``cache_dir``: one file per physical GPU (``{gpu}``: the first
+    8 hex digits of its UUID) under a directory keyed by GPU architecture and TensorRT-RTX/CUDA versions."""
+    return os.path.join(cache_dir, "{sm}-trtrtx{trt}-cuda{cuda}", "gpu-{gpu}.bin")
+
+
+def clear_cache(cache_dir: str) -> list[str]:
+    """Remove the examples' cache files under ``cache_dir`` with their records and lock, tmp and quarantine
+    siblings (``<key>/gpu-*.bin*``, and ``<key>/rank*.bin*`` the 0.1 examples wrote), nothing else."""
+    removed = []
+    for pattern in ("gpu-*.bin*", "rank*.bin*"):
+        for path in sorted(glob.glob(os.path.join(glob.escape(cache_dir), "*", pattern))):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def figures_dict(figures: Any) -> dict[str, Any]:
+    """A rank's ``RankFigures`` as JSON values: its fields (``cache``: the run's ``CacheStats``, or None) and
+    the derived ``cache_source``, ``applies``, ``cache_path``, ``cache_bytes`` (loaded), ``saved_bytes``, ``warm``."""
+    values = asdict(figures)
+    values.update(
+        cache_source=figures.cache_source,
+        applies=figures.cache.applies if figures.cache is not None else "-",
+        cache_path=figures.cache_path,
+        cache_bytes=figures.cache_bytes,
+        saved_bytes=figures.saved_bytes,
+        warm=figures.warm,
+    )
+    return values
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 
@@ -181,9 +256,9 @@ class SyntheticDataModule(LightningDataModule):
     def __init__(
         self,
         model_name: str = "conv",
-        batch_size: Optional[int] = None,
+        batch_size: int | None = None,
         batches: int = 100,
-        half: Optional[bool] = None,
+        half: bool | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -224,10 +299,10 @@ class CompiledPredictor(LightningModule):
     def __init__(
         self,
         model_name: str = "conv",
-        batch_size: Optional[int] = None,
-        use_tensorrt: Optional[bool] = None,
-        half: Optional[bool] = None,
-        program: Optional[str] = None,
+        batch_size: int | None = None,
+        use_tensorrt: bool | None = None,
+        half: bool | None = None,
+        program: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -258,18 +333,9 @@ class CompiledPredictor(LightningModule):
             self.input_dtype = torch.float16 if half else torch.float32
             self.compiled = True
         else:
-            net = self.net.to(device).eval()
-            if half:
-                net = net.half()
-            self.input_dtype = torch.float16 if half else torch.float32
-            if use_tensorrt:
-                example = torch.randn(
-                    (self.batch_size, *model_spec(self.model_name).input_shape), device=device, dtype=self.input_dtype
-                )
-                self.net = compile_tensorrt(net, example)
-                self.compiled = True
-            else:
-                self.net = net
+            self.net, self.input_dtype, self.compiled = prepare_model(
+                self.model_name, device, self.batch_size, half, use_tensorrt, net=self.net
+            )
         self.compile_s = time.perf_counter() - start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

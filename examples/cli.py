@@ -5,7 +5,8 @@
 
 ``cli.yaml`` adds ``lightning_trt_rtx.TRTRuntimeSettings`` to ``trainer.callbacks`` and
 ``lightning_trt_rtx.TRTRuntimePrecision`` to ``trainer.plugins`` (``class_path`` + ``init_args``). The
-two share one serving session, so their settings must agree. The data module's model name and
+two share one serving session (one cache file per physical GPU, one figures table), so their
+settings must agree. The data module's model name and
 batch size are linked into the model, so the compiled shape always matches the batches.
 """
 

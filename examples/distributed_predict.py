@@ -1,14 +1,16 @@
-"""Multi-GPU inference on Lightning's DDP strategy: one engine and one kernel cache file per rank.
+"""Multi-GPU inference on Lightning's DDP strategy: one engine per rank, one kernel cache file per GPU.
 
     python examples/distributed_predict.py --devices 2 --runs 2           # Lightning launches the ranks
     torchrun --nproc_per_node 2 examples/distributed_predict.py --runs 2  # or torchrun does
 
 Every rank compiles its own engine, serves its share of the data through ``Trainer.predict`` with
-``TRTRuntimeSettings`` (its own cache file from the per-rank template under ``--cache-dir``) and
-writes its predictions through a ``BasePredictionWriter`` to one file per rank under
-``--output-dir``. Each run prints every rank's figures and the job's throughput. With ``--runs 2``
-the second run starts in fresh processes (Lightning-launched ranks) or with fresh modules and
-cache handles (torchrun), and finds every rank's cache warm.
+``TRTRuntimeSettings`` and writes its predictions through a ``BasePredictionWriter`` to one file per
+rank under ``--output-dir``. Kernel caches are kept one file per physical GPU under ``--cache-dir``
+(``<key>/gpu-<uuid8>.bin``, the package's default layout), so a rank finds its GPU's kernels
+whichever rank number it gets. Each run prints every rank's figures (its GPU, what its cache loaded
+and whether that applies to this GPU) and the job's throughput. With ``--runs 2`` the second run
+starts in fresh processes (Lightning-launched ranks) or with fresh modules and a fresh serving
+session (torchrun), which reads the cache files from disk again, and finds every rank's cache ``warm``.
 
 Without an NVIDIA GPU it runs the same job on CPU (``accelerator="cpu"``, ``--devices`` processes,
 gloo), eagerly, and still writes the predictions.
@@ -20,25 +22,20 @@ Prediction files (``predictions-rank{R}.npy``) hold a sequence of ``np.save`` re
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # keep NCCL's NVLink multicast off
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _model import DEFAULT_CACHE_DIR, cache_template  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: E402
-
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lightning-trt-rtx-example")
-
-
-def cache_template(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin")
 
 
 def prediction_path(output_dir: str, rank: int) -> str:
@@ -126,7 +123,7 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
 # --- arguments ------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -167,29 +164,23 @@ def launched_externally() -> bool:
 
 
 def clear_cache(cache_dir: str) -> int:
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(cache_dir), "*", "rank*.bin*")):
-        try:
-            os.remove(path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
+    """Remove this example's cache files (and their records); returns how many files went."""
+    from _model import clear_cache as clear
+
+    return len(clear(cache_dir))
 
 
 # --- one run --------------------------------------------------------------------------------------
 
 
-def run_once(args: argparse.Namespace, run: int, result_dir: str) -> Optional[dict]:
+def run_once(args: argparse.Namespace, run: int, result_dir: str) -> dict | None:
     """One ``Trainer.predict`` over all ranks; rank zero gathers every rank's figures and writes the run's summary."""
-    from dataclasses import asdict
-
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name
+    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name, figures_dict
     from lightning.pytorch import Trainer
 
-    from lightning_trt_rtx import TRTRuntimeSettings, cache
+    from lightning_trt_rtx import TRTRuntimeSettings
 
-    cache.forget_shared()  # a run in the same process reloads the cache file, like a fresh process would
+    # each Trainer.predict opens its own serving session: it reads the cache files from disk again
     gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", args.devices))
     settings = TRTRuntimeSettings(runtime_cache=cache_template(args.cache_dir), print_table=False)
@@ -227,7 +218,7 @@ def run_once(args: argparse.Namespace, run: int, result_dir: str) -> Optional[di
         ranks = [mine]
     if not trainer.is_global_zero:
         return None
-    figures = [asdict(fig) for fig in settings.figures]
+    figures = [figures_dict(fig) for fig in settings.figures]
     for r, row in enumerate(ranks):
         row["figures"] = figures[r] if r < len(figures) else {}
     summary = {"run": run, "world_size": trainer.world_size, "accelerator": "gpu" if gpu else "cpu", "ranks": ranks}
@@ -260,6 +251,7 @@ def throughput(ranks: list[dict]) -> dict[str, float]:
 
 def print_run(summary: dict) -> None:
     from lightning_trt_rtx.report import format_bytes
+
     run, world = summary["run"], summary["world_size"]
     if summary["accelerator"] != "gpu":
         label = "eager, no engines"
@@ -274,8 +266,10 @@ def print_run(summary: dict) -> None:
     header = (
         "rank",
         "device",
+        "gpu",
         "engines",
         "cache",
+        "applies",
         "batches",
         "first batch",
         "per batch",
@@ -290,8 +284,10 @@ def print_run(summary: dict) -> None:
             (
                 str(r["rank"]),
                 r["device"],
+                fig.get("gpu", "-"),
                 str(fig.get("engines", 0)),
                 fig.get("cache_source", "none"),
+                fig.get("applies", "-"),
                 str(r["batches"]),
                 f"{r['first_batch_ms']:.1f} ms",
                 f"{r['per_batch_ms']:.3f} ms",
@@ -344,7 +340,7 @@ def finish(args: argparse.Namespace, summaries: list[dict]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args._run is not None:  # one run, in a fresh process (Lightning relaunches this same command per rank)
         try:

@@ -12,51 +12,37 @@ three times, each in a fresh process (compile, then serve):
 3. ``graphs``: warm cache and ``cuda_graph_strategy="whole_graph_capture"``.
 
 and prints one table: first-batch latency cold vs warm, per-batch latency default vs graphs, and
-each rank's cache file and size. Without an NVIDIA GPU it says so, runs the same Lightning job
-eagerly on CPU with the callback attached, prints how many predictions it made and exits 0.
+for each rank its GPU, what its kernel cache loaded (``cold``, then ``warm``: the file this GPU
+filled) and whether that applies to this GPU, its cache file (one per physical GPU,
+``<cache-dir>/<key>/gpu-<uuid8>.bin``) and sizes. Without an NVIDIA GPU it says so, runs the same
+Lightning job eagerly on CPU with the callback attached, prints how many predictions it made and
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from _model import DEFAULT_CACHE_DIR, cache_template, clear_cache  # noqa: E402, F401  (clear_cache: tests)
 
 PHASES = (  # name, cuda_graph_strategy, what it shows
     ("cold", "disabled", "empty kernel cache"),
     ("warm", "disabled", "kernel cache from the cold run"),
     ("graphs", "whole_graph_capture", "warm cache + whole-graph capture"),
 )
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lightning-trt-rtx-example")
 
 
-def cache_template(cache_dir: str) -> str:
-    """One file per rank, under a directory keyed by GPU architecture and library versions."""
-    return os.path.join(cache_dir, "{sm}-trtrtx{trt}-cuda{cuda}", "rank{rank}.bin")
-
-
-def clear_cache(cache_dir: str) -> list[str]:
-    """Remove this example's cache files (and their lock/tmp/quarantine siblings), nothing else."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(cache_dir), "*", "rank*.bin*")):
-        try:
-            os.remove(path)
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,9 +82,7 @@ def make_trainer(args: argparse.Namespace, callbacks: list, accelerator: str) ->
 
 def run_phase(args: argparse.Namespace) -> int:
     """Compile, serve ``--batches`` through ``Trainer.predict``, write rank zero's figures to ``--_result``."""
-    from dataclasses import asdict
-
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name
+    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, device_name, figures_dict
 
     from lightning_trt_rtx import TRTRuntimeSettings, _backend
 
@@ -121,7 +105,7 @@ def run_phase(args: argparse.Namespace) -> int:
             "compile_s": model.compile_s,
             "predicted_batches": len(predictions or []),
             "timer": timer.result(),
-            "figures": [asdict(f) for f in settings.figures],
+            "figures": [figures_dict(f) for f in settings.figures],
         }
         with open(args._result, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
@@ -133,7 +117,11 @@ def run_phase(args: argparse.Namespace) -> int:
 
 def format_table(results: list[dict]) -> str:
     from lightning_trt_rtx.report import format_bytes
-    header = ("phase", "cuda graphs", "rank", "cache", "first batch", "per batch", "cache file", "loaded", "saved")
+
+    header = (
+        "phase", "cuda graphs", "rank", "gpu", "cache", "applies", "first batch", "per batch", "cache file", "loaded",
+        "saved",
+    )  # fmt: skip
     rows = []
     for result in results:
         for rank, fig in enumerate(result["figures"]):
@@ -142,7 +130,9 @@ def format_table(results: list[dict]) -> str:
                     result["phase"],
                     result["cuda_graph_strategy"],
                     str(fig.get("rank", rank)),
+                    fig.get("gpu", "-"),
                     fig["cache_source"],
+                    fig.get("applies", "-"),
                     f"{fig['first_batch_ms']:.1f} ms",
                     f"{fig['mean_batch_ms']:.3f} ms",
                     fig["cache_path"] or "-",
@@ -163,8 +153,8 @@ def summary_lines(by_phase: dict[str, dict]) -> list[str]:
     if cold["first_batch_ms"] > 0:
         ratio = warm["first_batch_ms"] / cold["first_batch_ms"]
         lines.append(
-            f"warm start: first batch {warm['first_batch_ms']:.1f} ms with the warm cache vs"
-            f" {cold['first_batch_ms']:.1f} ms cold ({ratio:.2f}x the cold time)"
+            f"warm start: first batch {warm['first_batch_ms']:.1f} ms with the {warm['cache_source']} cache vs"
+            f" {cold['first_batch_ms']:.1f} ms {cold['cache_source']} ({ratio:.2f}x the cold time)"
         )
     if graphs["mean_batch_ms"] > 0:
         speedup = warm["mean_batch_ms"] / graphs["mean_batch_ms"]
@@ -259,7 +249,7 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:

@@ -60,43 +60,69 @@ def test_predict_without_gpu_runs_eagerly_with_the_callback(tmp_path):
     assert not cache_dir.exists()
 
 
-def test_predict_clear_cache_removes_only_cache_files(tmp_path):
+def test_examples_keep_one_cache_file_per_gpu_and_clear_only_cache_files(tmp_path):
+    from lightning_trt_rtx import cache
+
     predict = _load("example_predict", os.path.join(EXAMPLES, "predict.py"))
+    distributed = _load("example_distributed", os.path.join(EXAMPLES, "distributed_predict.py"))
+    template = predict.cache_template(str(tmp_path))
+    assert distributed.cache_template(str(tmp_path)) == template
+    # the package's default layout under the example's directory: one file per physical GPU
+    assert template == cache.default_template().replace(cache.default_cache_dir(), str(tmp_path))
+    assert cache.template_fields(template) == ["sm", "trt", "cuda", "gpu"]
+
     key = tmp_path / "sm90-trtrtx1.6.1-cuda13.0"
     key.mkdir()
-    for name in ("rank0.bin", "rank1.bin", "rank0.bin.lock", "rank1.bin.corrupt"):
+    ours = ("gpu-3b6d1a2c.bin", "gpu-3b6d1a2c.bin.json", "gpu-3b6d1a2c.bin.lock", "gpu-9f8e7d6c.bin.corrupt",
+            "gpu-9f8e7d6c-rank1.bin", "rank0.bin", "rank1.bin.tmp")  # fmt: skip
+    for name in ours:
         (key / name).write_bytes(b"x")
     (key / "notes.txt").write_text("keep me")
-    (tmp_path / "rank0.bin").write_bytes(b"not under a key directory")
+    (tmp_path / "gpu-3b6d1a2c.bin").write_bytes(b"not under a key directory")
     removed = predict.clear_cache(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in removed) == [
-        "rank0.bin",
-        "rank0.bin.lock",
-        "rank1.bin",
-        "rank1.bin.corrupt",
-    ]
+    assert sorted(os.path.basename(p) for p in removed) == sorted(ours)
     assert sorted(os.listdir(key)) == ["notes.txt"]
-    assert (tmp_path / "rank0.bin").exists()
+    assert (tmp_path / "gpu-3b6d1a2c.bin").exists()
+    (key / "gpu-3b6d1a2c.bin").write_bytes(b"x")
+    assert distributed.clear_cache(str(tmp_path)) == 1 and sorted(os.listdir(key)) == ["notes.txt"]
 
 
 def test_predict_table_and_summary_from_figures():
     predict = _load("example_predict", os.path.join(EXAMPLES, "predict.py"))
 
+    from lightning_trt_rtx import cache
+    from lightning_trt_rtx.report import RankFigures
+
+    model_mod = _load("example_model", os.path.join(EXAMPLES, "_model.py"))
+
     def figures(first, mean, source):
-        return {
-            "rank": 0, "engines": 1, "cache_source": source, "cache_path": "/c/rank0.bin", "cache_bytes": 2048,
-            "saved_bytes": 4096, "batches": 10, "first_batch_ms": first, "mean_batch_ms": mean,
-        }  # fmt: skip
+        stats = cache.CacheStats(
+            path="/c/gpu-3b6d1a2c.bin", source=source, load_bytes=0 if source == "cold" else 2048, save_bytes=4096,
+            saved=True,
+        )  # fmt: skip
+        fig = RankFigures(0, "3b6d1a2c", 1, "", 10, first, mean, stats)
+        values = model_mod.figures_dict(fig)
+        fields = ("rank", "gpu", "engines", "graphs", "batches", "first_batch_ms", "mean_batch_ms", "cache")
+        assert RankFigures.from_dict({k: values[k] for k in fields}) == fig  # every field, and the derived ones
+        return json.loads(json.dumps(values))  # what a phase writes to its JSON
 
     results = [
         {"phase": "cold", "cuda_graph_strategy": "disabled", "figures": [figures(400.0, 0.3, "cold")]},
-        {"phase": "warm", "cuda_graph_strategy": "disabled", "figures": [figures(30.0, 0.3, "own")]},
-        {"phase": "graphs", "cuda_graph_strategy": "whole_graph_capture", "figures": [figures(35.0, 0.1, "own")]},
+        {"phase": "warm", "cuda_graph_strategy": "disabled", "figures": [figures(30.0, 0.3, "warm")]},
+        {"phase": "graphs", "cuda_graph_strategy": "whole_graph_capture", "figures": [figures(35.0, 0.1, "warm")]},
     ]
+    assert results[1]["figures"][0]["applies"] == "yes" and results[1]["figures"][0]["warm"] is True
+    assert results[0]["figures"][0]["applies"] == "-" and results[0]["figures"][0]["warm"] is False
     table = predict.format_table(results).splitlines()
-    assert table[0].split()[:3] == ["phase", "cuda", "graphs"]
-    assert [row.split()[0] for row in table[2:]] == ["cold", "warm", "graphs"]
-    assert "400.0 ms" in table[2] and "30.0 ms" in table[3] and "/c/rank0.bin" in table[2] and "4.0 KiB" in table[2]
+    assert table[0].split()[:7] == ["phase", "cuda", "graphs", "rank", "gpu", "cache", "applies"]
+    rows = [row.split() for row in table[2:]]
+    assert [row[:6] for row in rows] == [
+        ["cold", "disabled", "0", "3b6d1a2c", "cold", "-"],
+        ["warm", "disabled", "0", "3b6d1a2c", "warm", "yes"],
+        ["graphs", "whole_graph_capture", "0", "3b6d1a2c", "warm", "yes"],
+    ]
+    assert "400.0 ms" in table[2] and "30.0 ms" in table[3] and "/c/gpu-3b6d1a2c.bin" in table[2]
+    assert "4.0 KiB" in table[2] and "2.0 KiB" in table[3]
     summary = predict.summary_lines({r["phase"]: r for r in results})
     assert summary[0].startswith("warm start: first batch 30.0 ms with the warm cache vs 400.0 ms cold (0.07x")
     assert summary[1].startswith("whole-graph capture: 0.100 ms per batch vs 0.300 ms without (3.00x faster)")
@@ -121,12 +147,17 @@ def test_distributed_predict_two_cpu_ranks_two_runs(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, _explain(proc)
     assert "running the same job eagerly on CPU" in proc.stdout
+    lines = proc.stdout.splitlines()
     for run in (1, 2):
         assert any(
-            line.startswith(f"run {run} (eager, no engines): 2 rank(s) on cpu, 12 samples")
-            for line in proc.stdout.splitlines()
+            line.startswith(f"run {run} (eager, no engines): 2 rank(s) on cpu, 12 samples") for line in lines
         ), _explain(proc)
     assert "samples/s" in proc.stdout
+    # every rank's figures, with its GPU id and cache source (no engines on CPU: no cache, "none")
+    headers = [line.split() for line in lines if line.startswith("rank ")]
+    assert len(headers) == 2 and headers[0][:6] == ["rank", "device", "gpu", "engines", "cache", "applies"]
+    rows = [line.split() for line in lines if line[:2] in ("0 ", "1 ")]
+    assert [row[:6] for row in rows] == [[r, "cpu", "cpu", "0", "none", "-"] for r in ("0", "1")] * 2, _explain(proc)
 
     distributed = _load("example_distributed", os.path.join(EXAMPLES, "distributed_predict.py"))
     assert sorted(os.listdir(out)) == ["predictions-rank0.npy", "predictions-rank1.npy"]
@@ -143,7 +174,20 @@ def test_distributed_predict_two_cpu_ranks_two_runs(tmp_path):
     for run in summary["runs"]:
         assert run["world_size"] == 2 and run["samples"] == 12 and run["samples_per_s"] > 0
         assert [(r["rank"], r["batches"], r["prediction_rows"]) for r in run["ranks"]] == [(0, 2, 6), (1, 2, 6)]
-        assert all(r["figures"]["engines"] == 0 for r in run["ranks"])
+        for rank in run["ranks"]:
+            fig = rank["figures"]
+            assert (fig["rank"], fig["engines"], fig["gpu"], fig["cache_source"], fig["cache"]) == (
+                rank["rank"], 0, "cpu", "none", None,
+            )  # fmt: skip
+
+    # what benchmarks/two_gpu.py reads from this summary keeps working
+    from benchmarks import two_gpu
+
+    first = summary["runs"][0]["ranks"][0]
+    assert two_gpu.cache_source(first) == "none" and two_gpu._gpu(first) == "cpu"
+    for key in ("batches", "per_batch_ms", "first_batch_ms", "loop_s", "wall_start", "wall_first_end", "wall_end"):
+        assert key in first
+    assert {"steady_samples_per_s", "samples_per_s"} <= set(summary["runs"][0])
 
 
 @pytest.mark.parametrize("interval", ["batch", "epoch"])
@@ -167,29 +211,47 @@ def test_prediction_writer_intervals_write_the_same_file(tmp_path, interval):
     np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_one_module_served_by_trainers_with_different_settings():
-    """The benchmarks serve one compiled module with several Trainers in turn, each its own settings."""
-    from lightning.pytorch import Trainer
+def test_one_module_served_by_trainers_with_different_settings(trt):
+    """The benchmarks serve one compiled module with several Trainers in turn, each its own settings.
+
+    An engine-less TorchTensorRTModule beside the eager net stands for the compiled engine (CPU).
+    """
+    from lightning.pytorch import Callback, Trainer
 
     from lightning_trt_rtx import TRTCudaGraphs, TRTRuntimeSettings
-    from lightning_trt_rtx.session import ServingSession
 
     model_mod = _load("example_model", os.path.join(EXAMPLES, "_model.py"))
     model = model_mod.CompiledPredictor("mlp", 2)
+    model.engine = torch.nn.Sequential(trt.dynamo.runtime.TorchTensorRTModule(name="engine"))
+    engine = model.engine[0]
+    prior = engine.runtime_settings
     data = model_mod.SyntheticDataModule("mlp", 2, batches=2)
+
+    class Held(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.seen.append(engine.runtime_settings.cuda_graph_strategy)
+
     served = []
     for strategy, graphs in (("disabled", True), ("whole_graph_capture", False), ("disabled", False)):
-        settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False)
-        callbacks = [settings] + ([TRTCudaGraphs()] if graphs else [])
+        settings, held = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False), Held()
+        callbacks = [settings, held] + ([TRTCudaGraphs()] if graphs else [])
         trainer = Trainer(
             accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False,
         )  # fmt: skip
         trainer.predict(model, datamodule=data, return_predictions=False)
-        session = ServingSession.of(model)
-        served.append((session.settings.cuda_graph_strategy, session.graphs_requested, settings.figures[0].batches))
-    # each Trainer's own settings; the first one's graphs request does not leak into the next
-    assert served == [("disabled", True, 2), ("whole_graph_capture", False, 2), ("disabled", False, 2)]
+        (fig,) = settings.figures
+        served.append((held.seen, fig.graphs, fig.engines, fig.batches, settings.session))
+        assert engine.runtime_settings is prior  # each run gives the engine back as it found it
+    # each Trainer's own settings; the first one's graph scope does not leak into the next
+    assert served == [
+        (["disabled"] * 2, "engine: engine graphs", 1, 2, None),
+        (["whole_graph_capture"] * 2, "", 1, 2, None),
+        (["disabled"] * 2, "", 1, 2, None),
+    ]
 
 
 @pytest.mark.parametrize("timer_first", [True, False])
@@ -329,9 +391,101 @@ def test_write_results_tables_goals_and_gpu_name(tmp_path):
         assert str(tmp_path / "results.png") in written and (tmp_path / "results.png").stat().st_size > 0
 
 
-def test_tensor_parallel_example_says_what_it_needs_without_gpus():
-    proc = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"))
+# --- examples/tensor_parallel_predict.py ----------------------------------------------------------
+
+
+def test_tensor_parallel_example_says_what_it_needs_without_gpus(tmp_path):
+    proc = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "needs 2 NVIDIA GPUs and torch-tensorrt-rtx (found 0 GPU(s))" in proc.stdout
+    assert not (tmp_path / "cache").exists()
     bad = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--gpus", "1")
     assert bad.returncode == 2 and "--gpus must be at least 2" in bad.stderr
+    bad = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--runs", "0")
+    assert bad.returncode == 2 and "--runs and --batches must be positive" in bad.stderr
+
+
+def test_tensor_parallel_example_uses_only_the_public_api():
+    import ast
+
+    with open(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    ours = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_trt_rtx"):
+            ours.append((node.module, sorted(a.name for a in node.names)))
+        elif isinstance(node, ast.Import):
+            ours += [(a.name, []) for a in node.names if a.name.startswith("lightning_trt_rtx")]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert node.value.id != "lightning_trt_rtx", ast.unparse(node)
+    assert ours == [("lightning_trt_rtx", ["ServingSession", "TRTSettings"])]
+
+
+def test_tensor_parallel_table_and_goal_from_rows():
+    tp = _load("example_tensor_parallel", os.path.join(EXAMPLES, "tensor_parallel_predict.py"))
+
+    def row(run, rank, first_ms, source):
+        return {
+            "run": run, "rank": rank, "gpu": f"gpu{rank}", "engines": 1, "native_nccl": [True], "contexts": [1],
+            "cache": source, "first_execute_ms": first_ms, "steady_ms": 0.07, "max_abs_error": 3e-4,
+            "cache_file": f"/c/gpu-gpu{rank}.bin",
+        }  # fmt: skip
+
+    cold = [row(1, 0, 400.0, "cold"), row(1, 1, 500.0, "cold")]
+    table = tp.format_table([cold, [row(2, 0, 20.0, "warm"), row(2, 1, 60.0, "warm")]]).splitlines()
+    assert table[0].split()[:4] == ["rank", "gpu", "engines", "contexts"]
+    assert table[2].split()[:13] == [
+        "0", "gpu0", "1", "1/1", "cold", "400.0", "ms", "warm", "20.0", "ms", "0.050", "0.070", "ms",
+    ]  # fmt: skip
+    assert "0.120" in table[3] and "/c/gpu-gpu1.bin" in table[3]
+    met = tp.goal_line([cold, [row(2, 0, 20.0, "warm"), row(2, 1, 40.0, "warm")]])
+    assert met.endswith("rank 0 0.050, rank 1 0.080; goal <= 0.10 on every rank: met")
+    not_met = tp.goal_line([cold, [row(2, 0, 20.0, "warm"), row(2, 1, 60.0, "warm")]])
+    assert not_met.endswith("rank 1 0.120; goal <= 0.10 on every rank: NOT met")
+    assert "did not start cold" in tp.goal_line([[row(1, 0, 40.0, "warm"), row(1, 1, 40.0, "cold")], cold])
+    assert tp.goal_line([cold]) is None and "-" in tp.format_table([cold]).splitlines()[2].split()
+
+
+# --- examples/fabric_predict.py -------------------------------------------------------------------
+
+
+def test_fabric_example_runs_the_same_loop_eagerly_on_two_cpu_processes(tmp_path):
+    summary_path, cache_dir = tmp_path / "summary.json", tmp_path / "cache"
+    proc = run_script(
+        "examples/fabric_predict.py", "--devices", "2", "--runs", "2", "--batches", "3", "--batch-size", "4",
+        "--cache-dir", str(cache_dir), "--summary-json", str(summary_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        "TensorRT needs an NVIDIA GPU and none is available here: running the same loop eagerly on CPU (2 process(es))."
+    ), _explain(proc)
+    for run in (1, 2):
+        assert f"run {run} (eager, no engines): 2 rank(s), 24 predictions" in lines, _explain(proc)
+    for rank in (0, 1):
+        assert sum(line.startswith(f"  rank {rank} on cpu: first batch ") for line in lines) == 2, _explain(proc)
+    assert lines.count("    TensorRT-RTX serving: 0 engine(s), no kernel cache") == 4, _explain(proc)
+    # the session was attached and says it had nothing to serve (rank zero, once per run's process)
+    assert "No TensorRT engines found under ConvNet" in proc.stderr
+    assert not cache_dir.exists()  # no engines: no cache opened, none written
+
+    summary = json.loads(summary_path.read_text())
+    assert [[r["run"] for r in run] for run in summary["runs"]] == [[1, 1], [2, 2]]
+    for run in summary["runs"]:
+        assert [(r["rank"], r["predictions"], r["compiled"]) for r in run] == [(0, 12, False), (1, 12, False)]
+        for r in run:
+            fig = r["figures"]
+            assert (fig["rank"], fig["engines"], fig["batches"], fig["cache_source"]) == (r["rank"], 0, 3, "none")
+            assert fig["first_batch_ms"] == r["first_batch_ms"] > 0 and r["mean_batch_ms"] > 0
+
+
+def test_fabric_example_one_cpu_process_and_bad_arguments(tmp_path):
+    proc = run_script(
+        "examples/fabric_predict.py", "--devices", "1", "--runs", "1", "--batches", "2", "--model", "mlp",
+        "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    assert "(1 process(es))" in proc.stdout and "run 1 (eager, no engines): 1 rank(s), 16 predictions" in proc.stdout
+    assert "No TensorRT engines found under MLP" in proc.stderr
+    bad = run_script("examples/fabric_predict.py", "--runs", "0")
+    assert bad.returncode == 2 and "must be positive" in bad.stderr

@@ -1,4 +1,8 @@
-"""The examples and the benchmark runner on a GPU with torch-tensorrt-rtx (``pytest -m gpu``)."""
+"""The examples and the benchmark runner on a GPU with torch-tensorrt-rtx (``pytest -m gpu``).
+
+Kernel caches are one file per physical GPU (``<key>/gpu-<uuid8>.bin`` with its ``.json`` record); a run
+reports ``cold`` with no file yet and ``warm`` once this GPU's own file is there.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +25,30 @@ run_script = helpers.run_script
 _explain = helpers.explain
 
 
+def gpu_id(index: int) -> str:
+    """The ``{gpu}`` id (first 8 hex digits of the UUID) of CUDA device ``index`` as this process numbers it."""
+    from lightning_trt_rtx import cache
+
+    with torch.cuda.device(index):
+        return cache.current_gpu().id
+
+
+def assert_gpu_file(path: str, gpu: str) -> None:
+    """``path`` is GPU ``gpu``'s cache file, and its record says that GPU filled it."""
+    from lightning_trt_rtx import cache
+
+    assert os.path.basename(path) == f"gpu-{gpu}.bin", path
+    record = cache.read_record(path)
+    assert record is not None and record.gpu_id == gpu, path
+
+
 @run_if(min_cuda_gpus=1, rtx=True)
 def test_predict_cold_warm_graphs_table(tmp_path):
     results = tmp_path / "predict.json"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     proc = run_script(
         "examples/predict.py", "--batches", "30", "--cache-dir", str(tmp_path / "cache"), "--json", str(results),
-        env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]},
+        env={"CUDA_VISIBLE_DEVICES": visible},
     )  # fmt: skip
     assert proc.returncode == 0, _explain(proc)
     print(proc.stdout)
@@ -39,26 +61,31 @@ def test_predict_cold_warm_graphs_table(tmp_path):
 
     phases = json.loads(results.read_text())["phases"]
     cold, warm, graphs = (phases[p]["figures"][0] for p in ("cold", "warm", "graphs"))
-    assert (cold["cache_source"], warm["cache_source"], graphs["cache_source"]) == ("cold", "own", "own")
+    assert (cold["cache_source"], warm["cache_source"], graphs["cache_source"]) == ("cold", "warm", "warm")
+    assert (cold["applies"], warm["applies"], graphs["applies"]) == ("-", "yes", "yes")
     assert min(cold["engines"], warm["engines"], graphs["engines"]) >= 1
     assert cold["saved_bytes"] > 0 and warm["cache_bytes"] > 0
-    assert os.path.isfile(warm["cache_path"]) and warm["cache_path"].startswith(str(tmp_path / "cache"))
+    assert warm["cache_path"].startswith(str(tmp_path / "cache")) and warm["cache_path"] == cold["cache_path"]
+    assert cold["gpu"] == warm["gpu"] == graphs["gpu"] == gpu_id(0)  # run with device 0 only visible
+    assert_gpu_file(warm["cache_path"], cold["gpu"])
     assert warm["first_batch_ms"] < cold["first_batch_ms"]
     assert phases["cold"]["predicted_batches"] == 30
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
 def test_cli_predict_serves_compiled_engines(tmp_path):
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     proc = run_script(
         "examples/cli.py", "predict", "--config", "examples/cli.yaml",
-        env={"LIGHTNING_TRT_RTX_CACHE_DIR": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "0"},
+        env={"LIGHTNING_TRT_RTX_CACHE_DIR": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": visible},
     )  # fmt: skip
     assert proc.returncode == 0, _explain(proc)
     output = proc.stdout + proc.stderr
     assert "No TensorRT engines found" not in output
     assert "TensorRT-RTX serving (whole_graph_capture)" in output
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".bin")]
-    assert [os.path.basename(f) for f in files] == ["rank0.bin"] and os.path.getsize(files[0]) > 0
+    assert len(files) == 1 and os.path.getsize(files[0]) > 0  # the default: one file for this GPU
+    assert_gpu_file(files[0], gpu_id(0))
 
 
 def _check_distributed(proc, out, summary_path, devices):
@@ -69,11 +96,20 @@ def _check_distributed(proc, out, summary_path, devices):
     assert cold_run["world_size"] == warm_run["world_size"] == devices
     for cold, warm in zip(cold_run["ranks"], warm_run["ranks"]):
         assert cold["compiled"] and cold["figures"]["engines"] >= 1
-        assert (cold["figures"]["cache_source"], warm["figures"]["cache_source"]) == ("cold", "own")
-        assert cold["figures"]["cache_path"].endswith(f"rank{cold['rank']}.bin")
+        assert (cold["figures"]["cache_source"], warm["figures"]["cache_source"]) == ("cold", "warm")
+        assert cold["figures"]["gpu"] == warm["figures"]["gpu"] == gpu_id(cold["rank"])  # rank r on device r
+        assert warm["figures"]["cache_path"] == cold["figures"]["cache_path"]
+        assert_gpu_file(cold["figures"]["cache_path"], cold["figures"]["gpu"])
         assert warm["first_batch_ms"] < cold["first_batch_ms"]
-    assert len({r["figures"]["cache_path"] for r in warm_run["ranks"]}) == devices  # one file per rank
+    assert len({r["figures"]["cache_path"] for r in warm_run["ranks"]}) == devices  # one file per GPU
     assert warm_run["steady_samples_per_s"] > 0
+    # each rank's GPU id and cache source are in the printed table too
+    for r in warm_run["ranks"]:
+        assert any(
+            line.split()[:1] == [str(r["rank"])] and r["device"] in line and r["figures"]["gpu"] in line
+            and " warm " in line
+            for line in proc.stdout.splitlines()
+        ), proc.stdout
 
     sys.path.insert(0, EXAMPLES)
     from distributed_predict import read_predictions
@@ -92,7 +128,7 @@ def test_distributed_predict_one_gpu_second_run_is_warm(tmp_path):
     proc = run_script(
         "examples/distributed_predict.py", "--devices", "1", "--runs", "2", "--clear-cache", "--batches", "40",
         "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), "--summary-json", str(summary),
-        env={"CUDA_VISIBLE_DEVICES": "0"},
+        env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]},
     )  # fmt: skip
     _check_distributed(proc, out, summary, 1)
 
@@ -132,16 +168,58 @@ def test_benchmark_runner_quick(tmp_path):
 
 @run_if(min_cuda_gpus=2, rtx=True)
 def test_tensor_parallel_engines_get_settings_before_their_one_context(tmp_path):
-    runs = []
-    for _ in range(2):
-        proc = run_script("examples/tensor_parallel_predict.py", "--cache-dir", str(tmp_path), timeout=300)
-        assert proc.returncode == 0, _explain(proc)
-        runs.append([json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("TP ")])
+    results = tmp_path / "tp.json"
+    proc = run_script(
+        "examples/tensor_parallel_predict.py", "--runs", "2", "--batches", "20", "--cache-dir", str(tmp_path / "cache"),
+        "--json", str(results), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    print(proc.stdout)
+    printed = [json.loads(line[3:]) for line in proc.stdout.splitlines() if line.startswith("TP ")]
+    runs = json.loads(results.read_text())["runs"]
+    assert printed == runs[0] + runs[1]
     cold, warm = runs
-    assert [r["rank"] for r in cold] == [0, 1]
+    assert [(r["run"], r["rank"]) for r in cold + warm] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for row in cold + warm:
         assert row["engines"] >= 1 and all(row["native_nccl"]), row
         assert row["contexts"] == [1] * row["engines"], row  # settings were there before the first context
         assert row["max_abs_error"] < 1e-2, row
-    assert [r["cache"] for r in cold] == ["cold", "cold"] and [r["cache"] for r in warm] == ["own", "own"]
-    assert all(r["cache_bytes"] > 0 for r in cold)
+        assert row["first_execute_ms"] > 0 and row["steady_ms"] > 0, row
+        assert row["gpu"] == gpu_id(row["rank"]), row
+        assert_gpu_file(row["cache_file"], row["gpu"])
+    assert [r["cache"] for r in cold] == ["cold", "cold"] and [r["cache"] for r in warm] == ["warm", "warm"]
+    assert all(r["saved_bytes"] > 0 for r in cold) and all(r["cache_bytes"] > 0 for r in warm)
+    assert cold[0]["cache_file"] != cold[1]["cache_file"]  # one file per GPU
+    # per-rank warm/cold ratios and the goal, measured after a barrier
+    assert any(line.startswith("warm start (first execute after a barrier, run 2 / run 1): rank 0 ")
+               for line in proc.stdout.splitlines()), proc.stdout  # fmt: skip
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_fabric_predict_two_gpus_every_rank_warm_on_its_second_run(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    summaries = []
+    for name, extra in (("job1", ["--runs", "2", "--clear-cache"]), ("job2", ["--runs", "1"])):
+        summary = tmp_path / f"{name}.json"
+        proc = run_script(
+            "examples/fabric_predict.py", "--devices", "2", "--batches", "10", "--cache-dir", cache_dir,
+            "--summary-json", str(summary), *extra,
+        )  # fmt: skip
+        assert proc.returncode == 0, _explain(proc)
+        print(proc.stdout)
+        assert "eagerly" not in proc.stdout and "No TensorRT engines found" not in proc.stderr
+        summaries.append(json.loads(summary.read_text()))
+    first_job, second_job = summaries
+    cold, warm_in_process = first_job["runs"]
+    (warm_fresh,) = second_job["runs"]
+    for rank in (0, 1):
+        rows = [cold[rank], warm_in_process[rank], warm_fresh[rank]]
+        assert [r["rank"] for r in rows] == [rank] * 3 and all(r["compiled"] for r in rows)
+        figures = [r["figures"] for r in rows]
+        # run 1 starts cold; its second run (fresh engines, a fresh session) and a fresh job both load warm
+        assert [f["cache_source"] for f in figures] == ["cold", "warm", "warm"], figures
+        assert all(f["engines"] >= 1 and f["gpu"] == gpu_id(rank) for f in figures)
+        assert figures[0]["saved_bytes"] > 0 and figures[1]["cache_bytes"] > 0
+        assert_gpu_file(figures[0]["cache_path"], figures[0]["gpu"])
+        assert "kernel cache warm" in rows[1]["summary"]
+    assert cold[0]["figures"]["cache_path"] != cold[1]["figures"]["cache_path"]

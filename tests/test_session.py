@@ -1,0 +1,461 @@
+"""``ServingSession``, the public entry point for jobs without a Trainer: its whole lifecycle on CPU.
+
+Real ``torch_tensorrt`` objects (engine-less ``TorchTensorRTModule``s, a real ``RuntimeCache`` handle),
+real cache files and records under a per-test directory, real processes and a real gloo process group.
+Only what needs a GPU is faked, at our own boundary: the GPU identity (``cache.current_gpu``, the
+``fake_gpu`` fixture), the kernels a run compiled (``RunCache.serialize`` returns the real bytes of
+``tests/data/rtx-1.6.1-sm90.bin``: on CPU nothing is compiled) and upstream's ``setup_engine`` (it needs a
+real engine) for ``engines_created``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from torch import nn
+
+from lightning_trt_rtx import ServingSession, TRTSettings, cache
+from lightning_trt_rtx.session import Ranks
+from tests.conftest import FAKE_GPU, OTHER_GPU
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def TTM(trt):
+    return trt.dynamo.runtime.TorchTensorRTModule
+
+
+def engine_tree(TTM) -> tuple[nn.Module, list]:
+    """A model with four engine-less TorchTensorRTModules at several depths, and plain layers."""
+    engines = [TTM(name=f"e{i}") for i in range(4)]
+    model = nn.Sequential(
+        nn.Linear(2, 2),
+        nn.Sequential(engines[0], nn.ReLU(), nn.Sequential(engines[1])),
+        nn.ModuleDict({"head": engines[2], "other": nn.Identity()}),
+        engines[3],
+    )
+    return model, engines
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch, real_cache_bytes):
+    """What the run's engines compiled into the cache handle: on CPU nothing is, so the handle's bytes are
+    faked at our boundary with a real TensorRT-RTX cache."""
+    monkeypatch.setattr(cache.RunCache, "serialize", lambda self: real_cache_bytes)
+    return real_cache_bytes
+
+
+def default_file(gpu: cache.Gpu, shared_gpu: bool = False, rank: int = 0) -> str:
+    """The default per-GPU file this process resolves (under the test's LIGHTNING_TRT_RTX_CACHE_DIR)."""
+    return cache.Placement.current(rank=rank, world_size=2 if shared_gpu else 1).resolve(
+        cache.default_template(shared_gpu=shared_gpu)
+    )
+
+
+# --- the lifecycle ----------------------------------------------------------------------------------
+
+
+def test_with_block_applies_saves_restores_and_returns_figures(TTM, fake_gpu, compiled_kernels, messages):
+    model, engines = engine_tree(TTM)
+    priors = [e.runtime_settings for e in engines]
+    settings = TRTSettings(
+        cuda_graph_strategy="whole_graph_capture", dynamic_shapes_kernel_specialization_strategy="eager"
+    )
+    path = default_file(fake_gpu)
+    assert os.path.basename(path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert path.startswith(os.environ[cache.CACHE_DIR_ENV])
+
+    with ServingSession(model, settings) as session:
+        assert not session.closed and session.ranks == Ranks(0, 0, 0, 1)
+        assert session.cache is not None and session.cache.path == path
+        handle = session.cache.handle
+        for engine in engines:  # every engine, the settings and the run's one cache handle
+            held = engine.runtime_settings
+            assert held.cuda_graph_strategy == "whole_graph_capture"
+            assert held.dynamic_shapes_kernel_specialization_strategy == "eager"
+            assert held.runtime_cache is handle
+        assert not os.path.exists(path)  # saved when the run ends, not before
+        assert session.figures.engines == 4 and session.figures.cache_source == "cold"
+
+    assert session.closed
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))  # exactly what they held before
+    figures = session.figures
+    assert (figures.rank, figures.gpu, figures.engines) == (0, FAKE_GPU.id, 4)
+    assert (figures.cache_source, figures.cache_path, figures.cache_bytes) == ("cold", path, 0)
+    assert figures.saved_bytes == len(compiled_kernels) and figures.cache.saved and not figures.warm
+    with open(path, "rb") as f:
+        assert f.read() == compiled_kernels
+    record = cache.read_record(path)
+    assert record is not None and record.gpu_uuid == FAKE_GPU.uuid  # the save says which GPU filled it
+    assert "kernel cache cold" in figures.summary() and path in figures.summary()
+    stamp = os.stat(path).st_mtime_ns
+    assert session.close() is figures and os.stat(path).st_mtime_ns == stamp  # closing again does nothing
+    assert messages.warnings == []
+
+    # the next run opens its own session and reads what is on disk now: this GPU's file, warm
+    with ServingSession(model, settings) as again:
+        assert again.cache is not session.cache and again.cache.handle is not handle
+    assert (again.figures.cache_source, again.figures.cache_bytes) == ("warm", len(compiled_kernels))
+    assert again.figures.warm and again.figures.cache.applies == "yes"
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))
+
+
+@pytest.mark.parametrize("error_type", [ValueError, KeyboardInterrupt])
+def test_exception_or_ctrl_c_propagates_unchanged_and_the_run_still_saves(
+    TTM, fake_gpu, compiled_kernels, messages, error_type
+):
+    model, engines = engine_tree(TTM)
+    priors = [e.runtime_settings for e in engines]
+    error = error_type("the user's own error")
+    with pytest.raises(error_type) as raised:
+        with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture")) as session:
+            assert all(e.runtime_settings.runtime_cache is session.cache.handle for e in engines)
+            raise error
+    assert raised.value is error and raised.value.__context__ is None  # nothing raised over it
+    assert session.closed
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))
+    with open(session.figures.cache_path, "rb") as f:
+        assert f.read() == compiled_kernels
+    assert session.figures.saved_bytes == len(compiled_kernels)
+    assert messages.warnings == []
+
+
+def test_a_failed_save_after_an_exception_warns_and_still_restores(TTM, fake_gpu, compiled_kernels, messages, tmp_path):
+    """The save cannot write (a file where its directory should be): the user's error still comes out."""
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    settings = TRTSettings(runtime_cache=str(tmp_path / "blocked" / "{sm}" / "gpu-{gpu}.bin"))
+    model, engines = engine_tree(TTM)
+    priors = [e.runtime_settings for e in engines]
+    error = RuntimeError("predict failed")
+    with pytest.raises(RuntimeError) as raised:
+        with ServingSession(model, settings) as session:
+            raise error
+    assert raised.value is error
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))
+    assert not session.figures.cache.saved and session.figures.cache.save_error
+    assert len(messages.matching("Could not save the kernel cache")) == 1
+
+
+def test_nested_sessions_restore_to_the_outer_settings_then_the_originals(TTM, fake_gpu, compiled_kernels, tmp_path):
+    model, engines = engine_tree(TTM)
+    priors = [e.runtime_settings for e in engines]
+    outer_settings = TRTSettings(
+        cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "outer-{gpu}.bin")
+    )
+    inner_settings = TRTSettings(
+        dynamic_shapes_kernel_specialization_strategy="eager", runtime_cache=str(tmp_path / "inner-{gpu}.bin")
+    )
+    with ServingSession(model, outer_settings) as outer:
+        outer_held = [e.runtime_settings for e in engines]
+        assert all(s.cuda_graph_strategy == "whole_graph_capture" for s in outer_held)
+        assert all(s.runtime_cache is outer.cache.handle for s in outer_held)
+        with ServingSession(model, inner_settings) as inner:
+            for engine in engines:
+                held = engine.runtime_settings
+                assert (held.cuda_graph_strategy, held.dynamic_shapes_kernel_specialization_strategy) == (
+                    "disabled",
+                    "eager",
+                )
+                assert held.runtime_cache is inner.cache.handle
+        assert inner.closed and not outer.closed
+        assert all(e.runtime_settings is s for e, s in zip(engines, outer_held))  # the outer's, exactly
+        assert os.path.isfile(inner.figures.cache_path) and not os.path.exists(outer.cache.path)
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))  # the originals
+    assert outer.figures.saved_bytes == inner.figures.saved_bytes == len(compiled_kernels)
+    assert outer.figures.cache_path != inner.figures.cache_path
+
+
+def test_a_closed_session_refuses_reuse(TTM, fake_gpu, compiled_kernels):
+    model, engines = engine_tree(TTM)
+    priors = [e.runtime_settings for e in engines]
+    with ServingSession(model) as session:
+        pass
+    figures = session.figures
+    for reuse in (
+        lambda: session.serve(),
+        lambda: session.serve(model),
+        lambda: session.__enter__(),
+        lambda: session.engines_created().__enter__(),
+        lambda: session.open_graphs(),
+    ):
+        with pytest.raises(RuntimeError, match="ServingSession is closed: a session serves one run. Open a new one"):
+            reuse()
+    with pytest.raises(RuntimeError, match="is closed"):
+        with session:
+            pass
+    assert all(e.runtime_settings is p for e, p in zip(engines, priors))  # nothing was applied again
+    assert session.close() is figures
+
+    never_served = ServingSession(model)
+    assert never_served.close().engines == 0 and never_served.cache is None  # closing first: nothing to save
+    with pytest.raises(RuntimeError, match="closed"):
+        never_served.serve()
+
+
+def test_serve_counts_engines_and_is_idempotent(TTM, fake_gpu):
+    model, engines = engine_tree(TTM)
+    with ServingSession(settings=TRTSettings(runtime_cache=None)) as session:
+        assert session.cache is None and session.figures.engines == 0  # no module yet: nothing served
+        assert session.serve(model) == 4
+        held = [e.runtime_settings for e in engines]
+        assert all(s.runtime_cache is None for s in held)
+        assert session.serve() == 4  # the session's module again: settings already there, left alone
+        assert all(e.runtime_settings is s for e, s in zip(engines, held))
+        late = TTM(name="late")
+        model.append(late)
+        assert session.serve() == 5 and late.runtime_settings is not None
+        assert late.runtime_settings.runtime_cache is None
+    assert session.figures.cache_source == "none" and "no kernel cache" in session.figures.summary()
+
+
+def test_a_module_without_engines_is_warned_about_once_and_opens_no_cache(fake_gpu, messages):
+    model = nn.Sequential(nn.Linear(2, 2))
+    with ServingSession(model) as session:
+        assert session.serve() == 0
+    assert session.cache is None and session.figures.cache_source == "none"
+    assert len(messages.matching("No TensorRT engines found under Sequential")) == 1
+
+
+def test_loop_timing_fills_the_figures(TTM, fake_gpu):
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=None)) as session:
+        session.loop_started()
+        for _ in range(3):
+            session.batch_started()
+            time.sleep(0.01)
+            session.batch_ended()
+        session.loop_ended()
+    figures = session.figures
+    assert figures.batches == 3 and figures.first_batch_ms >= 10 and figures.mean_batch_ms >= 10
+
+
+# --- engines set up inside the block ----------------------------------------------------------------
+
+
+def test_engines_created_inside_the_block_start_with_the_settings(trt, TTM, fake_gpu, compiled_kernels, monkeypatch):
+    """Like tests/test_engines.py::test_created_with_*: upstream's setup_engine needs a real engine (a GPU),
+    so it records what it would apply; our wrapper around it is the code under test."""
+    Module = trt.dynamo.runtime.TorchTensorRTModule
+    applied = []
+    monkeypatch.setattr(Module, "setup_engine", lambda self: applied.append(self._runtime_settings))
+    recorder = Module.setup_engine
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture")
+    with ServingSession(settings=settings) as session:
+        with session.engines_created():
+            assert Module.setup_engine is not recorder
+            compiled = nn.Sequential(TTM(name="e0"), TTM(name="e1"))
+            for engine in compiled:  # what torch_tensorrt.compile does before it returns
+                engine.setup_engine()
+        assert Module.setup_engine is recorder  # upstream's own again after the block
+        assert len(applied) == 2 and all(s == session.runtime_settings() for s in applied)
+        assert all(s.cuda_graph_strategy == "whole_graph_capture" for s in applied)
+        assert all(s.runtime_cache is session.cache.handle for s in applied)  # this run's cache, before setup
+        assert session.serve(compiled) == 2
+        # already served: the settings they were set up with are left in place (no second context)
+        assert [e._runtime_settings for e in compiled] == applied
+        assert all(e._runtime_settings is s for e, s in zip(compiled, applied))
+        outside = TTM(name="outside")
+        outside.setup_engine()
+        assert applied[-1].cuda_graph_strategy == "disabled"  # engines set up outside the block: upstream's default
+    assert session.figures.engines == 2 and session.figures.saved_bytes == len(compiled_kernels)
+
+
+def test_engines_created_without_a_cache(trt, TTM, monkeypatch):
+    Module = trt.dynamo.runtime.TorchTensorRTModule
+    applied = []
+    monkeypatch.setattr(Module, "setup_engine", lambda self: applied.append(self._runtime_settings))
+    with ServingSession(settings=TRTSettings(runtime_cache=None)) as session:
+        with session.engines_created():
+            TTM(name="e0").setup_engine()
+    assert session.cache is None
+    assert applied[0].runtime_cache is None and applied[0].cuda_graph_strategy == "disabled"
+
+
+# --- ranks --------------------------------------------------------------------------------------------
+
+
+def test_ranks_from_arguments(TTM, fake_gpu, compiled_kernels, messages):
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, rank=1, local_rank=1, world_size=2) as session:
+        assert session.ranks == Ranks(rank=1, local_rank=1, node_rank=0, world_size=2)
+        assert session.cache.placement.rank == 1 and session.cache.placement.world_size == 2
+    assert session.figures.rank == 1
+    # no process group says the ranks share a GPU: the default per-GPU file
+    assert session.figures.cache_path == default_file(fake_gpu)
+    assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert messages.warnings == []
+
+
+def test_a_template_that_gives_ranks_one_file_is_warned_about(TTM, fake_gpu, messages, tmp_path):
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=str(tmp_path / "one.bin")), rank=0, world_size=2):
+        pass
+    (warning,) = messages.matching("Several ranks of this job share the kernel cache file")
+    assert "{gpu}" in warning and "{rank}" in warning  # names the templates that work
+
+
+def test_ranks_default_to_a_single_process(TTM, fake_gpu, monkeypatch):
+    for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=None)) as session:
+        assert session.ranks == Ranks(0, 0, 0, 1)
+    assert session.figures.rank == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"module": "model.pt"}, TypeError, "module must be a torch.nn.Module (or None), got str"),
+        ({"settings": {"cuda_graph_strategy": "disabled"}}, TypeError, "settings must be a TRTSettings, got dict"),
+        ({"settings": "whole_graph_capture"}, TypeError, "TRTSettings.from_dict"),
+        ({"rank": -1}, ValueError, "rank must be a non-negative int, got -1"),
+        ({"rank": 1.0}, ValueError, "rank must be a non-negative int, got 1.0"),
+        ({"local_rank": True}, ValueError, "local_rank must be a non-negative int, got True"),
+        ({"rank": 2, "world_size": 2}, ValueError, "rank must be in [0, world_size): got rank 2, world_size 2"),
+        ({"rank": 0, "world_size": 0}, ValueError, "world_size 0"),
+    ],
+)
+def test_bad_arguments_say_what_is_valid(TTM, kwargs, error, message):
+    args = {"module": nn.Sequential(TTM(name="e")), **kwargs}
+    module, settings = args.pop("module"), args.pop("settings", None)
+    with pytest.raises(error) as raised:
+        ServingSession(module, settings, **args)
+    assert message in str(raised.value)
+
+
+def test_serve_and_open_graphs_without_a_module_say_where_to_pass_it():
+    with ServingSession(settings=TRTSettings(runtime_cache=None)) as session:
+        with pytest.raises(ValueError, match=r"serve needs a module: pass it here or to ServingSession\(module"):
+            session.serve()
+        with pytest.raises(ValueError, match=r"open_graphs needs the session's module: call serve\(module\) first"):
+            session.open_graphs()
+    assert session.closed
+
+
+# --- a real gloo process group: two processes, ranks from torch.distributed --------------------------
+
+
+def rank_worker(rank: str, out_dir: str, gpus: str) -> None:
+    """One rank (run as ``python -c``): join a gloo group through a file store, serve engine-less modules
+    through sessions that take their ranks from torch.distributed, write what happened to ``rank{r}.json``.
+
+    ``gpus``: ``same`` (both ranks on FAKE_GPU) or ``distinct`` (rank 1 on OTHER_GPU).
+    """
+    import torch.distributed as dist
+
+    from lightning_trt_rtx import _backend
+
+    rank_ = int(rank)
+    gpu = OTHER_GPU if gpus == "distinct" and rank_ == 1 else FAKE_GPU
+    cache.current_gpu = lambda: gpu  # the GPU identity, faked at our boundary
+    with open(os.path.join(ROOT, "tests", "data", "rtx-1.6.1-sm90.bin"), "rb") as f:
+        kernels = f.read()
+    cache.RunCache.serialize = lambda self: kernels  # what the run compiled
+    TTM = _backend.torch_tensorrt().dynamo.runtime.TorchTensorRTModule
+
+    dist.init_process_group(
+        "gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank_, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    report: dict = {"sessions": []}
+    try:
+        for given in ({}, {"rank": rank_, "local_rank": rank_, "world_size": 2}):
+            model, engines = engine_tree(TTM)
+            priors = [e.runtime_settings for e in engines]
+            with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture"), **given) as session:
+                handles = {id(e.runtime_settings.runtime_cache) for e in engines}
+                served = {
+                    "ranks": vars(session.ranks),
+                    "one_handle": handles == {id(session.cache.handle)},
+                    "strategies": sorted({e.runtime_settings.cuda_graph_strategy for e in engines}),
+                }
+            figures = session.figures
+            served.update(
+                rank=figures.rank,
+                gpu=figures.gpu,
+                engines=figures.engines,
+                cache_source=figures.cache_source,
+                cache_path=figures.cache_path,
+                saved_bytes=figures.saved_bytes,
+                restored=all(e.runtime_settings is p for e, p in zip(engines, priors)),
+            )
+            report["sessions"].append(served)
+            dist.barrier()  # both ranks' saves are done before the next session loads
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank_}.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f)
+
+
+def run_two_ranks(out_dir, gpus: str) -> dict[int, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = "import sys; from tests.test_session import rank_worker; rank_worker(*sys.argv[1:])"
+    procs = []
+    for rank in (0, 1):
+        log = open(out_dir / f"rank{rank}.log", "w")
+        rank_env = dict(env, LOCAL_RANK=str(rank))  # as torchrun sets it; rank and world size come from the group
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", code, str(rank), str(out_dir), gpus],
+                    cwd=ROOT, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ),  # fmt: skip
+                log,
+            )
+        )
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    codes = []
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            codes.append(proc.wait())
+        finally:
+            log.close()
+    logs = "\n".join(f"--- rank {r}\n" + (out_dir / f"rank{r}.log").read_text()[-3000:] for r in (0, 1))
+    assert codes == [0, 0], logs
+    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_two_processes_take_their_ranks_from_a_gloo_group_and_share_a_gpu(tmp_path, real_cache_bytes):
+    reports = run_two_ranks(tmp_path, "same")
+    root = os.environ[cache.CACHE_DIR_ENV]
+    for rank, report in reports.items():
+        first, second = report["sessions"]
+        for session in (first, second):  # from torch.distributed, then from arguments: the same
+            assert session["ranks"] == {"rank": rank, "local_rank": rank, "node_rank": 0, "world_size": 2}
+            assert session["rank"] == rank and session["gpu"] == FAKE_GPU.id and session["engines"] == 4
+            assert session["one_handle"] and session["strategies"] == ["whole_graph_capture"] and session["restored"]
+            # both ranks on one GPU (the group says so): one default file each, per GPU and rank
+            assert os.path.basename(session["cache_path"]) == f"gpu-{FAKE_GPU.id}-rank{rank}.bin"
+            assert session["cache_path"].startswith(root) and session["saved_bytes"] == len(real_cache_bytes)
+        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
+    assert reports[0]["sessions"][0]["cache_path"] != reports[1]["sessions"][0]["cache_path"]
+    for rank in (0, 1):
+        path = reports[rank]["sessions"][0]["cache_path"]
+        with open(path, "rb") as f:
+            assert f.read() == real_cache_bytes
+        assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid
+
+
+def test_two_processes_on_two_gpus_get_one_file_per_gpu(tmp_path, real_cache_bytes):
+    reports = run_two_ranks(tmp_path, "distinct")
+    for rank, gpu in ((0, FAKE_GPU), (1, OTHER_GPU)):
+        first, second = reports[rank]["sessions"]
+        assert first["rank"] == rank and first["gpu"] == gpu.id
+        assert os.path.basename(first["cache_path"]) == f"gpu-{gpu.id}.bin"
+        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
+        assert cache.read_record(first["cache_path"]).gpu_uuid == gpu.uuid
