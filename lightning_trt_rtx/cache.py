@@ -76,8 +76,15 @@ def default_cache_dir() -> str:
 
 def default_template(shared_gpu: bool = False) -> str:
     """One file per physical GPU; ``shared_gpu``: several ranks of one job on one GPU, one file each."""
-    name = "gpu-{gpu}-rank{rank}.bin" if shared_gpu else "gpu-{gpu}.bin"
-    return os.path.join(default_cache_dir(), "{sm}-trtrtx{trt}-cuda{cuda}", name)
+    template = os.path.join(default_cache_dir(), "{sm}-trtrtx{trt}-cuda{cuda}", "gpu-{gpu}.bin")
+    return one_per_rank(template) if shared_gpu else template
+
+
+def one_per_rank(template: str) -> str:
+    """``.../gpu-{gpu}.bin`` -> ``.../gpu-{gpu}-rank{rank}.bin``: for ranks of one job that share a GPU."""
+    head, sep, name = template.rpartition("/")
+    stem, ext = os.path.splitext(name)
+    return f"{head}{sep}{stem}-rank{{rank}}{ext}"
 
 
 # --- the GPU this process runs on -----------------------------------------------------------------
@@ -324,6 +331,9 @@ class CacheStats:
     saved: bool = False
     save_error: str = ""
     disk_state: tuple = ()  # (size, mtime_ns) of the own file when loaded: () absent, for "changed since"
+
+    def __post_init__(self) -> None:
+        self.disk_state = tuple(self.disk_state)  # a list after a JSON round trip (figures gathered as dicts)
 
     @property
     def applies(self) -> str:

@@ -64,7 +64,7 @@ class Ranks:
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank if world == 1 else 0))
+        local = int(os.environ.get("LOCAL_RANK", rank))  # without it (mp.spawn): one node
         node = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)))
         return cls(rank, local, node, world)
 
@@ -73,7 +73,9 @@ class Ranks:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
-        if self.world_size < 1 or self.rank >= self.world_size:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {self.world_size}.")
+        if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size): got rank {self.rank}, world_size {self.world_size}.")
 
 
@@ -155,8 +157,8 @@ class ServingSession:
             if warn_if_none:
                 warn(
                     f"No TensorRT engines found under {type(module).__name__}: the TensorRT-RTX runtime settings"
-                    " change nothing. Compile the model with torch_tensorrt (or load a compiled program) in"
-                    " __init__, setup or configure_model.",
+                    " change nothing. Compile the model with torch_tensorrt (or load a compiled program with"
+                    " load_program) before serving it; in a LightningModule, in __init__, setup or configure_model.",
                     rank=self.ranks.rank,
                     rank_zero=True,
                     once=True,
@@ -190,7 +192,8 @@ class ServingSession:
         """Engines set up (compiled) inside the block start with the settings and this run's cache.
 
         For engines that create their execution context while compiling (native NCCL collectives):
-        setting them afterwards would cost every rank a second, collective, context creation.
+        setting them afterwards would cost every rank a second, collective, context creation. Such
+        engines had no settings before, so they keep these after :meth:`close` (no more saves).
         """
         self._check_open()
         if not _backend.is_rtx_build():
@@ -227,8 +230,9 @@ class ServingSession:
                 self._warn_shared_file(template, placement)
             return template
         gpus = [gpu for gpu, _ in peers]
-        if template == cache.default_template() and gpus.count(placement.gpu.uuid) > 1:
-            return cache.default_template(shared_gpu=True)
+        fields = cache.template_fields(template)
+        if "gpu" in fields and not cache.is_per_rank(template) and gpus.count(placement.gpu.uuid) > 1:
+            return cache.one_per_rank(template)
         paths = [path for _, path in peers]
         if len(set(paths)) < len(paths):
             self._warn_shared_file(template, placement)

@@ -322,7 +322,7 @@ def test_ranks_default_to_a_single_process(TTM, fake_gpu, monkeypatch):
         ({"rank": 1.0}, ValueError, "rank must be a non-negative int, got 1.0"),
         ({"local_rank": True}, ValueError, "local_rank must be a non-negative int, got True"),
         ({"rank": 2, "world_size": 2}, ValueError, "rank must be in [0, world_size): got rank 2, world_size 2"),
-        ({"rank": 0, "world_size": 0}, ValueError, "world_size 0"),
+        ({"rank": 0, "world_size": 0}, ValueError, "world_size must be at least 1, got 0"),
     ],
 )
 def test_bad_arguments_say_what_is_valid(TTM, kwargs, error, message):
