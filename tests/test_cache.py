@@ -1,5 +1,10 @@
-"""The kernel-cache store: templates, checks, load/seed/quarantine, atomic saves that never lose a good
-file, fsspec URLs, the shared in-process handle, and real concurrent and killed writer processes."""
+"""The kernel-cache store: templates and the ``{gpu}`` key, checks, load (warm / seeded / other-gpu /
+unverified / cold / corrupt), records of the GPU that filled a file, quarantine under the lock, atomic
+saves that never lose a good file, fsspec URLs, one handle per run, and real concurrent, racing and
+killed writer processes.
+
+The GPU identity is faked only at the package's own boundary: ``Placement(gpu=...)`` and
+``cache.current_gpu`` (the ``fake_gpu`` fixture); writer processes are given theirs in their config."""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import dataclasses
 import errno
 import glob
 import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -16,20 +24,21 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 
 import fsspec
 import pytest
 import torch
 
 from lightning_trt_rtx import _backend, cache
+from tests.conftest import FAKE_GPU, OTHER_GPU
 from tests.procs.cache_writer import make_payload
 
 WRITER = os.path.join(os.path.dirname(__file__), "procs", "cache_writer.py")
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "rtx-1.6.1-sm90.bin")
 PLACEMENT = cache.Placement(
-    rank=3, local_rank=1, node_rank=2, world_size=8, sm="sm90", trt="1.6.1", cuda="13.0", host="nodeA"
+    rank=3, local_rank=1, node_rank=2, world_size=8, sm="sm90", trt="1.6.1", cuda="13.0", host="nodeA", gpu=FAKE_GPU
 )
+KEY = "sm90-trtrtx1.6.1-cuda13.0"  # the default template's directory for PLACEMENT-like placements
 
 
 def read(path) -> bytes:
@@ -48,33 +57,43 @@ def with_size_field(data: bytes, size: int) -> bytes:
     return data[:8] + struct.pack("<Q", size) + data[16:]
 
 
-@pytest.fixture
-def recorded():
-    """Every warning raised inside the block, none filtered out."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
+def gpu_dict(gpu: cache.Gpu) -> dict:
+    return dataclasses.asdict(gpu)
+
+
+def write_record(path: str, data: bytes, gpu: cache.Gpu = FAKE_GPU) -> None:
+    """A record beside ``path`` that describes ``data`` as filled on ``gpu`` (also for bytes save() refuses)."""
+    record = cache.Record(
+        gpu_uuid=gpu.uuid,
+        gpu_name=gpu.name,
+        sm=gpu.sm,
+        trt="1.6.1",
+        cuda="13.0",
+        host="nodeA",
+        pid=os.getpid(),
+        saved_unix=time.time(),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    write(path + cache.RECORD_SUFFIX, json.dumps(dataclasses.asdict(record)).encode())
 
 
 # --- templates and placement -----------------------------------------------------------------------
 
 
 def test_template_fields():
-    assert cache.template_fields("/c/{sm}-{trt}/{cuda}/{host}/n{node_rank}l{local_rank}r{rank}of{world_size}") == [
-        "sm",
-        "trt",
-        "cuda",
-        "host",
-        "node_rank",
-        "local_rank",
-        "rank",
-        "world_size",
-    ]
+    assert cache.template_fields(
+        "/c/{sm}-{trt}/{cuda}/{host}/g{gpu}/n{node_rank}l{local_rank}r{rank}of{world_size}"
+    ) == ["sm", "trt", "cuda", "host", "gpu", "node_rank", "local_rank", "rank", "world_size"]
     assert cache.template_fields("/c/plain.bin") == []
     assert cache.template_fields("/c/{{literal}}.bin") == []
     assert cache.is_per_rank("/c/rank{rank}.bin")
     assert not cache.is_per_rank("/c/{local_rank}.bin")  # local ranks repeat across nodes
-    for bad in ("/c/{gpu}.bin", "/c/{rank:02d}.bin", "/c/{rank!s}.bin", "/c/{rank", "/c/rank}", "/c/{}.bin"):
+    assert not cache.is_per_rank("/c/gpu-{gpu}.bin")  # one file per physical GPU, not per rank
+    assert cache.is_per_process("/c/gpu-{gpu}.bin") and cache.is_per_process("/c/rank{rank}.bin")
+    assert not cache.is_per_process("/c/{sm}-trtrtx{trt}-cuda{cuda}/all.bin")
+    for bad in ("/c/{gpu_id}.bin", "/c/{GPU}.bin", "/c/{gpu:8}.bin", "/c/{rank:02d}.bin", "/c/{rank!s}.bin",
+                "/c/{rank", "/c/rank}", "/c/{}.bin"):
         with pytest.raises(ValueError, match="Valid placeholders"):
             cache.template_fields(bad)
     with pytest.raises(ValueError):
@@ -86,6 +105,7 @@ def test_template_fields():
 @pytest.mark.parametrize(
     ("placeholder", "value"),
     [
+        ("gpu", "3b6d1a2c"),
         ("rank", "3"),
         ("local_rank", "1"),
         ("node_rank", "2"),
@@ -97,7 +117,10 @@ def test_template_fields():
     ],
 )
 def test_resolve_every_placeholder(placeholder, value, tmp_path):
-    assert set(cache.PLACEHOLDERS) == {"rank", "local_rank", "node_rank", "world_size", "sm", "trt", "cuda", "host"}
+    assert set(cache.PLACEHOLDERS) == {
+        "gpu", "rank", "local_rank", "node_rank", "world_size", "sm", "trt", "cuda", "host"
+    }
+    assert set(cache.PROCESS_PLACEHOLDERS) == {"gpu", "rank", "local_rank", "node_rank", "world_size", "host"}
     assert PLACEMENT.resolve(f"{tmp_path}/x-{{{placeholder}}}.bin") == f"{tmp_path}/x-{value}.bin"
 
 
@@ -111,15 +134,28 @@ def test_resolve_expands_user_and_literal_braces(monkeypatch, tmp_path):
 def test_placement_defaults_and_current():
     p = cache.Placement()
     assert (p.rank, p.local_rank, p.node_rank, p.world_size, p.sm, p.host) == (0, 0, 0, 1, "cpu", socket.gethostname())
+    assert p.gpu == cache.Gpu() and p.gpu.uuid == "" and p.gpu.id == "cpu"
     cur = cache.Placement.current(rank=5, local_rank=1, node_rank=2, world_size=6)
     assert (cur.rank, cur.local_rank, cur.node_rank, cur.world_size) == (5, 1, 2, 6)
+    assert cur.gpu == cache.current_gpu()
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        assert cur.sm == f"sm{major}{minor}"
+        assert cur.sm == f"sm{major}{minor}" == cur.gpu.sm
+        assert re.fullmatch("[0-9a-f]{8}", cur.gpu.id)
     else:
         assert cur.sm == "cpu"
+        assert cur.gpu == cache.Gpu()  # no CUDA: no GPU identity, "{gpu}" reads "cpu"
     assert cur.trt == (_backend.trt_version() or "none")
     assert cur.cuda == (torch.version.cuda or "none")
+
+
+def test_placement_current_on_a_faked_gpu(fake_gpu):
+    cur = cache.Placement.current(rank=1, local_rank=1, world_size=2)
+    assert cur.gpu == FAKE_GPU and cur.sm == "sm90"
+    expected = os.path.join(
+        os.environ[cache.CACHE_DIR_ENV], f"sm90-trtrtx{cur.trt}-cuda{cur.cuda}", "gpu-3b6d1a2c.bin"
+    )
+    assert cur.resolve(cache.default_template()) == expected
 
 
 def test_siblings_pattern_matches_every_rank_under_the_key_only(tmp_path):
@@ -140,12 +176,95 @@ def test_siblings_pattern_matches_every_rank_under_the_key_only(tmp_path):
     assert sorted(glob.glob(pattern)) == sorted(mine)
 
 
+def test_siblings_pattern_of_the_default_template_matches_every_gpus_file(tmp_path):
+    template = cache.default_template()
+    pattern = PLACEMENT.siblings_pattern(template)
+    assert pattern == os.path.join(glob.escape(os.environ[cache.CACHE_DIR_ENV]), KEY, "gpu-*.bin")
+    shared = PLACEMENT.siblings_pattern(cache.default_template(shared_gpu=True))
+    assert shared == os.path.join(glob.escape(os.environ[cache.CACHE_DIR_ENV]), KEY, "gpu-*-rank*.bin")
+    # a one-file-per-GPU run sees the files of ranks that shared a GPU, and the other way round
+    names = [f"gpu-{FAKE_GPU.id}.bin", f"gpu-{FAKE_GPU.id}-rank1.bin", f"gpu-{OTHER_GPU.id}.bin"]
+    paths = [write(os.path.join(os.environ[cache.CACHE_DIR_ENV], KEY, n), b"x") for n in names]
+    write(os.path.join(os.environ[cache.CACHE_DIR_ENV], "sm89-trtrtx1.6.1-cuda13.0", names[0]), b"x")  # other key
+    assert sorted(glob.glob(pattern)) == sorted(paths)
+    assert glob.glob(shared) == [paths[1]]
+
+
 def test_siblings_pattern_escapes_glob_characters(tmp_path):
     odd = cache.Placement(sm="sm[90]", trt="1.6*", cuda="13.0?")
     template = str(tmp_path / "{sm}-{trt}-{cuda}" / "rank{rank}.bin")
     target = write(cache.Placement(rank=1, sm="sm[90]", trt="1.6*", cuda="13.0?").resolve(template), b"x")
     write(str(tmp_path / "s9-1.6.1-13.01" / "rank1.bin"), b"x")  # would match the unescaped pattern
     assert glob.glob(odd.siblings_pattern(template)) == [target]
+
+
+# --- the {gpu} key -----------------------------------------------------------------------------------
+
+
+def on(gpu: cache.Gpu, rank_: int = 0, world_size: int = 1, **kwargs) -> cache.Placement:
+    """A process of rank ``rank_`` on the physical GPU ``gpu`` (sm90, TensorRT-RTX 1.6.1, CUDA 13.0)."""
+    return cache.Placement(rank=rank_, world_size=world_size, sm="sm90", trt="1.6.1", cuda="13.0", gpu=gpu, **kwargs)
+
+
+def test_gpu_placeholder_is_the_first_8_hex_digits_of_the_uuid(tmp_path):
+    assert FAKE_GPU.id == "3b6d1a2c" and OTHER_GPU.id == "9f8e7d6c"
+    for gpu in (FAKE_GPU, OTHER_GPU):
+        assert re.fullmatch("[0-9a-f]{8}", gpu.id) and gpu.uuid.replace("-", "").startswith(gpu.id)
+    assert cache.Gpu(uuid="0a1b2c3d-0000-4000-8000-000000000000").id == "0a1b2c3d"
+    assert cache.Gpu().id == "cpu"  # no CUDA
+    template = str(tmp_path / "{sm}" / "gpu-{gpu}.bin")
+    assert on(FAKE_GPU).resolve(template) == str(tmp_path / "sm90" / "gpu-3b6d1a2c.bin")
+    assert on(OTHER_GPU).resolve(template) == str(tmp_path / "sm90" / "gpu-9f8e7d6c.bin")
+    assert cache.Placement().resolve(template) == str(tmp_path / "cpu" / "gpu-cpu.bin")
+    if not torch.cuda.is_available():
+        assert cache.current_gpu() == cache.Gpu()
+
+
+def test_default_template_gives_one_file_per_physical_gpu_whatever_the_rank(trt, real_cache_bytes, messages):
+    template = cache.default_template()
+    root = os.environ[cache.CACHE_DIR_ENV]
+    assert template == os.path.join(root, "{sm}-trtrtx{trt}-cuda{cuda}", "gpu-{gpu}.bin")
+    first_run = on(FAKE_GPU, 0, world_size=1)  # rank 0 of a 1-process job on GPU A
+    second_run = on(FAKE_GPU, 1, world_size=2, local_rank=1, node_rank=0)  # rank 1 of a 2-process job, GPU A
+    other_gpu = on(OTHER_GPU, 0, world_size=2)  # rank 0 of that job, on GPU B
+    path_a = os.path.join(root, KEY, "gpu-3b6d1a2c.bin")
+    assert first_run.resolve(template) == second_run.resolve(template) == path_a
+    assert other_gpu.resolve(template) == os.path.join(root, KEY, "gpu-9f8e7d6c.bin")
+
+    payload = make_payload(real_cache_bytes, 0, 1)
+    run1 = cache.RunCache(template, first_run)
+    assert run1.stats.source == "cold" and run1.path == path_a
+    run1.handle.load_from_stream(io.BytesIO(payload))  # the kernels this run compiled
+    assert run1.save().saved
+    run2 = cache.RunCache(template, second_run)  # another run, another rank, the same GPU: the same file
+    assert (run2.path, run2.stats.source, run2.stats.applies) == (path_a, "warm", "yes")
+    assert run2.serialize() == payload
+    run3 = cache.RunCache(template, other_gpu)  # GPU B: its own file, nothing of GPU A's
+    assert (run3.stats.source, run3.serialize()) == ("cold", b"")
+    assert sorted(os.listdir(os.path.join(root, KEY))) == ["gpu-3b6d1a2c.bin", "gpu-3b6d1a2c.bin.json",
+                                                            "gpu-3b6d1a2c.bin.lock"]
+    assert not messages.warnings
+
+
+def test_shared_gpu_template_gives_each_rank_its_own_file(real_cache_bytes, messages):
+    template = cache.default_template(shared_gpu=True)
+    root = os.environ[cache.CACHE_DIR_ENV]
+    assert template == os.path.join(root, "{sm}-trtrtx{trt}-cuda{cuda}", "gpu-{gpu}-rank{rank}.bin")
+    assert cache.is_per_rank(template) and not cache.is_per_rank(cache.default_template())
+    paths = [on(FAKE_GPU, r, world_size=4).resolve(template) for r in range(4)]
+    assert paths == [os.path.join(root, KEY, f"gpu-3b6d1a2c-rank{r}.bin") for r in range(4)]
+    payloads = {r: make_payload(real_cache_bytes, r, 0) for r in range(4)}
+    for r in range(4):
+        assert cache.save(paths[r], payloads[r], placement=on(FAKE_GPU, r, world_size=4)).saved
+    for r in range(4):  # each rank reads back its own file, not a neighbour's
+        data, stats = cache.load(template, on(FAKE_GPU, r, world_size=4))
+        assert (data, stats.source, stats.path) == (payloads[r], "warm", paths[r])
+    # a later one-process run on the same GPU (default template) is seeded from this GPU's rank files
+    data, stats = cache.load(cache.default_template(), on(FAKE_GPU))
+    assert stats.source == "seeded" and data in payloads.values()
+    assert stats.loaded_from in paths and data == payloads[paths.index(stats.loaded_from)]
+    assert data == max(payloads.values(), key=len)  # the largest of them
+    assert not messages.warnings
 
 
 # --- check_bytes ----------------------------------------------------------------------------------
@@ -199,52 +318,66 @@ def template(tmp_path):
     return str(tmp_path / "root" / "{sm}-trtrtx{trt}-cuda{cuda}" / "rank{rank}.bin")
 
 
-def rank(r: int, **kwargs) -> cache.Placement:
-    return cache.Placement(rank=r, world_size=8, sm="sm90", trt="1.6.1", cuda="13.0", **kwargs)
+def rank(r: int, gpu: cache.Gpu = FAKE_GPU, **kwargs) -> cache.Placement:
+    """Rank ``r`` of an 8-process job, on ``gpu`` (FAKE_GPU unless told)."""
+    return cache.Placement(rank=r, world_size=8, sm="sm90", trt="1.6.1", cuda="13.0", gpu=gpu, **kwargs)
 
 
-def test_load_own(template, real_cache_bytes, recorded):
-    path = write(rank(0).resolve(template), real_cache_bytes)
-    write(rank(1).resolve(template), make_payload(real_cache_bytes, 1, 0))
+def saved(path: str, data: bytes, gpu: cache.Gpu = FAKE_GPU) -> str:
+    """``data`` saved at ``path`` by a process on ``gpu`` (so its record names that GPU)."""
+    stats = cache.save(path, data, placement=on(gpu))
+    assert stats.saved, stats.save_error
+    return path
+
+
+def test_load_own(template, real_cache_bytes, messages):
+    path = saved(rank(0).resolve(template), real_cache_bytes)
+    saved(rank(1).resolve(template), make_payload(real_cache_bytes, 1, 0))
     data, stats = cache.load(template, rank(0))
     assert data == real_cache_bytes
-    assert (stats.source, stats.path, stats.loaded_from, stats.load_bytes) == ("own", path, path, len(real_cache_bytes))
+    assert (stats.source, stats.path, stats.loaded_from, stats.load_bytes) == (
+        "warm", path, path, len(real_cache_bytes)
+    )
     assert stats.load_ms > 0
-    assert not recorded
+    assert not messages.warnings
 
 
-def test_load_seeds_from_a_valid_sibling(template, real_cache_bytes, recorded):
-    sibling = write(rank(1).resolve(template), real_cache_bytes)
+def test_load_seeds_from_a_valid_sibling(template, real_cache_bytes, messages):
+    sibling = saved(rank(1).resolve(template), real_cache_bytes)
     data, stats = cache.load(template, rank(5))
     assert data == real_cache_bytes
     assert (stats.source, stats.loaded_from, stats.load_bytes) == ("seeded", sibling, len(real_cache_bytes))
+    assert stats.applies == "yes" and "GPU 3b6d1a2c" in stats.filled_on
     assert stats.path == rank(5).resolve(template)
     assert not os.path.exists(stats.path)  # loading never writes
-    assert not recorded
+    assert not messages.warnings
 
 
-def test_seeding_skips_corrupt_siblings_and_prefers_the_largest_valid(template, real_cache_bytes, recorded):
+def test_seeding_skips_corrupt_siblings_and_prefers_the_largest_valid(template, real_cache_bytes, messages):
     small, large = sorted((make_payload(real_cache_bytes, 2, 1), make_payload(real_cache_bytes, 3, 0)), key=len)
     assert len(small) < len(large) < len(real_cache_bytes)
-    write(rank(1).resolve(template), real_cache_bytes + b"padding" * 100)  # largest, but invalid
-    write(rank(2).resolve(template), small)
-    good = write(rank(3).resolve(template), large)
+    padded = real_cache_bytes + b"padding" * 100
+    write(rank(1).resolve(template), padded)  # largest, recorded on this GPU, but invalid
+    write_record(rank(1).resolve(template), padded)
+    saved(rank(2).resolve(template), small)
+    good = saved(rank(3).resolve(template), large)
     write(rank(4).resolve(template), real_cache_bytes[:1000])  # truncated
     write(rank(6).resolve(template), b"")
     data, stats = cache.load(template, rank(0))
     assert data == large
     assert (stats.source, stats.loaded_from) == ("seeded", good)
-    assert os.path.exists(rank(1).resolve(template))  # another rank's file is not ours to move
-    assert not recorded
+    assert read(rank(1).resolve(template)) == padded  # another rank's file is not ours to move
+    assert not messages.warnings
 
 
-def test_seeding_ignores_tmp_lock_corrupt_and_other_keys(tmp_path, real_cache_bytes):
+def test_seeding_ignores_tmp_lock_corrupt_json_and_other_keys(tmp_path, real_cache_bytes):
     template = str(tmp_path / "{sm}" / "cache-{rank}")
     own = rank(0).resolve(template)
-    for suffix in (".tmp", ".lock", ".corrupt"):
-        write(own + suffix, real_cache_bytes)
-        write(rank(1).resolve(template) + suffix, real_cache_bytes)
-    write(cache.Placement(rank=1, sm="sm89").resolve(template), real_cache_bytes)
+    for suffix in (".tmp", ".lock", ".corrupt", ".json"):  # each with a record saying "this GPU"
+        for path in (own + suffix, rank(1).resolve(template) + suffix):
+            write(path, real_cache_bytes)
+            write_record(path, real_cache_bytes)
+    saved(cache.Placement(rank=1, sm="sm89").resolve(template), real_cache_bytes)  # another key
     data, stats = cache.load(template, rank(0))
     assert data is None and stats.source == "cold" and stats.load_bytes == 0
 
@@ -252,7 +385,7 @@ def test_seeding_ignores_tmp_lock_corrupt_and_other_keys(tmp_path, real_cache_by
 def test_load_cold(template):
     data, stats = cache.load(template, rank(0))
     assert data is None
-    assert (stats.source, stats.loaded_from, stats.load_bytes) == ("cold", "", 0)
+    assert (stats.source, stats.loaded_from, stats.load_bytes, stats.applies) == ("cold", "", 0, "-")
     assert not os.path.exists(os.path.dirname(stats.path))
 
 
@@ -263,23 +396,157 @@ def test_no_seeding_without_rank_placeholder(tmp_path, real_cache_bytes):
     assert data is None and stats.source == "cold"
 
 
+def test_no_siblings_without_a_process_placeholder(tmp_path, real_cache_bytes):
+    """One file for every process: nothing else under the key is ever a sibling, whatever its record."""
+    template = str(tmp_path / "{sm}" / "all.bin")
+    assert not cache.is_per_process(template)
+    saved(str(tmp_path / "sm90" / "other.bin"), real_cache_bytes)
+    data, stats = cache.load(template, on(FAKE_GPU))
+    assert data is None and stats.source == "cold"
+
+
 @pytest.mark.parametrize("bad", [b"", b"garbage" * 10, "truncated"])
-def test_corrupt_own_is_quarantined_with_one_warning(template, real_cache_bytes, recorded, bad):
+def test_corrupt_own_is_quarantined_with_one_warning(template, real_cache_bytes, messages, bad):
     bad = real_cache_bytes[:5000] if bad == "truncated" else bad
     path = write(rank(0).resolve(template), bad)
+    saved(rank(1).resolve(template), real_cache_bytes)  # a good sibling of this GPU: a corrupt file seeds nothing
     data, stats = cache.load(template, rank(0))
     assert data is None
-    assert stats.source == "corrupt" and stats.load_bytes == 0
-    assert len(recorded) == 1
-    message = str(recorded[0].message)
+    assert stats.source == "corrupt" and stats.load_bytes == 0 and stats.applies == "-"
+    assert len(messages.warnings) == 1
+    message = messages.warnings[0]
     assert path in message and ".corrupt" in message and "cold" in message
     assert not os.path.exists(path)
     assert read(path + ".corrupt") == bad
-    # the next run starts cold, quietly, and its save puts a good file back
+    # the next run starts (seeded or cold), quietly, and its save puts a good file back
     data, stats = cache.load(template, rank(0))
-    assert data is None and stats.source == "cold" and len(recorded) == 1
-    assert cache.save(path, real_cache_bytes).saved
+    assert stats.source == "seeded" and len(messages.warnings) == 1
+    assert cache.save(path, real_cache_bytes, placement=rank(0)).saved
     assert cache.load(template, rank(0))[0] == real_cache_bytes
+
+
+# --- which GPU filled a file: no false warm starts -----------------------------------------------------
+
+
+def test_own_file_recorded_on_this_gpu_is_warm(template, real_cache_bytes, messages):
+    path = saved(rank(0).resolve(template), real_cache_bytes)
+    record = cache.read_record(path)
+    assert record is not None and (record.gpu_uuid, record.gpu_name, record.pid) == (
+        FAKE_GPU.uuid, FAKE_GPU.name, os.getpid()
+    )
+    assert (record.bytes, record.sha256) == (len(real_cache_bytes), hashlib.sha256(real_cache_bytes).hexdigest())
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.applies) == (real_cache_bytes, "warm", "yes")
+    assert "GPU 3b6d1a2c" in stats.filled_on and FAKE_GPU.name in stats.filled_on
+    assert f"pid {os.getpid()}" in stats.filled_on
+    assert not messages.warnings
+
+
+def test_own_file_recorded_on_another_gpu_is_loaded_with_one_warning(template, real_cache_bytes, messages):
+    path = saved(rank(0).resolve(template), real_cache_bytes, gpu=OTHER_GPU)
+    data, stats = cache.load(template, rank(0))  # this process runs on FAKE_GPU
+    assert data == real_cache_bytes and stats.load_bytes == len(real_cache_bytes)  # still loaded
+    assert (stats.source, stats.applies, stats.loaded_from) == ("other-gpu", "no", path)
+    assert "GPU 9f8e7d6c" in stats.filled_on
+    assert len(messages.warnings) == 1
+    message = messages.warnings[0]
+    assert path in message and "9f8e7d6c" in message and "3b6d1a2c" in message and "another GPU" in message
+
+
+def test_this_gpus_sibling_is_preferred_over_an_own_file_from_another_gpu(template, real_cache_bytes, messages):
+    saved(rank(0).resolve(template), real_cache_bytes, gpu=OTHER_GPU)
+    mine = make_payload(real_cache_bytes, 4, 0)
+    sibling = saved(rank(4).resolve(template), mine, gpu=FAKE_GPU)
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.loaded_from, stats.applies) == (mine, "seeded", sibling, "yes")
+    assert not messages.warnings  # what was loaded applies: nothing to warn about
+
+
+def test_own_file_without_a_record_is_unverified(template, real_cache_bytes, messages):
+    path = write(rank(0).resolve(template), real_cache_bytes)  # e.g. written by an older version
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.applies, stats.filled_on) == (real_cache_bytes, "unverified", "unknown", "")
+    assert stats.loaded_from == path
+    for junk in (b"{not json", b"[]", json.dumps({"gpu_uuid": FAKE_GPU.uuid}).encode()):  # unreadable records
+        write(path + cache.RECORD_SUFFIX, junk)
+        assert cache.read_record(path) is None
+        assert cache.load(template, rank(0))[1].source == "unverified"
+    assert not messages.warnings
+
+
+@pytest.mark.parametrize("recorded_on", [FAKE_GPU, OTHER_GPU], ids=["this-gpu", "other-gpu"])
+def test_a_stale_record_vouches_for_nothing(template, real_cache_bytes, messages, recorded_on):
+    path = saved(rank(0).resolve(template), real_cache_bytes, gpu=recorded_on)
+    replaced = make_payload(real_cache_bytes, 0, 9)
+    write(path, replaced)  # the bytes replaced, the record left as it was
+    assert cache.read_record(path) is None
+    assert cache.read_record(path, real_cache_bytes) is not None  # it describes the old bytes only
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.filled_on) == (replaced, "unverified", "")
+    # nor does a sibling's stale record make it a seed
+    sibling = saved(rank(1).resolve(template), real_cache_bytes)
+    write(sibling, make_payload(real_cache_bytes, 1, 9))
+    os.remove(path)
+    os.remove(path + cache.RECORD_SUFFIX)
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source) == (None, "cold")
+    assert not messages.warnings
+
+
+def test_seeding_only_from_files_recorded_on_this_gpu(template, real_cache_bytes, messages):
+    small = make_payload(real_cache_bytes, 3, 1)
+    assert len(small) < len(real_cache_bytes)
+    saved(rank(1).resolve(template), real_cache_bytes, gpu=OTHER_GPU)  # larger, another GPU's kernels
+    write(rank(2).resolve(template), real_cache_bytes)  # as large, no record: unknown GPU
+    mine = saved(rank(3).resolve(template), small, gpu=FAKE_GPU)
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.loaded_from) == (small, "seeded", mine)
+    os.remove(mine)
+    data, stats = cache.load(template, rank(0))
+    assert (data, stats.source, stats.loaded_from) == (None, "cold", "")  # never from B's or an unknown file
+    # a process without a GPU identity seeds from nothing, not even a file recorded without one
+    saved(rank(4).resolve(template), small, gpu=cache.Gpu())
+    data, stats = cache.load(template, rank(0, gpu=cache.Gpu()))
+    assert (data, stats.source) == (None, "cold")
+    assert not messages.warnings
+
+
+def test_default_template_never_seeds_from_another_gpus_file(real_cache_bytes, messages):
+    template = cache.default_template()
+    b_file = saved(on(OTHER_GPU).resolve(template), real_cache_bytes, gpu=OTHER_GPU)
+    data, stats = cache.load(template, on(FAKE_GPU))
+    assert (data, stats.source, stats.path) == (None, "cold", on(FAKE_GPU).resolve(template))
+    assert read(b_file) == real_cache_bytes
+    assert not messages.warnings
+
+
+def test_a_copied_cache_and_record_are_reported_other_gpu(real_cache_bytes, messages):
+    """GPU B's file and its record copied to GPU A's path (e.g. a cache dir synced between hosts)."""
+    template = cache.default_template()
+    b_file = saved(on(OTHER_GPU).resolve(template), real_cache_bytes, gpu=OTHER_GPU)
+    a_file = on(FAKE_GPU).resolve(template)
+    shutil.copy(b_file, a_file)
+    shutil.copy(b_file + cache.RECORD_SUFFIX, a_file + cache.RECORD_SUFFIX)
+    data, stats = cache.load(template, on(FAKE_GPU))
+    assert (data, stats.source, stats.applies, stats.loaded_from) == (real_cache_bytes, "other-gpu", "no", a_file)
+    assert len(messages.warnings) == 1
+    message = messages.warnings[0]
+    assert a_file in message and "9f8e7d6c" in message and "3b6d1a2c" in message
+
+
+# --- quarantine under the lock ---------------------------------------------------------------------------
+
+
+def test_quarantine_moves_only_a_bad_file(tmp_path, real_cache_bytes, messages):
+    good = saved(str(tmp_path / "k" / "good.bin"), real_cache_bytes)
+    assert cache.quarantine(good, "a stale verdict") is False
+    assert read(good) == real_cache_bytes and not os.path.exists(good + ".corrupt")
+    assert cache.quarantine(str(tmp_path / "k" / "missing.bin"), "gone") is False
+    assert not messages.warnings
+    bad = write(tmp_path / "k" / "bad.bin", b"garbage")
+    assert cache.quarantine(bad, "not a cache", rank=3) is True
+    assert read(bad + ".corrupt") == b"garbage" and not os.path.exists(bad)
+    assert len(messages.warnings) == 1 and bad in messages.warnings[0] and "not a cache" in messages.warnings[0]
 
 
 # --- save ------------------------------------------------------------------------------------------
@@ -289,40 +556,44 @@ def leftovers(directory) -> list[str]:
     return sorted(n for n in os.listdir(directory) if n.endswith(".tmp"))
 
 
-def test_save_creates_directories_and_replaces_atomically(tmp_path, real_cache_bytes, recorded):
+def test_save_creates_directories_and_replaces_atomically(tmp_path, real_cache_bytes, messages):
     path = str(tmp_path / "a" / "b" / "rank0.bin")
-    stats = cache.save(path, real_cache_bytes)
+    stats = cache.save(path, real_cache_bytes, placement=on(FAKE_GPU))
     assert stats.saved and stats.save_bytes == len(real_cache_bytes) and stats.save_ms > 0 and stats.save_error == ""
     assert read(path) == real_cache_bytes
+    assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid  # the record beside it
     newer = make_payload(real_cache_bytes, 0, 1)
     with open(path, "rb") as reader:  # a reader that opened the old file keeps reading all of it
         head = reader.read(100)
         inode = os.stat(path).st_ino
-        stats = cache.save(path, newer, cache.CacheStats(path=path, source="own"))
+        loaded = cache.load(path, on(FAKE_GPU))[1]
+        stats = cache.save(path, newer, loaded, on(FAKE_GPU))
         assert head + reader.read() == real_cache_bytes
-    assert stats.saved and stats.source == "own"  # the given stats object is filled in
+    assert stats is loaded and stats.saved and stats.source == "warm"  # the given stats object is filled in
     assert read(path) == newer
+    assert cache.read_record(path, newer) is not None  # the record follows the bytes
     assert os.stat(path).st_ino != inode  # replaced by rename, not rewritten in place
     assert leftovers(tmp_path / "a" / "b") == []
-    assert not recorded
+    assert not messages.warnings
 
 
 @pytest.mark.parametrize("bad", [b"", b"garbage", "truncated"])
-def test_empty_or_invalid_data_never_overwrites(tmp_path, real_cache_bytes, recorded, bad):
+def test_empty_or_invalid_data_never_overwrites(tmp_path, real_cache_bytes, messages, bad):
     bad = real_cache_bytes[:-10] if bad == "truncated" else bad
-    path = write(tmp_path / "rank0.bin", real_cache_bytes)
+    path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
+    record = read(path + cache.RECORD_SUFFIX)
     stats = cache.save(path, bad)
     assert not stats.saved and stats.save_bytes == 0
     assert "nothing to save" in stats.save_error
-    assert read(path) == real_cache_bytes
+    assert read(path) == real_cache_bytes and read(path + cache.RECORD_SUFFIX) == record
     assert leftovers(tmp_path) == []
-    assert not recorded  # nothing to save is not a failure
-    # nor is an invalid blob written where there was nothing
+    assert not messages.warnings  # nothing to save is not a failure
+    # nor is an invalid blob (or a record of it) written where there was nothing
     assert not cache.save(str(tmp_path / "new.bin"), bad).saved
-    assert not os.path.exists(tmp_path / "new.bin")
+    assert not os.path.exists(tmp_path / "new.bin") and not os.path.exists(tmp_path / "new.bin.json")
 
 
-def test_read_only_directory(tmp_path, real_cache_bytes, recorded):
+def test_read_only_directory(tmp_path, real_cache_bytes, messages):
     directory = tmp_path / "ro"
     path = write(directory / "rank0.bin", real_cache_bytes)
     os.chmod(directory, 0o555)
@@ -331,37 +602,38 @@ def test_read_only_directory(tmp_path, real_cache_bytes, recorded):
             pytest.skip("running as a user who can write a 0o555 directory (root); see the simulated EROFS test")
         stats = cache.save(path, make_payload(real_cache_bytes, 0, 1))
         assert not stats.saved and stats.save_error
-        assert len(recorded) == 1
+        assert len(messages.warnings) == 1
         assert read(path) == real_cache_bytes
         assert leftovers(directory) == []
     finally:
         os.chmod(directory, 0o755)
 
 
-def _assert_failed_save_kept_old(path, old, stats, recorded, code):
+def _assert_failed_save_kept_old(path, old, stats, messages, code):
     assert not stats.saved and stats.save_bytes == 0
     assert os.strerror(code) in stats.save_error
-    assert len(recorded) == 1
-    message = str(recorded[0].message)
+    assert len(messages.warnings) == 1
+    message = messages.warnings[0]
     assert path in message and "untouched" in message
     assert read(path) == old
+    assert cache.read_record(path, old) is not None  # the old record still vouches for the old bytes
     assert leftovers(os.path.dirname(path)) == []
 
 
-def test_read_only_filesystem_simulated(tmp_path, real_cache_bytes, recorded, monkeypatch):
-    path = write(tmp_path / "rank0.bin", real_cache_bytes)
+def test_read_only_filesystem_simulated(tmp_path, real_cache_bytes, messages, monkeypatch):
+    path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
 
     def erofs(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), dst)
 
     monkeypatch.setattr(cache.os, "replace", erofs)
     stats = cache.save(path, make_payload(real_cache_bytes, 0, 1))
-    _assert_failed_save_kept_old(path, real_cache_bytes, stats, recorded, errno.EROFS)
+    _assert_failed_save_kept_old(path, real_cache_bytes, stats, messages, errno.EROFS)
 
 
-def test_disk_full_simulated(tmp_path, real_cache_bytes, recorded, monkeypatch):
+def test_disk_full_simulated(tmp_path, real_cache_bytes, messages, monkeypatch):
     """ENOSPC halfway through writing the .tmp: the half file is removed, the old file stays."""
-    path = write(tmp_path / "rank0.bin", real_cache_bytes)
+    path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
     real_open = open
     opened = []
 
@@ -394,30 +666,30 @@ def test_disk_full_simulated(tmp_path, real_cache_bytes, recorded, monkeypatch):
     monkeypatch.setattr(cache, "open", full_disk_open, raising=False)
     stats = cache.save(path, make_payload(real_cache_bytes, 0, 1))
     assert opened == [path + ".tmp"]
-    _assert_failed_save_kept_old(path, real_cache_bytes, stats, recorded, errno.ENOSPC)
+    _assert_failed_save_kept_old(path, real_cache_bytes, stats, messages, errno.ENOSPC)
 
 
-def test_fsync_failure_simulated(tmp_path, real_cache_bytes, recorded, monkeypatch):
-    path = write(tmp_path / "rank0.bin", real_cache_bytes)
+def test_fsync_failure_simulated(tmp_path, real_cache_bytes, messages, monkeypatch):
+    path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
 
     def eio(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(cache.os, "fsync", eio)
     stats = cache.save(path, make_payload(real_cache_bytes, 0, 1))
-    _assert_failed_save_kept_old(path, real_cache_bytes, stats, recorded, errno.EIO)
+    _assert_failed_save_kept_old(path, real_cache_bytes, stats, messages, errno.EIO)
 
 
-def test_parent_is_a_file(tmp_path, real_cache_bytes, recorded):
+def test_parent_is_a_file(tmp_path, real_cache_bytes, messages):
     blocker = write(tmp_path / "blocker", b"not a directory")
     stats = cache.save(os.path.join(blocker, "sub", "rank0.bin"), real_cache_bytes)
     assert not stats.saved and stats.save_error
-    assert len(recorded) == 1
+    assert len(messages.warnings) == 1
     assert read(blocker) == b"not a directory"
 
 
 def test_keyboard_interrupt_during_write_removes_tmp_and_propagates(tmp_path, real_cache_bytes, monkeypatch):
-    path = write(tmp_path / "rank0.bin", real_cache_bytes)
+    path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
 
     def interrupted(fd):
         raise KeyboardInterrupt
@@ -441,71 +713,79 @@ def memory_root():
         fs.rm(root, recursive=True)
 
 
-def test_fsspec_save_load_roundtrip_and_seed(memory_root, real_cache_bytes, recorded):
+def test_fsspec_save_load_roundtrip_and_seed(memory_root, real_cache_bytes, messages):
     fs = fsspec.filesystem("memory")
     template = memory_root + "/{sm}-trtrtx{trt}/rank{rank}.bin"
     path = rank(0).resolve(template)
     assert path == memory_root + "/sm90-trtrtx1.6.1/rank0.bin"
-    stats = cache.save(path, real_cache_bytes)
+    stats = cache.save(path, real_cache_bytes, placement=rank(0))
     assert stats.saved and stats.save_bytes == len(real_cache_bytes)
     assert fs.cat_file(path) == real_cache_bytes
     assert not fs.exists(path + ".tmp")
+    assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid
 
     data, stats = cache.load(template, rank(0))
-    assert data == real_cache_bytes and stats.source == "own"
+    assert data == real_cache_bytes and stats.source == "warm"
 
     data, stats = cache.load(template, rank(4))
     assert data == real_cache_bytes
     assert stats.source == "seeded"
     assert stats.loaded_from.startswith("memory://") and stats.loaded_from.endswith("/sm90-trtrtx1.6.1/rank0.bin")
 
+    data, stats = cache.load(template, rank(4, gpu=OTHER_GPU))  # another GPU is not seeded from it
+    assert (data, stats.source) == (None, "cold")
+
     assert not cache.save(path, b"").saved  # never overwrites a good remote file with nothing
     assert fs.cat_file(path) == real_cache_bytes
-    assert not recorded
+    assert not messages.warnings
 
 
-def test_fsspec_corrupt_is_quarantined(memory_root, real_cache_bytes, recorded):
+def test_fsspec_corrupt_is_quarantined(memory_root, real_cache_bytes, messages):
     fs = fsspec.filesystem("memory")
     template = memory_root + "/{sm}/rank{rank}.bin"
     path = rank(0).resolve(template)
     fs.pipe_file(path, real_cache_bytes[:100])
     data, stats = cache.load(template, rank(0))
     assert data is None and stats.source == "corrupt"
-    assert len(recorded) == 1
+    assert len(messages.warnings) == 1
     assert not fs.exists(path) and fs.cat_file(path + ".corrupt") == real_cache_bytes[:100]
 
 
-# --- the shared in-process handle --------------------------------------------------------------------
+# --- one handle per run ------------------------------------------------------------------------------
 
 
-def test_open_shared_one_object_per_path(trt, tmp_path):
+def test_each_run_opens_its_own_handle(trt, tmp_path):
     per_rank = str(tmp_path / "{sm}" / "rank{rank}.bin")
     shared_file = str(tmp_path / "{sm}" / "all.bin")
-    a = cache.open_shared(per_rank, rank(0))
-    assert cache.open_shared(per_rank, rank(0)) is a
-    assert cache.open_shared(per_rank, rank(1)) is not a
-    assert cache.open_shared(shared_file, rank(0)) is cache.open_shared(shared_file, rank(1))  # same file
+    a = cache.RunCache(per_rank, rank(0))
+    b = cache.RunCache(per_rank, rank(0))
+    assert a is not b and a.handle is not b.handle and a.stats is not b.stats  # no process-wide registry
+    assert a.path == b.path == rank(0).resolve(per_rank) and a.placement == rank(0) and a.template == per_rank
+    assert cache.RunCache(per_rank, rank(1)).path != a.path
+    assert cache.RunCache(shared_file, rank(0)).path == cache.RunCache(shared_file, rank(1)).path  # same file
     assert isinstance(a.handle, trt.runtime.RuntimeCache)
     assert a.handle.path == "" and a.handle.autosave_on_del is False
-    cache.forget_shared()
-    assert cache.open_shared(per_rank, rank(0)) is not a
+    for gone in ("open_shared", "forget_shared", "SharedCache"):
+        assert not hasattr(cache, gone)
 
 
-def test_shared_cache_loads_real_bytes_and_saves_them_identically(trt, template, real_cache_bytes, recorded):
-    path = write(rank(0).resolve(template), real_cache_bytes)
-    shared = cache.open_shared(template, rank(0))
-    assert (shared.stats.source, shared.stats.load_bytes, shared.path) == ("own", len(real_cache_bytes), path)
-    assert shared.stats.load_ms > 0
-    assert shared.serialize() == real_cache_bytes  # the handle really holds the kernels
+def test_run_cache_loads_real_bytes_and_saves_them_identically(trt, template, real_cache_bytes, messages):
+    path = saved(rank(0).resolve(template), real_cache_bytes)
+    run = cache.RunCache(template, rank(0))
+    assert (run.stats.source, run.stats.load_bytes, run.path) == ("warm", len(real_cache_bytes), path)
+    assert run.stats.load_ms > 0
+    assert run.serialize() == real_cache_bytes  # the handle really holds the kernels
     os.remove(path)
-    stats = shared.save()
-    assert stats is shared.stats
+    stats = run.save()
+    assert stats is run.stats
     assert stats.saved and stats.save_bytes == len(real_cache_bytes) and stats.save_ms > 0
     assert read(path) == real_cache_bytes
+    assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid
     assert set(dataclasses.asdict(stats)) >= {
         "path",
         "source",
         "loaded_from",
+        "filled_on",
         "load_bytes",
         "load_ms",
         "save_bytes",
@@ -513,42 +793,43 @@ def test_shared_cache_loads_real_bytes_and_saves_them_identically(trt, template,
         "saved",
         "save_error",
     }
-    assert json.loads(json.dumps(dataclasses.asdict(stats)))["source"] == "own"
-    assert not recorded
+    assert json.loads(json.dumps(dataclasses.asdict(stats)))["source"] == "warm"
+    assert not messages.warnings
 
 
-def test_shared_cache_seeded_rank_saves_its_own_file(trt, template, real_cache_bytes):
-    write(rank(0).resolve(template), real_cache_bytes)
-    shared = cache.open_shared(template, rank(2))
-    assert shared.stats.source == "seeded"
-    assert shared.save().saved
+def test_run_cache_seeded_rank_saves_its_own_file(trt, template, real_cache_bytes):
+    saved(rank(0).resolve(template), real_cache_bytes)
+    run = cache.RunCache(template, rank(2))
+    assert run.stats.source == "seeded"
+    assert run.save().saved
     assert read(rank(2).resolve(template)) == real_cache_bytes
+    assert cache.RunCache(template, rank(2)).stats.source == "warm"  # the next run of rank 2
 
 
-def test_cold_shared_cache_never_overwrites_a_good_file(trt, template, real_cache_bytes, recorded):
-    shared = cache.open_shared(template, rank(0))
-    assert shared.stats.source == "cold" and shared.serialize() == b""
-    write(shared.path, real_cache_bytes)  # another run saved meanwhile
-    stats = shared.save()
+def test_cold_run_cache_never_overwrites_a_good_file(trt, template, real_cache_bytes, messages):
+    run = cache.RunCache(template, rank(0))
+    assert run.stats.source == "cold" and run.serialize() == b""
+    write(run.path, real_cache_bytes)  # another run saved meanwhile
+    stats = run.save()
     assert not stats.saved and "nothing to save" in stats.save_error
-    assert read(shared.path) == real_cache_bytes
-    assert not recorded
+    assert read(run.path) == real_cache_bytes
+    assert not messages.warnings
 
 
-def test_corrupt_file_gives_an_empty_handle(trt, template, real_cache_bytes, recorded):
+def test_corrupt_file_gives_an_empty_handle(trt, template, real_cache_bytes, messages):
     path = write(rank(0).resolve(template), real_cache_bytes[:-1])
-    shared = cache.open_shared(template, rank(0))
-    assert shared.stats.source == "corrupt" and shared.serialize() == b""
-    assert len(recorded) == 1 and os.path.exists(path + ".corrupt")
+    run = cache.RunCache(template, rank(0))
+    assert run.stats.source == "corrupt" and run.serialize() == b""
+    assert len(messages.warnings) == 1 and os.path.exists(path + ".corrupt")
 
 
-def test_broken_handle_save_warns_and_does_not_raise(trt, template, real_cache_bytes, recorded):
-    path = write(rank(0).resolve(template), real_cache_bytes)
-    shared = cache.open_shared(template, rank(0))
-    shared.handle = object()
-    stats = shared.save()
+def test_broken_handle_save_warns_and_does_not_raise(trt, template, real_cache_bytes, messages):
+    path = saved(rank(0).resolve(template), real_cache_bytes)
+    run = cache.RunCache(template, rank(0))
+    run.handle = object()
+    stats = run.save()
     assert not stats.saved and "could not serialize" in stats.save_error
-    assert len(recorded) == 1
+    assert len(messages.warnings) == 1
     assert read(path) == real_cache_bytes
 
 
@@ -579,25 +860,43 @@ def finish(procs, timeout=120) -> list[dict]:
     return events
 
 
-def start_together(tmp_path, n, **cfg) -> list[subprocess.Popen]:
+def start_together(tmp_path, n, per_rank=lambda r: {}, **cfg) -> tuple[list[subprocess.Popen], list[str]]:
+    """``n`` writers, released together; returns them and the path each resolved its template to."""
     go = str(tmp_path / f"go-{uuid.uuid4().hex}")
-    procs = [start_writer(rank=r, go=go, **cfg) for r in range(n)]
+    procs = [start_writer(rank=r, go=go, **cfg, **per_rank(r)) for r in range(n)]
+    paths = []
     for proc in procs:
-        assert next_event(proc)["event"] == "ready"
+        event = next_event(proc)
+        assert event["event"] == "ready"
+        paths.append(event["path"])
     open(go, "w").close()
-    return procs
+    return procs, paths
+
+
+def writer_gpu(r: int) -> dict:
+    """A distinct fake physical GPU for writer ``r``."""
+    return gpu_dict(cache.Gpu(uuid=f"{r + 1:08x}-0000-4000-8000-{r + 1:012x}", name="NVIDIA H100", sm="sm90"))
 
 
 N_WRITERS = 8
 
 
 @pytest.mark.timeout(180)
-def test_concurrent_per_rank_saves_lose_nothing(tmp_path, real_cache_bytes):
-    template = cache.default_template()  # per-rank files under the conftest-isolated default dir
-    assert template.startswith(str(tmp_path))
+@pytest.mark.parametrize("layout", ["one-gpu-each", "ranks-share-a-gpu"])
+def test_concurrent_per_process_saves_lose_nothing(tmp_path, real_cache_bytes, layout):
+    """8 writers on the default template: each on its own GPU (one file per GPU), or all on one GPU
+    (``shared_gpu=True``: one file per rank). Each reads back exactly its own last save, warm."""
+    if layout == "one-gpu-each":
+        template, per_rank = cache.default_template(), lambda r: {"gpu": writer_gpu(r)}
+        names = sorted(f"gpu-{r + 1:08x}.bin" for r in range(N_WRITERS))
+    else:
+        template, per_rank = cache.default_template(shared_gpu=True), lambda r: {"gpu": gpu_dict(FAKE_GPU)}
+        names = sorted(f"gpu-3b6d1a2c-rank{r}.bin" for r in range(N_WRITERS))
+    assert template.startswith(str(tmp_path))  # under the conftest-isolated default dir
     rounds = 6
-    procs = start_together(
-        tmp_path, N_WRITERS, mode="rounds", template=template, rounds=rounds, check_own=True, world_size=N_WRITERS
+    procs, paths = start_together(
+        tmp_path, N_WRITERS, per_rank, mode="rounds", template=template, rounds=rounds, check_own=True,
+        world_size=N_WRITERS,
     )
     events = finish(procs)
     saves = [e for e in events if e["event"] == "save"]
@@ -605,14 +904,15 @@ def test_concurrent_per_rank_saves_lose_nothing(tmp_path, real_cache_bytes):
     assert len(saves) == N_WRITERS * rounds
     assert all(e["saved"] and e["error"] == "" for e in saves), [e for e in saves if not e["saved"]]
     assert len(loads) == N_WRITERS * (rounds - 1)
-    assert all(e["source"] == "own" and e["same"] for e in loads), [e for e in loads if not e["same"]]
-    directory = os.path.dirname(rank(0).resolve(template))
-    files = sorted(glob.glob(os.path.join(directory, "rank*.bin")))
-    assert len(files) == N_WRITERS
+    assert all(e["source"] == "warm" and e["same"] for e in loads), [e for e in loads if not e["same"]]
+    directory = os.path.join(os.environ[cache.CACHE_DIR_ENV], KEY)
+    assert sorted(os.path.basename(p) for p in paths) == names
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin"))) == names
     for r in range(N_WRITERS):
-        data = read(rank(r).resolve(template))
+        data = read(paths[r])
         assert cache.check_bytes(data) is None
         assert data == make_payload(real_cache_bytes, r, rounds - 1)
+        assert cache.read_record(paths[r], data) is not None
     assert leftovers(directory) == []
 
 
@@ -626,7 +926,7 @@ def test_concurrent_saves_to_one_path_always_leave_one_complete_file(tmp_path, r
         for i in range(rounds)
     }
     assert len(payloads) == N_WRITERS * rounds
-    procs = start_together(tmp_path, N_WRITERS, mode="rounds", template=path, rounds=rounds)
+    procs, _ = start_together(tmp_path, N_WRITERS, mode="rounds", template=path, rounds=rounds, gpu=gpu_dict(FAKE_GPU))
     observed = set()
     reads = 0
     while any(p.poll() is None for p in procs):
@@ -645,18 +945,18 @@ def test_concurrent_saves_to_one_path_always_leave_one_complete_file(tmp_path, r
     _, round_ = payloads[hashlib.sha256(final).hexdigest()]
     assert round_ == rounds - 1  # the last rename was some writer's last save
     assert len(observed) >= 2  # the reader really ran while the writers replaced the file
-    data, stats = cache.load(path, cache.Placement())
-    assert data == final and stats.source == "own"
+    data, stats = cache.load(path, on(FAKE_GPU))
+    assert data == final and stats.source == "warm"  # the last writer's record goes with its bytes
     assert leftovers(os.path.dirname(path)) == []
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("stage", ["fsync", "replace"])
-def test_killed_mid_save_leaves_previous_file(tmp_path, real_cache_bytes, monkeypatch, recorded, stage):
+def test_killed_mid_save_leaves_previous_file(tmp_path, real_cache_bytes, monkeypatch, messages, stage):
     path = str(tmp_path / "key" / "rank0.bin")
     old = make_payload(real_cache_bytes, 0, 0)
-    assert cache.save(path, old).saved
-    proc = start_writer(mode="hang", template=path, rank=0, round=1, stage=stage)
+    assert cache.save(path, old, placement=on(FAKE_GPU)).saved
+    proc = start_writer(mode="hang", template=path, rank=0, round=1, stage=stage, gpu=gpu_dict(FAKE_GPU))
     try:
         event = next_event(proc)
         assert event == {"event": "hang", "stage": stage, "pid": proc.pid}
@@ -670,22 +970,22 @@ def test_killed_mid_save_leaves_previous_file(tmp_path, real_cache_bytes, monkey
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert read(path) == old
-    data, stats = cache.load(path, cache.Placement())
-    assert data == old and stats.source == "own"
+    data, stats = cache.load(path, on(FAKE_GPU))
+    assert data == old and stats.source == "warm"  # the old record still vouches for the old bytes
     assert os.path.exists(path + ".tmp")  # the dead writer's leftover...
     monkeypatch.setattr(cache, "LOCK_TIMEOUT_S", 5.0)
     new = make_payload(real_cache_bytes, 0, 2)
     start = time.monotonic()
-    stats = cache.save(path, new)  # ...neither its lock nor its .tmp blocks the next save
+    stats = cache.save(path, new, stats, on(FAKE_GPU))  # ...neither its lock nor its .tmp blocks the next save
     assert stats.saved, stats.save_error
     assert time.monotonic() - start < 5.0
     assert read(path) == new
     assert not os.path.exists(path + ".tmp")
-    assert not recorded
+    assert not messages.warnings
 
 
 @pytest.mark.timeout(180)
-def test_live_lock_holder_times_out_without_harm(tmp_path, real_cache_bytes, monkeypatch, recorded):
+def test_live_lock_holder_times_out_without_harm(tmp_path, real_cache_bytes, monkeypatch, messages):
     path = str(tmp_path / "rank0.bin")
     old = make_payload(real_cache_bytes, 0, 0)
     assert cache.save(path, old).saved
@@ -695,7 +995,7 @@ def test_live_lock_holder_times_out_without_harm(tmp_path, real_cache_bytes, mon
         monkeypatch.setattr(cache, "LOCK_TIMEOUT_S", 0.3)
         stats = cache.save(path, make_payload(real_cache_bytes, 0, 2))
         assert not stats.saved and "Timeout" in stats.save_error
-        assert len(recorded) == 1
+        assert len(messages.warnings) == 1
         assert read(path) == old
         assert os.path.exists(path + ".tmp")  # the holder's .tmp is left alone while it holds the lock
     finally:
@@ -705,7 +1005,136 @@ def test_live_lock_holder_times_out_without_harm(tmp_path, real_cache_bytes, mon
         proc.stderr.close()
 
 
-def test_a_backend_failure_of_any_kind_is_a_warning_not_a_crash(tmp_path, real_cache_bytes, monkeypatch):
+# --- every run reads what is on disk now --------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_each_run_reads_what_another_process_saved_since_the_last_run(trt, template, real_cache_bytes, messages):
+    path = rank(0).resolve(template)
+    old, new = make_payload(real_cache_bytes, 0, 0), make_payload(real_cache_bytes, 0, 1)
+    saved(path, old)
+    first = cache.RunCache(template, rank(0))
+    assert (first.stats.source, first.stats.load_bytes, first.serialize()) == ("warm", len(old), old)
+    # between the two runs another process (another job on this GPU) saves
+    (event,) = finish([start_writer(mode="save_once", template=path, rank=0, round=1, gpu=gpu_dict(FAKE_GPU),
+                                    host="writer-host")])
+    assert event["saved"] and event["pid"] != os.getpid()
+    assert read(path) == new
+    second = cache.RunCache(template, rank(0))
+    assert second is not first and second.handle is not first.handle and second.stats is not first.stats
+    assert second.serialize() == new  # the new bytes, not what this process loaded before
+    assert (second.stats.source, second.stats.load_bytes) == ("warm", len(new))
+    assert f"pid {event['pid']}" in second.stats.filled_on and "writer-host" in second.stats.filled_on
+    assert second.save().saved and second.stats.save_bytes == len(new)
+    # each run's figures are its own: the first run's load and (absent) save are untouched
+    assert (first.stats.load_bytes, first.stats.saved, first.stats.save_bytes) == (len(old), False, 0)
+    assert f"pid {os.getpid()}" in first.stats.filled_on
+    assert not messages.warnings
+
+
+@pytest.mark.timeout(120)
+def test_save_over_a_file_another_process_changed_still_saves_and_warns(trt, template, real_cache_bytes, messages):
+    path = rank(0).resolve(template)
+    saved(path, make_payload(real_cache_bytes, 0, 0))
+    run = cache.RunCache(template, rank(0))
+    assert run.stats.source == "warm"
+    (event,) = finish([start_writer(mode="save_once", template=path, rank=0, round=1, gpu=gpu_dict(FAKE_GPU),
+                                    host="writer-host")])
+    assert event["saved"] and read(path) == make_payload(real_cache_bytes, 0, 1)
+    mine = make_payload(real_cache_bytes, 0, 2)
+    run.handle.load_from_stream(io.BytesIO(mine))  # what this run compiled
+    stats = run.save()
+    assert stats.saved and stats.save_bytes == len(mine)
+    assert read(path) == mine and cache.read_record(path).pid == os.getpid()  # this run's save went through
+    changed = messages.matching("changed on disk")
+    assert len(changed) == 1 and len(messages.warnings) == 1
+    assert path in changed[0] and f"pid {event['pid']}" in changed[0] and "writer-host" in changed[0]
+    assert "GPU 3b6d1a2c" in changed[0]
+    # nothing changed since this save: the next save of the same run says nothing
+    assert cache.save(path, make_payload(real_cache_bytes, 0, 3), stats, rank(0)).saved
+    assert len(messages.warnings) == 1
+
+
+# --- quarantine only what is still bad: a real race -------------------------------------------------------
+
+
+def load_while_another_process_holds_the_lock(template, bad: bytes, fix: bool, hold_s: float):
+    """Put ``bad`` at rank 0's file; a real other process takes ``<path>.lock`` (filelock) and holds it for
+    ``hold_s`` s, replacing the file with a good payload (rank 0, round 7) and its record if ``fix``; this
+    process loads meanwhile. Returns (data, stats, the holder's events by name, load start, load end)."""
+    path = write(rank(0).resolve(template), bad)
+    holder = start_writer(mode="hold_lock", template=path, rank=0, round=7, hold_s=hold_s, fix=fix,
+                          gpu=gpu_dict(FAKE_GPU))
+    try:
+        assert next_event(holder)["event"] == "locked"
+        loading = time.time()
+        data, stats = cache.load(template, rank(0))
+        loaded = time.time()
+    finally:
+        events = {e["event"]: e for e in finish([holder])}
+    return data, stats, events, loading, loaded
+
+
+@pytest.mark.timeout(120)
+def test_quarantine_never_moves_a_file_made_good_under_the_lock(template, real_cache_bytes, messages):
+    """This run reads a bad file; another process, holding ``<path>.lock``, replaces it with a good one;
+    the quarantine waits for the lock, reads again, and keeps (and loads) the good file."""
+    path = rank(0).resolve(template)
+    data, stats, events, loading, loaded = load_while_another_process_holds_the_lock(
+        template, real_cache_bytes[:5000], fix=True, hold_s=2.0
+    )
+    # the file was still bad when this run read it, and the load waited for the holder's lock
+    assert loading < events["replaced"]["at"] <= events["released"]["at"] <= loaded
+    good = make_payload(real_cache_bytes, 0, 7)
+    assert (data, stats.source, stats.load_bytes) == (good, "warm", len(good))
+    assert read(path) == good and not os.path.exists(path + ".corrupt")
+    assert not messages.warnings
+
+
+@pytest.mark.timeout(120)
+def test_quarantine_waits_for_the_lock_and_moves_a_file_still_bad(template, real_cache_bytes, messages):
+    bad = real_cache_bytes[:5000]
+    path = rank(0).resolve(template)
+    data, stats, events, _, loaded = load_while_another_process_holds_the_lock(template, bad, fix=False, hold_s=1.0)
+    assert events["released"]["at"] <= loaded
+    assert (data, stats.source) == (None, "corrupt")
+    assert read(path + ".corrupt") == bad and not os.path.exists(path)
+    assert len(messages.warnings) == 1 and "moved aside" in messages.warnings[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_loaded_the_file_made_good_under_the_lock_saves_without_a_change_warning(
+    template, real_cache_bytes, messages
+):
+    """The run loaded exactly the bytes on disk (the other process's good file): nothing changed since."""
+    path = rank(0).resolve(template)
+    data, stats, events, _, _ = load_while_another_process_holds_the_lock(
+        template, real_cache_bytes[:5000], fix=True, hold_s=1.0
+    )
+    assert data == read(path) and stats.source == "warm"
+    mine = make_payload(real_cache_bytes, 0, 8)
+    assert cache.save(path, mine, stats, rank(0)).saved
+    assert not messages.matching("changed on disk"), messages.warnings
+
+
+@pytest.mark.timeout(120)
+def test_a_save_without_stats_that_waits_for_the_lock_claims_no_change(template, real_cache_bytes, messages):
+    """``save(path, data)`` with no stats loaded nothing, so it cannot say the file "changed on disk since
+    this run loaded it"; here it waits for another process's lock while that process replaces the file."""
+    path = saved(rank(0).resolve(template), make_payload(real_cache_bytes, 0, 0))
+    holder = start_writer(mode="hold_lock", template=path, rank=0, round=7, hold_s=1.0, fix=True,
+                          gpu=gpu_dict(FAKE_GPU))
+    try:
+        assert next_event(holder)["event"] == "locked"
+        stats = cache.save(path, make_payload(real_cache_bytes, 0, 8), placement=rank(0))
+    finally:
+        events = {e["event"]: e for e in finish([holder])}
+    assert "replaced" in events and stats.saved
+    assert read(path) == make_payload(real_cache_bytes, 0, 8)
+    assert not messages.matching("changed on disk"), messages.warnings
+
+
+def test_a_backend_failure_of_any_kind_is_a_warning_not_a_crash(tmp_path, real_cache_bytes, monkeypatch, messages):
     """fsspec backends raise their own exceptions (botocore's NoCredentialsError is no OSError)."""
     import fsspec
 
@@ -720,21 +1149,22 @@ def test_a_backend_failure_of_any_kind_is_a_warning_not_a_crash(tmp_path, real_c
 
     monkeypatch.setattr(type(fs), "pipe_file", refuse)
     monkeypatch.setattr(type(fs), "isfile", refuse)
-    with pytest.warns(UserWarning, match="Unable to locate credentials"):
-        stats = cache.save("memory://any/rank0.bin", real_cache_bytes)
+    stats = cache.save("memory://any/rank0.bin", real_cache_bytes)
+    assert len(messages.matching("Unable to locate credentials")) == 1
     assert not stats.saved and "NoCredentials" in stats.save_error
-    with pytest.warns(UserWarning, match="could not be read"):
-        data, loaded = cache.load("memory://any/rank{rank}.bin", cache.Placement())
+    data, loaded = cache.load("memory://any/rank{rank}.bin", cache.Placement())
+    assert len(messages.matching("could not be read")) == 1
     assert data is None and loaded.source == "cold"
+    assert len(messages.warnings) == 2
 
 
-def test_save_stats_describe_the_latest_save_only(tmp_path, real_cache_bytes, monkeypatch):
+def test_save_stats_describe_the_latest_save_only(tmp_path, real_cache_bytes, monkeypatch, messages):
     path = str(tmp_path / "c.bin")
     stats = cache.save(path, real_cache_bytes)
     assert stats.saved and stats.save_bytes == len(real_cache_bytes) and not stats.save_error
     monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.warns(UserWarning, match="No space left"):
-        cache.save(path, real_cache_bytes, stats)
+    cache.save(path, real_cache_bytes, stats)
+    assert len(messages.matching("No space left")) == 1
     assert not stats.saved and stats.save_bytes == 0 and "No space left" in stats.save_error
 
 
@@ -744,7 +1174,9 @@ def test_save_stats_describe_the_latest_save_only(tmp_path, real_cache_bytes, mo
         ("c/rank{rank}.bin", True),
         ("c/node{node_rank}/gpu{local_rank}.bin", True),
         ("c/{host}-{local_rank}.bin", True),
+        ("c/gpu-{gpu}-rank{rank}.bin", True),
         ("c/gpu{local_rank}.bin", False),
+        ("c/gpu-{gpu}.bin", False),
         ("c/{host}.bin", False),
         ("c/shared.bin", False),
     ],

@@ -2,20 +2,27 @@
 
     python tests/procs/cache_writer.py '<json>'
 
-JSON keys: ``mode`` (``rounds`` or ``hang``), ``template``, ``rank``, ``rounds``, ``base`` (path of a
-real cache file the payloads are made from), ``go`` (a file to wait for before writing, so all workers
-start together), ``stage`` (``hang`` only: ``fsync`` or ``replace``, where the save stops).
+JSON keys: ``mode`` (``rounds``, ``hang``, ``save_once`` or ``hold_lock``), ``template`` (a template or,
+for ``hang``/``save_once``/``hold_lock``, a path), ``rank``, ``round``/``rounds``, ``base`` (path of a real
+cache file the payloads are made from), ``go`` (a file to wait for before writing, so all workers start
+together), ``stage`` (``hang`` only: ``fsync`` or ``replace``, where the save stops), ``gpu`` (``{"uuid",
+"name", "sm"}``: the physical GPU this process "runs on", recorded with every save; none: no GPU),
+``host`` (the host name its records give), ``hold_s`` and ``fix`` (``hold_lock`` only).
 
 The worker loads ``lightning_trt_rtx/cache.py`` by file path: it is the library's own module, but
-without importing the package (which pulls in torch and Lightning, ~3 s per process on a 2-core host).
-Everything it does is reported as JSON lines on stdout.
+without importing torch or Lightning (~3 s per process on a 2-core host); only the package's tiny
+``__init__`` and ``_messages`` come with it. Everything it does is reported as JSON lines on stdout;
+the package's own messages go to stderr.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
+import socket
 import struct
 import sys
 import time
@@ -57,20 +64,34 @@ def wait_for(path: str, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
+def placement_of(cache, cfg: dict):
+    """Who this worker is: its rank, and the (faked) physical GPU and host its saves record."""
+    gpu = cache.Gpu(**cfg["gpu"]) if cfg.get("gpu") else cache.Gpu()
+    return cache.Placement(
+        rank=cfg.get("rank", 0),
+        world_size=cfg.get("world_size", 1),
+        sm="sm90",
+        trt="1.6.1",
+        cuda="13.0",
+        host=cfg.get("host") or socket.gethostname(),
+        gpu=gpu,
+    )
+
+
 def run_rounds(cache, cfg: dict, base: bytes) -> None:
     rank = cfg["rank"]
-    placement = cache.Placement(rank=rank, world_size=cfg.get("world_size", 1), sm="sm90", trt="1.6.1", cuda="13.0")
+    placement = placement_of(cache, cfg)
     path = placement.resolve(cfg["template"])
     emit(event="ready", rank=rank, path=path)
     wait_for(cfg["go"])
     previous = None
     for round_ in range(cfg["rounds"]):
         if cfg.get("check_own", False) and previous is not None:
-            # a per-rank file is this rank's alone: it must hold exactly what this rank saved last
+            # a per-rank (or per-GPU) file is this process's alone: it must hold exactly what it saved last
             data, stats = cache.load(cfg["template"], placement)
             emit(event="load", rank=rank, round=round_, source=stats.source, same=data == previous)
         payload = make_payload(base, rank, round_)
-        stats = cache.save(path, payload)
+        stats = cache.save(path, payload, placement=placement)
         emit(event="save", rank=rank, round=round_, saved=stats.saved, error=stats.save_error, bytes=stats.save_bytes)
         previous = payload
 
@@ -87,8 +108,49 @@ def run_hang(cache, cfg: dict, base: bytes) -> None:
 
     setattr(os, stage, stop)
     payload = make_payload(base, cfg["rank"], cfg.get("round", 0))
-    stats = cache.save(cfg["template"], payload)
+    stats = cache.save(cfg["template"], payload, placement=placement_of(cache, cfg))
     emit(event="save", saved=stats.saved, error=stats.save_error)
+
+
+def run_save_once(cache, cfg: dict, base: bytes) -> None:
+    """One ordinary save of payload (rank, round), as another process (another run) would do it."""
+    payload = make_payload(base, cfg["rank"], cfg.get("round", 0))
+    stats = cache.save(cfg["template"], payload, placement=placement_of(cache, cfg))
+    emit(event="save", pid=os.getpid(), saved=stats.saved, error=stats.save_error, bytes=stats.save_bytes)
+
+
+def run_hold_lock(cache, cfg: dict, base: bytes) -> None:
+    """Hold ``<path>.lock`` (the lock every writer and the quarantine take) for ``hold_s`` seconds; with
+    ``fix``, replace the file with a good payload and its record while holding it, as a saving process does."""
+    from filelock import FileLock
+
+    path = cfg["template"]
+    with FileLock(path + ".lock", timeout=30):
+        emit(event="locked", at=time.time())
+        time.sleep(cfg["hold_s"])
+        if cfg.get("fix"):
+            payload = make_payload(base, cfg["rank"], cfg.get("round", 0))
+            placement = placement_of(cache, cfg)
+            record = cache.Record(
+                gpu_uuid=placement.gpu.uuid,
+                gpu_name=placement.gpu.name,
+                sm=placement.sm,
+                trt=placement.trt,
+                cuda=placement.cuda,
+                host=placement.host,
+                pid=os.getpid(),
+                saved_unix=time.time(),
+                bytes=len(payload),
+                sha256=hashlib.sha256(payload).hexdigest(),
+            )
+            recorded = json.dumps(dataclasses.asdict(record)).encode()
+            for target, content in ((path, payload), (path + cache.RECORD_SUFFIX, recorded)):
+                with open(target + ".fix", "wb") as f:
+                    f.write(content)
+                os.replace(target + ".fix", target)
+            emit(event="replaced", at=time.time())
+        released = time.time()
+    emit(event="released", at=released)
 
 
 def main() -> None:
@@ -96,7 +158,8 @@ def main() -> None:
     cache = load_cache_module()
     with open(cfg["base"], "rb") as f:
         base = f.read()
-    {"rounds": run_rounds, "hang": run_hang}[cfg["mode"]](cache, cfg, base)
+    modes = {"rounds": run_rounds, "hang": run_hang, "save_once": run_save_once, "hold_lock": run_hold_lock}
+    modes[cfg["mode"]](cache, cfg, base)
 
 
 if __name__ == "__main__":

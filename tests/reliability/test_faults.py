@@ -7,7 +7,9 @@ tried and survived.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from lightning_trt_rtx import TRTRuntimeSettings, cache
 from lightning_trt_rtx.session import ServingSession
+from tests.conftest import FAKE_GPU, OTHER_GPU
 from tests.procs.lightning_models import make_trainer as shared_trainer
 from tests.reliability.workers import CRASH_POINTS, REPO, digest, engine_model_class, make_payload, round_payload
 
@@ -76,8 +79,14 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def cache_warnings(caught, path) -> list[str]:
-    return [str(w.message) for w in caught if "ernel cache" in str(w.message) and str(path) in str(w.message)]
+def cache_warnings(messages, path) -> list[str]:
+    """The package's warnings about the kernel cache at ``path`` (``messages``: the conftest fixture)."""
+    return [m for m in messages.warnings if "ernel cache" in m and str(path) in m]
+
+
+# A process on FAKE_GPU (the GPU identity faked at the package's boundary, ``Placement(gpu=...)``):
+# its saves record that GPU, so its loads can tell a warm file from another GPU's or an unknown one.
+ON_GPU = cache.Placement(gpu=FAKE_GPU)
 
 
 def make_trainer(tmp_path, *callbacks, **kwargs) -> Trainer:
@@ -92,6 +101,9 @@ def loader(batches: int = 4) -> DataLoader:
 
 
 def run_rounds(tmp_path: Path, template: str) -> list[list[dict]]:
+    """Every worker's log; a worker's own stdout/stderr must hold no message of the package (the workers
+    load cache.py without the package ``__init__``, so a message there reaches stderr through logging's
+    last-resort handler, not the ``warnings`` module their logs record)."""
     barrier_dir = tmp_path / "barrier"
     barrier_dir.mkdir()
     procs = [
@@ -105,6 +117,7 @@ def run_rounds(tmp_path: Path, template: str) -> list[list[dict]]:
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out.decode()
+        assert "ernel cache" not in out.decode(), out.decode()
     return [json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in range(PROCESSES)]
 
 
@@ -114,7 +127,8 @@ def leftovers(directory: Path) -> list[str]:
 
 def test_concurrent_per_rank_saves_lose_nothing(tmp_path, real_cache_bytes):
     """8 processes x 5 rounds on the default per-rank template: each reads back exactly its previous save."""
-    template = cache.default_template()  # {sm}-trtrtx{trt}-cuda{cuda}/rank{rank}.bin under the isolated dir
+    # ranks that share a GPU (these CPU workers all have none): {sm}-trtrtx{trt}-cuda{cuda}/gpu-{gpu}-rank{rank}.bin
+    template = cache.default_template(shared_gpu=True)
     assert cache.is_per_rank(template)
     logs = run_rounds(tmp_path, template)
     payloads = {(rank, r): round_payload(real_cache_bytes, rank, r) for rank in range(PROCESSES) for r in range(ROUNDS)}
@@ -126,11 +140,10 @@ def test_concurrent_per_rank_saves_lose_nothing(tmp_path, real_cache_bytes):
             assert not entry["warnings"], entry
             corrupt_reads += (not entry["loaded_valid"]) + (entry["source"] == "corrupt")
             if r == 0:
-                # nothing of its own yet: cold, or seeded from a sibling's complete round-0 file
-                assert entry["source"] in ("cold", "seeded"), entry
-                if entry["source"] == "seeded":
-                    assert entry["loaded"] in {digest(payloads[(o, 0)]) for o in range(PROCESSES) if o != rank}
-            elif entry["source"] != "own" or entry["loaded"] != digest(payloads[(rank, r - 1)]):
+                # nothing of its own yet: cold (seeding needs this GPU's identity, which these workers lack)
+                assert entry["source"] == "cold" and entry["loaded"] is None, entry
+            elif entry["source"] != "unverified" or entry["loaded"] != digest(payloads[(rank, r - 1)]):
+                # its own file, loaded; no GPU identity here, so no record can vouch for it: "unverified"
                 lost += 1
     placement = cache.Placement(world_size=PROCESSES, host="h")
     corrupt_files = 0
@@ -147,7 +160,7 @@ def test_concurrent_per_rank_saves_lose_nothing(tmp_path, real_cache_bytes):
     )
     assert (lost, corrupt_files, corrupt_reads) == (0, 0, 0)
     assert leftovers(key_dir) == []
-    assert sorted(p.name for p in key_dir.glob("*.bin")) == sorted(f"rank{r}.bin" for r in range(PROCESSES))
+    assert sorted(p.name for p in key_dir.glob("*.bin")) == sorted(f"gpu-cpu-rank{r}.bin" for r in range(PROCESSES))
 
 
 def test_concurrent_saves_to_one_shared_file_stay_whole(tmp_path, real_cache_bytes):
@@ -161,7 +174,7 @@ def test_concurrent_saves_to_one_shared_file_stay_whole(tmp_path, real_cache_byt
             r = entry["round"]
             assert entry["saved"] and not entry["warnings"], entry
             corrupt_reads += (not entry["loaded_valid"]) + (entry["source"] == "corrupt")
-            if entry["source"] == "own":  # a file another round of saves left whole
+            if entry["source"] == "unverified":  # a file another round of saves left whole (no GPU: unverified)
                 assert entry["loaded"] in by_round[r] | (by_round[r - 1] if r else set()), entry
             else:
                 assert r == 0 and entry["source"] == "cold", entry
@@ -190,25 +203,28 @@ class _FakeTrainer:
         ("shared/cache.bin", 8, True),
         ("shared/{sm}/local{local_rank}.bin", 8, True),  # ranks of two nodes would share a file
         ("shared/{sm}/rank{rank}.bin", 8, False),
+        ("shared/{sm}/gpu-{gpu}.bin", 8, False),  # one file per physical GPU
         ("shared/cache.bin", 1, False),
     ],
 )
-def test_shared_template_across_ranks_warns(tmp_path, trt, template, world_size, warns):
+def test_shared_template_across_ranks_warns(tmp_path, trt, messages, template, world_size, warns):
+    """A template that gives several ranks one file warns once, on rank zero (every rank would say the same)."""
     from lightning_trt_rtx.settings import TRTSettings
 
-    module = torch.nn.Linear(1, 1)
-    trainer = _FakeTrainer(world_size)
-    session = ServingSession.of(module)
-    session.configure(TRTSettings(runtime_cache=str(tmp_path / template)), "test", trainer)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        session._open_cache()
-    messages = [str(w.message) for w in caught if "share the kernel cache file" in str(w.message)]
-    assert len(messages) == int(warns), messages
+    settings = TRTSettings(runtime_cache=str(tmp_path / template))
+    for rank in sorted({0, world_size - 1}, reverse=True):  # the last rank first: it stays silent
+        session = ServingSession.for_trainer(_FakeTrainer(world_size, rank), settings)
+        with session.engines_created():  # opens this run's cache as serving does
+            pass
+        session.close()
+        placement = cache.Placement.current(rank=rank, local_rank=rank % 4, node_rank=rank // 4, world_size=world_size)
+        assert isinstance(session.cache, cache.RunCache)
+        assert session.cache.path == placement.resolve(str(tmp_path / template))
+        assert session.cache.placement == placement
+    shared = messages.matching("share the kernel cache file")
+    assert len(shared) == int(warns), shared
     if warns:
-        assert f"All {world_size} ranks" in messages[0] and "{rank}" in messages[0]
-    assert session.shared_cache is cache.open_shared(str(tmp_path / template), cache.Placement.current(
-        rank=0, local_rank=0, node_rank=0, world_size=world_size))
+        assert str(tmp_path / template) in shared[0] and "{rank}" in shared[0] and "{gpu}" in shared[0]
 
 
 # --- SIGKILL mid-save -------------------------------------------------------------------------------
@@ -216,7 +232,7 @@ def test_shared_template_across_ranks_warns(tmp_path, trt, template, world_size,
 
 @pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "first-save"])
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_sigkill_during_save(tmp_path, real_cache_bytes, point, previous):
+def test_sigkill_during_save(tmp_path, real_cache_bytes, messages, point, previous):
     """SIGKILL at each point of a save: the file is the old or the new payload, whole; the next save works."""
     key = tmp_path / "cpu-key"
     template = str(key / "rank{rank}.bin")
@@ -224,7 +240,7 @@ def test_sigkill_during_save(tmp_path, real_cache_bytes, point, previous):
     old = make_payload(real_cache_bytes, "old", size=120_000)
     new = make_payload(real_cache_bytes, "new", size=150_000)
     if previous:
-        assert cache.save(str(path), old).saved
+        assert cache.save(str(path), old, placement=ON_GPU).saved  # recorded as filled on FAKE_GPU
     ready = tmp_path / "ready"
     proc = worker("crash", dict(path=str(path), point=point, ready=str(ready), tag="new", size=150_000))
     wait_for(ready, proc)
@@ -244,14 +260,28 @@ def test_sigkill_during_save(tmp_path, real_cache_bytes, point, previous):
     if on_disk is not None:
         assert cache.check_bytes(on_disk) is None
 
+    # the record never vouches for bytes it does not describe: the old one stays with the old bytes; a kill
+    # between the data rename and the record rename leaves a stale record, which vouches for nothing
+    record = cache.read_record(str(path))
+    if previous and not renamed:
+        assert record is not None and record.gpu_uuid == FAKE_GPU.uuid
+    elif point == "after-save":
+        assert record is not None and record.sha256 == hashlib.sha256(new).hexdigest()
+    else:
+        assert record is None
+
     # the next process loads what is there (never the temp file, never "corrupt")...
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data, stats = cache.load(template, cache.Placement(rank=0, world_size=2))
-        other, other_stats = cache.load(template, cache.Placement(rank=1, world_size=2))
-    assert not caught, [str(w.message) for w in caught]
-    assert data == expected and stats.source == ("own" if expected else "cold")
-    assert other == expected and other_stats.source == ("seeded" if expected else "cold")
+    data, stats = cache.load(template, cache.Placement(rank=0, world_size=2))  # as the writer: no GPU identity
+    other, other_stats = cache.load(template, cache.Placement(rank=1, world_size=2))
+    assert not messages.warnings, messages.warnings
+    assert data == expected and stats.source == ("unverified" if expected else "cold")
+    assert other is None and other_stats.source == "cold"  # seeding needs this GPU's identity and record
+    if previous and not renamed:  # on the GPU that filled it: warm, and its sibling is seeded from it
+        data, stats = cache.load(template, cache.Placement(rank=0, world_size=2, gpu=FAKE_GPU))
+        other, other_stats = cache.load(template, cache.Placement(rank=1, world_size=2, gpu=FAKE_GPU))
+        assert (data, stats.source) == (old, "warm")
+        assert (other, other_stats.source, other_stats.loaded_from) == (old, "seeded", str(path))
+        assert not messages.warnings, messages.warnings
     # ...and saves within seconds: the dead process's lock and temp file are in nobody's way
     newer = make_payload(real_cache_bytes, "newer", size=90_000)
     start = time.monotonic()
@@ -326,41 +356,42 @@ def fill(directory: Path) -> int:
     return written
 
 
-def save_with_warnings(path, data):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stats = cache.save(str(path), data)
-    return stats, cache_warnings(caught, path)
+def save_with_warnings(messages, path, data):
+    """Save ``data`` (as a process on FAKE_GPU); returns the stats and the warnings this save gave about ``path``."""
+    before = len(cache_warnings(messages, path))
+    stats = cache.save(str(path), data, placement=ON_GPU)
+    return stats, cache_warnings(messages, path)[before:]
 
 
-def assert_refused_once(stats, messages, path, old, err_fragment):
+def assert_refused_once(stats, said, path, old, err_fragment):
     assert not stats.saved and err_fragment in stats.save_error, stats
-    assert len(messages) == 1, messages
-    assert err_fragment in messages[0] and "untouched" in messages[0]
+    assert len(said) == 1, said
+    assert err_fragment in said[0] and "untouched" in said[0]
     if old is not None:
         assert Path(path).read_bytes() == old
+        assert cache.read_record(str(path), old) is not None  # and the old record still vouches for it
     assert not Path(str(path) + ".tmp").exists()
 
 
-def test_full_disk_real_tmpfs(tmp_path, real_cache_bytes):
+def test_full_disk_real_tmpfs(tmp_path, real_cache_bytes, messages):
     with tmpfs(tmp_path / "small") as mnt:
         path = mnt / "rank0.bin"
         old = make_payload(real_cache_bytes, "old", size=20_000)
-        assert cache.save(str(path), old).saved
+        assert cache.save(str(path), old, placement=ON_GPU).saved
         assert fill(mnt) > 0
-        stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=20_000))
-        assert_refused_once(stats, messages, path, old, "No space left on device")
-        data, load_stats = cache.load(str(mnt / "rank{rank}.bin"), cache.Placement())
-        assert data == old and load_stats.source == "own"
+        stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=20_000))
+        assert_refused_once(stats, said, path, old, "No space left on device")
+        data, load_stats = cache.load(str(mnt / "rank{rank}.bin"), ON_GPU)
+        assert data == old and load_stats.source == "warm"
         (mnt / "filler").unlink()  # space again: the next save goes through
         assert cache.save(str(path), make_payload(real_cache_bytes, "new", size=20_000)).saved
 
 
-def test_full_disk_simulated(tmp_path, real_cache_bytes, monkeypatch):
+def test_full_disk_simulated(tmp_path, real_cache_bytes, monkeypatch, messages):
     """ENOSPC half-way through the temp file (for hosts where a tmpfs cannot be mounted)."""
     path = tmp_path / "k" / "rank0.bin"
     old = make_payload(real_cache_bytes, "old", size=50_000)
-    assert cache.save(str(path), old).saved
+    assert cache.save(str(path), old, placement=ON_GPU).saved
 
     class FullDisk:
         def __init__(self, f):
@@ -376,39 +407,39 @@ def test_full_disk_simulated(tmp_path, real_cache_bytes, monkeypatch):
             self.f.write(data[:4096])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cache, "open", lambda file, mode="r", *a, **k: FullDisk(open(file, mode, *a, **k)), raising=False)
-    stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=60_000))
-    assert_refused_once(stats, messages, path, old, "No space left on device")
+    monkeypatch.setattr(
+        cache, "open", lambda file, mode="r", *a, **k: FullDisk(open(file, mode, *a, **k)), raising=False
+    )
+    stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=60_000))
+    assert_refused_once(stats, said, path, old, "No space left on device")
 
 
-def test_read_only_directory_real_mount(tmp_path, real_cache_bytes):
+def test_read_only_directory_real_mount(tmp_path, real_cache_bytes, messages):
     with tmpfs(tmp_path / "ro", size="256k") as mnt:
         path = mnt / "k" / "rank0.bin"
         old = make_payload(real_cache_bytes, "old", size=30_000)
-        assert cache.save(str(path), old).saved
+        assert cache.save(str(path), old, placement=ON_GPU).saved
         (mnt / "k" / "rank1.bin").write_bytes(b"garbage")  # a bad file that cannot be moved aside
         result = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True)
         if result.returncode:
             pytest.skip(f"cannot remount read-only: {result.stderr.decode().strip()}")
-        stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=30_000))
-        assert_refused_once(stats, messages, path, old, "Read-only file system")
-        stats, messages = save_with_warnings(mnt / "new" / "rank0.bin", old)  # cannot even create the directory
-        assert_refused_once(stats, messages, mnt / "new" / "rank0.bin", None, "Read-only file system")
-        data, load_stats = cache.load(str(mnt / "k" / "rank{rank}.bin"), cache.Placement())
-        assert data == old and load_stats.source == "own"
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data, load_stats = cache.load(str(mnt / "k" / "rank{rank}.bin"), cache.Placement(rank=1))
-        assert data is None and load_stats.source == "corrupt"
-        assert [m for m in map(str, (w.message for w in caught)) if "could not move it aside" in m]
+        stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=30_000))
+        assert_refused_once(stats, said, path, old, "Read-only file system")
+        stats, said = save_with_warnings(messages, mnt / "new" / "rank0.bin", old)  # cannot even create the directory
+        assert_refused_once(stats, said, mnt / "new" / "rank0.bin", None, "Read-only file system")
+        data, load_stats = cache.load(str(mnt / "k" / "rank{rank}.bin"), ON_GPU)
+        assert data == old and load_stats.source == "warm"
+        data, load_stats = cache.load(str(mnt / "k" / "rank{rank}.bin"), cache.Placement(rank=1, gpu=FAKE_GPU))
+        assert data is None and load_stats.source == "corrupt"  # and not seeded from rank 0's good file
+        assert len(messages.matching("could not move it aside")) == 1
         assert (mnt / "k" / "rank1.bin").read_bytes() == b"garbage"
 
 
-def test_read_only_directory_chmod(tmp_path, real_cache_bytes):
+def test_read_only_directory_chmod(tmp_path, real_cache_bytes, messages):
     directory = tmp_path / "k"
     path = directory / "rank0.bin"
     old = make_payload(real_cache_bytes, "old", size=30_000)
-    assert cache.save(str(path), old).saved
+    assert cache.save(str(path), old, placement=ON_GPU).saved
     directory.chmod(0o555)
     try:
         probe = directory / "probe"
@@ -419,18 +450,18 @@ def test_read_only_directory_chmod(tmp_path, real_cache_bytes):
         else:
             probe.unlink()
             pytest.skip("this user writes into a 0o555 directory anyway (root)")
-        stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=30_000))
-        assert_refused_once(stats, messages, path, old, "Permission denied")
+        stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=30_000))
+        assert_refused_once(stats, said, path, old, "Permission denied")
     finally:
         directory.chmod(0o755)
 
 
-def test_read_only_directory_simulated(tmp_path, real_cache_bytes, monkeypatch):
+def test_read_only_directory_simulated(tmp_path, real_cache_bytes, monkeypatch, messages):
     """EROFS from every write into the directory (tests run as root; chmod does not stop root)."""
     directory = tmp_path / "k"
     path = directory / "rank0.bin"
     old = make_payload(real_cache_bytes, "old", size=30_000)
-    assert cache.save(str(path), old).saved
+    assert cache.save(str(path), old, placement=ON_GPU).saved
     real_os_open, real_open = os.open, open
 
     def refuse(file):
@@ -449,34 +480,34 @@ def test_read_only_directory_simulated(tmp_path, real_cache_bytes, monkeypatch):
 
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(cache, "open", builtin_open, raising=False)
-    stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=30_000))
-    assert_refused_once(stats, messages, path, old, "Read-only file system")
+    stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=30_000))
+    assert_refused_once(stats, said, path, old, "Read-only file system")
 
 
-def test_parent_is_a_file(tmp_path, real_cache_bytes):
+def test_parent_is_a_file(tmp_path, real_cache_bytes, messages):
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"user data")
     path = blocker / "rank0.bin"
-    stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=30_000))
-    assert not stats.saved and len(messages) == 1, messages
+    stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=30_000))
+    assert not stats.saved and len(said) == 1, said
     assert blocker.read_bytes() == b"user data"
     assert {p.name for p in tmp_path.iterdir()} <= {"default-cache", "not-a-dir"}
     data, load_stats = cache.load(str(blocker / "rank{rank}.bin"), cache.Placement())
     assert data is None and load_stats.source == "cold"
 
 
-def test_path_is_a_directory(tmp_path, real_cache_bytes):
+def test_path_is_a_directory(tmp_path, real_cache_bytes, messages):
     path = tmp_path / "k" / "rank0.bin"
     (path / "inside").mkdir(parents=True)
-    stats, messages = save_with_warnings(path, make_payload(real_cache_bytes, "new", size=30_000))
-    assert not stats.saved and len(messages) == 1, messages
+    stats, said = save_with_warnings(messages, path, make_payload(real_cache_bytes, "new", size=30_000))
+    assert not stats.saved and len(said) == 1, said
     assert (path / "inside").is_dir()
     data, load_stats = cache.load(str(tmp_path / "k" / "rank{rank}.bin"), cache.Placement())
     assert data is None and load_stats.source == "cold"
 
 
 @pytest.mark.parametrize("disk", ["real-tmpfs", "simulated"])
-def test_full_disk_through_trainer_predict(tmp_path, real_cache_bytes, monkeypatch, disk):
+def test_full_disk_through_trainer_predict(tmp_path, real_cache_bytes, monkeypatch, fake_gpu, messages, disk):
     """Trainer.predict with TRTRuntimeSettings on a full disk: predictions come back, one warning, old file kept."""
     model = engine_model_class()()
     old = make_payload(real_cache_bytes, "old", size=20_000)
@@ -486,7 +517,7 @@ def test_full_disk_through_trainer_predict(tmp_path, real_cache_bytes, monkeypat
         else:
             directory = tmp_path / "k"
         path = directory / "rank0.bin"
-        assert cache.save(str(path), old).saved
+        assert cache.save(str(path), old, placement=ON_GPU).saved  # filled earlier on this (fake) GPU
         if disk == "real-tmpfs":
             fill(directory)
         else:
@@ -499,15 +530,13 @@ def test_full_disk_through_trainer_predict(tmp_path, real_cache_bytes, monkeypat
 
             monkeypatch.setattr(cache, "open", full, raising=False)
         callback = TRTRuntimeSettings(runtime_cache=str(directory / "rank{rank}.bin"), print_table=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            predictions = make_trainer(tmp_path, callback).predict(model, loader(4))
+        predictions = make_trainer(tmp_path, callback).predict(model, loader(4))
         assert len(predictions) == 4 and all(p.shape == (2, 2) for p in predictions)
-        messages = cache_warnings(caught, path)
-        assert len(messages) == 1 and "No space left on device" in messages[0], messages
+        said = cache_warnings(messages, path)
+        assert len(said) == 1 and "No space left on device" in said[0], said
         assert path.read_bytes() == old
         (row,) = callback.figures
-        assert (row.cache_source, row.cache_bytes, row.saved_bytes, row.engines) == ("own", len(old), 0, 2)
+        assert (row.cache_source, row.cache_bytes, row.saved_bytes, row.engines) == ("warm", len(old), 0, 2)
 
 
 # --- bad files ----------------------------------------------------------------------------------------
@@ -522,109 +551,121 @@ BAD_FILES = {
 }
 
 
+def record_as_filled_on(path: Path, data: bytes, gpu: cache.Gpu = FAKE_GPU) -> None:
+    """A record beside ``path`` describing ``data`` as filled on ``gpu`` (also for bytes no save would write)."""
+    record = cache.Record(
+        gpu_uuid=gpu.uuid, gpu_name=gpu.name, sm=gpu.sm, trt="1.6.1", cuda="13.0", host="h", pid=os.getpid(),
+        saved_unix=time.time(), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    )
+    Path(str(path) + cache.RECORD_SUFFIX).write_text(json.dumps(dataclasses.asdict(record)))
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
-def test_bad_own_file_is_moved_aside(tmp_path, real_cache_bytes, kind):
+def test_bad_own_file_is_moved_aside(tmp_path, real_cache_bytes, trt, messages, kind):
     """As cache.py documents: detected before TensorRT sees it, moved to .corrupt, one warning, cold start."""
     bad = BAD_FILES[kind](real_cache_bytes)
     path = tmp_path / "k" / "rank0.bin"
     path.parent.mkdir()
     path.write_bytes(bad)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        shared = cache.open_shared(str(tmp_path / "k" / "rank{rank}.bin"), cache.Placement(world_size=2))
-    messages = cache_warnings(caught, path)
-    assert len(messages) == 1 and "moved aside" in messages[0], messages
-    assert shared.stats.source == "corrupt" and shared.stats.load_bytes == 0
+    record_as_filled_on(path, bad)  # even a record of this GPU does not make bad bytes loadable
+    placement = cache.Placement(world_size=2, gpu=FAKE_GPU)
+    run = cache.RunCache(str(tmp_path / "k" / "rank{rank}.bin"), placement)
+    said = cache_warnings(messages, path)
+    assert len(said) == 1 and "moved aside" in said[0], said
+    assert run.stats.source == "corrupt" and run.stats.load_bytes == 0
     assert not path.exists() and Path(str(path) + ".corrupt").read_bytes() == bad
     # nothing was loaded, so nothing is saved over it; a real save later replaces it
-    assert shared.save().save_error.startswith("nothing to save")
+    assert run.save().save_error.startswith("nothing to save")
     good = make_payload(real_cache_bytes, "good", size=40_000)
-    assert cache.save(str(path), good).saved
-    data, stats = cache.load(str(tmp_path / "k" / "rank{rank}.bin"), cache.Placement())
-    assert (data, stats.source) == (good, "own")
+    assert cache.save(str(path), good, placement=placement).saved
+    data, stats = cache.load(str(tmp_path / "k" / "rank{rank}.bin"), placement)
+    assert (data, stats.source) == (good, "warm")
+    assert len(messages.warnings) == 1
 
 
-def test_bad_own_file_through_trainer_predict(tmp_path, real_cache_bytes):
+def test_bad_own_file_through_trainer_predict(tmp_path, real_cache_bytes, messages):
     model = engine_model_class()()
     path = tmp_path / "k" / "rank0.bin"
     path.parent.mkdir()
     path.write_bytes(real_cache_bytes[:5000])
     callback = TRTRuntimeSettings(runtime_cache=str(tmp_path / "k" / "rank{rank}.bin"), print_table=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        predictions = make_trainer(tmp_path, callback).predict(model, loader(3))
+    predictions = make_trainer(tmp_path, callback).predict(model, loader(3))
     assert len(predictions) == 3
-    assert len(cache_warnings(caught, path)) == 1
+    assert len(cache_warnings(messages, path)) == 1
     assert callback.figures[0].cache_source == "corrupt"
     assert Path(str(path) + ".corrupt").read_bytes() == real_cache_bytes[:5000]
 
 
-def test_cache_from_another_gpu_or_version_is_never_offered(tmp_path, real_cache_bytes, trt):
-    """The real sm90 file under other keys is not read on this host (key sm 'cpu' here); same key seeds."""
+def test_cache_from_another_gpu_or_version_is_never_offered(tmp_path, real_cache_bytes, trt, fake_gpu, messages):
+    """Files this very GPU filled, under other keys (GPU architecture, TensorRT-RTX, CUDA), are never read on
+    this host (key sm90 here, the faked GPU's); under the same key, this GPU's file seeds."""
     template = cache.default_template()
     here = cache.Placement.current(rank=0, world_size=4)
+    assert here.gpu == FAKE_GPU and here.sm == "sm90"
     key = Path(here.resolve(template)).parent
+    assert key.name == f"sm90-trtrtx{here.trt}-cuda{here.cuda}"
     foreign = [
-        key.parent / f"sm90-trtrtx{here.trt}-cuda{here.cuda}",  # another GPU architecture
+        key.parent / f"sm89-trtrtx{here.trt}-cuda{here.cuda}",  # another GPU architecture
         key.parent / f"{here.sm}-trtrtx1.0.0-cuda{here.cuda}",  # another TensorRT-RTX version
         key.parent / f"{here.sm}-trtrtx{here.trt}-cuda11.8",  # another CUDA
     ]
+    names = [f"gpu-{FAKE_GPU.id}.bin"] + [f"gpu-{FAKE_GPU.id}-rank{r}.bin" for r in range(3)]
     for directory in foreign:
-        directory.mkdir(parents=True)
-        for rank in range(3):
-            (directory / f"rank{rank}.bin").write_bytes(real_cache_bytes)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data, stats = cache.load(template, here)
+        for name in names:  # recorded as filled on this very GPU: only the key keeps them out
+            assert cache.save(str(directory / name), real_cache_bytes, placement=here).saved
+    data, stats = cache.load(template, here)
     assert (data, stats.source, stats.loaded_from) == (None, "cold", "")
-    assert not caught
+    assert not messages.warnings
     for directory in foreign:  # left alone: they are good caches for someone else
-        assert all((directory / f"rank{r}.bin").read_bytes() == real_cache_bytes for r in range(3))
+        assert all((directory / name).read_bytes() == real_cache_bytes for name in names)
     sibling = make_payload(real_cache_bytes, "same-key", size=50_000)
-    key.mkdir(parents=True)
-    (key / "rank3.bin").write_bytes(sibling)
+    assert cache.save(str(key / f"gpu-{FAKE_GPU.id}-rank3.bin"), sibling, placement=here).saved
     data, stats = cache.load(template, here)
     assert (data, stats.source) == (sibling, "seeded")
     assert Path(stats.loaded_from).parent == key
 
 
-def test_seeding_skips_bad_siblings(tmp_path, real_cache_bytes):
-    """Corrupt, dangling, directory and temp siblings are skipped (and left alone); the valid one seeds."""
+def test_seeding_skips_bad_siblings(tmp_path, real_cache_bytes, messages):
+    """Corrupt, dangling, directory, temp and other-GPU siblings are skipped (and left alone); the valid one
+    this GPU filled seeds."""
     key = tmp_path / "k"
     key.mkdir()
     (key / "rank1.bin").write_bytes(real_cache_bytes + b"junk")  # largest, invalid: tried first, skipped
+    record_as_filled_on(key / "rank1.bin", real_cache_bytes + b"junk")
     os.symlink(tmp_path / "gone.bin", key / "rank2.bin")  # dangling
     (key / "rank3.bin").mkdir()
-    (key / "rank4.bin.tmp").write_bytes(real_cache_bytes)  # a dead writer's temp file: never offered
-    (key / "rank5.bin.corrupt").write_bytes(real_cache_bytes)
+    for leftover in ("rank4.bin.tmp", "rank5.bin.corrupt"):  # a dead writer's temp file, a quarantined file
+        (key / leftover).write_bytes(real_cache_bytes)
+        record_as_filled_on(key / leftover, real_cache_bytes)
+    assert cache.save(str(key / "rank7.bin"), real_cache_bytes, placement=cache.Placement(gpu=OTHER_GPU)).saved
     good = make_payload(real_cache_bytes, "good", size=30_000)
-    (key / "rank6.bin").write_bytes(good)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data, stats = cache.load(str(key / "rank{rank}.bin"), cache.Placement(rank=0, world_size=8))
+    assert cache.save(str(key / "rank6.bin"), good, placement=ON_GPU).saved
+    placement = cache.Placement(rank=0, world_size=8, gpu=FAKE_GPU)
+    data, stats = cache.load(str(key / "rank{rank}.bin"), placement)
     assert (data, stats.source, stats.loaded_from) == (good, "seeded", str(key / "rank6.bin"))
-    assert not caught
+    assert not messages.warnings
     assert (key / "rank1.bin").read_bytes() == real_cache_bytes + b"junk"
+    assert (key / "rank7.bin").read_bytes() == real_cache_bytes
     os.unlink(key / "rank6.bin")
-    data, stats = cache.load(str(key / "rank{rank}.bin"), cache.Placement(rank=0, world_size=8))
+    data, stats = cache.load(str(key / "rank{rank}.bin"), placement)
     assert (data, stats.source) == (None, "cold")
 
 
-def test_bad_file_on_an_fsspec_url(real_cache_bytes):
+def test_bad_file_on_an_fsspec_url(real_cache_bytes, messages):
     """The same checks for fsspec URLs (memory://): moved aside, then a save replaces it."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/reliability/k/rank0.bin", real_cache_bytes[:100])
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data, stats = cache.load("memory://reliability/k/rank{rank}.bin", cache.Placement())
+        data, stats = cache.load("memory://reliability/k/rank{rank}.bin", ON_GPU)
         assert (data, stats.source) == (None, "corrupt")
-        assert len(caught) == 1 and fs.cat_file("/reliability/k/rank0.bin.corrupt") == real_cache_bytes[:100]
+        assert len(messages.warnings) == 1
+        assert fs.cat_file("/reliability/k/rank0.bin.corrupt") == real_cache_bytes[:100]
         good = make_payload(real_cache_bytes, "good", size=30_000)
-        assert cache.save("memory://reliability/k/rank0.bin", good).saved
-        assert cache.load("memory://reliability/k/rank{rank}.bin", cache.Placement())[0] == good
+        assert cache.save("memory://reliability/k/rank0.bin", good, placement=ON_GPU).saved
+        data, stats = cache.load("memory://reliability/k/rank{rank}.bin", ON_GPU)
+        assert (data, stats.source) == (good, "warm")
     finally:
         fs.rm("/reliability", recursive=True)
 
@@ -642,18 +683,16 @@ def _protocol_without_backend() -> str:
     pytest.skip("every probed fsspec backend is installed")
 
 
-def test_url_whose_fsspec_backend_is_missing(tmp_path, real_cache_bytes, trt):
+def test_url_whose_fsspec_backend_is_missing(tmp_path, real_cache_bytes, trt, messages):
     """A known protocol without its package (s3 without s3fs): warnings, a cold run, predictions returned."""
     protocol = _protocol_without_backend()
     template = f"{protocol}://bucket/caches/rank{{rank}}.bin"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data, stats = cache.load(template, cache.Placement(world_size=2))
-        saved = cache.save(f"{protocol}://bucket/caches/rank0.bin", make_payload(real_cache_bytes, "x", size=1000))
+    data, stats = cache.load(template, cache.Placement(world_size=2))
+    saved = cache.save(f"{protocol}://bucket/caches/rank0.bin", make_payload(real_cache_bytes, "x", size=1000))
     assert (data, stats.source) == (None, "cold")
     assert not saved.saved and "ImportError" in saved.save_error
-    assert len([w for w in caught if "could not be read" in str(w.message)]) == 1
-    assert len([w for w in caught if "Could not save" in str(w.message)]) == 1
+    assert len(messages.matching("could not be read")) == 1
+    assert len(messages.matching("Could not save")) == 1
     callback = TRTRuntimeSettings(runtime_cache=template, print_table=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
