@@ -360,12 +360,12 @@ def _read(path: str) -> Optional[bytes]:
 
 def _disk_state(path: str) -> tuple:
     """(size, mtime_ns) of a local file, () if absent or not local: what "changed on disk" compares."""
-    fs, inner, local = _fs(path)
-    if not local:
-        return ()
     try:
+        fs, inner, local = _fs(path)
+        if not local:
+            return ()
         st = os.stat(inner)
-    except OSError:
+    except Exception:  # an unreadable path, a missing fsspec backend: nothing to compare
         return ()
     return (st.st_size, st.st_mtime_ns)
 
@@ -417,7 +417,7 @@ def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheSta
         if record is not None and gpu and record.gpu_uuid == gpu:
             data, stats.source = own, "warm"
         else:
-            stats.source = "other-gpu" if record is not None and gpu else "unverified"
+            stats.source = "other-gpu" if record is not None and record.gpu_uuid and gpu else "unverified"
     if data is None and gpu and stats.source != "corrupt" and is_per_process(template):
         data = _seed(template, placement, path, stats)
     if data is None and own is not None:
@@ -450,6 +450,7 @@ def _read_checked(path: str, stats: CacheStats, rank: int) -> Optional[bytes]:
         if quarantine(path, problem, rank):
             stats.source = "corrupt"
             return None
+        stats.disk_state = _disk_state(path)  # what this run loads now, for "changed since"
         data = _read(path)  # another process saved a good file since: use it
         return data if data is not None and check_bytes(data) is None else None
     return data
@@ -499,7 +500,8 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None, placement: 
     ``stats`` loaded it (another process on this GPU saved meanwhile), this save still replaces it
     (caches cannot be merged) and says so. Failures warn once and are recorded in the returned stats.
     """
-    stats = stats if stats is not None else CacheStats(path=path, disk_state=_disk_state(path))
+    loaded = stats is not None  # only a run that loaded the file can say whether it changed since
+    stats = stats if stats is not None else CacheStats(path=path)
     placement = placement if placement is not None else Placement()
     stats.saved, stats.save_bytes, stats.save_error = False, 0, ""  # this save's outcome only
     start = time.perf_counter()
@@ -512,27 +514,39 @@ def save(path: str, data: bytes, stats: Optional[CacheStats] = None, placement: 
     try:
         fs, inner, local = _fs(path)
         with _locked(path):
-            _warn_if_changed(path, stats, placement.rank)
-            if local:
-                _write_local(inner, data)
-                _write_local(inner + RECORD_SUFFIX, record)
-            else:
-                fs.makedirs(fs._parent(inner), exist_ok=True)
-                for target, content in ((inner, data), (inner + RECORD_SUFFIX, record)):
-                    fs.pipe_file(target + ".tmp", content)
-                    fs.mv(target + ".tmp", target)
+            if loaded:
+                _warn_if_changed(path, stats, placement.rank)
+            _write(fs, inner, local, data)
+            stats.saved, stats.save_bytes = True, len(data)
+            _write(fs, inner + RECORD_SUFFIX, local, record)
     except Exception as err:  # any backend's failure (OSError, a lock Timeout, botocore, ...) is a failed save
         stats.save_error = f"{type(err).__name__}: {err}"
-        warn(
-            f"Could not save the kernel cache to {path} ({stats.save_error}). The run goes on;"
-            " the previous cache file, if any, is untouched.",
-            rank=placement.rank,
-        )
-    else:
-        stats.saved, stats.save_bytes = True, len(data)
+        if stats.saved:  # the kernels are on disk; only the record of their GPU is missing
+            warn(
+                f"Saved the kernel cache to {path}, but not its record {path}{RECORD_SUFFIX} ({stats.save_error}):"
+                " the next run loads it as unverified.",
+                rank=placement.rank,
+            )
+        else:
+            warn(
+                f"Could not save the kernel cache to {path} ({stats.save_error}). The run goes on;"
+                " the previous cache file, if any, is untouched.",
+                rank=placement.rank,
+            )
+    if stats.saved:
         stats.disk_state = _disk_state(path)
     stats.save_ms = (time.perf_counter() - start) * 1e3
     return stats
+
+
+def _write(fs: Any, inner: str, local: bool, data: bytes) -> None:
+    """Replace one file atomically: a local temp file fsynced and renamed, or an fsspec temp object moved."""
+    if local:
+        _write_local(inner, data)
+    else:
+        fs.makedirs(fs._parent(inner), exist_ok=True)
+        fs.pipe_file(inner + ".tmp", data)
+        fs.mv(inner + ".tmp", inner)
 
 
 def _warn_if_changed(path: str, stats: CacheStats, rank: int) -> None:
