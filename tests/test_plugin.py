@@ -7,11 +7,15 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, _backend, cache
-from lightning_trt_rtx.session import ServingSession
-from tests.procs.lightning_models import EngineModel, make_trainer, predict_loader
+from tests.conftest import FAKE_GPU
+from tests.procs.lightning_models import EngineModel, SessionSpy, make_trainer, predict_loader
+
+NO_ENGINES = "No TensorRT engines found"
+REPORT = "TensorRT-RTX serving"  # the plugin's one-line summary ("...: ") and the callback's table ("... (strategy):")
 
 
 def snapshot(model: EngineModel) -> list[Any]:
@@ -31,9 +35,17 @@ def assert_served(seen: list[Any], strategy: str, kernel: str = "lazy") -> Any:
 
 
 def seed_sibling(tmp_path, data: bytes) -> str:
-    """A valid cache for another rank: rank 0 starts seeded; its own file appears only if it is saved."""
-    (tmp_path / "rank5.bin").write_bytes(data)
+    """A valid cache for another rank, recorded as filled on FAKE_GPU: on that GPU (the ``fake_gpu``
+    fixture) rank 0 starts seeded from it (seeding is only from same-GPU files); its own file appears
+    only if it is saved."""
+    stats = cache.save(str(tmp_path / "rank5.bin"), data, placement=cache.Placement(rank=5, gpu=FAKE_GPU))
+    assert stats.saved, stats.save_error
     return str(tmp_path / "rank{rank}.bin")
+
+
+def reports(messages) -> list[str]:
+    """Every serving report the package printed: plugin summaries and callback tables."""
+    return [m for m in messages.infos if m.startswith(REPORT)]
 
 
 class ConvertRecorder(EngineModel):
@@ -43,7 +55,7 @@ class ConvertRecorder(EngineModel):
         self.at_predict_start = snapshot(self)
 
 
-def test_plugin_applies_in_convert_module_and_saves_in_teardown(tmp_path, real_cache_bytes):
+def test_plugin_applies_in_convert_module_and_saves_in_teardown(tmp_path, real_cache_bytes, fake_gpu, messages):
     model = ConvertRecorder()
     prior = snapshot(model)
     plugin = TRTRuntimePrecision(
@@ -52,7 +64,8 @@ def test_plugin_applies_in_convert_module_and_saves_in_teardown(tmp_path, real_c
         dynamic_shapes_kernel_specialization_strategy="eager",
         runtime_cache=seed_sibling(tmp_path, real_cache_bytes),
     )
-    trainer = make_trainer(tmp_path, plugins=[plugin])
+    spy = SessionSpy()
+    trainer = make_trainer(tmp_path, [spy], plugins=[plugin])
     assert trainer.precision_plugin is plugin
     assert trainer.precision == "32-true"
     out = trainer.predict(model, predict_loader(batches=2))
@@ -63,24 +76,40 @@ def test_plugin_applies_in_convert_module_and_saves_in_teardown(tmp_path, real_c
     for step in model.seen:
         assert assert_served(step, "whole_graph_capture", "eager") is handle
     assert (tmp_path / "rank0.bin").read_bytes() == real_cache_bytes  # saved in teardown
+    assert cache.read_record(str(tmp_path / "rank0.bin")).gpu_uuid == fake_gpu.uuid
     assert_restored(model, prior)
-    assert ServingSession.of(model).active is False
+    # the plugin's own session served the run (no callback): closed and dropped at teardown
+    session = spy.only()
+    assert session.closed and plugin.session is None
+    assert session.cache.handle is handle
+    figures = session.figures
+    assert (figures.rank, figures.gpu, figures.engines) == (0, fake_gpu.id, 3)
+    assert figures.cache_source == "seeded" and figures.warm
+    assert figures.cache.loaded_from == str(tmp_path / "rank5.bin")
+    assert figures.saved_bytes == len(real_cache_bytes)
+    assert reports(messages) == [figures.summary()]  # one report: the plugin's one-line summary
 
 
-def test_plugin_saves_and_restores_after_exception(tmp_path, real_cache_bytes):
+def test_plugin_saves_and_restores_after_exception(tmp_path, real_cache_bytes, fake_gpu):
     error = ValueError("plugin run fails")
     model = EngineModel(fail_at=0, error=error)
     prior = snapshot(model)
-    plugin = TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=seed_sibling(tmp_path, real_cache_bytes))
+    plugin = TRTRuntimePrecision(
+        cuda_graph_strategy="whole_graph_capture", runtime_cache=seed_sibling(tmp_path, real_cache_bytes)
+    )
+    spy = SessionSpy()
     with pytest.raises(ValueError, match="plugin run fails") as excinfo:
-        make_trainer(tmp_path, plugins=[plugin]).predict(model, predict_loader())
+        make_trainer(tmp_path, [spy], plugins=[plugin]).predict(model, predict_loader())
     assert excinfo.value is error
     assert_served(model.seen[0], "whole_graph_capture")
     assert (tmp_path / "rank0.bin").read_bytes() == real_cache_bytes
     assert_restored(model, prior)
+    session = spy.only()
+    assert session.closed and plugin.session is None
+    assert session.figures.cache_source == "seeded" and session.figures.saved_bytes == len(real_cache_bytes)
 
 
-def test_plugin_saves_after_keyboard_interrupt(tmp_path, real_cache_bytes):
+def test_plugin_saves_after_keyboard_interrupt(tmp_path, real_cache_bytes, fake_gpu):
     handler = signal.getsignal(signal.SIGINT)
     model = EngineModel(fail_at=0, error=KeyboardInterrupt())
     prior = snapshot(model)
@@ -144,22 +173,25 @@ def counted(monkeypatch):
         calls["set"].append((module, settings))
         return set_settings(module, settings)
 
-    def record_save(path, data, stats=None):
+    def record_save(path, data, stats=None, placement=None):
         calls["save"].append(path)
-        return save(path, data, stats)
+        return save(path, data, stats, placement)
 
     monkeypatch.setattr(_backend, "set_trt_module_settings", record_set)
     monkeypatch.setattr(cache, "save", record_save)
     return calls
 
 
-def test_plugin_and_callback_with_equal_settings_apply_and_save_once(tmp_path, real_cache_bytes, counted):
+def test_plugin_and_callback_with_equal_settings_apply_and_save_once(
+    tmp_path, real_cache_bytes, counted, fake_gpu, messages
+):
     template = seed_sibling(tmp_path, real_cache_bytes)
+    counted["save"].clear()  # the sibling's own save, above: count the run's only
     model = EngineModel()
     prior = snapshot(model)
     kwargs = dict(cuda_graph_strategy="whole_graph_capture", runtime_cache=template)
-    plugin, callback = TRTRuntimePrecision(**kwargs), TRTRuntimeSettings(**kwargs)
-    make_trainer(tmp_path, plugins=[plugin], callbacks=[callback]).predict(model, predict_loader(batches=2))
+    plugin, callback, spy = TRTRuntimePrecision(**kwargs), TRTRuntimeSettings(**kwargs), SessionSpy()
+    make_trainer(tmp_path, plugins=[plugin], callbacks=[callback, spy]).predict(model, predict_loader(batches=2))
 
     assert_served(model.seen[0], "whole_graph_capture")
     applied = [s for _, s in counted["set"] if s.cuda_graph_strategy == "whole_graph_capture"]
@@ -169,6 +201,10 @@ def test_plugin_and_callback_with_equal_settings_apply_and_save_once(tmp_path, r
     assert (tmp_path / "rank0.bin").read_bytes() == real_cache_bytes
     assert_restored(model, prior)
     assert callback.figures[0].engines == 3
+    # one session, the callback's: the plugin opened none of its own, and one report (the callback's table)
+    assert spy.only().closed and plugin.session is None and callback.session is None
+    (report,) = reports(messages)
+    assert report.startswith(f"{REPORT} (whole_graph_capture):")
 
 
 def test_plugin_and_callback_with_different_settings_fail_clearly(tmp_path):
@@ -176,7 +212,8 @@ def test_plugin_and_callback_with_different_settings_fail_clearly(tmp_path):
     prior = snapshot(model)
     plugin = TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
     callback = TRTRuntimeSettings(cuda_graph_strategy="disabled", runtime_cache=None)
-    with pytest.raises(ValueError, match="TRTRuntimePrecision and TRTRuntimeSettings configure different") as excinfo:
+    # checked at the callback's setup, which names itself first
+    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure different") as excinfo:
         make_trainer(tmp_path, plugins=[plugin], callbacks=[callback]).predict(model, predict_loader())
     assert "either the TRTRuntimeSettings callback or the TRTRuntimePrecision plugin" in str(excinfo.value)
     assert model.seen == []
@@ -186,21 +223,26 @@ def test_plugin_and_callback_with_different_settings_fail_clearly(tmp_path):
 def test_plugin_repeated_predict(tmp_path):
     model = EngineModel()
     prior = snapshot(model)
-    trainer = make_trainer(tmp_path, plugins=[TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "r{rank}.bin"))])
-    for _ in range(2):
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "r{rank}.bin"))
+    spies = [SessionSpy(), SessionSpy()]
+    for spy in spies:
+        trainer = make_trainer(tmp_path, [spy], plugins=[plugin])
         trainer.predict(model, predict_loader(batches=1))
         assert_served(model.seen[-1], "whole_graph_capture")
         assert_restored(model, prior)
-    assert model.seen[0][0].runtime_cache is model.seen[1][0].runtime_cache
+        assert spy.only().closed and plugin.session is None
+    # one handle per run: each run opens its own session, which reads the file again
+    assert spies[0].only() is not spies[1].only()
+    assert model.seen[0][0].runtime_cache is not model.seen[1][0].runtime_cache
 
 
-def test_plugin_without_engines_warns_once(tmp_path, recwarn):
+def test_plugin_without_engines_warns_once(tmp_path, messages):
     model = EngineModel(engines_in="none")
     trainer = make_trainer(tmp_path, plugins=[TRTRuntimePrecision(runtime_cache=str(tmp_path / "c" / "r{rank}.bin"))])
     out = trainer.predict(model, predict_loader(batches=2))
     assert len(out) == 2
-    messages = [str(w.message) for w in recwarn if "No TensorRT engines" in str(w.message)]
-    assert len(messages) == 1 and "EngineModel" in messages[0]
+    (message,) = messages.matching(NO_ENGINES)
+    assert "EngineModel" in message
     assert not (tmp_path / "c").exists()
 
 
@@ -212,3 +254,124 @@ def test_plain_precision_instance_still_works_as_inner(tmp_path):
     out = make_trainer(tmp_path, plugins=[plugin]).predict(model, predict_loader(batches=1))
     assert out[0].dtype == torch.float32
     assert all(rs.runtime_cache is None for rs in model.seen[0])
+
+
+# --- the wrapped precision follows the Trainer's accelerator ------------------------------------------
+
+
+class AutocastRecorder(EngineModel):
+    """Records the plugin's wrapped precision when the first hook after ``strategy.setup`` runs."""
+
+    def on_predict_start(self) -> None:
+        inner = self.trainer.precision_plugin.inner
+        self.inner_at_predict_start = (inner, getattr(inner, "device", None), getattr(inner, "precision", None))
+
+
+def plugin_built_where_cuda_is_available(monkeypatch, precision: str, cuda: bool = True) -> TRTRuntimePrecision:
+    """The plugin constructed while ``torch.cuda.is_available()`` says ``cuda`` (restored right after)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return TRTRuntimePrecision(precision, runtime_cache=None)
+
+
+def test_plugin_autocast_device_follows_the_trainers_accelerator(tmp_path, monkeypatch):
+    """A CPU Trainer autocasts on "cpu", also where CUDA is available: the device is the accelerator's."""
+    plugin = plugin_built_where_cuda_is_available(monkeypatch, "bf16-mixed")
+    guess = plugin.inner
+    assert isinstance(guess, MixedPrecision) and guess.device == "cuda"  # before the Trainer: CUDA was "available"
+    assert torch.cuda.is_available() is False  # only the construction saw CUDA
+    trainer = make_trainer(tmp_path, plugins=[plugin])
+    assert isinstance(trainer.accelerator, CPUAccelerator)
+    model = AutocastRecorder()
+    out = trainer.predict(model, predict_loader(batches=2))
+
+    inner, device, precision = model.inner_at_predict_start  # rebuilt in convert_module, before any step ran
+    assert inner is plugin.inner and inner is not guess and isinstance(inner, MixedPrecision)
+    assert (device, precision) == ("cpu", "bf16-mixed")
+    assert plugin.inner.device == "cpu" and plugin.precision == trainer.precision == "bf16-mixed"
+    # predict_step ran under CPU autocast (bf16), not CUDA's, as Trainer(precision="bf16-mixed") runs it
+    assert model.seen_autocast == [(True, torch.bfloat16, False)] * 2
+    assert [o.dtype for o in out] == [torch.bfloat16] * 2
+    baseline = EngineModel()
+    make_trainer(tmp_path, precision="bf16-mixed").predict(baseline, predict_loader(batches=2))
+    assert baseline.seen_autocast == model.seen_autocast
+    assert all(rs.runtime_cache is None for rs in model.seen[0])  # still served: the settings reached the engines
+
+
+LIGHTNING_16_MIXED_ON_CPU = (
+    "You passed `Trainer(accelerator='cpu', precision='16-mixed')` but AMP with fp16 is not supported on CPU."
+    " Using `precision='bf16-mixed'` instead."
+)
+
+
+@pytest.mark.parametrize("cuda_at_construction", [False, True], ids=["cpu-host", "cuda-available"])
+def test_plugin_16_mixed_on_a_cpu_trainer_is_bf16_mixed_with_a_warning(
+    tmp_path, monkeypatch, messages, cuda_at_construction
+):
+    """As Lightning 2.6's accelerator connector does for ``Trainer(accelerator="cpu", precision="16-mixed")``:
+    one warning, then bf16 autocast on CPU and no GradScaler."""
+    with pytest.warns(UserWarning) as lightning_warnings:
+        base_trainer = make_trainer(tmp_path, precision="16-mixed")
+    assert [str(w.message) for w in lightning_warnings if "16-mixed" in str(w.message)] == [LIGHTNING_16_MIXED_ON_CPU]
+    baseline = EngineModel()
+    base_out = base_trainer.predict(baseline, predict_loader(batches=2))
+
+    plugin = plugin_built_where_cuda_is_available(monkeypatch, "16-mixed", cuda=cuda_at_construction)
+    trainer = make_trainer(tmp_path, plugins=[plugin])
+    model = AutocastRecorder()
+    out = trainer.predict(model, predict_loader(batches=2))
+
+    (warning,) = messages.matching("16-mixed")  # once, whether given at construction or at convert_module
+    assert "AMP with fp16 is not supported on CPU" in warning and "Using 'bf16-mixed' instead" in warning
+    _, device, precision = model.inner_at_predict_start
+    assert (device, precision) == ("cpu", "bf16-mixed")
+    assert isinstance(plugin.inner, MixedPrecision) and plugin.inner.scaler is None
+    assert base_trainer.precision_plugin.scaler is None
+    assert plugin.precision == trainer.precision == base_trainer.precision == "bf16-mixed"
+    assert model.seen_autocast == baseline.seen_autocast == [(True, torch.bfloat16, False)] * 2
+    assert [o.dtype for o in out] == [o.dtype for o in base_out] == [torch.bfloat16] * 2
+
+
+# --- the plugin with the callback serving validation inside fit ---------------------------------------
+
+
+def test_plugin_with_callback_validating_inside_fit_reports_and_saves_once(
+    tmp_path, monkeypatch, real_cache_bytes, messages
+):
+    """loops=["validate"] in trainer.fit with the plugin too: the callback's session serves every epoch's
+    validation (and the sanity check), one save at teardown, one report (the callback's table)."""
+    saves: list[str] = []
+    real_save = cache.RunCache.save
+
+    def spy_save(self):
+        saves.append(self.path)
+        return real_save(self)
+
+    monkeypatch.setattr(cache.RunCache, "save", spy_save)
+    template = str(tmp_path / "r{rank}.bin")
+    (tmp_path / "r0.bin").write_bytes(real_cache_bytes)
+    model = EngineModel()
+    prior = snapshot(model)
+    kwargs = dict(cuda_graph_strategy="whole_graph_capture", runtime_cache=template)
+    plugin = TRTRuntimePrecision("bf16-mixed", **kwargs)
+    callback, spy = TRTRuntimeSettings(loops=["validate"], **kwargs), SessionSpy()
+    trainer = make_trainer(
+        tmp_path, [callback, spy], plugins=[plugin], max_epochs=2, limit_train_batches=1, limit_val_batches=2
+    )
+    trainer.fit(model, predict_loader(batches=2), predict_loader(batches=2))
+
+    assert len(model.seen) == 2 + 2 * 2  # the sanity check's 2 batches, then 2 epochs x 2 validation batches
+    handle = assert_served([rs for step in model.seen for rs in step][:3], "whole_graph_capture")
+    assert all(rs.runtime_cache is handle and rs.cuda_graph_strategy == "whole_graph_capture"
+               for step in model.seen for rs in step)
+    assert model.seen_autocast == [(True, torch.bfloat16, False)] * 6  # the plugin's precision ran the steps
+    session = spy.only()  # the callback's session, found by the plugin too: one for the whole fit
+    assert session.closed and callback.session is None and plugin.session is None
+    assert saves == [str(tmp_path / "r0.bin")]  # one save, at teardown
+    assert (tmp_path / "r0.bin").read_bytes() == real_cache_bytes
+    assert_restored(model, prior)
+    (row,) = callback.figures
+    assert (row.rank, row.engines, row.cache_source) == (0, 3, "unverified")
+    (report,) = reports(messages)  # the callback's table; the plugin's one-line summary is not printed
+    assert report.startswith(f"{REPORT} (whole_graph_capture):")
+    assert str(tmp_path / "r0.bin") in report

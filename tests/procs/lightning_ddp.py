@@ -1,44 +1,91 @@
-"""Two-process CPU DDP predict with TRTRuntimeSettings; Lightning launches rank 1 by re-running this script.
+"""Two-process CPU DDP predict; Lightning launches rank 1 by re-running this script (same arguments).
 
-    python tests/procs/lightning_ddp.py OUT_DIR MODE      MODE: ok | fail_rank1 | fail_both
+    python tests/procs/lightning_ddp.py OUT_DIR MODE [OPTIONS_JSON]
+
+``MODE``: ``ok`` | ``fail_rank1`` | ``fail_both`` (``predict_step`` raises at batch 1 on those ranks).
+``OPTIONS_JSON`` (all optional):
+
+* ``server``: ``"callback"`` (default: ``TRTRuntimeSettings``), ``"plugin"`` (``TRTRuntimePrecision``) or
+  ``"both"`` (equal settings);
+* ``engines``: ``true`` (default) or ``false`` (a model without TensorRT engines);
+* ``template``: the kernel-cache template (default ``OUT_DIR/cache/rank{rank}.bin``), ``"default"``
+  for the package's default (under ``$LIGHTNING_TRT_RTX_CACHE_DIR``), or ``null`` for none;
+* ``fake_gpu``: ``true`` runs both ranks "on" ``tests.conftest.FAKE_GPU`` (``cache.current_gpu`` faked
+  at the package's boundary, as the ``fake_gpu`` fixture does), so saves record it and seeding works;
+* ``print_table``: the callback's ``print_table`` (default ``false``).
 
 Each rank writes ``OUT_DIR/rank{r}.json``: what its engines held at every predict_step (handle ids,
-strategies), the session's resolved cache path, the settings after the run, the gathered figures,
-and the error it saw (if any). The kernel cache template is ``OUT_DIR/cache/rank{rank}.bin``.
+strategies), the run's session (found with ``serving_session(trainer)`` while the loop ran): its
+cache handle, path and source, whether it is closed, its own figures; the callback's figures
+(gathered from every rank at teardown), the settings after the run, the error it saw (if any) and
+the package's warnings (which also reach stderr, as in any run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lightning.pytorch import Trainer  # noqa: E402
 
-from lightning_trt_rtx import TRTRuntimeSettings  # noqa: E402
-from lightning_trt_rtx.session import ServingSession  # noqa: E402
-from tests.procs.lightning_models import EngineModel, predict_loader  # noqa: E402
+from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, cache  # noqa: E402
+from tests.procs.lightning_models import EngineModel, SessionSpy, predict_loader  # noqa: E402
+
+SERVERS = ("callback", "plugin", "both")
 
 
 class RankFailure(ValueError):
     pass
 
 
-def main(out_dir: str, mode: str) -> None:
+class Warnings(logging.Handler):
+    """The package's warnings (logger ``lightning_trt_rtx``); its own handler still prints them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def figures_dict(figures) -> dict:
+    """A RankFigures as JSON: its fields (the cache stats nested) and its read-only properties."""
+    return dict(
+        dataclasses.asdict(figures),
+        cache_source=figures.cache_source,
+        cache_path=figures.cache_path,
+        cache_bytes=figures.cache_bytes,
+        saved_bytes=figures.saved_bytes,
+        warm=figures.warm,
+        applies=figures.cache.applies if figures.cache is not None else "-",
+    )
+
+
+def main(out_dir: str, mode: str, options: dict) -> None:
+    server = options.get("server", "callback")
+    if server not in SERVERS:
+        raise SystemExit(f"unknown server {server!r}; valid: {SERVERS}")
+    if options.get("fake_gpu"):
+        from tests.conftest import FAKE_GPU
+
+        cache.current_gpu = lambda: FAKE_GPU
+    template = options.get("template", os.path.join(out_dir, "cache", "rank{rank}.bin"))
     rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning for the process it launches
     fails = mode == "fail_both" or (mode == "fail_rank1" and rank == 1)
     error = RankFailure(f"rank {rank} fails in predict_step")
-    model = EngineModel(fail_at=1 if fails else None, error=error)
+    model = EngineModel(engines_in="init" if options.get("engines", True) else "none",
+                        fail_at=1 if fails else None, error=error)
     prior = [e.runtime_settings for e in model.engines()]
-    callback = TRTRuntimeSettings(
-        cuda_graph_strategy="whole_graph_capture",
-        runtime_cache=os.path.join(out_dir, "cache", "rank{rank}.bin"),
-        print_table=False,
-    )
+    settings = dict(cuda_graph_strategy="whole_graph_capture", runtime_cache=template)
+    callback = TRTRuntimeSettings(**settings, print_table=options.get("print_table", False))
+    spy = SessionSpy()
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -48,20 +95,22 @@ def main(out_dir: str, mode: str) -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=out_dir,
-        callbacks=[callback],
+        callbacks=[callback, spy] if server in ("callback", "both") else [spy],
+        plugins=[TRTRuntimePrecision(**settings)] if server in ("plugin", "both") else None,
     )
+    warnings = Warnings()
+    logging.getLogger("lightning_trt_rtx").addHandler(warnings)
     seen_error, predictions = None, None
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        try:
-            predictions = trainer.predict(model, predict_loader(batches=6), return_predictions=True)
-        except RankFailure as err:
-            seen_error = {"same_object": err is error, "message": str(err)}
-        except BaseException as err:  # noqa: BLE001 - reported to the test
-            tb = traceback.format_exc()
-            seen_error = {"same_object": False, "message": f"{type(err).__name__}: {err}", "tb": tb}
-    session = ServingSession.of(model)
-    shared = session.shared_cache
+    try:
+        predictions = trainer.predict(model, predict_loader(batches=6), return_predictions=True)
+    except RankFailure as err:
+        seen_error = {"same_object": err is error, "message": str(err)}
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        tb = traceback.format_exc()
+        seen_error = {"same_object": False, "message": f"{type(err).__name__}: {err}", "tb": tb}
+    sessions = {id(s) for s in spy.sessions}
+    session = spy.sessions[0] if spy.sessions else None
+    run_cache = session.cache if session is not None else None
     report = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -74,16 +123,18 @@ def main(out_dir: str, mode: str) -> None:
             }
             for step in model.seen
         ],
-        "shared_handle_id": id(shared.handle) if shared is not None else None,
-        "cache_path": shared.path if shared is not None else None,
-        "cache_source": shared.stats.source if shared is not None else None,
-        "saved": shared.stats.saved if shared is not None else None,
+        "sessions": len(sessions),  # one session served the whole run
+        "run_handle_id": id(run_cache.handle) if run_cache is not None else None,
+        "cache_path": run_cache.path if run_cache is not None else None,
+        "cache_source": run_cache.stats.source if run_cache is not None else None,
+        "saved": run_cache.stats.saved if run_cache is not None else None,
         "restored": all(a is b for a, b in zip([e.runtime_settings for e in model.engines()], prior)),
-        "active": session.active,
-        "figures": [vars(f) for f in callback.figures],
+        "closed": session.closed if session is not None else None,
+        "own_figures": figures_dict(session.figures) if session is not None else None,
+        "figures": [figures_dict(f) for f in callback.figures],
         "error": seen_error,
         "predictions": len(predictions) if predictions is not None else None,
-        "warnings": [str(w.message) for w in record],
+        "warnings": warnings.messages,
     }
     path = os.path.join(out_dir, f"rank{rank}.json")
     with open(path + ".tmp", "w") as f:
@@ -97,4 +148,4 @@ def main(out_dir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})

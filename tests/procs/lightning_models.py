@@ -8,10 +8,10 @@ real engine would create its first execution context with.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -68,8 +68,8 @@ class EngineModel(LightningModule):
     def __init__(
         self,
         engines_in: str = "init",
-        fail_at: Optional[int] = None,
-        error: Optional[BaseException] = None,
+        fail_at: int | None = None,
+        error: BaseException | None = None,
         features: int = 4,
     ) -> None:
         super().__init__()
@@ -82,6 +82,8 @@ class EngineModel(LightningModule):
         self.seen: list[list[Any]] = []  # per predict_step: every engine's runtime_settings
         self.seen_modes: list[int] = []  # per predict_step: torch_tensorrt's CUDA-graphs mode
         self.seen_children: list[dict[str, nn.Module]] = []  # per predict_step: the module's children then
+        # per step: (CPU autocast on, CPU autocast dtype, CUDA autocast on): what the precision plugin ran it under
+        self.seen_autocast: list[tuple[bool, torch.dtype, bool]] = []
 
     def configure_model(self) -> None:
         if self.engines_in == "configure_model" and not hasattr(self, "trt"):
@@ -98,6 +100,9 @@ class EngineModel(LightningModule):
         self.seen.append([e.runtime_settings for e in self.engines()])
         self.seen_modes.append(_backend.cudagraphs_mode())
         self.seen_children.append(dict(self.named_children()))
+        self.seen_autocast.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_enabled("cuda"))
+        )
         if self.fail_at is not None and batch_idx == self.fail_at:
             assert self.error is not None
             raise self.error
@@ -118,3 +123,34 @@ class EngineModel(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.linear.parameters(), lr=0.1)
+
+
+class SessionSpy(Callback):
+    """Records the run's serving session (``serving_session(trainer)``: the callback's, else the plugin's)
+    when each loop starts and at every batch, so a test can inspect it after the run dropped it."""
+
+    def __init__(self) -> None:
+        self.sessions: list[Any] = []
+
+    def _seen(self, trainer: Trainer) -> None:
+        from lightning_trt_rtx.callbacks import serving_session
+
+        self.sessions.append(serving_session(trainer))
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen(trainer)
+
+    def on_predict_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._seen(trainer)
+
+    def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._seen(trainer)
+
+    def only(self) -> Any:
+        """The one session the run had (every record the same object, not None)."""
+        assert self.sessions and self.sessions[0] is not None, self.sessions
+        assert all(s is self.sessions[0] for s in self.sessions), self.sessions
+        return self.sessions[0]

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, cache
-from lightning_trt_rtx.session import ServingSession
-from tests.procs.lightning_models import make_trainer
+from tests.procs.lightning_models import SessionSpy, make_trainer
 from tests.reliability.workers import REPO, engine_model_class, make_payload
 
 
@@ -34,15 +32,15 @@ def EngineModel(trt):
 
 @pytest.fixture
 def save_calls(monkeypatch):
-    """Every SharedCache.save that runs (the real one runs too), by path."""
+    """Every RunCache.save that runs (the real one runs too), by path."""
     calls: list[str] = []
-    real = cache.SharedCache.save
+    real = cache.RunCache.save
 
     def spy(self):
         calls.append(self.path)
         return real(self)
 
-    monkeypatch.setattr(cache.SharedCache, "save", spy)
+    monkeypatch.setattr(cache.RunCache, "save", spy)
     return calls
 
 
@@ -61,7 +59,9 @@ def engine_state(model) -> list[tuple]:
 def with_custom_engine(model, trt):
     """Make the second engine start from non-default settings, so a restore to defaults would be caught."""
     model.trt[1].runtime_settings = trt.runtime.RuntimeSettings(
-        cuda_graph_strategy="whole_graph_capture", dynamic_shapes_kernel_specialization_strategy="eager", runtime_cache=None
+        cuda_graph_strategy="whole_graph_capture",
+        dynamic_shapes_kernel_specialization_strategy="eager",
+        runtime_cache=None,
     )
     return model
 
@@ -86,18 +86,21 @@ def served_with(model, batch: int = 0) -> list:
 # --- repeated loops ---------------------------------------------------------------------------------
 
 
-def test_several_predicts_in_one_process(tmp_path, real_cache_bytes, EngineModel, trt, save_calls):
-    """Three trainer.predict calls (a new Trainer each): served, saved and restored every time, one handle."""
+def test_several_predicts_in_one_process(tmp_path, real_cache_bytes, EngineModel, trt, save_calls, fake_gpu):
+    """Three trainer.predict calls (a new Trainer each): served, saved and restored every time; one handle
+    per run, each run reading the file again (the first finds it without a record, the others warm)."""
     template = str(tmp_path / "c" / "rank{rank}.bin")
     path = tmp_path / "c" / "rank0.bin"
     payload = make_payload(real_cache_bytes, "seed", size=60_000)
     model = with_custom_engine(EngineModel(), trt)
     initial = engine_state(model)
-    handles = []
+    handles, sources = [], []
     for call in range(3):
         seed(path, payload)
         model.seen.clear()
-        callback = TRTRuntimeSettings(runtime_cache=template, cuda_graph_strategy="whole_graph_capture", print_table=False)
+        callback = TRTRuntimeSettings(
+            runtime_cache=template, cuda_graph_strategy="whole_graph_capture", print_table=False
+        )
         predictions = make_trainer(tmp_path, [callback]).predict(model, loader(4))
         assert len(predictions) == 4
         assert len(model.seen) == 4
@@ -110,8 +113,10 @@ def test_several_predicts_in_one_process(tmp_path, real_cache_bytes, EngineModel
         assert_saved_since_seed(path, payload)
         assert save_calls == [str(path)] * (call + 1)
         (row,) = callback.figures
-        assert (row.batches, row.engines, row.cache_source) == (4, 2, "own")
-    assert handles[0] is handles[1] is handles[2] is cache.open_shared(template, cache.Placement.current()).handle
+        assert (row.batches, row.engines, row.cache_bytes) == (4, 2, len(payload))
+        sources.append(row.cache_source)
+    assert sources == ["unverified", "warm", "warm"]  # the first save recorded this GPU
+    assert len({id(h) for h in handles}) == 3  # one handle per run, none kept by the process
 
 
 def test_one_trainer_reused_across_loops(tmp_path, real_cache_bytes, EngineModel, trt, save_calls):
@@ -148,7 +153,8 @@ def test_unserved_loop_leaves_engines_alone(tmp_path, EngineModel, trt, save_cal
     """A loop the callback does not serve (validate, with loops=['predict']) touches nothing."""
     model = with_custom_engine(EngineModel(), trt)
     initial = engine_state(model)
-    trainer = make_trainer(tmp_path, [TRTRuntimeSettings(runtime_cache=str(tmp_path / "r{rank}.bin"), print_table=False)])
+    callback = TRTRuntimeSettings(runtime_cache=str(tmp_path / "r{rank}.bin"), print_table=False)
+    trainer = make_trainer(tmp_path, [callback])
     trainer.validate(model, loader(2), verbose=False)
     assert [step for step in model.seen] == [[s for s in (e.runtime_settings for e in model.engines())]] * 2
     assert engine_state(model) == initial and save_calls == []
@@ -162,22 +168,33 @@ def test_unserved_loop_leaves_engines_alone(tmp_path, EngineModel, trt, save_cal
     [("{d}/shared/cache.bin", "{d}/shared/cache.bin"), ("{d}/shared/cache.bin", "{d}/shared/./sub/../cache.bin")],
     ids=["same-template", "same-file-other-spelling"],
 )
-def test_two_modules_share_one_handle(tmp_path, real_cache_bytes, EngineModel, save_calls, spellings):
-    """Two LightningModules whose templates (without {rank}) name one file pool their kernels in one handle."""
+def test_two_modules_on_one_file_each_run_reads_what_the_last_saved(
+    tmp_path, real_cache_bytes, EngineModel, save_calls, fake_gpu, spellings
+):
+    """Two LightningModules whose templates (without {rank}) name one file: each run pools its engines'
+    kernels in its own one handle, saves to the file, and the next run (any spelling) loads that save."""
     first, second = (s.format(d=tmp_path) for s in spellings)
     path = tmp_path / "shared" / "cache.bin"
     (tmp_path / "shared" / "sub").mkdir(parents=True)
     payload = make_payload(real_cache_bytes, "seed", size=60_000)
     seed(path, payload)
     model_a, model_b = EngineModel(), EngineModel(engines=3)
-    make_trainer(tmp_path, [TRTRuntimeSettings(runtime_cache=first, print_table=False)]).predict(model_a, loader(2))
-    seed(path, payload)
-    make_trainer(tmp_path, [TRTRuntimeSettings(runtime_cache=second, print_table=False)]).predict(model_b, loader(2))
-    handles = {id(s.runtime_cache) for step in model_a.seen + model_b.seen for s in step}
-    assert len(handles) == 1, "engines of the two modules got different cache handles"
-    shared_a, shared_b = ServingSession.of(model_a).shared_cache, ServingSession.of(model_b).shared_cache
-    assert shared_a is shared_b
-    assert shared_a.handle is model_a.seen[0][0].runtime_cache
+    cb_a, cb_b = (TRTRuntimeSettings(runtime_cache=t, print_table=False) for t in (first, second))
+    spy_a, spy_b = SessionSpy(), SessionSpy()
+    make_trainer(tmp_path, [cb_a, spy_a]).predict(model_a, loader(2))
+    assert_saved_since_seed(path, payload)
+    os.utime(path, (0, 0))  # the first run's save, with its record: the second run must save again
+    make_trainer(tmp_path, [cb_b, spy_b]).predict(model_b, loader(2))
+    for model, spy in ((model_a, spy_a), (model_b, spy_b)):
+        handles = {id(s.runtime_cache) for step in model.seen for s in step}
+        assert handles == {id(spy.only().cache.handle)}, "the engines of one run got different cache handles"
+    assert spy_a.only().cache.handle is not spy_b.only().cache.handle  # one handle per run
+    (row_a,), (row_b,) = cb_a.figures, cb_b.figures
+    assert os.path.samefile(row_a.cache_path, path) and os.path.samefile(row_b.cache_path, path)
+    assert (row_a.cache_source, row_a.cache_bytes) == ("unverified", len(payload))  # seed() writes no record
+    # the second run loaded the first one's save, recorded as filled on this GPU, through its own spelling
+    assert (row_b.cache_source, row_b.cache_bytes) == ("warm", len(payload))
+    assert os.path.samefile(row_b.cache.loaded_from, path)
     assert_saved_since_seed(path, payload)
     assert len(save_calls) == 2
 
@@ -199,7 +216,8 @@ def test_conflicting_callback_and_plugin_fail_cleanly(tmp_path, real_cache_bytes
         [TRTRuntimeSettings(runtime_cache=None, cuda_graph_strategy="whole_graph_capture", print_table=False)],
         plugins=[TRTRuntimePrecision(runtime_cache=None)],
     )
-    with pytest.raises(ValueError, match="TRTRuntimePrecision and TRTRuntimeSettings configure different"):
+    # checked at the callback's setup, which names itself first
+    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure different"):
         trainer.predict(model, loader(2))
     assert model.seen == []
     assert engine_state(model) == initial
@@ -245,7 +263,9 @@ def test_exception_in_predict_step_still_saves_and_reaches_the_user(
 
 
 @pytest.mark.parametrize("server", sorted(SERVERS))
-def test_keyboard_interrupt_in_predict_step_still_saves(tmp_path, real_cache_bytes, EngineModel, trt, save_calls, server):
+def test_keyboard_interrupt_in_predict_step_still_saves(
+    tmp_path, real_cache_bytes, EngineModel, trt, save_calls, server
+):
     """Ctrl-C: Lightning 2.6.6 (trainer/call.py) runs on_exception and teardown, then sys.exit(1).
 
     What reaches the user is Lightning's SystemExit(1), with or without this package's callbacks
@@ -272,7 +292,7 @@ def test_keyboard_interrupt_in_predict_step_still_saves(tmp_path, real_cache_byt
     assert engine_state(model) == initial
 
 
-def test_exception_when_saving_fails_too(tmp_path, real_cache_bytes, EngineModel, trt, monkeypatch):
+def test_exception_when_saving_fails_too(tmp_path, real_cache_bytes, EngineModel, trt, monkeypatch, messages):
     """The user's error still wins when the save on the error path fails as well (one warning, no masking)."""
     template = str(tmp_path / "c" / "rank{rank}.bin")
     path = tmp_path / "c" / "rank0.bin"
@@ -286,12 +306,10 @@ def test_exception_when_saving_fails_too(tmp_path, real_cache_bytes, EngineModel
     error = ValueError("user error")
     model = with_custom_engine(EngineModel(fail_at=0, error=error), trt)
     initial = engine_state(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(ValueError) as raised:
-            make_trainer(tmp_path, **SERVERS["both"](template)).predict(model, loader(2))
+    with pytest.raises(ValueError) as raised:
+        make_trainer(tmp_path, **SERVERS["both"](template)).predict(model, loader(2))
     assert raised.value is error
-    assert len([w for w in caught if "Could not save the kernel cache" in str(w.message)]) == 1
+    assert len(messages.matching("Could not save the kernel cache")) == 1
     assert path.read_bytes() == payload and path.stat().st_mtime == 0
     assert engine_state(model) == initial
 
@@ -343,3 +361,11 @@ def test_ddp_exception_on_every_rank_saves_every_rank(tmp_path, real_cache_bytes
         assert result["batches_seen"] == 2 and result["applied"] == ["whole_graph_capture"] * 2, result
         assert result["restored"], result
         assert_saved_since_seed(tmp_path / "c" / f"rank{rank}.bin", payloads[rank])
+        # each rank's figures are its own: its rank, its file, what it loaded (its own file, no GPU record on CPU)
+        (row,) = result["figures"]
+        assert (row["rank"], row["gpu"], row["engines"]) == (rank, "cpu", 2), row
+        assert row["cache_path"] == str(tmp_path / "c" / f"rank{rank}.bin"), row
+        assert (row["cache_source"], row["cache_bytes"], row["saved_bytes"]) == (
+            "unverified", len(payloads[rank]), len(payloads[rank])
+        ), row
+        assert result["messages"] == [], result["messages"]  # nothing to warn about: each rank has its own file

@@ -8,7 +8,10 @@ Run from the repository root as ``python -m tests.reliability.workers MODE JSON_
   fsync, before the rename, after the rename but before the directory fsync, after the save);
   signal readiness through a file and block until the test SIGKILLs it.
 * ``ddp_predict``: a two-process CPU DDP ``Trainer.predict`` whose ``predict_step`` raises on
-  every rank; each rank records what reached it.
+  every rank; each rank records what reached it and its own figures.
+
+The package's messages go through the ``lightning_trt_rtx`` logger (not ``warnings``): the workers
+record them with :class:`PackageMessages` (and they still reach the worker's stderr).
 
 The ``rounds`` and ``crash`` workers import ``lightning_trt_rtx/cache.py`` (the real module file)
 without running the package ``__init__`` (which imports Lightning, ~3 s per process): many
@@ -19,20 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 HEADER_LEN = 20  # TensorRT-RTX runtime-cache header: magic tag, ..., uint64 size at offset 8
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "rtx-1.6.1-sm90.bin"
 
 
-def make_payload(base: bytes, tag: str, size: Optional[int] = None) -> bytes:
+def make_payload(base: bytes, tag: str, size: int | None = None) -> bytes:
     """A valid, unique cache file built from real cache bytes.
 
     The body (after the 20-byte header) is cut to ``size`` bytes and stamped with ``tag`` at both
@@ -50,7 +54,7 @@ def make_payload(base: bytes, tag: str, size: Optional[int] = None) -> bytes:
     return bytes(header + body)
 
 
-def digest(data: Optional[bytes]) -> Optional[str]:
+def digest(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -80,13 +84,37 @@ def barrier(directory: str, name: str, rank: int, parties: int, timeout: float =
         time.sleep(0.0005)
 
 
+class PackageMessages(logging.Handler):
+    """Records the package's warnings (logger ``lightning_trt_rtx``) for the ``with`` block.
+
+    ``echo``: also write each to stderr, as the package's own handler would (the workers that skip the
+    package ``__init__`` have none installed).
+    """
+
+    def __init__(self, echo: bool = False) -> None:
+        super().__init__(logging.WARNING)
+        self.echo = echo
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.echo:
+            sys.stderr.write(message + "\n")
+
+    def __enter__(self) -> PackageMessages:
+        logging.getLogger("lightning_trt_rtx").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("lightning_trt_rtx").removeHandler(self)
+
+
 # --- rounds -------------------------------------------------------------------------------------------
 
 
 def rounds(args: dict) -> None:
     cache = import_cache()
-    import warnings
-
     base = FIXTURE.read_bytes()
     rank, world = args["rank"], args["world_size"]
     placement = cache.Placement(rank=rank, local_rank=rank % 4, node_rank=rank // 4, world_size=world, host="h")
@@ -95,8 +123,7 @@ def rounds(args: dict) -> None:
     log = []
     for r in range(args["rounds"]):
         barrier(args["barrier_dir"], f"round{r}", rank, world)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with PackageMessages(echo=True) as caught:
             data, stats = cache.load(template, placement)
             payload = round_payload(base, rank, r)
             saved = cache.save(path, payload)
@@ -110,7 +137,7 @@ def rounds(args: dict) -> None:
                 "wrote": digest(payload),
                 "saved": saved.saved,
                 "save_error": saved.save_error,
-                "warnings": [str(w.message) for w in caught],
+                "warnings": caught.messages,
             }
         )
     Path(args["out"]).write_text(json.dumps(log))
@@ -142,7 +169,7 @@ def crash(args: dict) -> None:
             def __init__(self, f: Any) -> None:
                 self.f = f
 
-            def __enter__(self) -> "HalfWriter":
+            def __enter__(self) -> HalfWriter:
                 return self
 
             def __exit__(self, *exc: Any) -> None:
@@ -195,7 +222,8 @@ def save_once(args: dict) -> None:
     Path(args["started"]).touch()
     start = time.monotonic()
     stats = cache.save(args["path"], payload)
-    Path(args["out"]).write_text(json.dumps({"saved": stats.saved, "error": stats.save_error, "s": time.monotonic() - start}))
+    elapsed = time.monotonic() - start
+    Path(args["out"]).write_text(json.dumps({"saved": stats.saved, "error": stats.save_error, "s": elapsed}))
 
 
 # --- DDP ----------------------------------------------------------------------------------------------
@@ -219,7 +247,7 @@ def engine_model_class() -> type:
     from torch_tensorrt.dynamo.runtime._TorchTensorRTModule import TorchTensorRTModule
 
     class EngineModel(LightningModule):
-        def __init__(self, engines: int = 2, fail_at: Optional[int] = None, error: Optional[BaseException] = None):
+        def __init__(self, engines: int = 2, fail_at: int | None = None, error: BaseException | None = None):
             super().__init__()
             self.linear = torch.nn.Linear(4, 2)
             self.trt = torch.nn.ModuleList([TorchTensorRTModule(name=f"e{i}") for i in range(engines)])
@@ -245,7 +273,7 @@ def engine_model_class() -> type:
     return EngineModel
 
 
-_EngineModel: Optional[type] = None
+_EngineModel: type | None = None
 
 
 def ddp_predict(args: dict) -> None:
@@ -257,8 +285,9 @@ def ddp_predict(args: dict) -> None:
 
     from lightning_trt_rtx import TRTRuntimeSettings
 
-    warnings.simplefilter("ignore")
+    warnings.simplefilter("ignore")  # Lightning's and torch's; the package's own go through logging
     model = engine_model_class()(fail_at=1, error=RuntimeError("boom"))
+    callback = TRTRuntimeSettings(runtime_cache=args["template"], cuda_graph_strategy="whole_graph_capture")
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
@@ -267,21 +296,29 @@ def ddp_predict(args: dict) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[TRTRuntimeSettings(runtime_cache=args["template"], cuda_graph_strategy="whole_graph_capture")],
+        callbacks=[callback],
     )
     loader = DataLoader(torch.randn(16, 4), batch_size=2)
     before = [repr(e.runtime_settings) for e in model.engines()]
     outcome: dict = {"raised": None}
-    try:
-        trainer.predict(model, loader)
-    except BaseException as err:  # noqa: BLE001 - record exactly what reached the user
-        outcome = {"raised": type(err).__name__, "message": str(err), "same_object": err is model.error}
+    with PackageMessages() as messages:
+        try:
+            trainer.predict(model, loader)
+        except BaseException as err:  # noqa: BLE001 - record exactly what reached the user
+            outcome = {"raised": type(err).__name__, "message": str(err), "same_object": err is model.error}
     outcome.update(
         rank=trainer.global_rank,
         world_size=trainer.world_size,
         batches_seen=len(model.seen),
         applied=[s.cuda_graph_strategy for s in model.seen[0]] if model.seen else [],
         restored=[repr(e.runtime_settings) for e in model.engines()] == before,
+        # after an exception the callback keeps this rank's own figures (no gather: a peer may be gone)
+        figures=[
+            {"rank": f.rank, "gpu": f.gpu, "engines": f.engines, "cache_source": f.cache_source,
+             "cache_path": f.cache_path, "cache_bytes": f.cache_bytes, "saved_bytes": f.saved_bytes}
+            for f in callback.figures
+        ],
+        messages=messages.messages,
     )
     Path(args["out_dir"], f"rank{trainer.global_rank}.json").write_text(json.dumps(outcome))
 
