@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 from lightning_trt_rtx import _messages
 
 __version__ = "0.2.0"
-__all__ = ["load_program", "ServingSession", "TRTCudaGraphs", "TRTRuntimePrecision", "TRTRuntimeSettings", "TRTSettings"]
+__all__ = [
+    "load_program",
+    "ServingSession",
+    "TRTCudaGraphs",
+    "TRTRuntimePrecision",
+    "TRTRuntimeSettings",
+    "TRTSettings",
+]
 
 _messages.install()
 

@@ -13,8 +13,9 @@ import importlib.metadata
 import logging
 import sys
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from lightning_utilities.core.imports import RequirementCache
@@ -33,7 +34,7 @@ KERNEL_STRATEGY_CODES = {"lazy": 0, "eager": 1, "none": 2}
 CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
 
 
-def installed_distribution() -> Optional[str]:
+def installed_distribution() -> str | None:
     """Name of the installed torch-tensorrt distribution, without importing it (None if absent).
 
     Lightning's ``RequirementCache`` on the distribution name reads package metadata only; given a
@@ -45,7 +46,7 @@ def installed_distribution() -> Optional[str]:
     return None
 
 
-def installed_version() -> Optional[Version]:
+def installed_version() -> Version | None:
     dist = installed_distribution()
     return Version(importlib.metadata.version(dist)) if dist else None
 
@@ -85,7 +86,7 @@ def _answer_cuda_queries_without_cuda() -> Iterator[None]:
         torch.cuda.get_device_capability, torch.cuda.current_device = capability, current
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_tensorrt() -> Any:
     """Import and return ``torch_tensorrt``, with errors that say what to do."""
     dist = installed_distribution()
@@ -131,7 +132,7 @@ def new_cache_handle() -> Any:
     return torch_tensorrt().runtime.RuntimeCache(path="", autosave_on_del=False)
 
 
-def enable_cudagraphs(module: torch.nn.Module, cuda_graph_strategy: Optional[str]) -> Any:
+def enable_cudagraphs(module: torch.nn.Module, cuda_graph_strategy: str | None) -> Any:
     return torch_tensorrt().runtime.enable_cudagraphs(module, cuda_graph_strategy=cuda_graph_strategy)
 
 
@@ -160,12 +161,12 @@ def restore_cudagraphs_mode(mode: int) -> None:
     """
     if not is_imported():
         return
-    sys.modules["torch_tensorrt.runtime._cudagraphs"]._PY_RT_CUDAGRAPHS = mode
+    vars(sys.modules["torch_tensorrt.runtime._cudagraphs"])["_PY_RT_CUDAGRAPHS"] = mode
     if sys.modules["torch_tensorrt"].ENABLED_FEATURES.torch_tensorrt_runtime:
         torch.ops.tensorrt.set_cudagraphs_mode(mode)
 
 
-def trt_version() -> Optional[str]:
+def trt_version() -> str | None:
     """The TensorRT(-RTX) library version, read from package metadata (no import)."""
     for name in ("tensorrt-rtx", "tensorrt_rtx", "tensorrt"):
         try:
@@ -240,7 +241,7 @@ def settings_at_engine_setup(settings: Any) -> Iterator[None]:
 # Bare engines have no settings getter: remember what was last given to each (settings are never
 # serialized, so an engine we have not touched holds upstream's post-load default). An entry lives
 # exactly as long as its engine: the weak reference's callback removes it, with the cache handle it holds.
-_bare_engine_settings: dict[int, tuple["weakref.ref[Any]", Any]] = {}
+_bare_engine_settings: dict[int, tuple[weakref.ref[Any], Any]] = {}
 
 
 def bare_engine_settings(engine: Any) -> Any:
@@ -260,7 +261,7 @@ def set_bare_engine_settings(engine: Any, settings: Any) -> None:
     )
     key = id(engine)
 
-    def forget(_: "weakref.ref[Any]") -> None:  # runs while the engine is freed, before its id is reused
+    def forget(_: weakref.ref[Any]) -> None:  # runs while the engine is freed, before its id is reused
         _bare_engine_settings.pop(key, None)
 
     _bare_engine_settings[key] = (weakref.ref(engine, forget), settings)

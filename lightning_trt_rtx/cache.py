@@ -31,7 +31,7 @@ import string
 import struct
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import fsspec
 from filelock import FileLock
@@ -183,7 +183,7 @@ class Placement:
     gpu: Gpu = field(default_factory=Gpu)
 
     @classmethod
-    def current(cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1) -> "Placement":
+    def current(cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1) -> Placement:
         """This process on its current CUDA device (``sm`` and ``gpu`` are ``cpu`` where there is none)."""
         import torch
 
@@ -232,7 +232,7 @@ class Placement:
 # --- file checks ----------------------------------------------------------------------------------
 
 
-def check_bytes(data: bytes) -> Optional[str]:
+def check_bytes(data: bytes) -> str | None:
     """Why these bytes are not a loadable TensorRT-RTX runtime cache, or None if they are."""
     if not data:
         return "empty file"
@@ -278,7 +278,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_record(path: str, data: Optional[bytes] = None) -> Optional[Record]:
+def read_record(path: str, data: bytes | None = None) -> Record | None:
     """The record beside ``path`` if it describes exactly ``data`` (read from ``path`` if not given)."""
     try:
         fs, inner, _ = _fs(path)
@@ -348,7 +348,7 @@ def _fs(path: str) -> tuple[Any, str, bool]:
     return fs, inner, local
 
 
-def _read(path: str) -> Optional[bytes]:
+def _read(path: str) -> bytes | None:
     fs, inner, _ = _fs(path)
     try:
         if not fs.isfile(inner):
@@ -402,7 +402,7 @@ def quarantine(path: str, reason: str, rank: int = 0) -> bool:
     return True
 
 
-def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheStats]:
+def load(template: str, placement: Placement) -> tuple[bytes | None, CacheStats]:
     """Read this process's cache: its own file if this GPU filled it, else a file under the same key
     that this GPU filled, else its own file from another or an unknown GPU, else cold."""
     start = time.perf_counter()
@@ -410,7 +410,7 @@ def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheSta
     stats = CacheStats(path=path, disk_state=_disk_state(path))
     own = _read_checked(path, stats, placement.rank)
     gpu = placement.gpu.uuid
-    data: Optional[bytes] = None
+    data: bytes | None = None
     if own is not None:
         record = read_record(path, own)
         stats.filled_on = record.describe() if record else ""
@@ -437,7 +437,7 @@ def load(template: str, placement: Placement) -> tuple[Optional[bytes], CacheSta
     return data, stats
 
 
-def _read_checked(path: str, stats: CacheStats, rank: int) -> Optional[bytes]:
+def _read_checked(path: str, stats: CacheStats, rank: int) -> bytes | None:
     try:
         data = _read(path)
     except Exception as err:  # any backend's failure (OSError, a missing fsspec backend, ...) reads as no file
@@ -463,7 +463,7 @@ def _size_or_zero(fs: Any, path: str) -> int:
         return 0
 
 
-def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> Optional[bytes]:
+def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> bytes | None:
     """The largest valid file under the same key that this GPU filled (per its record)."""
     pattern = placement.siblings_pattern(template)
     try:
@@ -491,7 +491,7 @@ def _seed(template: str, placement: Placement, own: str, stats: CacheStats) -> O
     return None
 
 
-def save(path: str, data: bytes, stats: Optional[CacheStats] = None, placement: Optional[Placement] = None) -> CacheStats:
+def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Placement | None = None) -> CacheStats:
     """Atomically replace ``path`` with ``data`` and its record; never raises, never destroys the last good file.
 
     Empty or invalid bytes are not written (an empty cache never overwrites a non-empty one). Local

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any, Literal, Optional, Sequence, get_args
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, get_args
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -76,7 +76,7 @@ class _LoopHooks(Callback):
         self._hook(trainer, pl_module, "_end")
 
 
-def serving_session(trainer: Trainer) -> Optional[ServingSession]:
+def serving_session(trainer: Trainer) -> ServingSession | None:
     """The open session of this Trainer's run: its TRTRuntimeSettings callback's, else its
     TRTRuntimePrecision plugin's (the components find each other through the Trainer)."""
     from lightning_trt_rtx.plugin import TRTRuntimePrecision
@@ -116,7 +116,7 @@ class TRTRuntimeSettings(_LoopHooks):
         self,
         cuda_graph_strategy: CudaGraphStrategy = "disabled",
         dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
-        runtime_cache: Optional[str] = DEFAULT_CACHE,
+        runtime_cache: str | None = DEFAULT_CACHE,
         loops: Sequence[Loop] = ("predict",),
         print_table: bool = True,
     ) -> None:
@@ -128,9 +128,9 @@ class TRTRuntimeSettings(_LoopHooks):
         self.loops = _check_loops(loops)
         self.print_table = print_table
         self.figures: list[report.RankFigures] = []
-        self.session: Optional[ServingSession] = None  # this run's; None between runs
-        self._serving: Optional[ServingSession] = None  # set while a loop runs: the per-batch hooks' fast path
-        self.checkpoint_settings: Optional[dict[str, Any]] = None
+        self.session: ServingSession | None = None  # this run's; None between runs
+        self._serving: ServingSession | None = None  # set while a loop runs: the per-batch hooks' fast path
+        self.checkpoint_settings: dict[str, Any] | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -276,7 +276,7 @@ class TRTCudaGraphs(_LoopHooks):
         loops: the loops to serve: ``"predict"`` (default), ``"validate"``, ``"test"``.
     """
 
-    def __init__(self, targets: Optional[list[str]] = None, loops: Sequence[Loop] = ("predict",)) -> None:
+    def __init__(self, targets: list[str] | None = None, loops: Sequence[Loop] = ("predict",)) -> None:
         if targets is not None and not isinstance(targets, (str, bytes)) and isinstance(targets, Iterable):
             targets = list(targets)  # an iterator would be consumed by the check below
         if targets is not None and (
@@ -287,7 +287,7 @@ class TRTCudaGraphs(_LoopHooks):
             raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
         self.targets = list(targets) if targets is not None else None
         self.loops = _check_loops(loops)
-        self._scopes: Optional[GraphScopes] = None  # graphs alone, without a settings session
+        self._scopes: GraphScopes | None = None  # graphs alone, without a settings session
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         session = serving_session(trainer)

@@ -20,8 +20,9 @@ Usage::
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ class EngineBinding:
         self.root = root
         self.engines: list[Engine] = []
         self._prior: dict[int, tuple[Engine, Any]] = {}
-        self._settings: Optional[Any] = None
+        self._settings: Any | None = None
         self._mutable_gms: dict[int, Any] = {}
 
     def apply(self, settings: Any) -> int:

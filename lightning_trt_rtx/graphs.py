@@ -23,8 +23,9 @@ attributes put back and torch_tensorrt's process-global CUDA-graphs mode restore
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -49,8 +50,8 @@ class GraphScopes:
     def __init__(
         self,
         module: torch.nn.Module,
-        targets: Optional[Sequence[str]] = None,
-        settings: Optional[TRTSettings] = None,
+        targets: Sequence[str] | None = None,
+        settings: TRTSettings | None = None,
         cache_handle: Any = None,
         rank: int = 0,
     ) -> None:
@@ -60,13 +61,13 @@ class GraphScopes:
         self.cache_handle = cache_handle
         self.rank = rank
         self.modes: dict[str, str] = {}  # target -> how it is captured, for the figures
-        self._stack: Optional[ExitStack] = None
+        self._stack: ExitStack | None = None
 
     @property
     def is_open(self) -> bool:
         return self._stack is not None
 
-    def _strategy(self) -> Optional[str]:
+    def _strategy(self) -> str | None:
         if self.settings is None or self.settings.cuda_graph_strategy == "disabled":
             return None
         if not _backend.is_rtx_build():
@@ -97,7 +98,7 @@ class GraphScopes:
             raise
         self._stack = stack
 
-    def _open_one(self, stack: ExitStack, name: str, strategy: Optional[str]) -> None:
+    def _open_one(self, stack: ExitStack, name: str, strategy: str | None) -> None:
         module = self.module
         original = getattr(module, name, None)
         if original is None:

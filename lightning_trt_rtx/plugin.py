@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, MPSAccelerator
@@ -21,7 +21,7 @@ PrecisionName = Literal["32-true", "16-mixed", "bf16-mixed"]
 _PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 
 
-def _inner_precision(precision: Union[str, Precision], device: str) -> Precision:
+def _inner_precision(precision: str | Precision, device: str) -> Precision:
     """The precision plugin Lightning would build for ``Trainer(precision=...)`` on ``device``."""
     if isinstance(precision, Precision):
         if isinstance(precision, TRTRuntimePrecision):
@@ -67,30 +67,33 @@ class TRTRuntimePrecision(Precision):
 
     def __init__(
         self,
-        precision: Union[PrecisionName, Precision] = "32-true",
+        precision: PrecisionName | Precision = "32-true",
         cuda_graph_strategy: CudaGraphStrategy = "disabled",
         dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
-        runtime_cache: Optional[str] = DEFAULT_CACHE,
+        runtime_cache: str | None = DEFAULT_CACHE,
     ) -> None:
         super().__init__()
         self._requested = precision
         # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
-        self.inner = _inner_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.inner = _inner_precision(precision, self._device)
         self.precision = self.inner.precision
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
             dynamic_shapes_kernel_specialization_strategy=dynamic_shapes_kernel_specialization_strategy,
             runtime_cache=runtime_cache,
         )
-        self.session: Optional[ServingSession] = None  # this plugin's own run, when no callback serves it
+        self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         from lightning_trt_rtx.callbacks import serving_session
 
         trainer = getattr(module, "_trainer", None)
-        if trainer is not None and isinstance(self._requested, str):
-            self.inner = _inner_precision(self._requested, _autocast_device(trainer))
+        if trainer is not None and isinstance(self._requested, str) and _autocast_device(trainer) != self._device:
+            # rebuilt only when the guess was wrong: a second fit keeps the wrapped precision's state
+            self._device = _autocast_device(trainer)
+            self.inner = _inner_precision(self._requested, self._device)
             self.precision = self.inner.precision
         converted = self.inner.convert_module(module)
         # DDP ignores the return value: the settings go onto the engines in place

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ class RankFigures:
     batches: int = 0
     first_batch_ms: float = 0.0
     mean_batch_ms: float = 0.0
-    cache: Optional[CacheStats] = None
+    cache: CacheStats | None = None
 
     @property
     def cache_source(self) -> str:
@@ -71,7 +71,7 @@ class RankFigures:
         )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RankFigures":
+    def from_dict(cls, values: dict[str, Any]) -> RankFigures:
         values = dict(values)
         stats = values.pop("cache", None)
         return cls(**values, cache=CacheStats(**stats) if stats is not None else None)
@@ -97,8 +97,8 @@ def gather(figures: RankFigures) -> list[RankFigures]:
 
 def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
-    header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches", "first batch", "mean batch")
-    header += ("cache file",)
+    header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches")
+    header += ("first batch", "mean batch", "cache file")
     body = [
         (
             str(r.rank),
@@ -121,7 +121,7 @@ def table(rows: list[RankFigures]) -> str:
     return "\n".join(lines)
 
 
-def _saved_cell(stats: Optional[CacheStats]) -> str:
+def _saved_cell(stats: CacheStats | None) -> str:
     if stats is None or not (stats.saved or stats.save_error):
         return "-"
     if stats.saved:

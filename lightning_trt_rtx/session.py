@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -54,11 +55,11 @@ class Ranks:
     world_size: int = 1
 
     @classmethod
-    def from_trainer(cls, trainer: Any) -> "Ranks":
+    def from_trainer(cls, trainer: Any) -> Ranks:
         return cls(trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size)
 
     @classmethod
-    def from_environment(cls) -> "Ranks":
+    def from_environment(cls) -> Ranks:
         """From ``torch.distributed`` when initialised (else a single process), local and node rank
         from ``LOCAL_RANK`` / ``GROUP_RANK`` or ``NODE_RANK`` as torchrun and Lightning set them."""
         rank, world = 0, 1
@@ -92,13 +93,13 @@ class ServingSession:
 
     def __init__(
         self,
-        module: Optional[torch.nn.Module] = None,
-        settings: Optional[TRTSettings] = None,
+        module: torch.nn.Module | None = None,
+        settings: TRTSettings | None = None,
         *,
-        rank: Optional[int] = None,
-        local_rank: Optional[int] = None,
-        node_rank: Optional[int] = None,
-        world_size: Optional[int] = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        node_rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (or None), got {type(module).__name__}.")
@@ -115,20 +116,20 @@ class ServingSession:
         self.settings = settings
         self.module = module
         self.figures = RankFigures(rank=self.ranks.rank)
-        self.cache: Optional[cache.RunCache] = None
-        self.binding: Optional[EngineBinding] = None
-        self.graphs: Optional[GraphScopes] = None
+        self.cache: cache.RunCache | None = None
+        self.binding: EngineBinding | None = None
+        self.graphs: GraphScopes | None = None
         self.closed = False
         self._cache_opened = False
         self._timer = _BatchTimer(self.figures)
 
     @classmethod
-    def for_trainer(cls, trainer: Any, settings: TRTSettings) -> "ServingSession":
+    def for_trainer(cls, trainer: Any, settings: TRTSettings) -> ServingSession:
         return cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
 
     # --- opening -------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ServingSession":
+    def __enter__(self) -> ServingSession:
         if self.module is not None:
             self.serve(self.module)
         return self
@@ -136,7 +137,7 @@ class ServingSession:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def serve(self, module: Optional[torch.nn.Module] = None, warn_if_none: bool = True) -> int:
+    def serve(self, module: torch.nn.Module | None = None, warn_if_none: bool = True) -> int:
         """Give every engine under ``module`` the settings and this run's cache handle; returns the count.
 
         Idempotent and cheap when nothing changed (engines already holding the settings are left
@@ -151,6 +152,7 @@ class ServingSession:
             # served just before the scopes opened; re-applying now would undo a scope's own settings
             # (engines inside a whole-module graph hold their capture off)
             return self.figures.engines
+        self.figures.gpu = cache.current_gpu().id  # also without engines or a cache, for the table
         engines = find_engines(module)
         self.figures.engines = len(engines)
         if not engines:
@@ -249,7 +251,7 @@ class ServingSession:
 
     # --- CUDA graphs ---------------------------------------------------------------------------
 
-    def open_graphs(self, targets: Optional[Sequence[str]] = None) -> None:
+    def open_graphs(self, targets: Sequence[str] | None = None) -> None:
         """Open CUDA-graph scopes (see :mod:`lightning_trt_rtx.graphs`) inside the applied settings."""
         self._check_open()
         if self.graphs is not None and self.graphs.is_open:
@@ -334,7 +336,7 @@ class _BatchTimer:
             figures.mean_batch_ms = figures.first_batch_ms
 
 
-def _gather(value: Any) -> Optional[list[Any]]:
+def _gather(value: Any) -> list[Any] | None:
     """Every rank's ``value`` (one collective), or None without an initialised process group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None

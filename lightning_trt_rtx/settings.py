@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Union, get_args
+from typing import Any, Literal, get_args
 
 from lightning_trt_rtx import cache
 
@@ -54,7 +55,7 @@ class TRTSettings:
 
     cuda_graph_strategy: CudaGraphStrategy = "disabled"
     dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy"
-    runtime_cache: Optional[str] = field(default_factory=cache.default_template)
+    runtime_cache: str | None = field(default_factory=cache.default_template)
 
     def __post_init__(self) -> None:
         _check_choice("cuda_graph_strategy", self.cuda_graph_strategy, CUDA_GRAPH_STRATEGIES)
@@ -81,7 +82,7 @@ class TRTSettings:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TRTSettings":
+    def from_dict(cls, values: Mapping[str, Any]) -> TRTSettings:
         """Build from a mapping; unknown keys raise TypeError naming the valid keys."""
         if not isinstance(values, Mapping):
             raise TypeError(f"TRTSettings.from_dict takes a mapping, got {type(values).__name__}.")
@@ -91,15 +92,16 @@ class TRTSettings:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, source: Union[str, os.PathLike]) -> "TRTSettings":
+    def from_yaml(cls, source: str | os.PathLike) -> TRTSettings:
         """Build from YAML text or a YAML file holding a mapping of the three keys."""
         import yaml
 
         if not isinstance(source, (str, bytes, os.PathLike)):
             raise TypeError(f"TRTSettings.from_yaml takes YAML text or a file path, got {type(source).__name__}.")
-        if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and os.path.isfile(source)):
+        is_file_name = isinstance(source, str) and "\n" not in source and os.path.isfile(source)
+        if isinstance(source, os.PathLike) or is_file_name:
             with open(source, encoding="utf-8") as f:
-                text: Union[str, bytes] = f.read()
+                text: str | bytes = f.read()
         else:
             text = source
         try:
@@ -109,7 +111,9 @@ class TRTSettings:
         if values is None:
             values = {}
         if isinstance(values, str) and "\n" not in values and values.endswith((".yaml", ".yml")):
-            raise ValueError(f"No YAML file {values!r}: pass YAML text or an existing file. Valid keys: {list(cls.keys())}.")
+            raise ValueError(
+                f"No YAML file {values!r}: pass YAML text or an existing file. Valid keys: {list(cls.keys())}."
+            )
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional
 
 import lightning as L
 import pytest
@@ -72,11 +71,11 @@ def test_trainer_predict_creates_one_context_per_engine(two_blocks, tmp_path):
     assert all(e.get().cuda_graph_strategy == "disabled" for e in engines)  # restored
 
 
-def _serve(program: str, template: str, env: Optional[dict] = None) -> dict:
+def _serve(program: str, template: str, env: dict | None = None) -> dict:
     return _figures(_start_serving(program, template, env))
 
 
-def _start_serving(program: str, template: str, env: Optional[dict] = None) -> subprocess.Popen:
+def _start_serving(program: str, template: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.gpu.serve_worker", program, template],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})),
@@ -145,7 +144,8 @@ def test_graph_break_model_under_cuda_graphs_matches_eager(two_blocks, order, st
     # whole_graph_capture inside the wrapper's whole-module capture was a nested capture that CUDA refused
     eager, compiled, x = two_blocks
     holder = Holder(compiled)
-    callbacks = [TRTCudaGraphs(), TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False)]
+    settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=None, print_table=False)
+    callbacks = [TRTCudaGraphs(), settings]
     if order == "settings_first":
         callbacks.reverse()
     loader = _loader(x, 4)
