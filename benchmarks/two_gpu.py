@@ -5,15 +5,18 @@ numbers them (``A,B``: the first two entries of ``CUDA_VISIBLE_DEVICES``, else `
 
 1. ``CUDA_VISIBLE_DEVICES=A,B``, 2 ranks, ``--runs 2 --clear-cache``: a cold run, then a warm one;
 2. ``CUDA_VISIBLE_DEVICES=A,B``, 1 rank, warm from rank 0's file;
-3. ``CUDA_VISIBLE_DEVICES=B,A``, 2 ranks, one run: every rank now runs on the other GPU.
+3. ``CUDA_VISIBLE_DEVICES=B,A``, 2 ranks, ``--runs 2``: every rank now runs on the other GPU, and
+   each GPU under the other device number. A cache applies only on the GPU that filled it under the
+   same device number (measured), so the first swapped run is cold and keeps the first order's files;
+   the second swapped run is the warm start this order gets from then on.
 
 Rows:
 
 - ``two_gpu_throughput`` [>= 1.8x]: steady throughput of run 1's warm run over run 2's (all ranks'
   samples after their first batch over the union of their wall-clock windows);
 - ``two_gpu_warm_start`` [<= 0.10 on every rank]: each rank's first batch, warm run / cold run;
-- ``two_gpu_swapped_warm_start`` [<= 0.10 on every rank]: each rank's first batch in run 3 over
-  that rank's first batch in the cold run, with the cache source each rank reported (``warm``,
+- ``two_gpu_swapped_warm_start`` [<= 0.10 on every rank]: each rank's first batch in run 3's second
+  run over that rank's first batch in the cold run (the first swapped run's figures are in the details), with the cache source each rank reported (``warm``,
   ``seeded``, ``other-gpu``, ``unverified``, ``cold``, ``corrupt``).
 """
 
@@ -60,8 +63,10 @@ def cache_source(rank: dict) -> str | None:
 
 
 def _gpu(rank: dict) -> str | None:
-    """The physical GPU a rank ran on (the figures' ``gpu``: the UUID's first 8 hex digits), if reported."""
-    return (rank.get("figures") or {}).get("gpu")
+    """The physical GPU a rank ran on (the figures' ``gpu``: the UUID's first 8 hex digits; the ``-N``
+    device-number suffix is dropped), if reported."""
+    gpu = (rank.get("figures") or {}).get("gpu")
+    return gpu.split("-")[0] if gpu else gpu
 
 
 def _ratios(runs: list[dict], cold_run: dict) -> list[float]:
@@ -78,7 +83,7 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     two = _example(runner, "distributed-2", 2, 2, cfg, in_order, clear=True)
     one = _example(runner, "distributed-1", 1, 1, cfg, in_order)
     try:
-        swapped: Any = _example(runner, "distributed-2-swapped", 2, 1, cfg, swapped_order)
+        swapped: Any = _example(runner, "distributed-2-swapped", 2, 2, cfg, swapped_order)
     except RuntimeError as err:
         swapped = err
     return rows(two, one, swapped, cfg, (in_order, swapped_order))
@@ -168,5 +173,9 @@ def swapped_row(swapped: Any, cold_run: dict, orders: tuple[str, str]) -> dict:
             "gpus_swapped": swapped_gpus == cold_gpus[::-1] if known else None,
             "swapped_over_same_gpu_cold": same_gpu,
             "swapped_per_batch_ms": [r["per_batch_ms"] for r in ranks],
+            "first_swapped_run": {
+                "cache_source": [cache_source(r) for r in swapped["runs"][0]["ranks"]],
+                "over_cold_per_rank": _ratios(swapped["runs"][0]["ranks"], cold_run),
+            },
         },
     }

@@ -1183,3 +1183,32 @@ def test_save_stats_describe_the_latest_save_only(tmp_path, real_cache_bytes, mo
 )
 def test_templates_that_give_every_rank_its_own_file(template, per_rank):
     assert cache.is_per_rank(template) is per_rank
+
+
+# --- the device number is part of the identity (measured: same GPU, other cuda:N -> cold) ----------
+
+
+def test_gpu_id_adds_the_device_number_above_zero():
+    assert FAKE_GPU.id == "3b6d1a2c"
+    assert dataclasses.replace(FAKE_GPU, ordinal=1).id == "3b6d1a2c-1"
+    assert cache.Gpu().id == "cpu"
+
+
+def test_the_same_gpu_under_another_device_number_gets_its_own_file_and_is_never_called_warm(
+    tmp_path, real_cache_bytes, messages
+):
+    template = str(tmp_path / "{sm}" / "gpu-{gpu}.bin")
+    as_cuda1 = dataclasses.replace(PLACEMENT, gpu=dataclasses.replace(FAKE_GPU, ordinal=1))
+    assert cache.save(as_cuda1.resolve(template), real_cache_bytes, placement=as_cuda1).saved
+    assert cache.read_record(as_cuda1.resolve(template)).ordinal == 1
+    # cuda:0 on the same GPU: another file (cold), and no seeding from the cuda:1 file
+    data, stats = cache.load(template, PLACEMENT)
+    assert (data, stats.source) == (None, "cold") and stats.path != as_cuda1.resolve(template)
+    data, stats = cache.load(template, as_cuda1)
+    assert (data, stats.source) == (real_cache_bytes, "warm")
+    # one fixed file filled as cuda:1, used as cuda:0: loaded but reported as from another GPU
+    fixed = str(tmp_path / "fixed.bin")
+    cache.save(fixed, real_cache_bytes, placement=as_cuda1)
+    data, stats = cache.load(fixed, PLACEMENT)
+    assert data == real_cache_bytes and (stats.source, stats.applies) == ("other-gpu", "no")
+    assert messages.matching("as cuda:1") and messages.matching("as cuda:0")

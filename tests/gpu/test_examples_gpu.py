@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from lightning_utilities.core.imports import RequirementCache
 
 from tests import helpers
 from tests.helpers import run_if
@@ -73,6 +74,9 @@ def test_predict_cold_warm_graphs_table(tmp_path):
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.skipif(
+    not RequirementCache("jsonargparse[signatures]>=4.27.7"), reason="LightningCLI needs jsonargparse[signatures]"
+)
 def test_cli_predict_serves_compiled_engines(tmp_path):
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     proc = run_script(

@@ -249,3 +249,31 @@ def test_corrupt_file_and_read_only_directory_messages_reach_stderr(conv_program
     assert filled["saved_bytes"] > 0 and read_only["cache_source"] == "warm"
     assert read_only["saved_bytes"] == 0 and "Could not save the kernel cache" in read_only["stderr"]
     print("\nas printed:\n" + corrupt["stderr"].strip()[-800:] + "\n" + read_only["stderr"].strip()[-800:])
+
+
+def _first_execute_on(visible: str, ordinal: int, template: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.ordinal_worker", str(ordinal), template], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=visible),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("FIGURES "))[8:])
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_a_cache_applies_only_under_the_device_number_that_filled_it(tmp_path):
+    # measured (2 x H200): one GPU's file, filled as cuda:1, ran as cold when used as cuda:0, and the
+    # same GPU as cuda:0 under another CUDA_VISIBLE_DEVICES order was warm: the identity is both
+    template = str(tmp_path / "gpu-{gpu}.bin")
+    filled = _first_execute_on("0,1", 1, template)  # physical GPU 1 as cuda:1
+    again = _first_execute_on("0,1", 1, template)
+    renumbered = _first_execute_on("1", 0, template)  # the same GPU, now cuda:0: its own file, cold
+    renumbered_again = _first_execute_on("1,0", 0, template)  # cuda:0 again, another order: warm
+    back = _first_execute_on("0,1", 1, template)  # the first numbering's kernels were not overwritten
+    assert [r["source"] for r in (filled, again, renumbered, renumbered_again, back)] == [
+        "cold", "warm", "cold", "warm", "warm",
+    ]  # fmt: skip
+    assert filled["path"] != renumbered["path"] and filled["gpu"] == renumbered["gpu"] + "-1"
+    for r in (filled, again, renumbered, renumbered_again, back):
+        print(f"\n[{r['device']}] {r['gpu']}: {r['source']} first execute {r['first_ms']:.1f} ms")
+    assert again["first_ms"] < filled["first_ms"] / 3 and renumbered_again["first_ms"] < renumbered["first_ms"] / 3
