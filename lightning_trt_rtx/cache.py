@@ -4,14 +4,16 @@ A cache path is a template, resolved per process::
 
     ~/.cache/lightning-trt-rtx/{sm}-trtrtx{trt}-cuda{cuda}/gpu-{gpu}.bin   (the default)
 
-A TensorRT-RTX runtime cache is bound to the physical GPU that filled it (measured on 2 x H100: a
-file from the other GPU of the same model gives a cold start), so the default keys the file by the
-GPU's UUID (``{gpu}``), not by rank: a rank that lands on another GPU next time, or two jobs on two
-GPUs of one host, each find their own GPU's kernels. The directory key (GPU architecture,
+A TensorRT-RTX runtime cache is bound to the physical GPU that filled it and to the device number
+the process saw it as (measured on 2 x H100 and 2 x H200: a file from the other GPU of the same
+model, or from the same GPU under another ``cuda:N``, gives a cold start), so the default keys the
+file by both (``{gpu}``: the UUID's first 8 hex digits, ``-N`` added for ``cuda:N`` with N > 0), not
+by rank: a rank that lands on another GPU next time, or two jobs on two GPUs of one host, each find
+their own GPU's kernels. The directory key (GPU architecture,
 TensorRT-RTX and CUDA versions) means a cache is never offered to a library it cannot serve.
 
 Files are TensorRT-RTX ``IRuntimeCache`` bytes. Beside each, ``<file>.json`` records which GPU
-filled it (with the file's size and SHA-256, so a stale record never vouches for other bytes).
+(and device number) filled it (with the file's size and SHA-256, so a stale record never vouches for other bytes).
 Files are checked before TensorRT sees them, written under a lock to a temporary file that is
 atomically moved into place, and a save that fails (crash, full disk, read-only directory) leaves
 the last good file untouched and never raises.

@@ -46,9 +46,9 @@ class TRTSettings:
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``: when
             kernels for dynamic shapes are JIT-compiled.
         runtime_cache: a path template for the on-disk kernel cache, or ``None`` for none. The
-            placeholders are ``{gpu}`` (the physical GPU, from its UUID), ``{rank}``, ``{local_rank}``,
-            ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}`` and ``{host}``; the default
-            gives each physical GPU its own file under a directory keyed by GPU architecture and
+            placeholders are ``{gpu}`` (the GPU, from its UUID, and its device number), ``{rank}``,
+            ``{local_rank}``, ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}`` and ``{host}``;
+            the default gives each GPU its own file under a directory keyed by GPU architecture and
             TensorRT-RTX/CUDA versions. An fsspec URL (``s3://...``) works too. ``"default"`` names
             the default template.
     """
