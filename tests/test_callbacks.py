@@ -8,12 +8,9 @@ The model holds real engine-less ``TorchTensorRTModule`` objects (settings given
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -1013,97 +1010,3 @@ def test_second_trainer_gets_a_fresh_session_that_reloads_the_file(
     assert second is not first
     assert (second.batches, first.batches) == (1, 3)
     assert (first.cache_source, first.cache_bytes) == ("warm", len(first_bytes))
-
-
-# --- 2-process CPU DDP: figures per rank ----------------------------------------------------------
-
-DDP_WORKER = '''
-"""Two-process CPU DDP predict (gloo) of a model without engines; Lightning re-runs this script for rank 1."""
-import dataclasses, json, os, sys
-
-from lightning.pytorch import Trainer
-
-from lightning_trt_rtx import TRTRuntimeSettings
-from tests.procs.lightning_models import EngineModel, predict_loader
-
-out_dir = sys.argv[1]
-rank = int(os.environ.get("LOCAL_RANK", "0"))
-callback = TRTRuntimeSettings(runtime_cache=os.path.join(out_dir, "cache", "gpu-{gpu}-rank{rank}.bin"))
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, default_root_dir=out_dir,
-                  callbacks=[callback])
-error = None
-try:
-    trainer.predict(EngineModel(engines_in="none"), predict_loader(batches=4), return_predictions=False)
-except BaseException as err:  # reported to the test
-    error = f"{type(err).__name__}: {err}"
-rows = [dict(dataclasses.asdict(f), cache_source=f.cache_source) for f in callback.figures]
-report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "figures": rows, "error": error}
-path = os.path.join(out_dir, f"rank{rank}.json")
-with open(path + ".tmp", "w") as f:
-    json.dump(report, f)
-os.replace(path + ".tmp", path)
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(3 if error else 0)  # skip gloo's process-group teardown
-'''
-_DIST_ENV = (
-    "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"
-)
-
-
-def run_ddp_worker(out_dir, source: str, timeout_s: float = 120) -> tuple[int, dict[int, dict], str]:
-    """Run a 2-process CPU DDP worker script (as tests/test_ddp.py does); returns (rank 0's exit code,
-    each rank's JSON report, the output of both ranks)."""
-    worker = out_dir / "ddp_worker.py"
-    worker.write_text(source)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    log_path = out_dir / "worker.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(worker), str(out_dir)],
-            cwd=str(out_dir),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # rank 1 joins this group: one kill ends both on timeout
-        )
-        deadline = time.monotonic() + timeout_s
-        try:
-            rc = proc.wait(timeout=timeout_s)
-            while not (out_dir / "rank1.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)  # Lightning's launcher does not wait for rank 1
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    output = log_path.read_text()
-    reports = {}
-    for rank in (0, 1):
-        path = out_dir / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report (rank 0 exit code {rc}):\n{output[-4000:]}"
-        reports[rank] = json.loads(path.read_text())
-    return rc, reports, output
-
-
-def test_ddp_figures_report_each_ranks_own_rank_without_engines(tmp_path):
-    rc, reports, output = run_ddp_worker(tmp_path, DDP_WORKER)
-    assert rc == 0, output[-4000:]
-    for rank, report in reports.items():
-        assert report["error"] is None, report["error"]
-        assert (report["rank"], report["world_size"]) == (rank, 2)
-        rows = report["figures"]
-        assert [row["rank"] for row in rows] == [0, 1]  # each rank's own, gathered on both
-        assert [row["engines"] for row in rows] == [0, 0]
-        assert [row["batches"] for row in rows] == [2, 2]  # 4 batches over 2 ranks
-        assert [row["cache_source"] for row in rows] == ["none", "none"]  # no engines: no cache opened
-    assert reports[0]["figures"] == reports[1]["figures"]
-    assert not (tmp_path / "cache").exists()
-    # rank zero prints one table with both ranks' rows; the no-engines warning is given once
-    assert output.count("TensorRT-RTX serving (disabled):") == 1, output[-4000:]
-    table = output.split("TensorRT-RTX serving (disabled):")[1].strip().splitlines()
-    assert table[0].split()[:3] == ["rank", "gpu", "engines"]
-    assert [line.split()[:3] for line in table[2:4]] == [["0", "cpu", "0"], ["1", "cpu", "0"]]
-    assert output.count(NO_ENGINES) == 1

@@ -18,7 +18,6 @@ the package's own messages go to stderr.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -131,18 +130,7 @@ def run_hold_lock(cache, cfg: dict, base: bytes) -> None:
         if cfg.get("fix"):
             payload = make_payload(base, cfg["rank"], cfg.get("round", 0))
             placement = placement_of(cache, cfg)
-            record = cache.Record(
-                gpu_uuid=placement.gpu.uuid,
-                gpu_name=placement.gpu.name,
-                sm=placement.sm,
-                trt=placement.trt,
-                cuda=placement.cuda,
-                host=placement.host,
-                pid=os.getpid(),
-                saved_unix=time.time(),
-                bytes=len(payload),
-                sha256=hashlib.sha256(payload).hexdigest(),
-            )
+            record = cache._new_record(payload, placement)  # what a real save records
             recorded = json.dumps(dataclasses.asdict(record)).encode()
             for target, content in ((path, payload), (path + cache.RECORD_SUFFIX, recorded)):
                 with open(target + ".fix", "wb") as f:
