@@ -16,8 +16,9 @@ Rows:
   samples after their first batch over the union of their wall-clock windows);
 - ``two_gpu_warm_start`` [<= 0.10 on every rank]: each rank's first batch, warm run / cold run;
 - ``two_gpu_swapped_warm_start`` [<= 0.10 on every rank]: each rank's first batch in run 3's second
-  run over that rank's first batch in the cold run (the first swapped run's figures are in the details), with the cache source each rank reported (``warm``,
-  ``seeded``, ``other-gpu``, ``unverified``, ``cold``, ``corrupt``).
+  run over that rank's first batch in the cold run (the first swapped run's figures are in the
+  details), with the cache source each rank reported (``warm``, ``seeded``, ``other-gpu``,
+  ``unverified``, ``cold``, ``corrupt``).
 """
 
 from __future__ import annotations
