@@ -223,7 +223,8 @@ class ServingSession:
         self.figures.cache = self.cache.stats
 
     def _template_for_this_job(self, template: str, placement: cache.Placement) -> str:
-        """The default gives each physical GPU its own file; ranks that share one GPU get one each."""
+        """The template this rank uses: one naming ``{gpu}`` gives ranks that share one GPU a file each
+        (``one_per_rank``); a template that gives several ranks one file is warned about."""
         if placement.world_size == 1:
             return template
         peers = _gather((placement.gpu.uuid, placement.resolve(template)))
