@@ -373,6 +373,9 @@ def rank_worker(rank: str, out_dir: str, gpus: str) -> None:
             model, engines = engine_tree(TTM)
             priors = [e.runtime_settings for e in engines]
             with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture"), **given) as session:
+                # both ranks have loaded before either saves: a rank that loads after the other's save
+                # rightly seeds from that file, which would make the first session's source a race
+                dist.barrier()
                 handles = {id(e.runtime_settings.runtime_cache) for e in engines}
                 served = {
                     "ranks": vars(session.ranks),
