@@ -6,6 +6,8 @@
   which makes it the model that shows whole-graph capture.
 * ``mlp-deep``: 32 layers of 256-wide ``Linear`` + ``ReLU``, fp16 on GPU: more launches per call
   and less work in each, the benchmark's model for whole-graph capture inside ``Trainer.predict``.
+* ``encoder``: 4 pre-norm transformer blocks, width 256, over 64 tokens, fp16 on GPU, batch 1.
+* ``resnet18``: torchvision's ResNet-18 (random weights; needs torchvision), 224x224, fp16, batch 1.
 
 :class:`CompiledPredictor` compiles its model with ``torch_tensorrt`` (dynamo, static shape = the
 batch size) where a CUDA device and torch-tensorrt are present, and stays eager elsewhere;
@@ -91,6 +93,41 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+class _Block(nn.Module):
+    """Pre-norm self-attention (written out: every op has a TensorRT converter) and a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-2, -1) * (w // self.heads) ** -0.5, dim=-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, n, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """``layers`` transformer blocks over ``(batch, tokens, width)`` inputs (already embedded)."""
+
+    def __init__(self, width: int = 256, layers: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def _resnet18() -> nn.Module:
+    import torchvision  # only this model needs it
+
+    return torchvision.models.resnet18(weights=None)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[[], nn.Module]
@@ -104,6 +141,8 @@ MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(MLP, (1024,), 8, True),
     # 32 narrow layers: each call is dozens of tiny kernel launches, the case whole-graph capture is for
     "mlp-deep": ModelSpec(lambda: MLP(width=256, layers=32), (256,), 8, True),
+    "encoder": ModelSpec(Encoder, (64, 256), 1, True),
+    "resnet18": ModelSpec(_resnet18, (3, 224, 224), 1, True),
 }
 
 

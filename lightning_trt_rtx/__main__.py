@@ -1,9 +1,11 @@
-"""``python -m lightning_trt_rtx cache ...`` (also ``lightning-trt-rtx cache ...``): inspect and clear kernel caches.
+"""``python -m lightning_trt_rtx cache|prewarm ...`` (also ``lightning-trt-rtx ...``): kernel caches from the shell.
 
     lightning-trt-rtx cache list [ROOT] [--json]             every cache file under ROOT: key, GPU, size, age, validity
     lightning-trt-rtx cache verify FILE...                   exit 0 if every FILE is a loadable cache
     lightning-trt-rtx cache clear [ROOT] [--gpu ID] [--dry-run]
                                                              remove our cache files (only GPU ID's, with --gpu)
+    lightning-trt-rtx prewarm PROGRAM --shape 8x128 [--shape 8x128,8x128 ...] [--dtype D] [--cache TEMPLATE]
+                      [--device N]                           fill this GPU's cache for a saved program's shapes
 
 ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
 A file under ROOT is listed if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
@@ -12,10 +14,17 @@ as quarantined. ``clear`` removes only files with a record, the tag or a quarant
 name alone could be a model's weights). Anything else (a README, notes) is never listed or removed. ``clear`` also
 removes a cache's record, lock and temporary files: run it while no job uses the caches.
 
-Exit codes: 0 ok (quarantined files do not count as failures), 1 an invalid file was found (or a
-file could not be removed), 2 bad usage or a missing path.
+``prewarm`` loads a program saved with ``torch_tensorrt.save`` onto ``cuda:N``, runs it once per
+``--shape`` with its kernels compiled eagerly (see :mod:`lightning_trt_rtx.prewarm`) and saves this
+GPU's kernel cache file (``--cache``: a template, default the per-GPU default one). Run it once per GPU
+of a node, in a deploy step, on the GPU whose cache it fills. ``--dtype`` defaults to the dtypes the
+program records for its inputs, else float16.
 
-This module imports neither torch nor Lightning: the command starts in a fraction of a second.
+Exit codes: 0 ok (quarantined files do not count as failures), 1 an invalid file was found (or a
+file could not be removed, or prewarm could not save the cache), 2 bad usage or a missing path (for
+prewarm also: no GPU, a program built for another GPU, a shape the program does not accept).
+
+The ``cache`` commands import neither torch nor Lightning: they start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_trt_rtx import cache
 
@@ -269,14 +279,85 @@ def _gpu_id(text: str) -> str:
     return match.group(1) or match.group(2)
 
 
+# --- prewarm ---------------------------------------------------------------------------------------
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _prewarm(args: argparse.Namespace) -> int:
+    """Load PROGRAM on ``cuda:N``, prewarm every shape, save this GPU's cache. torch is imported only here."""
+    if not os.path.isfile(args.program):
+        what = "is not a file" if os.path.exists(args.program) else "does not exist"
+        return _error(f"no such program {args.program!r} ({what}): give a file saved with torch_tensorrt.save")
+    from lightning_trt_rtx import _backend, prewarm
+    from lightning_trt_rtx.session import ServingSession
+    from lightning_trt_rtx.settings import TRTSettings
+
+    try:
+        shapes = [prewarm.parse_shape(text) for text in args.shape]
+        dtype = prewarm.parse_dtype(args.dtype) if args.dtype is not None else None
+        settings = TRTSettings(runtime_cache=args.cache)
+    except (TypeError, ValueError) as err:
+        return _error(str(err))
+    try:
+        device = _backend.cuda_device(args.device)
+    except IndexError as err:
+        return _error(f"--device: {err}")
+    if device is None:
+        return _error("no CUDA GPU: prewarm compiles this GPU's kernels: run it on the GPU whose cache it fills")
+    gpu = cache.current_gpu()
+    try:
+        program = _backend.load_program(args.program)
+    except Exception as err:  # not a program, a version it cannot read: say which file, no traceback
+        return _error(f"could not load the program {args.program!r}: {type(err).__name__}: {err}")
+    program.to(device)  # weights of PyTorch ops between engines; the engines were made on this device
+    problem = prewarm.check_program_gpu(program, gpu)
+    if problem:
+        return _error(problem)
+    dtypes: list[Any] = [dtype or prewarm.DTYPES["float16"]]
+    accepted = prewarm.program_inputs(program)
+    takes = "inputs its engines check (their error is above)"
+    if accepted is not None:
+        inputs, ranges = accepted
+        takes = prewarm.describe_inputs(inputs, ranges)
+        for shape in shapes:
+            why = prewarm.check_shape(shape, inputs, ranges)
+            if why:
+                text = prewarm.format_shape(shape)
+                return _error(f"the program does not accept --shape {text} ({why}); it takes {takes}")
+        if dtype is not None and any(i.dtype not in (None, dtype) for i in inputs):
+            return _error(f"--dtype {args.dtype}: the program takes {takes}; leave --dtype out for its own dtypes")
+        if dtype is None and inputs and all(i.dtype is not None for i in inputs):
+            dtypes = [i.dtype for i in inputs]
+    examples = prewarm.example_inputs(shapes, dtypes if len(dtypes) > 1 else dtypes[0], device)
+    session = ServingSession(program, settings, rank=0, local_rank=0, node_rank=0, world_size=1)
+    try:
+        with session:
+            records = session.prewarm(examples)
+    except prewarm.PrewarmError as err:
+        return _error(f"{err}. The program takes {takes}")
+    for record in records:
+        print(f"{record.text}: first call {record.first_call_ms:.1f} ms (kernels compiled eagerly)")
+    stats = session.figures.cache
+    if stats is None or not stats.saved:
+        reason = "no cache" if stats is None else stats.save_error or "nothing new"
+        print(f"error: kernel cache {args.cache} not saved: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"saved {stats.save_bytes} bytes of GPU {gpu.id}'s kernels ({gpu.name}) to {stats.path}")
+    return EXIT_OK
+
+
 # --- command line -----------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lightning-trt-rtx", description="Inspect and clear TensorRT-RTX kernel caches."
+        prog="lightning-trt-rtx", description="Inspect, clear and fill TensorRT-RTX kernel caches."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{cache}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{cache,prewarm}")
     cache_cmd = commands.add_parser("cache", help="list, verify or clear kernel cache files")
     actions = cache_cmd.add_subparsers(dest="action", required=True, metavar="{list,verify,clear}")
     raw = argparse.RawTextHelpFormatter  # a long default root stays on one line, unbroken at its hyphens
@@ -292,6 +373,23 @@ def _parser() -> argparse.ArgumentParser:
     clear.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     for action in (listing, verify, clear):
         action.set_defaults(parser=action)
+    warm = commands.add_parser(
+        "prewarm", formatter_class=raw, help="fill this GPU's kernel cache for a saved program's input shapes"
+    )
+    warm.add_argument("program", help="a program saved with torch_tensorrt.save")
+    warm.add_argument(
+        "--shape", action="append", required=True, metavar="SHAPE",
+        help="input shape(s) of one call: 8x128 (one input) or 8x128,8x128 (two); repeat for more shapes",
+    )
+    warm.add_argument(
+        "--dtype", help="float16, half, bfloat16, float32, int64 or int32\n(default: the program's own input dtypes)"
+    )
+    warm.add_argument(
+        "--cache", default=cache.default_template(), metavar="TEMPLATE",
+        help=f"kernel cache path template (default: {cache.default_template()})",
+    )
+    warm.add_argument("--device", type=int, default=0, metavar="N", help="the CUDA device to prewarm (default: 0)")
+    warm.set_defaults(parser=warm, action="prewarm")
     return parser
 
 
@@ -312,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse prints the usage error itself
         return EXIT_USAGE if exit_.code else EXIT_OK
     try:
+        if args.action == "prewarm":
+            return _prewarm(args)
         if args.action == "list":
             return _list(args.root, args.json)
         if args.action == "clear":

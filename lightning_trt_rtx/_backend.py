@@ -15,6 +15,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ _ENGINE_TYPE = "__torch__.torch.classes.tensorrt.Engine"
 # Integer codes the C++ engine's ``update_runtime_settings`` takes (mirrors upstream's private maps).
 KERNEL_STRATEGY_CODES = {"lazy": 0, "eager": 1, "none": 2}
 CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
+# Indices into an engine's serialized info (torch_tensorrt.dynamo.runtime._serialized_engine_layout, ABI 10).
+_DEVICE_IDX, _HW_COMPATIBLE_IDX = 2, 6
 
 
 def installed_distribution() -> str | None:
@@ -267,6 +270,86 @@ def set_bare_engine_settings(engine: Any, settings: Any) -> None:
     _bare_engine_settings[key] = (weakref.ref(engine, forget), settings)
 
 
+def _engine_object(obj: Any) -> Any:
+    """The torchbind engine: a TorchTensorRTModule's (None before setup), or a bare engine itself."""
+    return obj.engine if is_trt_module(obj) else obj
+
+
+def output_holding(obj: Any) -> tuple[bool, bool]:
+    """``(use_pre_allocated_outputs, output tensors unowned)`` of an engine; ``(False, False)`` before setup."""
+    engine = _engine_object(obj)
+    if engine is None:
+        return False, False
+    return bool(getattr(engine, "use_pre_allocated_outputs", False)), bool(engine.are_output_tensors_unowned())
+
+
+def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
+    """Set what :func:`output_holding` reads. ``(True, False)`` makes the engine write every call at the
+    same input shapes into the same output tensors, which it returns to the caller.
+
+    ``use_pre_allocated_outputs`` alone is not enough: ``torch_tensorrt.compile`` marks the engines
+    that produce the model's outputs "unowned", and those allocate new outputs after every call (so
+    a caller keeping an output is safe), which moves the output address every call.
+    """
+    engine = _engine_object(obj)
+    if engine is None:
+        raise RuntimeError("the engine is not set up yet")
+    engine.use_pre_allocated_outputs = state[0]
+    engine.set_output_tensors_as_unowned(state[1])
+
+
+def has_aliased_io(obj: Any) -> bool:
+    """Whether an engine writes an output through an input's storage (e.g. a KV-cache update)."""
+    return bool(getattr(obj, "aliased_io", None)) if is_trt_module(obj) else False
+
+
 def contexts_created(engine: Any) -> int:
     """How many execution contexts a torchbind engine has created (for tests and figures)."""
     return int(engine.num_execution_contexts_created())
+
+
+# --- the GPU a program was built for, the device a command runs on (prewarm) --------------------
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """The GPU an engine was built on, as its serialized device info records it."""
+
+    sm: str  # e.g. "sm90"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    hardware_compatible: bool  # built to run on any Ampere or newer GPU
+
+
+def engine_target(obj: Any) -> EngineTarget | None:
+    """What a TorchTensorRTModule's or bare engine's serialized info says it was built for (None: unknown).
+
+    The info is ``ScriptObject.__getstate__()[0]`` (what ``torch_tensorrt.save`` writes); its device
+    field is ``gpu_id%major%minor%device_type%name`` on the C++ and the Python runtime alike.
+    """
+    engine = obj.engine if is_trt_module(obj) else obj
+    getstate = getattr(engine, "__getstate__", None)
+    if engine is None or getstate is None:
+        return None
+    try:
+        info = list(getstate()[0])
+        device = str(info[_DEVICE_IDX]).split("%")
+        major, minor, name = int(device[1]), int(device[2]), device[4]
+        hardware_compatible = str(info[_HW_COMPATIBLE_IDX]).strip() == "1"
+    except (TypeError, ValueError, IndexError, RuntimeError) as err:
+        log.debug("Could not read the target device of engine %r: %s", engine, err)
+        return None
+    return EngineTarget(sm=f"sm{major}{minor}", name=name, hardware_compatible=hardware_compatible)
+
+
+def cuda_device(ordinal: int) -> torch.device | None:
+    """``cuda:ordinal``, made this process's current device; None on a host without CUDA.
+
+    IndexError naming the valid device numbers when ``ordinal`` is not one of them.
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return None
+    if not 0 <= ordinal < count:
+        raise IndexError(f"device {ordinal} does not exist: this process sees {count} CUDA device(s), 0..{count - 1}.")
+    torch.cuda.set_device(ordinal)
+    return torch.device("cuda", ordinal)

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_trt_rtx import report
 from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes
+from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
@@ -110,6 +111,13 @@ class TRTRuntimeSettings(_LoopHooks):
             ``$LIGHTNING_TRT_RTX_CACHE_DIR``, keyed by GPU architecture and versions), or ``None``.
         loops: the loops to serve: ``"predict"`` (default), ``"validate"``, ``"test"``.
         print_table: print every rank's figures as one table on rank zero when serving ends.
+        prewarm_shapes: input shapes to compile this GPU's kernels for when the loop starts, before
+            the first batch (see :mod:`lightning_trt_rtx.prewarm`): each ``"8x128"`` (one input) or
+            ``"8x128,8x128"`` (two inputs of one call). None (default): no prewarm.
+        prewarm_dtype: the example inputs' dtype: ``"float16"`` (default), ``"bfloat16"``, ``"float32"``,
+            ``"int64"``, ``"int32"`` (integers are zeros: valid token ids).
+        prewarm_target: the LightningModule attribute the shapes are for; default: its only compiled
+            attribute (with none, the LightningModule's own ``forward``); ``"forward"``: its ``forward``.
     """
 
     def __init__(
@@ -119,7 +127,11 @@ class TRTRuntimeSettings(_LoopHooks):
         runtime_cache: str | None = DEFAULT_CACHE,
         loops: Sequence[Loop] = ("predict",),
         print_table: bool = True,
+        prewarm_shapes: list[str] | None = None,
+        prewarm_dtype: str = "float16",
+        prewarm_target: str | None = None,
     ) -> None:
+        self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
             dynamic_shapes_kernel_specialization_strategy=dynamic_shapes_kernel_specialization_strategy,
@@ -148,6 +160,9 @@ class TRTRuntimeSettings(_LoopHooks):
         if self.session is None or self.session.closed:  # a second loop of the same stage in this fit
             self.session = ServingSession.for_trainer(trainer, self.settings)
         self.session.serve(pl_module)  # engines made in configure_model / reset by a checkpoint restore
+        prewarm = self.prewarm_spec or _plugin_prewarm(trainer)
+        if prewarm is not None:  # once per session, before the loop's timing starts
+            prewarm.run(self.session, pl_module)
         self.session.loop_started()
         self._serving = self.session
 
@@ -242,6 +257,14 @@ class TRTRuntimeSettings(_LoopHooks):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # what a checkpoint says it was served with; this callback's own arguments still decide
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
+
+
+def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
+    """The TRTRuntimePrecision plugin's prewarm arguments: the callback's session serves its run."""
+    from lightning_trt_rtx.plugin import TRTRuntimePrecision
+
+    plugin = trainer.precision_plugin
+    return plugin.prewarm_spec if isinstance(plugin, TRTRuntimePrecision) else None
 
 
 def _check_agrees_with_plugin(trainer: Trainer, settings: TRTSettings) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Engine:
-    """One engine found under a module: ``kind`` is ``"module"`` (a TorchTensorRTModule) or ``"bare"``."""
+    """One engine found under a module: ``kind`` is ``"module"`` (a TorchTensorRTModule) or ``"bare"``;
+    ``owner`` is the module whose attribute holds a bare engine (whose forward runs it)."""
 
     name: str
     kind: str
     obj: Any
+    owner: Any = field(default=None, compare=False, repr=False)
 
     def get(self) -> Any:
         if self.kind == "module":
@@ -69,7 +71,7 @@ def _children(root: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         for attr, value in vars(module).items():
             full = f"{name}.{attr}" if name else attr
             if _backend.is_bare_engine(value):
-                yield full, Engine(full, "bare", value)
+                yield full, Engine(full, "bare", value, owner=module)
             elif _backend.is_mutable_module(value):
                 yield full, value
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from collections.abc import Generator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal, get_args
 
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from typing_extensions import override
 
 from lightning_trt_rtx._messages import info, warn
+from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
@@ -63,6 +65,9 @@ class TRTRuntimePrecision(Precision):
         cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
         runtime_cache: kernel-cache path template, ``"default"`` or ``None`` (see ``TRTSettings``).
+        prewarm_shapes, prewarm_dtype, prewarm_target: as for ``TRTRuntimeSettings``: input shapes to
+            compile this GPU's kernels for before the first step (the plugin has no loop-start hook: it
+            prewarms as the first predict, validation or test step starts, on the model's device).
     """
 
     def __init__(
@@ -71,8 +76,12 @@ class TRTRuntimePrecision(Precision):
         cuda_graph_strategy: CudaGraphStrategy = "disabled",
         dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
         runtime_cache: str | None = DEFAULT_CACHE,
+        prewarm_shapes: list[str] | None = None,
+        prewarm_dtype: str = "float16",
+        prewarm_target: str | None = None,
     ) -> None:
         super().__init__()
+        self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         self._requested = precision
         # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,6 +130,31 @@ class TRTRuntimePrecision(Precision):
             log.warning("Closing the TensorRT-RTX serving session failed: %s", err)
         finally:
             self.inner.teardown()
+
+    # --- prewarm: the first step of a loop is the first point the model is on its device ----------
+
+    def _prewarm(self) -> None:
+        session = self.session  # with the callback, its session serves the run and it prewarms at loop start
+        if self.prewarm_spec is not None and session is not None and session.module is not None:
+            self.prewarm_spec.run(session, session.module)  # once per session
+
+    @contextmanager
+    def predict_step_context(self) -> Generator[None, None, None]:
+        self._prewarm()
+        with super().predict_step_context():
+            yield
+
+    @contextmanager
+    def val_step_context(self) -> Generator[None, None, None]:
+        self._prewarm()
+        with super().val_step_context():
+            yield
+
+    @contextmanager
+    def test_step_context(self) -> Generator[None, None, None]:
+        self._prewarm()
+        with super().test_step_context():
+            yield
 
     # --- everything else is the wrapped precision's ---------------------------------------------
 

@@ -26,6 +26,9 @@ class RankFigures:
     first_batch_ms: float = 0.0
     mean_batch_ms: float = 0.0
     cache: CacheStats | None = None
+    # added later, so positional construction keeps working:
+    prewarmed: int = 0  # shape entries prewarmed before the first batch
+    capture: str = ""  # whole-graph capture: whether addresses were held still, and any new captures
 
     @property
     def cache_source(self) -> str:
@@ -61,13 +64,14 @@ class RankFigures:
 
     def summary(self) -> str:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
+        capture = f"; whole-graph capture: {self.capture}" if self.capture else ""
         if self.cache is None:
-            return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache"
+            return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache{capture}"
         c = self.cache
         saved = format_bytes(c.save_bytes) + " saved" if c.saved else f"not saved ({c.save_error or 'nothing new'})"
         return (
             f"TensorRT-RTX serving: {self.engines} engine(s) on GPU {self.gpu}, kernel cache {c.source}"
-            f" ({format_bytes(c.load_bytes)} loaded, applies: {c.applies}; {saved}) {c.path}"
+            f" ({format_bytes(c.load_bytes)} loaded, applies: {c.applies}; {saved}) {c.path}{capture}"
         )
 
     @classmethod
@@ -99,7 +103,7 @@ def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
     header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches")
     header += ("first batch", "mean batch", "cache file")
-    body = [
+    body: list[tuple[str, ...]] = [
         (
             str(r.rank),
             r.gpu,
@@ -115,6 +119,9 @@ def table(rows: list[RankFigures]) -> str:
         )
         for r in rows
     ]
+    if any(r.capture for r in rows):  # whole-graph capture: whether it could replay, per rank
+        header = (*header[:-1], "whole-graph capture", header[-1])
+        body = [(*row[:-1], r.capture or "-", row[-1]) for row, r in zip(body, rows)]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))

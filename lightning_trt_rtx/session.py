@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lightning_trt_rtx import _backend, cache
+from lightning_trt_rtx import _backend, addresses, cache
 from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
@@ -119,6 +119,7 @@ class ServingSession:
         self.cache: cache.RunCache | None = None
         self.binding: EngineBinding | None = None
         self.graphs: GraphScopes | None = None
+        self.stable: addresses.StableAddresses | None = None
         self.closed = False
         self._cache_opened = False
         self._timer = _BatchTimer(self.figures)
@@ -183,7 +184,24 @@ class ServingSession:
             self.binding = EngineBinding(module)
         self.binding.apply(self.runtime_settings())
         self.figures.engines = len(self.binding.engines)
+        self._hold_addresses()
         return self.figures.engines
+
+    def _hold_addresses(self) -> None:
+        """Under whole-graph capture, hold every engine's input and output addresses still (see
+        :mod:`lightning_trt_rtx.addresses`): TensorRT-RTX replays a captured graph only while they stay."""
+        if self.settings.cuda_graph_strategy != "whole_graph_capture" or self.binding is None:
+            return
+        if not addresses.enabled():
+            self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
+            return
+        engines = self.binding.engines
+        if self.stable is not None:
+            if self.stable.serves(engines):
+                return
+            self.stable.uninstall()
+        self.stable = addresses.StableAddresses(engines)
+        self.stable.install()
 
     def runtime_settings(self) -> Any:
         """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle."""
@@ -204,6 +222,19 @@ class ServingSession:
         self._open_cache()
         with _backend.settings_at_engine_setup(self.runtime_settings()):
             yield
+
+    def prewarm(self, inputs: Sequence[Any], target: str | None = None) -> list[Any]:
+        """Compile this GPU's kernels for each example's shapes now, before the first real batch.
+
+        Runs the module (or its attribute ``target``) once per example (a tensor or a tuple of
+        tensors, e.g. from :func:`lightning_trt_rtx.prewarm.example_inputs`) with the engines'
+        kernels specialized eagerly, then gives them this session's settings back: see
+        :func:`lightning_trt_rtx.prewarm.prewarm`. Returns a ``PrewarmedShape`` per example (its shapes
+        and first-call time) and counts them in ``figures.prewarmed``.
+        """
+        from lightning_trt_rtx.prewarm import prewarm
+
+        return prewarm(self, inputs, target)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -275,8 +306,8 @@ class ServingSession:
         self._timer.start()
 
     def batch_started(self) -> None:
-        if self.binding is not None:
-            self.binding.refresh()  # a MutableTorchTensorRTModule may have recompiled
+        if self.binding is not None and self.binding.refresh():  # a MutableTorchTensorRTModule recompiled
+            self._hold_addresses()
         self._timer.batch_started()
 
     def batch_ended(self) -> None:
@@ -293,6 +324,9 @@ class ServingSession:
             return self.figures
         self.closed = True
         self.close_graphs()
+        if self.stable is not None:
+            self.figures.capture = self.stable.describe()
+            self.stable.uninstall()
         try:
             if self.cache is not None:
                 self.cache.save()

@@ -433,7 +433,7 @@ def test_verify_a_directory_or_an_unreadable_file(tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
-        ([], "{cache}"),
+        ([], "{cache,prewarm}"),
         (["cache"], "list,verify,clear"),
         (["cache", "frobnicate"], "'list', 'verify', 'clear'"),
         (["cache", "verify"], "files"),
@@ -541,3 +541,206 @@ def test_list_into_a_closed_pipe(tmp_path):
     proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=120, check=False)
     assert proc.stdout == "[\n"
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+# --- prewarm ----------------------------------------------------------------------------------------
+# The command's own checks, on CPU. What it does on a GPU (the kernels it compiles, the cache it fills,
+# the next process's first calls) is tests/gpu/test_gpu_prewarm.py.
+
+
+@pytest.fixture
+def program_file(tmp_path) -> str:
+    """A file where a program is expected (its content matters only where ``load_program`` is real)."""
+    return write(tmp_path / "model.ep", b"not read before the shapes and the GPU are checked")
+
+
+def test_prewarm_missing_program_exits_2_before_importing_torch(tmp_path):
+    missing = str(tmp_path / "nope.ep")
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, json.dumps(["prewarm", missing, "--shape", "8x16"])],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"code": EXIT_USAGE, "heavy": []}
+    assert f"error: no such program {missing!r} (does not exist)" in proc.stderr
+
+
+def test_prewarm_a_directory_is_not_a_program(tmp_path, capsys):
+    assert main(["prewarm", str(tmp_path), "--shape", "8x16"]) == EXIT_USAGE
+    assert "no such program" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", ["8x", "8x16,", "8*16", "0x16"])
+def test_prewarm_bad_shape_exits_2_naming_the_valid_form(program_file, shape):
+    proc = run_module("prewarm", program_file, "--shape", "4x16", "--shape", shape)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert f"Invalid prewarm shape {shape!r}" in proc.stderr
+    assert "'8x128,8x128' (two inputs, one call)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_prewarm_bad_dtype_exits_2_naming_the_valid_names(program_file, capsys):
+    assert main(["prewarm", program_file, "--shape", "8x16", "--dtype", "fp8"]) == EXIT_USAGE
+    assert "Valid names: float16, half, bfloat16, float32, int64, int32" in capsys.readouterr().err
+
+
+def test_prewarm_needs_a_shape(program_file, capsys):
+    assert main(["prewarm", program_file]) == EXIT_USAGE
+    assert "--shape" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the host without a GPU")
+def test_prewarm_without_a_gpu_exits_2(program_file):
+    proc = run_module("prewarm", program_file, "--shape", "8x16")
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "prewarm compiles this GPU's kernels: run it on the GPU whose cache it fills" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cuda_device_names_the_valid_device_numbers(monkeypatch):
+    import torch
+
+    from lightning_trt_rtx import _backend
+
+    if not torch.cuda.is_available():
+        assert _backend.cuda_device(0) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(IndexError, match=r"device 5 does not exist: this process sees 2 CUDA device\(s\), 0..1"):
+        _backend.cuda_device(5)
+
+
+class OnAGpu:
+    """The command's GPU boundary faked (``_backend``: the device, the program, the GPU it was built
+    for; ``cache.current_gpu``): what it loads runs on CPU."""
+
+    def __init__(self, monkeypatch, program, built=None) -> None:
+        import torch
+
+        from lightning_trt_rtx import _backend
+
+        self.loaded: list[str] = []
+        monkeypatch.setattr(_backend, "cuda_device", lambda ordinal: torch.device("cpu"))
+        monkeypatch.setattr(cache, "current_gpu", lambda: H100)
+
+        def load(path: str):
+            self.loaded.append(path)
+            return program
+
+        monkeypatch.setattr(_backend, "load_program", load)
+        if built is not None:
+            monkeypatch.setattr(_backend, "engine_target", lambda obj: built)
+
+
+def engine_holder():
+    """A module holding a real engine-less TorchTensorRTModule; its forward runs on CPU without it."""
+    from torch import nn
+
+    from tests.procs.lightning_models import ttm
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine = ttm("e0")
+            self.shapes: list[tuple] = []
+
+        def forward(self, *xs):
+            self.shapes.append(tuple(tuple(x.shape) for x in xs) + tuple(x.dtype for x in xs))
+            return xs[0]
+
+    return Holder()
+
+
+def test_prewarm_a_program_for_another_gpu_exits_2_naming_both(program_file, monkeypatch, capsys):
+    from lightning_trt_rtx import _backend
+
+    program = engine_holder()
+    OnAGpu(monkeypatch, program, built=_backend.EngineTarget("sm89", "NVIDIA L4", False))
+    assert main(["prewarm", program_file, "--shape", "8x16"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "the program was built for another GPU: engine engine targets NVIDIA L4 (sm89)" in err
+    assert f"this is {H100.name} (sm90, GPU {H100.id})" in err
+    assert program.shapes == []  # nothing ran
+
+
+def exported(min_batch: int = 2, max_batch: int = 64):
+    """A real exported program (what torch_tensorrt.load(...).module() gives, less the engines)."""
+    import torch
+
+    class Scale(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
+    dynamic = {"x": {0: batch}, "mask": {0: batch}}
+    return torch.export.export(Scale(), (torch.randn(8, 16), torch.ones(8, 16)), dynamic_shapes=dynamic).module()
+
+
+@pytest.mark.parametrize(
+    ("shape", "why"),
+    [
+        ("8x16", "1 input(s) given"),
+        ("128x16,128x16", "input 0 dimension 0 is 128, outside s"),
+        ("8x15,8x16", "input 0 dimension 1 is 15, the program's is 16"),
+    ],
+)
+def test_prewarm_a_shape_the_program_rejects_exits_2_with_what_it_takes(program_file, monkeypatch, capsys, shape, why):
+    OnAGpu(monkeypatch, exported())
+    assert main(["prewarm", program_file, "--shape", "8x16,8x16", "--shape", shape]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"the program does not accept --shape {shape} ({why}" in err
+    assert "it takes 2 input(s): " in err and "x16 float32" in err and "in 2..64" in err
+
+
+def test_prewarm_dtype_other_than_the_programs_exits_2(program_file, monkeypatch, capsys):
+    OnAGpu(monkeypatch, exported())
+    assert main(["prewarm", program_file, "--shape", "8x16,8x16", "--dtype", "float16"]) == EXIT_USAGE
+    assert "--dtype float16: the program takes 2 input(s)" in capsys.readouterr().err
+
+
+def test_prewarm_an_engine_error_exits_2_naming_the_shape(program_file, monkeypatch, capsys):
+    program = engine_holder()
+
+    def forward(*xs):
+        raise RuntimeError("input shape outside the optimization profile")
+
+    program.forward = forward
+    OnAGpu(monkeypatch, program)
+    assert main(["prewarm", program_file, "--shape", "8x16"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Prewarm call with input shape(s) 8x16 failed: RuntimeError: input shape outside" in err
+
+
+def test_prewarm_fills_and_saves_this_gpus_cache(program_file, monkeypatch, capsys, tmp_path, real_cache_bytes):
+    # on CPU nothing compiles: the run's kernels are faked at our boundary with a real TensorRT-RTX cache
+    monkeypatch.setattr(cache.RunCache, "serialize", lambda self: real_cache_bytes)
+    program = engine_holder()
+    fake = OnAGpu(monkeypatch, program)
+    template = str(tmp_path / "caches" / "gpu-{gpu}.bin")
+    argv = ["prewarm", program_file, "--shape", "8x16", "--shape", "2x4,2x4", "--dtype", "int32", "--cache", template]
+    code = main(argv)
+    out = capsys.readouterr().out.splitlines()
+    assert code == EXIT_OK
+    assert fake.loaded == [program_file]
+    int32 = __import__("torch").int32
+    # each shape eagerly, then again under the session's own (lazy) settings
+    assert program.shapes == [((8, 16), int32), ((2, 4), (2, 4), int32, int32)] * 2
+    path = str(tmp_path / "caches" / f"gpu-{H100.id}.bin")
+    assert out[0].startswith("8x16: first call ") and out[1].startswith("2x4,2x4: first call ")
+    assert out[2] == f"saved {len(real_cache_bytes)} bytes of GPU {H100.id}'s kernels ({H100.name}) to {path}"
+    record = cache.read_record(path)
+    assert record is not None and record.gpu_uuid == H100.uuid
+    with open(path, "rb") as f:
+        assert f.read() == real_cache_bytes
+
+
+def test_prewarm_that_cannot_save_exits_1(program_file, monkeypatch, capsys, tmp_path):
+    OnAGpu(monkeypatch, engine_holder())  # nothing compiled: the cache handle is empty
+    assert main(["prewarm", program_file, "--shape", "8x16", "--cache", str(tmp_path / "c.bin")]) == EXIT_INVALID
+    assert "not saved: nothing to save" in capsys.readouterr().err
+
+
+def test_prewarm_help(capsys):
+    assert main(["prewarm", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "--shape SHAPE" in out and "8x128,8x128" in out and "--device N" in out and "--cache TEMPLATE" in out

@@ -277,3 +277,58 @@ def test_a_cache_applies_only_under_the_device_number_that_filled_it(tmp_path):
     for r in (filled, again, renumbered, renumbered_again, back):
         print(f"\n[{r['device']}] {r['gpu']}: {r['source']} first execute {r['first_ms']:.1f} ms")
     assert again["first_ms"] < filled["first_ms"] / 3 and renumbered_again["first_ms"] < renumbered["first_ms"] / 3
+
+
+# --- whole-graph capture with stable addresses --------------------------------------------------------
+
+
+class _Kept(L.pytorch.callbacks.BasePredictionWriter):
+    """A prediction writer that keeps every prediction it is handed (as one writing to disk later would)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.written: list[torch.Tensor] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.written.append(prediction)
+
+
+class _Watched(Holder):
+    """Also records the output buffers each TorchTensorRTModule keeps after every step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.kept_outputs: list[list[int]] = []
+
+    def predict_step(self, batch, batch_idx):
+        out = super().predict_step(batch, batch_idx)
+        self.kept_outputs.append(
+            [e.obj.pre_allocated_outputs[0].data_ptr() for e in find_engines(self.model) if e.kind == "module"]
+        )
+        return out
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("graph_break", [False, True], ids=["one-engine", "graph-break"])
+def test_whole_graph_capture_holds_addresses_and_never_overwrites_predictions(graph_break):
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device="cuda")
+    eager = (TwoBlocks() if graph_break else mlp(64, 4)).cuda().eval()
+    compiled = compile_trt(eager, x, graph_break=graph_break)
+    data = [torch.randn(64) for _ in range(8 * 6 + 3)]  # a new tensor every batch, and a smaller last batch
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    holder, writer = _Watched(compiled), _Kept()
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    outputs = _trainer(callback, writer).predict(holder, loader)
+    with torch.no_grad():
+        expected = [eager(batch.cuda()).cpu() for batch in loader]
+    assert len(outputs) == len(writer.written) == len(expected) == 7
+    for got, written, want in zip(outputs, writer.written, expected):  # no later batch overwrote one
+        torch.testing.assert_close(got.cpu(), want, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(written.cpu(), want, atol=1e-2, rtol=1e-2)
+    # every engine keeps the same output buffers across the steady full batches
+    steady = holder.kept_outputs[1:6]
+    assert steady and all(step == steady[0] for step in steady)
+    capture = callback.figures[0].capture
+    assert capture.startswith("stable addresses: ") and "moved" not in capture, capture
+    assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back

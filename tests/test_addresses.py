@@ -1,0 +1,198 @@
+"""Stable addresses under whole-graph capture, on CPU.
+
+A TensorRT engine cannot run here, so the engine is faked at our own boundary: a module that runs
+like torch-tensorrt's runtime does (binds whatever input it is given; with ``use_pre_allocated_outputs``
+it returns the same output tensors while the shapes stay the same, else fresh ones) and records the
+addresses it was bound to. Its settings are real ``torch_tensorrt.runtime.RuntimeSettings``. The
+session tests use real engine-less ``TorchTensorRTModule`` objects. ``tests/gpu`` runs real engines.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_trt_rtx import ServingSession, TRTSettings, addresses
+from lightning_trt_rtx.addresses import MAX_SHAPES, StableAddresses
+from lightning_trt_rtx.engines import Engine, find_engines
+from tests.test_session import engine_tree
+
+
+class RuntimeLikeEngine(nn.Module):
+    """Computes ``2 * x + 1`` the way torch-tensorrt's runtime hands out outputs.
+
+    It binds whatever input it is given. With ``use_pre_allocated_outputs`` it writes into the outputs
+    it allocated after the previous call at these shapes, and allocates new ones after every call
+    while its outputs are "unowned" (as ``torch_tensorrt.compile`` marks the engines producing a
+    model's outputs). ``obeys_ownership=False``: an engine that stays unowned whatever it is told.
+    """
+
+    def __init__(self, settings, obeys_ownership: bool = True) -> None:
+        super().__init__()
+        self.runtime_settings = settings
+        self.use_pre_allocated_outputs = False
+        self.unowned = True
+        self.obeys_ownership = obeys_ownership
+        self.bound_inputs: list[int] = []
+        self.bound_outputs: list[int] = []
+        self._kept: torch.Tensor | None = None
+
+    def set_output_tensors_as_unowned(self, enabled: bool) -> None:
+        self.unowned = enabled or not self.obeys_ownership
+
+    def are_output_tensors_unowned(self) -> bool:
+        return self.unowned
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bound_inputs.append(x.data_ptr())
+        same_shape = self._kept is not None and self._kept.shape == x.shape
+        out = self._kept if self.use_pre_allocated_outputs and same_shape else torch.empty_like(x)
+        with torch.inference_mode(out.is_inference()):  # TensorRT writes through a raw address
+            torch.mul(x, 2, out=out).add_(1)
+        self.bound_outputs.append(out.data_ptr())
+        if self.use_pre_allocated_outputs and (self.unowned or not same_shape):
+            self._kept = torch.empty_like(x)  # while ``out`` is alive: at another address
+        return out
+
+
+@pytest.fixture
+def settings(trt):
+    return {
+        s: trt.runtime.RuntimeSettings(cuda_graph_strategy=s, runtime_cache=None)
+        for s in ("disabled", "whole_graph_capture")
+    }
+
+
+def held(engine: nn.Module) -> StableAddresses:
+    stable = StableAddresses([Engine("engine", "module", engine)])
+    stable.install()
+    return stable
+
+
+def batches(*sizes: int, width: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, width, generator=g) for n in sizes]
+
+
+def test_steady_calls_bind_the_same_input_and_output_addresses_and_predictions_are_kept(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 8, 8)
+    kept = [engine(x) for x in inputs]  # every prediction kept alive, as return_predictions=True does
+    # each call got a different input tensor; the engine saw one buffer
+    assert len({x.data_ptr() for x in inputs}) == 5 and len(set(engine.bound_inputs)) == 1
+    # from the second call on, the engine (told to own its outputs, though compile marked them
+    # unowned) writes into the outputs it keeps
+    assert len(set(engine.bound_outputs[1:])) == 1
+    for x, y in zip(inputs, kept):  # later batches overwrote nothing the caller holds
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert all(y.data_ptr() not in engine.bound_outputs[1:] for y in kept)
+    assert stable.sites[0].moves == 0
+    assert stable.describe() == "stable addresses: 1 call site(s), 1 shape(s)"
+
+
+def test_a_smaller_last_batch_gets_its_own_buffers_and_the_right_values(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 3)
+    outputs = [engine(x) for x in inputs]
+    for x, y in zip(inputs, outputs):
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert engine.bound_inputs[3] != engine.bound_inputs[0]
+    assert len(stable.sites[0].buffers) == 2 and stable.sites[0].moves == 0
+
+
+def test_input_buffers_are_bounded_least_recently_used_first(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    sizes = list(range(1, MAX_SHAPES + 3))
+    for n in sizes:
+        torch.testing.assert_close(engine(batches(n)[0]), 2 * batches(n)[0] + 1)
+    site = stable.sites[0]
+    assert len(site.buffers) == MAX_SHAPES
+    kept_batch_sizes = sorted(key[1][1][0] for key in site.buffers)
+    assert kept_batch_sizes == sizes[-MAX_SHAPES:]
+
+
+def test_inputs_given_as_non_contiguous_views_are_copied_whole(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    held(engine)
+    x = torch.randn(4, 8).t()  # 8 x 4, not contiguous
+    torch.testing.assert_close(engine(x), 2 * x + 1)
+
+
+def test_calls_pass_straight_through_while_the_engine_does_not_capture(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    x = batches(8)[0]
+    engine(x)
+    assert engine.use_pre_allocated_outputs
+    engine.runtime_settings = settings["disabled"]  # as GraphScopes does inside a whole-module graph
+    y = engine(x)
+    assert engine.bound_inputs[-1] == x.data_ptr() and not engine.use_pre_allocated_outputs and engine.unowned
+    assert y.data_ptr() == engine.bound_outputs[-1]  # no copy: nothing is kept
+    assert stable.sites[0].staged_calls == 1
+
+
+def test_an_engine_whose_outputs_still_move_is_reported(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"], obeys_ownership=False)
+    stable = held(engine)
+    for x in batches(8, 8, 8, 8, 8):
+        engine(x)
+    assert stable.sites[0].moves == 3  # calls 3, 4 and 5 at the same shapes
+    assert stable.describe().endswith("; outputs moved 3 time(s), each a new capture")
+
+
+def test_an_engine_that_cannot_keep_its_outputs_passes_through_and_says_so(settings, monkeypatch):
+    def refuse(obj, state):
+        if state[0]:
+            raise AttributeError("no use_pre_allocated_outputs")
+
+    monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    x = batches(8)[0]
+    torch.testing.assert_close(engine(x), 2 * x + 1)
+    assert engine.bound_inputs == [x.data_ptr()]
+    assert stable.describe() == (
+        "addresses NOT held at 1 of 1 call sites: the engine cannot keep its outputs"
+        " (AttributeError: no use_pre_allocated_outputs)"
+    )
+
+
+def test_uninstall_gives_back_the_forward_and_the_output_setting(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    engine(batches(8)[0])
+    assert "forward" in vars(engine) and engine.use_pre_allocated_outputs and not engine.unowned
+    stable.uninstall()
+    assert "forward" not in vars(engine) and not engine.use_pre_allocated_outputs and engine.unowned
+    x = batches(8)[0]
+    engine(x)
+    assert engine.bound_inputs[-1] == x.data_ptr()
+
+
+def test_buffers_made_in_inference_mode_are_not_written_outside_it(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    x = batches(8)[0]
+    with torch.inference_mode():
+        engine(x)
+    with torch.no_grad():  # Trainer(inference_mode=False)
+        torch.testing.assert_close(engine(x), 2 * x + 1)
+    assert len(stable.sites[0].buffers) == 2
+
+
+def test_a_session_holds_addresses_only_under_whole_graph_capture(trt, fake_gpu):
+    TTM = trt.dynamo.runtime.TorchTensorRTModule
+    for strategy, expected in (("disabled", False), ("whole_graph_capture", True)):
+        model, engines = engine_tree(TTM)
+        with ServingSession(model, TRTSettings(cuda_graph_strategy=strategy, runtime_cache=None)) as session:
+            assert all(("forward" in vars(e)) == expected for e in engines)
+        assert not any("forward" in vars(e) for e in engines)  # given back on close
+        assert session.figures.capture == (
+            "stable addresses: 4 call site(s), 0 shape(s)" if expected else ""
+        )
+        assert len(find_engines(model)) == 4
