@@ -1,9 +1,19 @@
-"""CUDA graphs [goal >= 2.5x]: per-batch latency in ``Trainer.predict`` without and with whole-graph capture.
+"""Whole-graph capture in ``Trainer.predict`` [never slower than the default; close to the bare engine].
 
-``mlp-deep`` (32-layer 256-wide MLP, fp16, batch 8): ``cuda_graph_strategy="disabled"`` vs
-``"whole_graph_capture"``, interleaved in one process (the order alternates each round, the first
-round a warm-up left out), median over repetitions. The same two settings on a bare loop of engine
-calls (no Lightning, no data loading) are reported alongside.
+Models (random weights, fp16 on the GPU): ``mlp`` (8 x 1024, batch 8), ``mlp-deep`` (32 x 256,
+batch 8), ``resnet18`` (torchvision, batch 1, 224x224) and ``encoder`` (4 transformer blocks, width
+256, 64 tokens, batch 1). For each, in one process, per batch in ``Trainer.predict`` over the same
+loader (a new batch tensor every step):
+
+* ``default``: ``cuda_graph_strategy="disabled"``;
+* ``upstream``: ``"whole_graph_capture"`` with the addresses left to torch-tensorrt
+  (``LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0``: how whole-graph capture behaved before this package held them);
+* ``stable``: ``"whole_graph_capture"`` as the package serves it (stable input and output addresses);
+* ``empty``: a LightningModule whose ``predict_step`` returns its batch (Lightning's own cost per batch);
+
+interleaved (the order rotates every round, the first round a warm-up left out), then the bare engine
+on one fixed input, without and with graphs. Goals: ``stable`` at least as fast as ``default`` in
+every repetition of every model, and per batch ``stable - empty <= 1.25 x`` the bare engine with graphs.
 """
 
 from __future__ import annotations
@@ -14,11 +24,12 @@ from typing import Any
 
 from benchmarks import harness
 
-STRATEGIES = ("disabled", "whole_graph_capture")
+MODELS = ("mlp", "mlp-deep", "resnet18", "encoder")
+VARIANTS = ("default", "upstream", "stable", "empty")
 
 
 def _engine_loop(model: Any, settings: Any, calls: int) -> float:
-    """Per-call ms of the bare engine(s) under ``settings`` (no Lightning, no data loading)."""
+    """Per-call ms of the bare engine(s) under ``settings`` on one fixed input (no Lightning, no loader)."""
     import torch
     from _model import model_spec
 
@@ -39,63 +50,140 @@ def _engine_loop(model: Any, settings: Any, calls: int) -> float:
         binding.restore()
 
 
-def task(spec: dict) -> dict:
-    """Per-batch latency in Trainer.predict, default vs whole-graph capture, interleaved; bare engine too."""
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule
+def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
+    """The callbacks and environment of one variant (the timer is added by the caller)."""
+    from lightning_trt_rtx import TRTRuntimeSettings, addresses
 
-    from lightning_trt_rtx import TRTRuntimeSettings
+    if name == "empty":
+        return [], {}
+    strategy = "disabled" if name == "default" else "whole_graph_capture"
+    env = {addresses.ENABLED_ENV: "0"} if name == "upstream" else {}
+    return [TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)], env
+
+
+def task(spec: dict) -> dict:
+    """One model: per-batch ms of every variant in Trainer.predict, interleaved; then the bare engine."""
+    import torch
+    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule
+    from lightning.pytorch import LightningModule
+
+    from lightning_trt_rtx import TRTSettings
+
+    class Empty(LightningModule):
+        def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return batch
 
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
     model = CompiledPredictor(spec["model"], spec["batch_size"])
     data = SyntheticDataModule(spec["model"], spec["batch_size"], spec["batches"])
-    out: dict[str, list] = {f"{kind}_{s}": [] for kind in ("lightning", "figures", "engine") for s in STRATEGIES}
+    per_batch: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    capture: dict[str, str] = {}
     for rep in range(spec["reps"] + 1):
-        for strategy in STRATEGIES if rep % 2 == 0 else STRATEGIES[::-1]:
-            settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)
+        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
+        for name in order:
+            callbacks, env = _variant(name, template)
             timer = BatchTimer()
-            harness.predict(model, data, [settings, timer])
-            engine_ms = _engine_loop(model, settings.settings, spec["batches"])
+            os.environ.update(env)
+            try:
+                harness.predict(Empty() if name == "empty" else model, data, [*callbacks, timer])
+            finally:
+                for key in env:
+                    os.environ.pop(key, None)
             if rep == 0:
-                continue  # warm-up round
-            out[f"lightning_{strategy}"].append(timer.per_batch_ms)
-            out[f"figures_{strategy}"].append(settings.figures[0].mean_batch_ms)
-            out[f"engine_{strategy}"].append(engine_ms)
-    return {"reps": out, "compile_s": model.compile_s}
+                continue  # warm-up round: compile, JIT, first captures
+            per_batch[name].append(timer.per_batch_ms)
+            if name in ("upstream", "stable"):  # whether the graphs could replay, as the figures say
+                capture[name] = callbacks[0].figures[0].capture
+    bare = {
+        s: _engine_loop(model, TRTSettings(cuda_graph_strategy=s, runtime_cache=template), spec["batches"])
+        for s in ("disabled", "whole_graph_capture")
+    }
+    return {"per_batch_ms": per_batch, "capture": capture, "bare_ms": bare, "compile_s": model.compile_s}
 
 
-def measure(runner: harness.Runner, cfg: dict) -> dict:
-    spec = {"model": "mlp-deep", "batch_size": 8, "batches": cfg["batches"], "reps": cfg["reps"]}
-    spec["cache_dir"] = os.path.join(runner.work, "cache-graphs")
-    result = runner.task("graphs", spec)["reps"]
-    default = harness.median(result["lightning_disabled"])
-    graphs = harness.median(result["lightning_whole_graph_capture"])
-    engine_default = harness.median(result["engine_disabled"])
-    engine_graphs = harness.median(result["engine_whole_graph_capture"])
+def _models() -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return [m for m in MODELS if m != "resnet18"]  # the only model that needs it
+    return list(MODELS)
+
+
+def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
+    """Three rows: the 32x256 MLP's speedup (the first goal), never slower, and the cost over the bare engine."""
+    from _model import model_spec
+
+    results: dict[str, dict] = {}
+    for name in _models():
+        spec = {"model": name, "batch_size": model_spec(name).batch_size, "batches": cfg["batches"]}
+        spec.update(reps=cfg["reps"], cache_dir=os.path.join(runner.work, f"cache-graphs-{name}"))
+        results[name] = runner.task("graphs", spec)
+    table = {name: _summary(r) for name, r in results.items()}
+    ratios = [
+        d / s for r in results.values() for d, s in zip(r["per_batch_ms"]["default"], r["per_batch_ms"]["stable"])
+    ]
+    worst = min(ratios) if ratios else None
+    over = {name: t["stable_minus_empty_over_bare_graphs"] for name, t in table.items()}
+    worst_over = max(over.values()) if over else None
+    deep = table.get("mlp-deep")
+    rows = []
+    if deep is not None:
+        default, stable = deep["median_ms"]["default"], deep["median_ms"]["stable"]
+        rows.append(
+            {
+                "key": "graphs",
+                "measurement": "whole-graph capture: per-batch speedup in Trainer.predict (32x256 MLP, fp16, batch 8)",
+                "value": default / stable if stable > 0 else None,
+                "display": f"{default / stable:.2f}x ({default * 1e3:.0f} us -> {stable * 1e3:.0f} us per batch)"
+                if stable > 0
+                else "n/a",
+                "pair": {"labels": ["default", "whole_graph_capture"], "values": [default * 1e3, stable * 1e3],
+                         "unit": "us per batch"},
+                "details": deep,
+            }
+        )  # fmt: skip
+    rows.append(
+        {
+            "key": "graphs_never_slower",
+            "measurement": "whole-graph capture vs default, slowest repetition of any model (default / stable)",
+            "value": worst,
+            "display": f"{worst:.2f}x (per model, median: "
+            + ", ".join(f"{n} {t['speedup']:.2f}x" for n, t in table.items())
+            + ")"
+            if worst is not None
+            else "n/a",
+            "details": table,
+        }
+    )
+    rows.append(
+        {
+            "key": "graphs_vs_bare",
+            "measurement": "(Trainer.predict with graphs - empty Trainer.predict) / bare engine with graphs (worst)",
+            "value": worst_over,
+            "display": f"{worst_over:.2f}x (" + ", ".join(f"{n} {v:.2f}x" for n, v in over.items()) + ")"
+            if worst_over is not None
+            else "n/a",
+            "details": {name: {"median_ms": t["median_ms"], "bare_ms": t["bare_ms"]} for name, t in table.items()},
+        }
+    )
+    return rows
+
+
+def _summary(result: dict) -> dict:
+    per_batch = result["per_batch_ms"]
+    median = {v: harness.median(per_batch[v]) for v in VARIANTS}
+    spread = {v: [min(per_batch[v]), max(per_batch[v])] if per_batch[v] else [] for v in VARIANTS}
+    bare = result["bare_ms"]
     return {
-        "key": "graphs",
-        "measurement": "whole-graph capture: per-batch speedup in Trainer.predict (32x256 MLP, fp16, batch 8)",
-        "value": default / graphs if graphs > 0 else None,
-        "display": f"{default / graphs:.2f}x ({default * 1e3:.0f} us -> {graphs * 1e3:.0f} us per batch)"
-        if graphs > 0
-        else "n/a",
-        "pair": {
-            "labels": ["default", "whole_graph_capture"],
-            "values": [default * 1e3, graphs * 1e3],
-            "unit": "us per batch",
-        },
-        "details": {
-            "lightning_per_batch_ms": {
-                "disabled": result["lightning_disabled"],
-                "whole_graph_capture": result["lightning_whole_graph_capture"],
-            },
-            "callback_figures_mean_batch_ms": {
-                "disabled": result["figures_disabled"],
-                "whole_graph_capture": result["figures_whole_graph_capture"],
-            },
-            "engine_only_per_call_ms": {
-                "disabled": result["engine_disabled"],
-                "whole_graph_capture": result["engine_whole_graph_capture"],
-            },
-            "engine_only_speedup": engine_default / engine_graphs if engine_graphs > 0 else None,
-        },
+        "median_ms": median,
+        "spread_ms": spread,
+        "per_rep_ms": per_batch,
+        "bare_ms": bare,
+        "speedup": median["default"] / median["stable"] if median["stable"] > 0 else float("nan"),
+        "upstream_speedup": median["default"] / median["upstream"] if median["upstream"] > 0 else float("nan"),
+        "stable_minus_empty_over_bare_graphs": (median["stable"] - median["empty"]) / bare["whole_graph_capture"]
+        if bare["whole_graph_capture"] > 0
+        else float("nan"),
+        "capture": result["capture"],
+        "compile_s": result["compile_s"],
     }

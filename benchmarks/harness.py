@@ -48,6 +48,8 @@ def dry_run() -> bool:
 GOALS: dict[str, tuple[str, float, str]] = {
     "warm_start": ("<=", 0.10, "<= 0.10"),
     "graphs": (">=", 2.5, ">= 2.5x"),
+    "graphs_never_slower": (">=", 1.0, ">= 1.0x in every repetition"),
+    "graphs_vs_bare": ("<=", 1.25, "<= 1.25x"),
     "integration_overhead": ("<=", 2.0, "<= 2%"),
     "lightning_vs_loop": ("<=", 1.2, "<= 1.2x"),
     "two_gpu_throughput": (">=", 1.8, ">= 1.8x"),
@@ -349,3 +351,75 @@ def _plot(results: dict, path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+# ==================================================================================================
+# per-batch times and the "until steady" point (real_models, dynamic_shapes)
+# ==================================================================================================
+
+STEADY_WINDOW = 5  # batches in each rolling median
+STEADY_FACTOR = 1.2  # "steady": within this factor of the final median
+
+
+def steady_point(times_ms: Sequence[float], window: int = STEADY_WINDOW, factor: float = STEADY_FACTOR) -> dict:
+    """Where a run's batch times reach steady speed.
+
+    ``final_median_ms``: the median of the second half of the batches. The steady index ``k`` is the first
+    batch whose own time is within ``factor`` x that median and from which on the median of every
+    ``window`` consecutive batches (every window that starts at ``k`` or later) is too; ``until_ms`` is the
+    time of the batches before it (``sum(times_ms[:k])``: the first batch, and any slow ones after it).
+    A single slow batch later on (a host hiccup) moves no window's median. ``steady`` is False when no
+    such batch exists (``k == len(times_ms)``, ``until_ms`` the whole run).
+    """
+    n = len(times_ms)
+    if n == 0:
+        return {"index": 0, "until_ms": 0.0, "final_median_ms": float("nan"), "steady": False, "window": window}
+    final = median(times_ms[n // 2 :])
+    limit = factor * final
+    w = max(1, min(window, n))
+    last_bad = max((j for j in range(n - w + 1) if median(times_ms[j : j + w]) > limit), default=-1)
+    k = next((i for i in range(last_bad + 1, n) if times_ms[i] <= limit), n)
+    return {
+        "index": k,
+        "until_ms": float(sum(times_ms[:k])),
+        "final_median_ms": final,
+        "steady": k < n,
+        "window": w,
+        "factor": factor,
+    }
+
+
+def batch_times() -> Any:
+    """A Lightning callback recording every predict batch's time (ms) and input shape.
+
+    Batch 0 runs from its ``on_predict_batch_start`` to its end; batch i > 0 from the end of batch i - 1
+    to its own end, so the loader and Lightning's own work between batches count, as a user sees them.
+    Each end is CUDA-synchronized (a per-batch sync: use ``_model.BatchTimer`` for steady means).
+    """
+    from lightning.pytorch import Callback
+
+    class BatchTimes(Callback):
+        def __init__(self) -> None:
+            self.times_ms: list[float] = []
+            self.shapes: list[list[int]] = []
+            self._last: float | None = None
+
+        def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+            self.times_ms, self.shapes, self._last = [], [], None
+
+        def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                   dataloader_idx: int = 0) -> None:  # fmt: skip
+            if self._last is None:
+                self._last = time.perf_counter()
+
+        def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                 dataloader_idx: int = 0) -> None:  # fmt: skip
+            sync()
+            now = time.perf_counter()
+            assert self._last is not None
+            self.times_ms.append((now - self._last) * 1e3)
+            self._last = now
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self.shapes.append(list(getattr(first, "shape", ())))
+
+    return BatchTimes()

@@ -3,6 +3,7 @@
     python benchmarks/run.py --out benchmarks/results            # about 5 minutes on one H200
     python benchmarks/run.py --out benchmarks/results --quick    # fewer repetitions and batches
     python benchmarks/run.py --out benchmarks/results --two-gpu  # adds the 2-GPU figures (a few minutes more)
+    python benchmarks/run.py --only real_models dynamic_shapes  # ResNet-50, ViT-B/16, BERT; dynamic shapes
 
 Needs an NVIDIA GPU and torch-tensorrt-rtx; anywhere else it exits with status 2 and says why.
 
@@ -15,6 +16,10 @@ This file is the command line only. Each benchmark is one module beside it, shar
     loop.py        per batch, Trainer.predict vs a hand-written loop        [<= 1.2x]
     two_gpu.py     examples/distributed_predict.py: 2 GPUs vs 1 [>= 1.8x], warm / cold per rank and
                    with the GPU order swapped [<= 0.10] (``--two-gpu``)
+    real_models.py ResNet-50 (batch 1, 32), ViT-B/16, a BERT-sized encoder: compile time, first batch cold /
+                   warm, time until steady, per batch eager / TRT-RTX / graphs / bare engine (``--real-models``)
+    dynamic_shapes.py  the encoder over a seeded stream of lengths: lazy / eager / none, cold / warm,
+                   bucketed / not; which setting to pick (``--dynamic-shapes``)
 
 Writes ``results.md``, ``results.json`` and ``results.png`` (when matplotlib is importable) to
 ``--out``, each naming the GPU model, and rewrites them after every measurement (an interrupted run
@@ -40,7 +45,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.pat
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks import graphs, harness, loop, overhead, two_gpu, warm_start  # noqa: E402
+from benchmarks import dynamic_shapes, graphs, harness, loop, overhead, real_models, two_gpu, warm_start  # noqa: E402
 
 # ``--_task NAME``: what runs inside each fresh process (see harness.Runner.task)
 TASKS: dict[str, Callable[[dict], dict]] = {
@@ -49,7 +54,14 @@ TASKS: dict[str, Callable[[dict], dict]] = {
     "graphs": graphs.task,
     "overhead": overhead.task,
     "loop": loop.task,
+    "real-prep": real_models.task_prep,
+    "real-serve": real_models.task_serve,
+    "real-steady": real_models.task_steady,
+    "dynamic-shapes": dynamic_shapes.task,
 }
+
+
+STEPS = ("warm_start", "graphs", "overhead", "loop", "real_models", "dynamic_shapes", "two_gpu")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,13 +80,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile of Trainer.predict")
     parser.add_argument(
-        "--only", nargs="+", choices=("warm_start", "graphs", "overhead", "loop", "two_gpu"), default=None
+        "--real-models", action="store_true", help="also measure ResNet-50, ViT-B/16 and a BERT-sized encoder"
     )
+    parser.add_argument(
+        "--dynamic-shapes", action="store_true", help="also measure the encoder over a stream of sequence lengths"
+    )
+    parser.add_argument(
+        "--stream-batches", type=int, default=64, help="batches in the dynamic-shapes stream (default 64)"
+    )
+    parser.add_argument(
+        "--dynamic-strategies", nargs="+", choices=("lazy", "eager", "none"), default=None,
+        help="kernel-specialization strategies the dynamic-shapes step compares (default: all three)",
+    )  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=STEPS, default=None)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--_task", choices=sorted(TASKS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_spec", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.stream_batches < 1:
+        parser.error("--stream-batches must be positive")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,13 +130,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return harness.EXIT_NO_GPU
 
-    wanted = set(args.only or ("warm_start", "graphs", "overhead", "loop") + (("two_gpu",) if args.two_gpu else ()))
+    extra = [k for k, on in (("real_models", args.real_models), ("dynamic_shapes", args.dynamic_shapes),
+                             ("two_gpu", args.two_gpu)) if on]  # fmt: skip
+    wanted = set(args.only or ["warm_start", "graphs", "overhead", "loop", *extra])
     reps = args.reps or (2 if args.quick else 5)
     cfg = {
         "reps": reps,
         "first_batch_reps": reps,
         "batches": args.batches or (200 if args.quick else 1000),
         "two_gpu_batches": 2000 if args.quick else 8000,  # long enough that the ranks' start skew is noise
+        # real models: repetitions (cold/warm processes, steady rounds), batches per steady run, and how long
+        # each cold/warm run goes on (at least this many batches and seconds, so a cold run can settle)
+        "real_reps": args.reps or (1 if args.quick else 2),
+        "real_batches": args.batches or (100 if args.quick else 300),
+        "real_min_batches": args.batches or (50 if args.quick else 200),
+        "real_min_seconds": 0.0 if harness.dry_run() else (3.0 if args.quick else 6.0),
+        "real_max_batches": 20000,
+        # dynamic shapes: the stream's batches, and the steady pass's rounds over its distinct shapes
+        "stream_batches": args.stream_batches,
+        "dynamic_strategies": args.dynamic_strategies or ["lazy", "eager", "none"],
+        "steady_rounds": 3 if args.quick else 5,
     }
     out = os.path.abspath(args.out)
     runner = harness.Runner(out, verbose=args.verbose)
@@ -145,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("graphs", "whole-graph capture", lambda: graphs.measure(runner, cfg)),
         ("overhead", "callback vs by hand", lambda: overhead.measure(runner, cfg)),
         ("loop", "Trainer.predict vs hand loop", lambda: loop.measure(runner, cfg, not args.no_profile)),
+        ("real_models", "real models", lambda: real_models.measure(runner, cfg)),
+        ("dynamic_shapes", "dynamic shapes (lazy / eager / none)", lambda: dynamic_shapes.measure(runner, cfg)),
         ("two_gpu", "2 GPUs vs 1", lambda: two_gpu.measure(runner, cfg)),
     ]
     failed = False

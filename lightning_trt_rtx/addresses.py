@@ -20,10 +20,10 @@ the engines' own capture is off and the outer graph already holds its buffers): 
 straight through. Each site watches its outputs: an output address that moves between two calls at
 the same shapes means the engine captured again, and :meth:`StableAddresses.describe` says so::
 
-    stable = StableAddresses(EngineBinding(model).engines)
+    stable = StableAddresses(find_engines(model))
     stable.install()
     try:
-        ...                       # model(x): engines replay their graphs from the second call at a shape
+        ...                       # model(x): engines replay their graphs from about the third call at a shape
     finally:
         stable.uninstall()        # forwards and the engines' output setting put back
 """

@@ -489,3 +489,175 @@ def test_fabric_example_one_cpu_process_and_bad_arguments(tmp_path):
     assert "No TensorRT engines found under MLP" in proc.stderr
     bad = run_script("examples/fabric_predict.py", "--runs", "0")
     assert bad.returncode == 2 and "must be positive" in bad.stderr
+
+
+# --- examples/text_predict.py and examples/_text_model.py -----------------------------------------
+
+
+def test_text_predict_without_gpu_runs_eagerly_with_the_callback_and_prewarm(tmp_path):
+    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
+    cache_dir = tmp_path / "cache"
+    proc = run_script(
+        "examples/text_predict.py", "--size", "tiny", "--batches", "4", "--strategy", "eager",
+        "--cache-dir", str(cache_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("TensorRT needs an NVIDIA GPU"), _explain(proc)
+    dataset = text.TextBatches(4, 8, text.text_size("tiny").vocab, text.BUCKETS)
+    shapes = sorted({length for _, length in dataset.shapes})
+    assert set(shapes) <= set(text.BUCKETS)
+    width = text.text_size("tiny").width
+    expected = (
+        f"predictions: 4 batches, 32 texts of width {width}, sequence lengths {shapes},"
+        f" {len(text.BUCKETS)} shape(s) prewarmed (tiny text encoder, eager on cpu)"
+    )
+    assert expected in lines, _explain(proc)
+    # the callback was attached, prewarmed every bucket shape (eagerly: no engines) and says so
+    assert "No TensorRT engines found under TextPredictor" in proc.stderr
+    assert f"TensorRT-RTX prewarm: {len(text.BUCKETS)} shape(s)" in proc.stderr
+    assert all(f"8x{b} " in proc.stderr for b in text.BUCKETS), _explain(proc)
+    assert not cache_dir.exists()  # no engines: no cache opened, none written
+
+    unbucketed = run_script(
+        "examples/text_predict.py", "--size", "tiny", "--batches", "3", "--no-buckets", "--cache-dir", str(cache_dir)
+    )
+    assert unbucketed.returncode == 0, _explain(unbucketed)
+    lengths = sorted({length for _, length in text.TextBatches(3, 8, text.text_size("tiny").vocab, None).shapes})
+    assert f"sequence lengths {lengths}, 0 shape(s) prewarmed" in unbucketed.stdout, _explain(unbucketed)
+    assert "TensorRT-RTX prewarm" not in unbucketed.stderr
+    bad = run_script("examples/text_predict.py", "--batches", "0")
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
+
+
+def test_text_model_lengths_buckets_batches_and_pooling():
+    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
+    lengths = text.sample_lengths(500, seed=0)
+    assert lengths == text.sample_lengths(500, seed=0) != text.sample_lengths(500, seed=1)  # seeded
+    assert min(lengths) >= 16 and max(lengths) <= 512
+    assert 40 <= statistics.median(lengths) <= 100  # long-tailed around a median of 64 tokens
+    assert sum(n > 256 for n in lengths) < sum(n <= 64 for n in lengths)
+    assert [text.bucket_length(n) for n in (16, 32, 33, 100, 129, 512)] == [32, 32, 64, 128, 256, 512]
+    assert text.bucket_length(77, None) == 77
+
+    dataset = text.TextBatches(3, 4, vocab=100, buckets=text.BUCKETS, seed=0)
+    own = text.sample_lengths(12, seed=0)
+    for i, (ids, real) in enumerate(dataset.items):
+        assert real.tolist() == own[i * 4 : (i + 1) * 4]
+        assert ids.shape == (4, text.bucket_length(max(real.tolist())))
+        for row, n in enumerate(real.tolist()):
+            assert (ids[row, :n] > 0).all() and (ids[row, n:] == 0).all()  # 0 pads, nothing else is 0
+
+    model = text.TextPredictor("tiny", batch_size=4)
+    ids, real = dataset[0]
+    with torch.inference_mode():
+        pooled = model.predict_step((ids, real), 0)
+        hidden = model.encoder(ids)
+    expected = torch.stack([hidden[row, :n].mean(0) for row, n in enumerate(real.tolist())])
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_exports_with_a_dynamic_sequence_and_no_fused_transformer_op():
+    """What compile_text_encoder hands torch_tensorrt: one graph for 16..512 tokens, every op a plain one."""
+    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
+    net = text.build_text_encoder("tiny")
+    ids = torch.randint(1, 1000, (8, 128))
+    seq = torch.export.Dim("ids_1", min=text.MIN_SEQ, max=text.MAX_SEQ)
+    before = torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad(), text.no_mha_fastpath():
+        assert not torch.backends.mha.get_fastpath_enabled()
+        program = torch.export.export(net, (ids,), dynamic_shapes={"ids": {1: seq}}, strict=False)
+    assert torch.backends.mha.get_fastpath_enabled() == before  # restored
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.scaled_dot_product_attention.default" in ops and "aten.embedding.default" in ops
+    assert not any("_transformer_encoder_layer_fwd" in op or "_native_multi_head" in op for op in ops), ops
+    exported = program.module()
+    with torch.inference_mode():
+        for n in (text.MIN_SEQ, 77, text.MAX_SEQ):
+            x = torch.randint(1, 1000, (8, n))
+            torch.testing.assert_close(exported(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+# --- benchmarks/real_models.py and benchmarks/dynamic_shapes.py -----------------------------------
+
+
+def test_steady_point_definition():
+    from benchmarks import harness as bench
+
+    # only the first batch is slow: steady from batch 1, after it
+    assert bench.steady_point([100.0] + [5.0] * 20)["index"] == 1
+    # a cold run: slow for 11 batches after the first (lazy specialization), then fast
+    cold = bench.steady_point([100.0] + [15.0] * 11 + [5.0] * 40)
+    assert (cold["index"], cold["until_ms"], cold["final_median_ms"], cold["steady"]) == (12, 265.0, 5.0, True)
+    # one late hiccup moves no rolling median
+    assert bench.steady_point([100.0] + [5.0] * 20 + [50.0] + [5.0] * 20)["index"] == 1
+    # within 1.2x counts as steady; above it does not
+    assert bench.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
+    assert bench.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3
+    assert bench.steady_point([])["steady"] is False
+
+
+def test_dynamic_shapes_pick_follows_the_numbers():
+    from benchmarks import dynamic_shapes
+
+    def case(cold, warm):
+        return {"cold": {"stream_wall_ms": cold}, "warm": {"stream_wall_ms": warm}}
+
+    cases = {"lazy, unbucketed": case(900, 300), "eager, bucketed": case(2000, 200), "none, bucketed": case(500, 205)}
+    choice = dynamic_shapes.pick(cases)
+    # within 5% of the best warm time, the cheaper cold start wins; the first-run pick is the least cold time
+    assert (choice["pick"], choice["first_run_pick"]) == ("none, bucketed", "none, bucketed")
+    assert sorted(choice["near_best_warm"]) == ["eager, bucketed", "none, bucketed"]
+    cases["none, bucketed"] = case(500, 260)
+    assert dynamic_shapes.pick(cases)["pick"] == "eager, bucketed"
+
+
+def test_real_models_and_dynamic_shapes_plumbing_dry_run_on_cpu(tmp_path):
+    """Both benchmarks' tasks, processes and rows, with eager CPU models (test-only mode)."""
+    from benchmarks import harness as bench
+
+    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
+    out = tmp_path / "results"
+    proc = run_script(
+        "benchmarks/run.py", "--out", str(out), "--reps", "1", "--batches", "3", "--only", "real_models",
+        "dynamic_shapes", "--stream-batches", "4", "--dynamic-strategies", "lazy", "none",
+        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    results = json.loads((out / "results.json").read_text())
+    assert results["gpu"].startswith("cpu (DRY RUN")
+    rows = {row["key"]: row for row in results["measurements"]}
+    with_torchvision = importlib.util.find_spec("torchvision") is not None
+    real = ["real_resnet50-b1", "real_resnet50-b32", "real_vit-b16-b8"] if with_torchvision else []
+    assert list(rows) == [*real, "real_bert-b8", "dynamic_shapes", "dynamic_shapes_cases"]
+
+    bert = rows["real_bert-b8"]
+    d = bert["details"]
+    assert len(d["first_batch_ms"]["cold"]) == len(d["first_batch_ms"]["warm"]) == 1
+    cold_first, warm_first = d["first_batch_ms"]["cold"][0], d["first_batch_ms"]["warm"][0]
+    assert bert["value"] == pytest.approx(warm_first / cold_first)
+    assert sorted(d["per_batch_ms"]) == ["default", "eager", "graphs"]
+    assert all(len(v) == 1 and v[0] > 0 for v in d["per_batch_ms_per_rep"].values())  # warm-up round left out
+    assert sorted(d["bare_engine_ms"]) == ["disabled", "whole_graph_capture"]
+    for phase in ("cold", "warm"):
+        times = d["first_20_batches_ms"][phase]
+        assert len(times) == d["batches_per_run"][phase][0] >= 3
+        point = bench.steady_point(times)
+        assert d["steady_index"][phase] == [point["index"]]
+        assert d["until_steady_ms"][phase] == [pytest.approx(point["until_ms"])]
+
+    cases = rows["dynamic_shapes_cases"]["details"]
+    assert list(cases) == ["lazy, unbucketed", "lazy, bucketed", "none, unbucketed", "none, bucketed"]
+    lengths = text.sample_lengths(4, seed=0)
+    detail = rows["dynamic_shapes"]["details"]
+    assert detail["lengths"] == lengths and detail["pick"] in cases and detail["first_run_pick"] in cases
+    for name, case in detail["cases"].items():
+        shapes = {text.bucket_length(n) for n in lengths} if "unbucketed" not in name else set(lengths)
+        for phase in ("cold", "warm"):
+            figures, raw = case[phase], detail["raw_ms"][name][phase]
+            assert figures["new_shapes"] == len(shapes) and {int(n) for n in figures["steady_ms"]} == shapes
+            assert len(raw["stream_ms"]) == 4 and len(raw["steady_pass_ms"]) == len(shapes) * detail["steady_rounds"]
+            assert figures["stream_wall_ms"] == pytest.approx(sum(raw["stream_ms"]))
+    warm = {name: case["warm"]["stream_wall_ms"] for name, case in detail["cases"].items()}
+    assert warm[detail["pick"]] <= min(warm.values()) * 1.05
+    assert rows["dynamic_shapes"]["value"] == pytest.approx(warm[detail["pick"]] / warm["lazy, unbucketed"])

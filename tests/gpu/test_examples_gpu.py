@@ -227,3 +227,35 @@ def test_fabric_predict_two_gpus_every_rank_warm_on_its_second_run(tmp_path):
         assert_gpu_file(figures[0]["cache_path"], figures[0]["gpu"])
         assert "kernel cache warm" in rows[1]["summary"]
     assert cold[0]["figures"]["cache_path"] != cold[1]["figures"]["cache_path"]
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.timeout(1200)
+def test_text_predict_dynamic_sequence_prewarmed_cold_then_warm(tmp_path):
+    """examples/text_predict.py: the BERT-sized encoder compiled once for 16..512 tokens, five bucket shapes
+    prewarmed; the warm run loads the saved program and finds the prewarmed kernels in this GPU's file."""
+    sys.path.insert(0, EXAMPLES)
+    from _text_model import BUCKETS
+
+    results = tmp_path / "text.json"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    proc = run_script(
+        "examples/text_predict.py", "--batches", "16", "--cache-dir", str(tmp_path / "cache"), "--json", str(results),
+        env={"CUDA_VISIBLE_DEVICES": visible}, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    print(proc.stdout)
+    assert "eagerly" not in proc.stdout and "No TensorRT engines found" not in proc.stderr
+    assert any(line.startswith("warm start: start-up") for line in proc.stdout.splitlines()), proc.stdout
+    phases = json.loads(results.read_text())["phases"]
+    cold, warm = phases["cold"], phases["warm"]
+    assert cold["predicted_batches"] == warm["predicted_batches"] == 16
+    assert set(cold["shapes"]) <= set(BUCKETS) and cold["shapes"] == warm["shapes"]
+    c, w = cold["figures"][0], warm["figures"][0]
+    assert (c["cache_source"], w["cache_source"]) == ("cold", "warm")
+    assert c["engines"] >= 1 and w["engines"] >= 1
+    assert c["prewarmed"] == w["prewarmed"] == len(BUCKETS)
+    assert c["saved_bytes"] > 0 and w["cache_bytes"] > 0 and w["gpu"] == gpu_id(0)
+    assert_gpu_file(w["cache_path"], w["gpu"])
+    # the prewarm compiles five shapes' kernels cold; warm, it loads them from the file
+    assert warm["startup_ms"] < cold["startup_ms"]

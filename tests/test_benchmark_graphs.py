@@ -1,0 +1,38 @@
+"""The whole-graph-capture benchmark's plumbing on CPU (test-only dry run: eager models, no engines)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from tests.test_examples import _explain, run_script
+
+
+def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path):
+    out = tmp_path / "results"
+    proc = run_script(
+        "benchmarks/run.py", "--out", str(out), "--reps", "2", "--batches", "3", "--only", "graphs",
+        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, _explain(proc)
+    rows = {row["key"]: row for row in json.loads((out / "results.json").read_text())["measurements"]}
+    assert set(rows) == {"graphs", "graphs_never_slower", "graphs_vs_bare"}
+    table = rows["graphs_never_slower"]["details"]
+    assert {"mlp", "mlp-deep", "encoder"} <= set(table)  # resnet18 too where torchvision is installed
+    ratios = []
+    for model in table.values():
+        per_rep = model["per_rep_ms"]
+        assert sorted(per_rep) == ["default", "empty", "stable", "upstream"]
+        assert all(len(v) == 2 and all(ms > 0 for ms in v) for v in per_rep.values())  # warm-up round left out
+        assert model["median_ms"]["stable"] == pytest.approx(statistics.median(per_rep["stable"]))
+        assert model["spread_ms"]["default"] == [min(per_rep["default"]), max(per_rep["default"])]
+        # the figures of both whole-graph variants are reported; eager on CPU, there is nothing to hold
+        assert model["capture"] == {"upstream": "", "stable": ""}
+        ratios += [d / s for d, s in zip(per_rep["default"], per_rep["stable"])]
+        over = (model["median_ms"]["stable"] - model["median_ms"]["empty"]) / model["bare_ms"]["whole_graph_capture"]
+        assert model["stable_minus_empty_over_bare_graphs"] == pytest.approx(over)
+    assert rows["graphs_never_slower"]["value"] == pytest.approx(min(ratios))
+    assert rows["graphs_never_slower"]["met"] == (min(ratios) >= 1.0)
+    assert rows["graphs_vs_bare"]["goal"] == "<= 1.25x"
