@@ -53,14 +53,9 @@ def task(spec: dict) -> dict:
     from _text_model import bucket_length, text_size, token_ids
     from torch.utils.data import DataLoader
 
-    from lightning_trt_rtx import TRTRuntimeSettings, _backend
+    from lightning_trt_rtx import TRTRuntimeSettings
 
-    cache_dir = spec["cache_dir"]
-    if spec["cold"] and os.path.isdir(cache_dir):
-        for entry in os.listdir(cache_dir):
-            os.remove(os.path.join(cache_dir, entry))
-    os.makedirs(cache_dir, exist_ok=True)
-    _backend.torch_tensorrt()  # import outside the timed window
+    cache_dir = harness.prepare_cache_dir(spec["cache_dir"], cold=spec["cold"])
     lengths = [bucket_length(n) if spec["bucketed"] else n for n in spec["lengths"]]
     distinct = sorted(set(lengths))
     steady_lengths = [n for _ in range(spec["steady_rounds"]) for n in distinct]

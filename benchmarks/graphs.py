@@ -19,35 +19,11 @@ every repetition of every model, and per batch ``stable - empty <= 1.25 x`` the 
 from __future__ import annotations
 
 import os
-import time
-from typing import Any
 
 from benchmarks import harness
 
 MODELS = ("mlp", "mlp-deep", "resnet18", "encoder")
 VARIANTS = ("default", "upstream", "stable", "empty")
-
-
-def _engine_loop(model: Any, settings: Any, calls: int) -> float:
-    """Per-call ms of the bare engine(s) under ``settings`` on one fixed input (no Lightning, no loader)."""
-    import torch
-    from _model import model_spec
-
-    binding = harness.bind_engines(model.net, settings)
-    try:
-        x = torch.randn(model.batch_size, *model_spec(model.model_name).input_shape, device=harness.device())
-        x = x.to(model.input_dtype)
-        with torch.inference_mode():
-            for _ in range(10):  # context creation and capture stay out of the timing
-                model.net(x)
-            harness.sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                model.net(x)
-            harness.sync()
-        return (time.perf_counter() - start) * 1e3 / calls
-    finally:
-        binding.restore()
 
 
 def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
@@ -64,7 +40,7 @@ def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
 def task(spec: dict) -> dict:
     """One model: per-batch ms of every variant in Trainer.predict, interleaved; then the bare engine."""
     import torch
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule
+    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, model_spec
     from lightning.pytorch import LightningModule
 
     from lightning_trt_rtx import TRTSettings
@@ -94,18 +70,21 @@ def task(spec: dict) -> dict:
             per_batch[name].append(timer.per_batch_ms)
             if name in ("upstream", "stable"):  # whether the graphs could replay, as the figures say
                 capture[name] = callbacks[0].figures[0].capture
+    x = torch.randn(model.batch_size, *model_spec(spec["model"]).input_shape, device=harness.device())
     bare = {
-        s: _engine_loop(model, TRTSettings(cuda_graph_strategy=s, runtime_cache=template), spec["batches"])
+        s: harness.bare_engine_ms(model.net, x.to(model.input_dtype),
+                                  TRTSettings(cuda_graph_strategy=s, runtime_cache=template), spec["batches"])
         for s in ("disabled", "whole_graph_capture")
-    }
+    }  # fmt: skip
     return {"per_batch_ms": per_batch, "capture": capture, "bare_ms": bare, "compile_s": model.compile_s}
 
 
 def _models() -> list[str]:
     import importlib.util
 
-    if importlib.util.find_spec("torchvision") is None:
-        return [m for m in MODELS if m != "resnet18"]  # the only model that needs it
+    if importlib.util.find_spec("torchvision") is None:  # resnet18 is the only model that needs it
+        print("    resnet18 skipped: torchvision is not installed (pip install 'lightning-trt-rtx[bench]')", flush=True)
+        return [m for m in MODELS if m != "resnet18"]
     return list(MODELS)
 
 

@@ -124,6 +124,39 @@ def bind_engines(net: Any, settings: Any) -> Any:
     return binding
 
 
+def prepare_cache_dir(cache_dir: str, cold: bool) -> str:
+    """``cache_dir``, emptied first for a cold process; torch_tensorrt imported here, outside the timed window."""
+    from lightning_trt_rtx import _backend
+
+    if cold and os.path.isdir(cache_dir):
+        for entry in os.listdir(cache_dir):
+            os.remove(os.path.join(cache_dir, entry))
+    os.makedirs(cache_dir, exist_ok=True)
+    _backend.torch_tensorrt()
+    return cache_dir
+
+
+def bare_engine_ms(net: Any, x: Any, settings: Any, calls: int) -> float:
+    """Per-call ms of the engine(s) under ``net`` with the ``TRTSettings`` on one fixed input ``x`` (no
+    Lightning, no loader). ``net`` is moved to ``x``'s device first: Lightning's teardown leaves it on the CPU."""
+    import torch
+
+    net.to(x.device)
+    binding = bind_engines(net, settings)
+    try:
+        with torch.inference_mode():
+            for _ in range(10):  # context creation and capture stay out of the timing
+                net(x)
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                net(x)
+            sync()
+        return (time.perf_counter() - start) * 1e3 / calls
+    finally:
+        binding.restore()
+
+
 # ==================================================================================================
 # the environment: GPU, versions, and the conv net every warm-start repetition loads
 # ==================================================================================================

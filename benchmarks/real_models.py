@@ -183,15 +183,20 @@ def task_prep(spec: dict) -> dict:
         net = net.to(device=gpu, dtype=torch.float16)  # compile_text_encoder moved it already; explicit here
     else:
         from _model import compile_tensorrt, save_program
+        from _text_model import no_mha_fastpath
 
         net = net.to(device=gpu, dtype=torch.float16)
-        compiled = compile_tensorrt(net, x)
+        with no_mha_fastpath():  # ViT's nn.MultiheadAttention: the fused fast path has no TensorRT converter
+            compiled = compile_tensorrt(net, x)
         compile_s = time.perf_counter() - start
         save_program(compiled, spec["program"], x)  # before anything runs it
     with torch.inference_mode():
         diff = (compiled(x).float() - net(x).float()).abs().max().item()
+    from lightning_trt_rtx.engines import find_engines
+
     return {
         "model": name,
+        "engines": len(find_engines(compiled)),  # 1 unless some op fell back to PyTorch
         "compile_s": compile_s,
         "program_bytes": os.path.getsize(spec["program"]),
         "max_abs_diff": diff,
@@ -201,14 +206,9 @@ def task_prep(spec: dict) -> dict:
 
 def task_serve(spec: dict) -> dict:
     """One cold or warm process: load the program, ``Trainer.predict`` with every batch timed."""
-    from lightning_trt_rtx import TRTRuntimeSettings, _backend
+    from lightning_trt_rtx import TRTRuntimeSettings
 
-    cache_dir = spec["cache_dir"]
-    if spec["cold"] and os.path.isdir(cache_dir):
-        for entry in os.listdir(cache_dir):
-            os.remove(os.path.join(cache_dir, entry))
-    os.makedirs(cache_dir, exist_ok=True)
-    _backend.torch_tensorrt()  # import outside the timed window
+    cache_dir = harness.prepare_cache_dir(spec["cache_dir"], cold=spec["cold"])
     start = time.perf_counter()
     net = _load(spec["model"], spec["program"])
     load_s = time.perf_counter() - start
@@ -233,34 +233,13 @@ def task_serve(spec: dict) -> dict:
     }
 
 
-def _bare(net: Any, x: Any, strategy: str, template: str, calls: int) -> float:
-    """Per-call ms of the bare engine(s) under ``strategy`` on one fixed input (no Lightning, no loader)."""
-    import torch
-
-    from lightning_trt_rtx import TRTSettings
-
-    binding = harness.bind_engines(net, TRTSettings(cuda_graph_strategy=strategy, runtime_cache=template))
-    try:
-        with torch.inference_mode():
-            for _ in range(10):  # context creation and capture stay out of the timing
-                net(x)
-            harness.sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                net(x)
-            harness.sync()
-        return (time.perf_counter() - start) * 1e3 / calls
-    finally:
-        binding.restore()
-
-
 def task_steady(spec: dict) -> dict:
     """Per batch in Trainer.predict: eager / TensorRT-RTX default / whole-graph capture, interleaved; bare engine."""
     import torch
     from _model import BatchTimer
     from torch.utils.data import DataLoader
 
-    from lightning_trt_rtx import TRTRuntimeSettings
+    from lightning_trt_rtx import TRTRuntimeSettings, TRTSettings
 
     name = spec["model"]
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
@@ -286,9 +265,12 @@ def task_steady(spec: dict) -> dict:
             harness.trainer(callbacks).predict(module, DataLoader(batches, batch_size=None), return_predictions=False)
             if rep > 0:  # round 0: warm-up (first contexts, JIT, captures)
                 per_batch[variant].append(timer.per_batch_ms)
-    net = compiled.net.to(harness.device())  # Lightning's teardown moved the LightningModule to the CPU
     x = pool[0].to(harness.device())
-    bare = {s: _bare(net, x, s, template, spec["batches"]) for s in ("disabled", "whole_graph_capture")}
+    bare = {
+        s: harness.bare_engine_ms(compiled.net, x, TRTSettings(cuda_graph_strategy=s, runtime_cache=template),
+                                  spec["batches"])
+        for s in ("disabled", "whole_graph_capture")
+    }  # fmt: skip
     return {"per_batch_ms": per_batch, "bare_ms": bare}
 
 

@@ -1,6 +1,6 @@
 """The benchmark runner: one command, every measurement in a fresh process, medians of repetitions.
 
-    python benchmarks/run.py --out benchmarks/results            # about 5 minutes on one H200
+    python benchmarks/run.py --out benchmarks/results            # long: graphs runs four models; split it with --only
     python benchmarks/run.py --out benchmarks/results --quick    # fewer repetitions and batches
     python benchmarks/run.py --out benchmarks/results --two-gpu  # adds the 2-GPU figures (a few minutes more)
     python benchmarks/run.py --only real_models dynamic_shapes  # ResNet-50, ViT-B/16, BERT; dynamic shapes

@@ -20,7 +20,10 @@ Nothing is downloaded; every tensor comes from a fixed seed.
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -471,3 +474,53 @@ def destroy_process_group() -> None:
     ("terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# --- the examples' entry point and their fresh-process phases -------------------------------------
+
+
+def example_main(
+    args: Any,
+    run_phase: Callable[[Any], int],
+    run_gpu: Callable[[Any], int],
+    run_fallback: Callable[[Any, str], int],
+) -> int:
+    """What every Trainer example does: a phase (``--_phase``, a child), else the GPU job, else the same
+    job eagerly with the reason printed; the process group is ended before exit."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    try:
+        if args._phase:
+            return run_phase(args)
+        if not torch.cuda.is_available():
+            reason = "TensorRT needs an NVIDIA GPU and none is available here: running the same job eagerly on CPU."
+            return run_fallback(args, reason)
+        if not _backend.is_available():
+            reason = f"torch-tensorrt-rtx is not installed (`{_backend.INSTALL_HINT}`): running the same job eagerly."
+            return run_fallback(args, reason)
+        return run_gpu(args)
+    finally:
+        destroy_process_group()
+
+
+def run_phases(script: str, phases: list[tuple[str, str, list[str]]], tmp: str, verbose: bool) -> list[dict] | int:
+    """Run ``script`` once per ``(name, what, arguments)`` phase, each in a fresh process with
+    ``--_phase name --_result <json>``; their JSON results in order, or the exit code of the first that failed."""
+    env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.pop("LOCAL_RANK", None)  # each phase is a fresh Lightning job
+    results = []
+    for name, what, arguments in phases:
+        result_path = os.path.join(tmp, f"{name}.json")
+        command = [sys.executable, os.path.abspath(script), *arguments, "--_phase", name, "--_result", result_path]
+        print(f"  {name:<6} ({what}): serving in a fresh process ...", flush=True)
+        proc = subprocess.run(
+            command, env=env, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        if proc.returncode != 0 or not os.path.isfile(result_path):
+            if proc.stdout:
+                print("\n".join(proc.stdout.splitlines()[-80:]), file=sys.stderr)
+            print(f"error: the {name} run failed (exit code {proc.returncode}).", file=sys.stderr)
+            return proc.returncode or 1
+        with open(result_path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    return results

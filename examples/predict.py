@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from _model import DEFAULT_CACHE_DIR, cache_template, clear_cache  # noqa: E402, F401  (clear_cache: tests)
+from _model import DEFAULT_CACHE_DIR, cache_template, clear_cache, example_main, run_phases  # noqa: E402, F401  (clear_cache: tests)
 
 PHASES = (  # name, cuda_graph_strategy, what it shows
     ("cold", "disabled", "empty kernel cache"),
@@ -171,40 +170,13 @@ def run_gpu(args: argparse.Namespace) -> int:
         f"Serving {args.model} with torch-tensorrt-rtx through Trainer.predict on {args.devices} GPU(s);"
         f" kernel cache under {args.cache_dir} ({len(removed)} old file(s) cleared)."
     )
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.pop("LOCAL_RANK", None)  # each phase is a fresh Lightning job
-    results = []
+    common = ["--devices", str(args.devices), "--model", args.model, "--batches", str(args.batches)]
+    common += ["--cache-dir", args.cache_dir] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     with tempfile.TemporaryDirectory(prefix="trt-rtx-predict-") as tmp:
-        for name, _strategy, what in PHASES:
-            result_path = os.path.join(tmp, f"{name}.json")
-            command = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--devices", str(args.devices),
-                "--model", args.model,
-                "--batches", str(args.batches),
-                "--cache-dir", args.cache_dir,
-                "--_phase", name,
-                "--_result", result_path,
-            ]  # fmt: skip
-            if args.batch_size:
-                command += ["--batch-size", str(args.batch_size)]
-            print(f"  {name:<6} ({what}): compiling and serving in a fresh process ...", flush=True)
-            proc = subprocess.run(
-                command,
-                env=env,
-                stdout=None if args.verbose else subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            if proc.returncode != 0 or not os.path.isfile(result_path):
-                if proc.stdout:
-                    print("\n".join(proc.stdout.splitlines()[-80:]), file=sys.stderr)
-                print(f"error: the {name} run failed (exit code {proc.returncode}).", file=sys.stderr)
-                return proc.returncode or 1
-            with open(result_path, encoding="utf-8") as f:
-                results.append(json.load(f))
+        phases = [(name, f"compiling; {what}", common) for name, _strategy, what in PHASES]
+        results = run_phases(__file__, phases, tmp, args.verbose)
+    if isinstance(results, int):
+        return results
     by_phase = {r["phase"]: r for r in results}
     gpu = results[0]["gpu"]
     batch_size = args.batch_size or (32 if args.model == "conv" else 8)
@@ -250,30 +222,7 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    try:
-        return _main(args)
-    finally:
-        from _model import destroy_process_group
-
-        destroy_process_group()
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args._phase:
-        return run_phase(args)
-    from lightning_trt_rtx import _backend
-
-    if not torch.cuda.is_available():
-        return run_fallback(
-            args, "TensorRT needs an NVIDIA GPU and none is available here: running the same job eagerly on CPU."
-        )
-    if not _backend.is_available():
-        return run_fallback(
-            args, f"torch-tensorrt-rtx is not installed (`{_backend.INSTALL_HINT}`): running the same job eagerly."
-        )
-    return run_gpu(args)
+    return example_main(parse_args(argv), run_phase, run_gpu, run_fallback)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from _model import DEFAULT_CACHE_DIR, cache_template, clear_cache  # noqa: E402
+from _model import DEFAULT_CACHE_DIR, cache_template, clear_cache, example_main, run_phases  # noqa: E402
 from _text_model import BATCH_SIZE, BUCKETS, SIZES  # noqa: E402
 
 PHASES = (  # name, what it shows
@@ -214,35 +213,16 @@ def run_gpu(args: argparse.Namespace) -> int:
         f"Serving the {args.size} text encoder with torch-tensorrt-rtx through Trainer.predict on {args.devices}"
         f" GPU(s), strategy {args.strategy}; kernel cache under {args.cache_dir} ({len(removed)} old file(s) cleared)."
     )
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.pop("LOCAL_RANK", None)  # each phase is a fresh Lightning job
-    results = []
+    common = ["--devices", str(args.devices), "--size", args.size, "--batch-size", str(args.batch_size)]
+    common += ["--batches", str(args.batches), "--strategy", args.strategy, "--cache-dir", args.cache_dir]
+    common += (["--no-buckets"] if args.no_buckets else []) + (["--no-prewarm"] if args.no_prewarm else [])
     with tempfile.TemporaryDirectory(prefix="trt-rtx-text-") as tmp:
         program = os.path.join(tmp, "text_encoder.ep")
-        for name, what in PHASES:
-            result_path = os.path.join(tmp, f"{name}.json")
-            command = [
-                sys.executable, os.path.abspath(__file__),
-                "--devices", str(args.devices), "--size", args.size, "--batch-size", str(args.batch_size),
-                "--batches", str(args.batches), "--strategy", args.strategy, "--cache-dir", args.cache_dir,
-                "--_phase", name, "--_result", result_path,
-            ]  # fmt: skip
-            if args.devices == 1:  # several ranks compile each phase: one saved program would be shared by GPUs
-                command += ["--_program", program]
-            command += ["--no-buckets"] if args.no_buckets else []
-            command += ["--no-prewarm"] if args.no_prewarm else []
-            print(f"  {name:<4} ({what}): serving in a fresh process ...", flush=True)
-            proc = subprocess.run(
-                command, env=env, stdout=None if args.verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-            if proc.returncode != 0 or not os.path.isfile(result_path):
-                if proc.stdout:
-                    print("\n".join(proc.stdout.splitlines()[-80:]), file=sys.stderr)
-                print(f"error: the {name} run failed (exit code {proc.returncode}).", file=sys.stderr)
-                return proc.returncode or 1
-            with open(result_path, encoding="utf-8") as f:
-                results.append(json.load(f))
+        # several ranks compile each phase: one saved program would be shared by GPUs
+        common += ["--_program", program] if args.devices == 1 else []
+        results = run_phases(__file__, [(name, what, common) for name, what in PHASES], tmp, args.verbose)
+    if isinstance(results, int):
+        return results
     cold, warm = results
     print()
     print(
@@ -295,30 +275,7 @@ def run_fallback(args: argparse.Namespace, reason: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    try:
-        return _main(args)
-    finally:
-        from _model import destroy_process_group
-
-        destroy_process_group()
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args._phase:
-        return run_phase(args)
-    from lightning_trt_rtx import _backend
-
-    if not torch.cuda.is_available():
-        return run_fallback(
-            args, "TensorRT needs an NVIDIA GPU and none is available here: running the same job eagerly on CPU."
-        )
-    if not _backend.is_available():
-        return run_fallback(
-            args, f"torch-tensorrt-rtx is not installed (`{_backend.INSTALL_HINT}`): running the same job eagerly."
-        )
-    return run_gpu(args)
+    return example_main(parse_args(argv), run_phase, run_gpu, run_fallback)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def _prewarm(args: argparse.Namespace) -> int:
         return _error(problem)
     dtypes: list[Any] = [dtype or prewarm.DTYPES["float16"]]
     accepted = prewarm.program_inputs(program)
-    takes = "inputs its engines check (their error is above)"
+    takes = "the inputs its engines check (their error is in this message)"
     if accepted is not None:
         inputs, ranges = accepted
         takes = prewarm.describe_inputs(inputs, ranges)

@@ -34,7 +34,7 @@ _ENGINE_TYPE = "__torch__.torch.classes.tensorrt.Engine"
 KERNEL_STRATEGY_CODES = {"lazy": 0, "eager": 1, "none": 2}
 CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
 # Indices into an engine's serialized info (torch_tensorrt.dynamo.runtime._serialized_engine_layout, ABI 10).
-_DEVICE_IDX, _HW_COMPATIBLE_IDX = 2, 6
+_DEVICE_IDX, _HW_COMPATIBLE_IDX, _ALIASED_IO_IDX = 2, 6, 12
 
 
 def installed_distribution() -> str | None:
@@ -298,9 +298,16 @@ def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
     engine.set_output_tensors_as_unowned(state[1])
 
 
-def has_aliased_io(obj: Any) -> bool:
-    """Whether an engine writes an output through an input's storage (e.g. a KV-cache update)."""
-    return bool(getattr(obj, "aliased_io", None)) if is_trt_module(obj) else False
+def bare_engine_aliases_io(engine: Any) -> bool | None:
+    """Whether a bare engine writes an output through an input's storage (e.g. a KV-cache update);
+    None when that cannot be read. Only its serialized info says (the field is empty when nothing is
+    aliased); reading it serializes the engine once. A TorchTensorRTModule has ``aliased_io``.
+    """
+    try:
+        return bool(str(engine.__getstate__()[0][_ALIASED_IO_IDX]).strip())
+    except Exception as err:
+        log.debug("Could not read whether engine %r aliases its I/O: %s", engine, err)
+        return None
 
 
 def contexts_created(engine: Any) -> int:

@@ -4,12 +4,14 @@ TensorRT-RTX replays an engine's captured CUDA graph only while the engine's inp
 addresses stay the same; when they move it captures again, which costs more than not capturing at
 all. torch-tensorrt binds the caller's input tensor and a freshly allocated output on every call, so
 inside ``Trainer.predict`` the addresses depend on what the caching allocator hands back (measured
-on H100, 32x256 MLP: 76 µs per call at fixed addresses, 369-505 µs when they move, 455 µs without
-graphs). This module holds them still, per call site (a ``TorchTensorRTModule``, or the module
-whose attributes hold a loaded program's bare engines):
+on a bare engine on H100, 32x256 MLP: 76 µs per call at fixed addresses, 369-505 µs when they move,
+455 µs without graphs; what this module costs on top, two copies per call, is the graphs benchmark's
+to say). It holds them still, per call site (a ``TorchTensorRTModule``, or the module whose
+attributes hold a loaded program's bare engines):
 
-* **inputs** are copied into buffers allocated once per shape signature (shapes, dtypes, devices of
-  the call's tensors), at most :data:`MAX_SHAPES` signatures per site, least recently used dropped;
+* **inputs** (positional tensors) are copied into buffers allocated once per shape signature
+  (shapes, dtypes, devices of the call's tensors), at most :data:`MAX_SHAPES` signatures per site,
+  least recently used dropped;
 * **outputs** stay in the engine's own buffers (torch-tensorrt's ``use_pre_allocated_outputs``, with
   the outputs owned by the engine: it reuses them while the input shapes stay the same), and the
   caller gets a copy, so a prediction Lightning keeps is never overwritten by a later batch.
@@ -18,7 +20,9 @@ Staging applies only while the site's engines hold ``whole_graph_capture`` and n
 is running around them (inside :class:`~lightning_trt_rtx.graphs.GraphScopes`' whole-module graph
 the engines' own capture is off and the outer graph already holds its buffers): otherwise calls pass
 straight through. Each site watches its outputs: an output address that moves between two calls at
-the same shapes means the engine captured again, and :meth:`StableAddresses.describe` says so::
+the same shapes means the engine captured again, and so does a change of shapes (the engine keeps
+one set of outputs and allocates new ones for new shapes); :meth:`StableAddresses.describe` counts
+both. Engines that alias an output to an input (or whose I/O cannot be read) are left alone::
 
     stable = StableAddresses(find_engines(model))
     stable.install()
@@ -37,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from lightning_trt_rtx import _backend
 from lightning_trt_rtx.engines import Engine
@@ -71,6 +76,8 @@ class _Site:
         self.moves = 0  # outputs at a new address between two steady calls at the same shapes
         self._last: tuple[tuple, tuple[int, ...]] | None = None  # (signature, output addresses)
         self._streak = 0  # calls in a row at the last signature
+        self.shapes_seen: set[tuple] = set()
+        self.switches = 0  # staged calls at other shapes than the call before: the engine re-allocates its outputs
         self._cuda = torch.cuda.is_available()  # asking whether a capture runs needs a driver
 
     # --- the wrapped forward ---------------------------------------------------------------------
@@ -131,7 +138,9 @@ class _Site:
         else:
             self.buffers.move_to_end(signature)
         for arg, buffer in zip(args, buffers):
-            if buffer is not None and arg.data_ptr() != buffer.data_ptr():
+            if buffer is not None and arg is not buffer:
+                if arg.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                    arg = arg.clone()  # another view of the buffer itself: a copy may not overlap
                 buffer.copy_(arg)
         return tuple(arg if buffer is None else buffer for arg, buffer in zip(args, buffers))
 
@@ -139,6 +148,9 @@ class _Site:
         addresses = tuple(t.data_ptr() for t in _tensors(outputs))
         last, self._last = self._last, (signature, addresses)
         self._streak = self._streak + 1 if last is not None and last[0] == signature else 1
+        self.shapes_seen.add(signature)
+        if last is not None and last[0] != signature:
+            self.switches += 1
         # the first call at new shapes returns fresh outputs and allocates the ones the engine keeps
         # from the second call on: from the third call in a row, a new address is a new capture
         if self._streak >= 3 and last is not None and last[1] != addresses:
@@ -161,18 +173,23 @@ class StableAddresses:
 
     def __init__(self, engines: Sequence[Engine]) -> None:
         self.sites: list[_Site] = []
+        self.engines = engines
+        self.skipped = 0  # engines left alone: aliased I/O, or not known not to be
         by_module: dict[int, tuple[torch.nn.Module, list[Engine]]] = {}
         for engine in engines:
             module = engine.obj if engine.kind == "module" else engine.owner
-            if not isinstance(module, torch.nn.Module) or _backend.has_aliased_io(engine.obj):
-                continue  # aliased outputs write through their input: a staged copy would hide the write
+            if not isinstance(module, torch.nn.Module) or _aliases_io(engine) is not False:
+                self.skipped += 1  # aliased outputs write through their input: a staged copy would hide the write
+                continue
             by_module.setdefault(id(module), (module, []))[1].append(engine)
         self._pending = list(by_module.values())
-        self._engine_ids = {id(engine.obj) for engine in engines}
 
-    def serves(self, engines: Sequence[Engine]) -> bool:
-        """Whether these are the engines this object was built for (a re-serve changes nothing)."""
-        return {id(engine.obj) for engine in engines} == self._engine_ids
+    def adopt(self, engines: Sequence[Engine]) -> bool:
+        """Whether ``engines`` are the ones this object holds (then it keeps this list: a re-serve)."""
+        if {id(e.obj) for e in engines} != {id(e.obj) for e in self.engines}:
+            return False
+        self.engines = engines
+        return True
 
     def install(self) -> None:
         if self.sites:
@@ -188,18 +205,35 @@ class StableAddresses:
             site.uninstall()
 
     def describe(self) -> str:
-        """For the figures: what was held still, and whether any engine captured again."""
+        """For the figures: what was held still, and where engines captured again."""
+        skipped = f"{self.skipped} engine(s) left as they are (aliased or unreadable I/O)" if self.skipped else ""
         if not self.sites:
-            return ""
+            return f"addresses NOT held: {skipped}" if skipped else ""
         failed = [s for s in self.sites if s.failure]
         if failed:
             return f"addresses NOT held at {len(failed)} of {len(self.sites)} call sites: {failed[0].failure}"
-        shapes = max(len(s.buffers) for s in self.sites)
+        if not any(s.staged_calls for s in self.sites):
+            return "addresses not held: no call ran under the engines' own capture (e.g. inside a whole-module graph)"
+        parts = [
+            f"stable addresses: {len(self.sites)} call site(s),"
+            f" {max(len(s.shapes_seen) for s in self.sites)} shape(s)"
+        ]
+        switches = sum(s.switches for s in self.sites)
         moves = sum(s.moves for s in self.sites)
-        text = f"stable addresses: {len(self.sites)} call site(s), {shapes} shape(s)"
+        if switches:
+            parts.append(f"{switches} shape switch(es), each a new capture")
         if moves:
-            text += f"; outputs moved {moves} time(s), each a new capture"
-        return text
+            parts.append(f"outputs moved {moves} time(s), each a new capture")
+        if skipped:
+            parts.append(skipped)
+        return "; ".join(parts)
+
+
+def _aliases_io(engine: Engine) -> bool | None:
+    """Whether the engine writes an output through an input's storage (None: cannot tell)."""
+    if engine.kind == "module":
+        return bool(getattr(engine.obj, "aliased_io", None))
+    return _backend.bare_engine_aliases_io(engine.obj)
 
 
 def _stageable(value: Any) -> bool:
@@ -214,19 +248,11 @@ def _signature(args: tuple) -> tuple:
 
 
 def _tensors(outputs: Any) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, (tuple, list)):
-        return [t for t in outputs if isinstance(t, torch.Tensor)]
-    return []
+    """Every tensor in ``outputs``, at any depth (a loaded program rebuilds dicts and nested tuples)."""
+    return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
 
 
 def _copy_tensors(outputs: Any) -> Any:
-    """The caller's own copy: the engine writes the next batch into the tensors it keeps."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.clone()
-    if isinstance(outputs, tuple):
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
-    if isinstance(outputs, list):
-        return [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
-    return outputs
+    """The caller's own copy of every tensor, at any depth: the engine writes the next batch into the
+    tensors it keeps."""
+    return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)

@@ -120,10 +120,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _shapes(shapes: Iterable[Shape | str]) -> list[Shape]:
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
         raise TypeError(f"shapes must be a list of shapes, each like {SHAPE_FORM}; got {shapes!r}.")
-    parsed = [
-        parse_shape(s) if isinstance(s, str) else tuple(tuple(int(d) for d in dims) for dims in s)
-        for s in shapes
-    ]
+    try:
+        parsed = [
+            parse_shape(s) if isinstance(s, str) else tuple(tuple(int(d) for d in dims) for dims in s)
+            for s in shapes
+        ]
+    except TypeError:  # e.g. [8, 128]: a shape given as numbers, not one entry per call
+        raise TypeError(f"shapes must be a list of shapes, each like {SHAPE_FORM}; got {shapes!r}.") from None
     if not parsed:
         raise ValueError(f"No prewarm shapes given: give one or more, each like {SHAPE_FORM}.")
     return parsed
@@ -202,14 +205,26 @@ def _run(session: ServingSession, examples: list[tuple[torch.Tensor, ...]], targ
             rank_zero=True,
             once=True,
         )
+    # eager needs a kernel cache: the settings change back drops the execution context, and the kernels
+    # compiled under it survive only in the run's cache handle
+    eager = binding is not None and session.cache is not None
+    if binding is not None and not eager:
+        info(
+            "Prewarm without a kernel cache (runtime_cache=None): each shape runs once under the session's own"
+            " settings; with a cache its kernels are compiled eagerly and kept.",
+            rank=session.ranks.rank,
+            rank_zero=True,
+        )
     records: list[PrewarmedShape] = []
     restored = 0
     with torch.inference_mode():
         try:
-            if binding is not None:
-                handle = session.cache.handle if session.cache is not None else None
+            if eager:
+                assert binding is not None and session.cache is not None
                 binding.apply(
-                    session.settings.to_runtime_settings(handle, dynamic_shapes_kernel_specialization_strategy="eager")
+                    session.settings.to_runtime_settings(
+                        session.cache.handle, dynamic_shapes_kernel_specialization_strategy="eager"
+                    )
                 )
             for example in examples:
                 records.append(PrewarmedShape(_shape_of(example), _timed(callee, example)))

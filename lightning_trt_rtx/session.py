@@ -197,7 +197,7 @@ class ServingSession:
             return
         engines = self.binding.engines
         if self.stable is not None:
-            if self.stable.serves(engines):
+            if self.stable.adopt(engines):
                 return
             self.stable.uninstall()
         self.stable = addresses.StableAddresses(engines)
@@ -306,8 +306,10 @@ class ServingSession:
         self._timer.start()
 
     def batch_started(self) -> None:
-        if self.binding is not None and self.binding.refresh():  # a MutableTorchTensorRTModule recompiled
-            self._hold_addresses()
+        if self.binding is not None:
+            self.binding.refresh()  # a MutableTorchTensorRTModule may have recompiled
+            if self.stable is not None and self.stable.engines is not self.binding.engines:
+                self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
         self._timer.batch_started()
 
     def batch_ended(self) -> None:

@@ -102,6 +102,8 @@ def test_a_smaller_last_batch_gets_its_own_buffers_and_the_right_values(settings
         torch.testing.assert_close(y, 2 * x + 1)
     assert engine.bound_inputs[3] != engine.bound_inputs[0]
     assert len(stable.sites[0].buffers) == 2 and stable.sites[0].moves == 0
+    # the engine allocates new outputs at new shapes: that switch is a new capture, and is said
+    assert stable.describe() == "stable addresses: 1 call site(s), 2 shape(s); 1 shape switch(es), each a new capture"
 
 
 def test_input_buffers_are_bounded_least_recently_used_first(settings):
@@ -193,6 +195,46 @@ def test_a_session_holds_addresses_only_under_whole_graph_capture(trt, fake_gpu)
             assert all(("forward" in vars(e)) == expected for e in engines)
         assert not any("forward" in vars(e) for e in engines)  # given back on close
         assert session.figures.capture == (
-            "stable addresses: 4 call site(s), 0 shape(s)" if expected else ""
+            "addresses not held: no call ran under the engines' own capture (e.g. inside a whole-module graph)"
+            if expected
+            else ""
         )
         assert len(find_engines(model)) == 4
+
+
+class DictEngine(RuntimeLikeEngine):
+    """A program that rebuilds its outputs into a dict of a tensor and a tuple (as loaded programs may)."""
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = super().forward(x)
+        return {"y": out, "more": (out, 7)}
+
+
+def test_outputs_at_any_depth_are_the_callers_own(settings):
+    engine = DictEngine(settings["whole_graph_capture"])
+    held(engine)
+    inputs = batches(8, 8, 8, 8)
+    kept = [engine(x) for x in inputs]
+    for x, out in zip(inputs, kept):
+        torch.testing.assert_close(out["y"], 2 * x + 1)
+        torch.testing.assert_close(out["more"][0], 2 * x + 1)
+        assert out["more"][1] == 7
+
+
+def test_an_input_viewing_its_buffer_differently_is_still_copied(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    x = torch.randn(4, 4)
+    engine(x)
+    buffer = next(iter(stable.sites[0].buffers.values()))[0]
+    view = buffer.t()  # the same storage and shape, other strides: other values
+    expected = 2 * view.clone() + 1
+    torch.testing.assert_close(engine(view), expected)
+
+
+def test_bare_engines_whose_io_cannot_be_read_are_left_alone(settings):
+    owner = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = StableAddresses([Engine("owner._run_on_acc_0_engine", "bare", object(), owner=owner)])
+    stable.install()
+    assert not stable.sites and "forward" not in vars(owner)
+    assert stable.describe() == "addresses NOT held: 1 engine(s) left as they are (aliased or unreadable I/O)"

@@ -661,3 +661,30 @@ def test_real_models_and_dynamic_shapes_plumbing_dry_run_on_cpu(tmp_path):
     warm = {name: case["warm"]["stream_wall_ms"] for name, case in detail["cases"].items()}
     assert warm[detail["pick"]] <= min(warm.values()) * 1.05
     assert rows["dynamic_shapes"]["value"] == pytest.approx(warm[detail["pick"]] / warm["lazy, unbucketed"])
+
+
+def test_run_phases_runs_each_phase_in_a_fresh_process_and_stops_at_a_failure(tmp_path, capsys):
+    model = _load("_model", os.path.join(EXAMPLES, "_model.py"))
+    script = tmp_path / "phase.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "args = sys.argv[1:]\n"
+        "name, result = args[args.index('--_phase') + 1], args[args.index('--_result') + 1]\n"
+        "if name == 'bad':\n"
+        "    print('it broke'); sys.exit(3)\n"
+        "json.dump({'phase': name, 'args': args[:2], 'pid': os.getpid(), 'local_rank': os.environ.get('LOCAL_RANK')},"
+        " open(result, 'w'))\n"
+    )
+    os.environ["LOCAL_RANK"] = "5"  # a phase is a fresh Lightning job: it must not inherit a rank
+    try:
+        results = model.run_phases(str(script), [("cold", "c", ["--x", "1"]), ("warm", "w", ["--x", "2"])],
+                                   str(tmp_path), verbose=False)  # fmt: skip
+        assert [r["phase"] for r in results] == ["cold", "warm"] and results[1]["args"] == ["--x", "2"]
+        assert results[0]["pid"] != results[1]["pid"] != os.getpid() and results[0]["local_rank"] is None
+        code = model.run_phases(str(script), [("bad", "b", []), ("never", "n", [])], str(tmp_path), verbose=False)
+    finally:
+        del os.environ["LOCAL_RANK"]
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "it broke" in err and "error: the bad run failed (exit code 3)." in err
+    assert not (tmp_path / "never.json").exists()

@@ -177,11 +177,21 @@ def test_prewarm_under_eager_settings_changes_nothing_and_runs_each_shape_once(t
     assert record.served_ms is None
 
 
+def test_without_a_cache_prewarm_runs_each_shape_once_under_the_sessions_settings(fake_gpu, messages):
+    # the eager kernels would live only in the execution context the switch back drops
+    log: list[dict[str, Any]] = []
+    with ServingSession(Probe(log), TRTSettings(runtime_cache=None)) as session:
+        (record,) = session.prewarm([torch.zeros(4, 16)])
+    assert calls(log) == [(((4, 16),), ["lazy", "lazy"])]
+    assert record.served_ms is None and session.figures.prewarmed == 1
+    assert any("Prewarm without a kernel cache" in m for m in messages.infos)
+
+
 def test_prewarm_calls_the_target_attribute(fake_gpu):
     log: list[dict[str, Any]] = []
     holder = nn.Module()
     holder.net = Probe(log)
-    with ServingSession(holder, TRTSettings(runtime_cache=None)) as session:
+    with ServingSession(holder, TRTSettings()) as session:
         session.prewarm([(torch.zeros(2, 4), torch.zeros(2, 6))], target="net")
         with pytest.raises(AttributeError, match=r"no callable attribute 'nett'.*Compiled attributes found: \['net'\]"):
             session.prewarm([torch.zeros(2, 4)], target="nett")
@@ -191,7 +201,7 @@ def test_prewarm_calls_the_target_attribute(fake_gpu):
 def test_a_failing_call_names_its_shape_and_the_settings_still_come_back(fake_gpu):
     log: list[dict[str, Any]] = []
     model = Probe(log, fail_at=(3, 16))
-    with ServingSession(model, TRTSettings(runtime_cache=None)) as session:
+    with ServingSession(model, TRTSettings()) as session:
         failed = "input shape.s. 3x16 failed: RuntimeError: the engine rejects"
         with pytest.raises(PrewarmError, match=failed) as raised:
             session.prewarm(example_inputs(["8x16", "3x16", "5x16"], "float32"))
@@ -238,7 +248,7 @@ def test_open_graph_scopes_are_closed_for_the_calls_and_opened_again(fake_gpu, m
     log: list[dict[str, Any]] = []
     holder = nn.Module()
     holder.net = Probe(log)
-    with ServingSession(holder, TRTSettings(runtime_cache=None)) as session:
+    with ServingSession(holder, TRTSettings()) as session:
         session.open_graphs()
         assert isinstance(holder.net, GraphsWrapper)
         session.prewarm([torch.zeros(2, 4)], target="net")  # the real module runs, not a capture of it
@@ -294,7 +304,7 @@ def test_callback_prewarm_target_forward_runs_the_lightning_modules_forward(tmp_
             return self.net(x * 2)
 
     cb = TRTRuntimeSettings(
-        runtime_cache=None, prewarm_shapes=["3x4"], prewarm_dtype="float32", prewarm_target="forward"
+        prewarm_shapes=["3x4"], prewarm_dtype="float32", prewarm_target="forward"
     )
     make_trainer(tmp_path, [cb]).predict(WithForward(log), predict_loader(batches=1))
     assert calls(log)[:2] == [(((3, 4),), ["eager", "eager"]), (((3, 4),), ["lazy", "lazy"])]
@@ -303,7 +313,7 @@ def test_callback_prewarm_target_forward_runs_the_lightning_modules_forward(tmp_
 def test_callback_with_several_compiled_attributes_asks_for_a_target(tmp_path, fake_gpu):
     model = Served([])
     model.other = Probe([])
-    cb = TRTRuntimeSettings(runtime_cache=None, prewarm_shapes=["3x4"])
+    cb = TRTRuntimeSettings(prewarm_shapes=["3x4"])
     with pytest.raises(ValueError, match=r"several compiled attributes \['net', 'other'\].*prewarm_target"):
         make_trainer(tmp_path, [cb]).predict(model, predict_loader(batches=1))
 
@@ -327,7 +337,7 @@ def test_prewarm_arguments_are_checked_at_construction(component, kwargs, error,
 
 def test_plugin_prewarms_as_the_first_step_starts_once(tmp_path, fake_gpu, messages):
     log: list[dict[str, Any]] = []
-    plugin = TRTRuntimePrecision(runtime_cache=None, prewarm_shapes=["5x4"], prewarm_dtype="float32")
+    plugin = TRTRuntimePrecision(prewarm_shapes=["5x4"], prewarm_dtype="float32")
     make_trainer(tmp_path, plugins=[plugin]).predict(Served(log), predict_loader(batches=2))
     assert calls(log) == [
         (((5, 4),), ["eager", "eager"]),
@@ -340,8 +350,8 @@ def test_plugin_prewarms_as_the_first_step_starts_once(tmp_path, fake_gpu, messa
 
 def test_plugin_prewarm_with_the_callback_runs_at_the_callbacks_loop_start(tmp_path, fake_gpu):
     log: list[dict[str, Any]] = []
-    plugin = TRTRuntimePrecision(runtime_cache=None, prewarm_shapes=["5x4"], prewarm_dtype="float32")
-    cb = TRTRuntimeSettings(runtime_cache=None)
+    plugin = TRTRuntimePrecision(prewarm_shapes=["5x4"], prewarm_dtype="float32")
+    cb = TRTRuntimeSettings()
     make_trainer(tmp_path, [cb], plugins=[plugin]).predict(Served(log), predict_loader(batches=2))
     assert [entry["shape"] for entry in log] == [((5, 4),), ((5, 4),), ((2, 4),), ((2, 4),)]
     assert cb.figures[0].prewarmed == 1 and cb.figures[0].batches == 2
