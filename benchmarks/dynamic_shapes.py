@@ -75,22 +75,15 @@ def task(spec: dict) -> dict:
     harness.trainer([settings, times]).predict(real_models._served(net), loader, return_predictions=False)
     (fig,) = settings.figures
     assert [s[1] for s in times.shapes] == lengths + steady_lengths, "the batches ran out of order"
-    stream = times.times_ms[: len(lengths)]
-    files = [os.path.join(cache_dir, f) for f in os.listdir(cache_dir) if f.endswith(".bin")]
     return {
         "strategy": spec["strategy"],
         "bucketed": spec["bucketed"],
         "cold": spec["cold"],
         "lengths": lengths,
-        "stream_ms": stream,
+        "stream_ms": times.times_ms[: len(lengths)],
         "steady_lengths": steady_lengths,
         "steady_pass_ms": times.times_ms[len(lengths) :],
-        "first_batch_ms": fig.first_batch_ms,
-        "engines": fig.engines,
-        "cache_source": fig.cache_source,
-        "cache_bytes": fig.cache_bytes,
-        "saved_bytes": fig.saved_bytes,
-        "cache_file_bytes": sum(os.path.getsize(f) for f in files),
+        **harness.served_figures(fig, cache_dir),
         "load_program_s": load_s,
     }
 

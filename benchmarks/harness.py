@@ -136,6 +136,20 @@ def prepare_cache_dir(cache_dir: str, cold: bool) -> str:
     return cache_dir
 
 
+def served_figures(figures: Any, cache_dir: str) -> dict[str, Any]:
+    """What a cold or warm process reports of its one ``Trainer.predict``: the callback's figures and the
+    size of the cache files it left in ``cache_dir``."""
+    files = [os.path.join(cache_dir, f) for f in os.listdir(cache_dir) if f.endswith(".bin")]
+    return {
+        "first_batch_ms": figures.first_batch_ms,
+        "engines": figures.engines,
+        "cache_source": figures.cache_source,
+        "cache_bytes": figures.cache_bytes,
+        "saved_bytes": figures.saved_bytes,
+        "cache_file_bytes": sum(os.path.getsize(f) for f in files),
+    }
+
+
 def bare_engine_ms(net: Any, x: Any, settings: Any, calls: int) -> float:
     """Per-call ms of the engine(s) under ``net`` with the ``TRTSettings`` on one fixed input ``x`` (no
     Lightning, no loader). ``net`` is moved to ``x``'s device first: Lightning's teardown leaves it on the CPU."""

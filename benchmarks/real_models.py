@@ -217,18 +217,12 @@ def task_serve(spec: dict) -> dict:
     loader = _timed_loader(_inputs(spec["model"]), spec["min_batches"], spec["min_seconds"], spec["max_batches"])
     harness.trainer([settings, times]).predict(_served(net), loader, return_predictions=False)
     (fig,) = settings.figures
-    files = [os.path.join(cache_dir, f) for f in os.listdir(cache_dir) if f.endswith(".bin")]
     return {
         "cold": spec["cold"],
-        "first_batch_ms": fig.first_batch_ms,
         "times_ms": times.times_ms,
         "steady": harness.steady_point(times.times_ms),
         "batches": len(times.times_ms),
-        "engines": fig.engines,
-        "cache_source": fig.cache_source,
-        "cache_bytes": fig.cache_bytes,
-        "saved_bytes": fig.saved_bytes,
-        "cache_file_bytes": sum(os.path.getsize(f) for f in files),
+        **harness.served_figures(fig, cache_dir),
         "load_program_s": load_s,
     }
 

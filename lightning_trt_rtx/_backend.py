@@ -298,16 +298,25 @@ def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
     engine.set_output_tensors_as_unowned(state[1])
 
 
+def _serialized_info(engine: Any) -> list[Any] | None:
+    """A torchbind engine's serialized info: ``__getstate__()[0]``, what ``torch_tensorrt.save`` writes,
+    with fields at the ``_*_IDX`` indices (the whole engine is serialized to read it); None if unreadable."""
+    try:
+        return list(engine.__getstate__()[0])
+    except Exception as err:
+        log.debug("Could not read the serialized info of engine %r: %s", engine, err)
+        return None
+
+
 def bare_engine_aliases_io(engine: Any) -> bool | None:
     """Whether a bare engine writes an output through an input's storage (e.g. a KV-cache update);
     None when that cannot be read. Only its serialized info says (the field is empty when nothing is
-    aliased); reading it serializes the engine once. A TorchTensorRTModule has ``aliased_io``.
+    aliased). A TorchTensorRTModule has ``aliased_io``.
     """
-    try:
-        return bool(str(engine.__getstate__()[0][_ALIASED_IO_IDX]).strip())
-    except Exception as err:
-        log.debug("Could not read whether engine %r aliases its I/O: %s", engine, err)
+    info = _serialized_info(engine)
+    if info is None or len(info) <= _ALIASED_IO_IDX:
         return None
+    return bool(str(info[_ALIASED_IO_IDX]).strip())
 
 
 def contexts_created(engine: Any) -> int:
@@ -333,12 +342,11 @@ def engine_target(obj: Any) -> EngineTarget | None:
     The info is ``ScriptObject.__getstate__()[0]`` (what ``torch_tensorrt.save`` writes); its device
     field is ``gpu_id%major%minor%device_type%name`` on the C++ and the Python runtime alike.
     """
-    engine = obj.engine if is_trt_module(obj) else obj
-    getstate = getattr(engine, "__getstate__", None)
-    if engine is None or getstate is None:
+    engine = _engine_object(obj)
+    info = _serialized_info(engine) if engine is not None else None
+    if info is None:
         return None
     try:
-        info = list(getstate()[0])
         device = str(info[_DEVICE_IDX]).split("%")
         major, minor, name = int(device[1]), int(device[2]), device[4]
         hardware_compatible = str(info[_HW_COMPATIBLE_IDX]).strip() == "1"

@@ -238,3 +238,20 @@ def test_bare_engines_whose_io_cannot_be_read_are_left_alone(settings):
     stable.install()
     assert not stable.sites and "forward" not in vars(owner)
     assert stable.describe() == "addresses NOT held: 1 engine(s) left as they are (aliased or unreadable I/O)"
+
+
+def test_a_bare_engine_is_held_unless_its_serialized_info_says_it_aliases_io(settings):
+    from lightning_trt_rtx import _backend
+    from tests.test_prewarm import Stub  # a torchbind Engine's serialized info
+
+    def engine(aliased_io: str) -> Stub:
+        return Stub("0%9%0%1%NVIDIA H100", aliased_io=aliased_io)  # ALIASED_IO: "output@input@kind" records
+
+    assert _backend.bare_engine_aliases_io(engine("")) is False
+    assert _backend.bare_engine_aliases_io(engine("out@cache@kv")) is True
+    for aliased, sites in (("", 1), ("out@cache@kv", 0)):
+        owner = RuntimeLikeEngine(settings["whole_graph_capture"])
+        stable = StableAddresses([Engine("owner._run_on_acc_0_engine", "bare", engine(aliased), owner=owner)])
+        stable.install()
+        assert len(stable.sites) == sites and ("forward" in vars(owner)) == bool(sites)
+        stable.uninstall()

@@ -369,8 +369,8 @@ def test_prewarm_spec_is_none_without_shapes():
 class Stub:
     """Answers ``__getstate__`` as a torchbind Engine does: (serialized info, type name)."""
 
-    def __init__(self, device: str, hardware_compatible: str = "0") -> None:
-        self.info = ["10", "e", device, b"", "", "", hardware_compatible, "", "", "0", "0", "0", ""]
+    def __init__(self, device: str, hardware_compatible: str = "0", aliased_io: str = "") -> None:
+        self.info = ["10", "e", device, b"", "", "", hardware_compatible, "", "", "0", "0", "0", aliased_io]
 
     def __getstate__(self) -> tuple[list[Any], str]:
         return self.info, "__torch__.torch.classes.tensorrt.Engine"
@@ -379,7 +379,9 @@ class Stub:
 def test_engine_target_reads_the_serialized_device_info(trt):
     from torch_tensorrt.dynamo.runtime import _serialized_engine_layout as layout
 
-    assert (_backend._DEVICE_IDX, _backend._HW_COMPATIBLE_IDX) == (layout.DEVICE_IDX, layout.HW_COMPATIBLE_IDX)
+    assert (_backend._DEVICE_IDX, _backend._HW_COMPATIBLE_IDX, _backend._ALIASED_IO_IDX) == (
+        layout.DEVICE_IDX, layout.HW_COMPATIBLE_IDX, layout.ALIASED_IO_IDX
+    )  # fmt: skip
     assert layout.SERIALIZED_RT_DEVICE_DELIM == "%"
     target = _backend.engine_target(Stub("0%8%9%1%NVIDIA L4", "1"))
     assert target == _backend.EngineTarget(sm="sm89", name="NVIDIA L4", hardware_compatible=True)
