@@ -93,10 +93,17 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     from _model import model_spec
 
     results: dict[str, dict] = {}
+    failed: list[dict] = []
     for name in _models():
+        if cfg.get("models") and name not in cfg["models"]:
+            continue
         spec = {"model": name, "batch_size": model_spec(name).batch_size, "batches": cfg["batches"]}
         spec.update(reps=cfg["reps"], cache_dir=os.path.join(runner.work, f"cache-graphs-{name}"))
-        results[name] = runner.task("graphs", spec)
+        try:
+            results[name] = runner.task("graphs", spec)
+        except Exception as err:  # one model failing keeps the others' figures
+            failed.append({"key": f"graphs_{name}", "measurement": f"whole-graph capture, {name}", "value": None,
+                           "error": str(err)})  # fmt: skip
     table = {name: _summary(r) for name, r in results.items()}
     ratios = [
         d / s for r in results.values() for d, s in zip(r["per_batch_ms"]["default"], r["per_batch_ms"]["stable"])
@@ -105,7 +112,7 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     over = {name: t["stable_minus_empty_over_bare_graphs"] for name, t in table.items()}
     worst_over = max(over.values()) if over else None
     deep = table.get("mlp-deep")
-    rows = []
+    rows = failed
     if deep is not None:
         default, stable = deep["median_ms"]["default"], deep["median_ms"]["stable"]
         rows.append(

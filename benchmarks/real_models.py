@@ -278,6 +278,8 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     if skipped:
         print(f"    skipped {', '.join(skipped)}: torchvision is not installed (pip install '.[bench]')", flush=True)
     for name in available_models():
+        if cfg.get("models") and name not in cfg["models"]:
+            continue
         start = time.perf_counter()
         try:
             rows.append(_measure_model(runner, cfg, name))

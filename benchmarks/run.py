@@ -93,6 +93,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="kernel-specialization strategies the dynamic-shapes step compares (default: all three)",
     )  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=STEPS, default=None)
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted({*graphs.MODELS, *real_models.MODELS}), default=None,
+        help="only these models in the graphs and real-model steps (e.g. to split a run over two GPUs)",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--_task", choices=sorted(TASKS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_spec", default="{}", help=argparse.SUPPRESS)
@@ -150,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stream_batches": args.stream_batches,
         "dynamic_strategies": args.dynamic_strategies or ["lazy", "eager", "none"],
         "steady_rounds": 3 if args.quick else 5,
+        "models": args.models,
     }
     out = os.path.abspath(args.out)
     runner = harness.Runner(out, verbose=args.verbose)
