@@ -413,10 +413,13 @@ def steady_point(times_ms: Sequence[float], window: int = STEADY_WINDOW, factor:
 
     ``final_median_ms``: the median of the second half of the batches. The steady index ``k`` is the first
     batch whose own time is within ``factor`` x that median and from which on the median of every
-    ``window`` consecutive batches (every window that starts at ``k`` or later) is too; ``until_ms`` is the
-    time of the batches before it (``sum(times_ms[:k])``: the first batch, and any slow ones after it).
-    A single slow batch later on (a host hiccup) moves no window's median. ``steady`` is False when no
-    such batch exists (``k == len(times_ms)``, ``until_ms`` the whole run).
+    ``window`` consecutive batches that starts in the first half (at ``k`` or later) is too; ``until_ms``
+    is the time of the batches before it (``sum(times_ms[:k])``: the first batch, and any slow ones after
+    it). A single slow batch (a host hiccup) moves no window's median, and the second half is the steady
+    state by definition: a burst of slow batches there (another process on the host) is part of what
+    the final median measures, not a sign the run had not settled (on H200 such a burst at batch 2300 of
+    2319 once reported a warm ResNet-50 as steady only at its end). ``steady`` is False when no such batch
+    exists (``k == len(times_ms)``, ``until_ms`` the whole run).
     """
     n = len(times_ms)
     if n == 0:
@@ -424,7 +427,7 @@ def steady_point(times_ms: Sequence[float], window: int = STEADY_WINDOW, factor:
     final = median(times_ms[n // 2 :])
     limit = factor * final
     w = max(1, min(window, n))
-    last_bad = max((j for j in range(n - w + 1) if median(times_ms[j : j + w]) > limit), default=-1)
+    last_bad = max((j for j in range(min(n - w + 1, n // 2)) if median(times_ms[j : j + w]) > limit), default=-1)
     k = next((i for i in range(last_bad + 1, n) if times_ms[i] <= limit), n)
     return {
         "index": k,

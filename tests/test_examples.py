@@ -591,6 +591,10 @@ def test_steady_point_definition():
     assert (cold["index"], cold["until_ms"], cold["final_median_ms"], cold["steady"]) == (12, 265.0, 5.0, True)
     # one late hiccup moves no rolling median
     assert bench.steady_point([100.0] + [5.0] * 20 + [50.0] + [5.0] * 20)["index"] == 1
+    # a burst of slow batches in the second half (another process on the host) is steady state, not a late start
+    assert bench.steady_point([100.0] + [5.0] * 60 + [9.0] * 4 + [5.0] * 5)["index"] == 1
+    # the same burst in the first half still counts: the run settles after it
+    assert bench.steady_point([100.0] + [5.0] * 5 + [9.0] * 4 + [5.0] * 60)["index"] == 10
     # within 1.2x counts as steady; above it does not
     assert bench.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
     assert bench.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3
