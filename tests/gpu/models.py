@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -41,7 +43,8 @@ def mlp(width: int = 1024, layers: int = 8) -> torch.nn.Module:
     return torch.nn.Sequential(*blocks)
 
 
-def compile_trt(model: torch.nn.Module, example: torch.Tensor, graph_break: bool = False, **kwargs):
+def compile_trt(model: torch.nn.Module, example: Any, graph_break: bool = False, **kwargs):
+    """``model`` compiled for ``example``: a tensor, or a ``torch_tensorrt.Input`` (e.g. a dynamic batch)."""
     import torch_tensorrt
 
     if graph_break:
