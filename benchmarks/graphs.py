@@ -8,8 +8,10 @@ loader (a new batch tensor every step):
 * ``default``: ``cuda_graph_strategy="disabled"``;
 * ``upstream``: ``"whole_graph_capture"`` with the addresses left to torch-tensorrt
   (``LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0``: how whole-graph capture behaved before this package held them);
-* ``stable``: ``"whole_graph_capture"`` as the package serves it (stable input and output addresses);
+* ``stable``: ``"whole_graph_capture"`` as the package serves it (addresses held once they move);
 * ``empty``: a LightningModule whose ``predict_step`` returns its batch (Lightning's own cost per batch);
+* ``default-kept``, ``upstream-kept``, ``stable-kept``: the same with ``return_predictions=True``, where
+  every prediction stays alive and an engine's outputs cannot land where the last ones were;
 
 interleaved (the order rotates every round, the first round a warm-up left out), then the bare engine
 on one fixed input, without and with graphs. Goals: ``stable`` at least as fast as ``default`` in
@@ -23,13 +25,14 @@ import os
 from benchmarks import harness
 
 MODELS = ("mlp", "mlp-deep", "resnet18", "encoder")
-VARIANTS = ("default", "upstream", "stable", "empty")
+VARIANTS = ("default", "upstream", "stable", "empty", "default-kept", "upstream-kept", "stable-kept")
 
 
 def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
     """The callbacks and environment of one variant (the timer is added by the caller)."""
     from lightning_trt_rtx import TRTRuntimeSettings, addresses
 
+    name = name.removesuffix("-kept")
     if name == "empty":
         return [], {}
     strategy = "disabled" if name == "default" else "whole_graph_capture"
@@ -61,14 +64,16 @@ def task(spec: dict) -> dict:
             timer = BatchTimer()
             os.environ.update(env)
             try:
-                harness.predict(Empty() if name == "empty" else model, data, [*callbacks, timer])
+                harness.predict(
+                    Empty() if name == "empty" else model, data, [*callbacks, timer], name.endswith("-kept")
+                )
             finally:
                 for key in env:
                     os.environ.pop(key, None)
             if rep == 0:
                 continue  # warm-up round: compile, JIT, first captures
             per_batch[name].append(timer.per_batch_ms)
-            if name in ("upstream", "stable"):  # whether the graphs could replay, as the figures say
+            if callbacks and name.split("-")[0] != "default":  # whether the graphs could replay, as the figures say
                 capture[name] = callbacks[0].figures[0].capture
     x = torch.randn(model.batch_size, *model_spec(spec["model"]).input_shape, device=harness.device())
     bare = {
@@ -105,8 +110,11 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             failed.append({"key": f"graphs_{name}", "measurement": f"whole-graph capture, {name}", "value": None,
                            "error": str(err)})  # fmt: skip
     table = {name: _summary(r) for name, r in results.items()}
-    ratios = [
-        d / s for r in results.values() for d, s in zip(r["per_batch_ms"]["default"], r["per_batch_ms"]["stable"])
+    ratios = [  # every round of every model, predictions dropped and kept
+        d / s
+        for r in results.values()
+        for kept in ("", "-kept")
+        for d, s in zip(r["per_batch_ms"]["default" + kept], r["per_batch_ms"]["stable" + kept])
     ]
     worst = min(ratios) if ratios else None
     over = {name: t["stable_minus_empty_over_bare_graphs"] for name, t in table.items()}
@@ -131,10 +139,11 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     rows.append(
         {
             "key": "graphs_never_slower",
-            "measurement": "whole-graph capture vs default, slowest repetition of any model (default / stable)",
+            "measurement": "whole-graph capture vs default, slowest repetition of any model, predictions dropped"
+            " or kept (default / stable)",
             "value": worst,
-            "display": f"{worst:.2f}x (per model, median: "
-            + ", ".join(f"{n} {t['speedup']:.2f}x" for n, t in table.items())
+            "display": f"{worst:.2f}x (per model, median, dropped / kept: "
+            + ", ".join(f"{n} {t['speedup']:.2f}x / {t['kept_speedup']:.2f}x" for n, t in table.items())
             + ")"
             if worst is not None
             else "n/a",
@@ -167,6 +176,10 @@ def _summary(result: dict) -> dict:
         "bare_ms": bare,
         "speedup": median["default"] / median["stable"] if median["stable"] > 0 else float("nan"),
         "upstream_speedup": median["default"] / median["upstream"] if median["upstream"] > 0 else float("nan"),
+        "kept_speedup": median["default-kept"] / median["stable-kept"] if median["stable-kept"] > 0 else float("nan"),
+        "upstream_kept_speedup": median["default-kept"] / median["upstream-kept"]
+        if median["upstream-kept"] > 0
+        else float("nan"),
         "stable_minus_empty_over_bare_graphs": (median["stable"] - median["empty"]) / bare["whole_graph_capture"]
         if bare["whole_graph_capture"] > 0
         else float("nan"),

@@ -2,27 +2,34 @@
 
 TensorRT-RTX replays an engine's captured CUDA graph only while the engine's input and output
 addresses stay the same; when they move it captures again, which costs more than not capturing at
-all. torch-tensorrt binds the caller's input tensor and a freshly allocated output on every call, so
-inside ``Trainer.predict`` the addresses depend on what the caching allocator hands back (measured
-on a bare engine on H100, 32x256 MLP: 76 µs per call at fixed addresses, 369-505 µs when they move,
-455 µs without graphs; what this module costs on top, two copies per call, is the graphs benchmark's
-to say). It holds them still, per call site (a ``TorchTensorRTModule``, or the module whose
-attributes hold a loaded program's bare engines):
+all (bare engine on H100, 32x256 MLP: 76 µs per call at fixed addresses, 369-505 µs when they move,
+455 µs without graphs). torch-tensorrt binds the caller's input tensor and a freshly allocated
+output on every call, so the addresses are what the caching allocator hands back: inside
+``Trainer.predict`` with ``return_predictions=False`` they are usually the same every batch (each
+batch's tensors are freed before the next is allocated), and copying then costs more than it saves
+(H200, 32x256 MLP: 0.32 ms per batch as upstream, 0.44 ms copying every call). They move when the
+caller keeps its outputs (``return_predictions=True``, a prediction writer) or its inputs.
 
-* **inputs** (positional tensors) are copied into buffers allocated once per shape signature
-  (shapes, dtypes, devices of the call's tensors), at most :data:`MAX_SHAPES` signatures per site,
-  least recently used dropped;
-* **outputs** stay in the engine's own buffers (torch-tensorrt's ``use_pre_allocated_outputs``, with
-  the outputs owned by the engine: it reuses them while the input shapes stay the same), and the
-  caller gets a copy, so a prediction Lightning keeps is never overwritten by a later batch.
+So each call site (a ``TorchTensorRTModule``, or the module whose attributes hold a loaded program's
+bare engines) watches its engines' addresses, and holds still what moved, from the next call on, for
+the rest of the run:
 
-Staging applies only while the site's engines hold ``whole_graph_capture`` and no CUDA-graph capture
-is running around them (inside :class:`~lightning_trt_rtx.graphs.GraphScopes`' whole-module graph
-the engines' own capture is off and the outer graph already holds its buffers): otherwise calls pass
-straight through. Each site watches its outputs: an output address that moves between two calls at
-the same shapes means the engine captured again, and so does a change of shapes (the engine keeps
-one set of outputs and allocates new ones for new shapes); :meth:`StableAddresses.describe` counts
-both. Engines that alias an output to an input (or whose I/O cannot be read) are left alone::
+* **inputs** (positional tensors), once their address moved between two calls at the same shapes,
+  are copied into buffers allocated once per shape signature (shapes, dtypes, devices of the call's
+  tensors), at most :data:`MAX_SHAPES` signatures per site, least recently used dropped;
+* **outputs**, once their address moved, stay in the engine's own buffers (torch-tensorrt's
+  ``use_pre_allocated_outputs``, with the outputs owned by the engine: it reuses them while the
+  input shapes stay the same), and the caller gets a copy, so a prediction Lightning keeps is never
+  overwritten by a later batch.
+
+``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES``: ``1`` (the default) as above, ``always`` copies from the first
+call, ``0`` leaves the addresses to torch-tensorrt. This applies only while the site's engines hold
+``whole_graph_capture`` and no CUDA-graph capture is running around them (inside
+:class:`~lightning_trt_rtx.graphs.GraphScopes`' whole-module graph the engines' own capture is off and
+the outer graph already holds its buffers): otherwise calls pass straight through. A change of shapes
+is a new capture (the engine keeps one set of outputs and allocates new ones for new shapes), and so
+is a kept output that moves between steady calls; :meth:`StableAddresses.describe` counts both.
+Engines that alias an output to an input (or whose I/O cannot be read) are left alone::
 
     stable = StableAddresses(find_engines(model))
     stable.install()
@@ -51,33 +58,46 @@ log = logging.getLogger(__name__)
 MAX_SHAPES = 8  # input buffers kept per call site: a few batch sizes and a smaller last batch
 _WHOLE_GRAPH = "whole_graph_capture"
 _HELD = (True, False)  # pre-allocated outputs on, and owned by the engine: the same tensors every call
-# "0": leave the addresses to torch-tensorrt (whole-graph capture as upstream does it): the escape
-# hatch, and the baseline the graphs benchmark compares against
 ENABLED_ENV = "LIGHTNING_TRT_RTX_STABLE_ADDRESSES"
+# "0": leave the addresses to torch-tensorrt (whole-graph capture as upstream does it): the escape hatch,
+# and a baseline of the graphs benchmark; "1": copy what moved (the default); "always": copy from the
+# first call (for a job that knows its addresses move: saves the capture that finds it out)
+_MODES = {"0": "off", "1": "moved", "always": "always"}
 
 
-def enabled() -> bool:
-    """Whether sessions hold addresses still under whole-graph capture (unless ``$ENABLED_ENV=0``)."""
-    return os.environ.get(ENABLED_ENV, "1") != "0"
+def mode() -> str:
+    """``"off"``, ``"moved"`` (the default) or ``"always"``, from ``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES``."""
+    value = os.environ.get(ENABLED_ENV, "1").strip().lower()
+    if value not in _MODES:
+        raise ValueError(
+            f"${ENABLED_ENV}={value!r} is not a valid choice: use 0 (leave the addresses to torch-tensorrt),"
+            " 1 (copy an engine's inputs or outputs once their address moved; the default) or always"
+            " (copy from the first call)."
+        )
+    return _MODES[value]
 
 
 class _Site:
     """One call site: ``module.forward`` wrapped, the engines it runs, the buffers and what was seen."""
 
-    def __init__(self, module: torch.nn.Module, engines: list[Engine]) -> None:
+    def __init__(self, module: torch.nn.Module, engines: list[Engine], from_first_call: bool = False) -> None:
         self.module = module
         self.engines = engines
         self.original = module.forward
         self.buffers: OrderedDict[tuple, list[torch.Tensor | None]] = OrderedDict()
+        # what the site does, each switched on for good the first time that address moved between two
+        # calls at the same shapes (each move is a capture the engine had to make again)
+        self.copy_inputs = from_first_call
+        self.keep_outputs = from_first_call
         self.holding = False  # whether the engines keep their outputs (see _backend.set_output_holding)
         self.prior: list[tuple[bool, bool]] | None = None  # read when first held: engines are set up by then
         self.failure = ""  # why this site passes through for good (the figures show it)
-        self.staged_calls = 0
-        self.moves = 0  # outputs at a new address between two steady calls at the same shapes
-        self._last: tuple[tuple, tuple[int, ...]] | None = None  # (signature, output addresses)
-        self._streak = 0  # calls in a row at the last signature
+        self.calls = 0  # calls under the engines' own whole-graph capture
+        self.moves = 0  # held outputs at a new address between two steady calls at the same shapes
+        self._last: tuple[tuple, tuple[int, ...], tuple[int, ...]] | None = None  # (signature, inputs, outputs)
+        self._streak = 0  # calls in a row at the last signature since the site last changed what it does
         self.shapes_seen: set[tuple] = set()
-        self.switches = 0  # staged calls at other shapes than the call before: the engine re-allocates its outputs
+        self.switches = 0  # calls at other shapes than the call before: the engine captures again
         self._cuda = torch.cuda.is_available()  # asking whether a capture runs needs a driver
 
     # --- the wrapped forward ---------------------------------------------------------------------
@@ -86,13 +106,14 @@ class _Site:
         if self.failure or not self._wanted():
             self._hold(False)
             return self.original(*args, **kwargs)
-        if not self._hold(True):
+        if self.keep_outputs and not self._hold(True):
             return self.original(*args, **kwargs)
         signature = _signature(args)
-        outputs = self.original(*self._stage(args, signature), **kwargs)
-        self.staged_calls += 1
-        self._watch(signature, outputs)
-        return _copy_tensors(outputs)
+        engine_args = self._stage(args, signature) if self.copy_inputs else args
+        outputs = self.original(*engine_args, **kwargs)
+        self._watch(signature, engine_args, outputs)
+        # kept outputs are the engine's own: the next batch is written into them
+        return _copy_tensors(outputs) if self.holding else outputs
 
     def _wanted(self) -> bool:
         if self._cuda and torch.cuda.is_current_stream_capturing():
@@ -144,17 +165,30 @@ class _Site:
                 buffer.copy_(arg)
         return tuple(arg if buffer is None else buffer for arg, buffer in zip(args, buffers))
 
-    def _watch(self, signature: tuple, outputs: Any) -> None:
+    def _watch(self, signature: tuple, engine_args: tuple, outputs: Any) -> None:
+        """Compare this call's addresses with the last call's; start copying what moved."""
+        inputs = tuple(a.data_ptr() for a in engine_args if _stageable(a))
         addresses = tuple(t.data_ptr() for t in _tensors(outputs))
-        last, self._last = self._last, (signature, addresses)
-        self._streak = self._streak + 1 if last is not None and last[0] == signature else 1
+        last, self._last = self._last, (signature, inputs, addresses)
+        self.calls += 1
         self.shapes_seen.add(signature)
-        if last is not None and last[0] != signature:
-            self.switches += 1
-        # the first call at new shapes returns fresh outputs and allocates the ones the engine keeps
-        # from the second call on: from the third call in a row, a new address is a new capture
-        if self._streak >= 3 and last is not None and last[1] != addresses:
-            self.moves += 1
+        if last is None or last[0] != signature:
+            self.switches += last is not None
+            self._streak = 1
+            return
+        self._streak += 1
+        if inputs != last[1] and not self.copy_inputs:
+            self.copy_inputs = True  # e.g. a loader whose batches the allocator places anywhere
+            self._streak = 0
+        if addresses != last[2]:
+            if not self.keep_outputs:
+                self.keep_outputs = True  # the caller keeps its outputs (return_predictions, a writer)
+                self._streak = 0
+            elif self._streak >= 3:
+                # held: the first call at new shapes returns fresh outputs and allocates the ones the
+                # engine keeps from the second call on; from the third call in a row, a new address
+                # is a new capture
+                self.moves += 1
 
     # --- install / uninstall ---------------------------------------------------------------------
 
@@ -171,8 +205,9 @@ class _Site:
 class StableAddresses:
     """Hold the input and output addresses of every engine in ``engines`` still (see the module docs)."""
 
-    def __init__(self, engines: Sequence[Engine]) -> None:
+    def __init__(self, engines: Sequence[Engine], from_first_call: bool = False) -> None:
         self.sites: list[_Site] = []
+        self.from_first_call = from_first_call
         self.engines = engines
         self.skipped = 0  # engines left alone: aliased I/O, or not known not to be
         by_module: dict[int, tuple[torch.nn.Module, list[Engine]]] = {}
@@ -195,7 +230,7 @@ class StableAddresses:
         if self.sites:
             return
         for module, engines in self._pending:
-            site = _Site(module, engines)
+            site = _Site(module, engines, self.from_first_call)
             site.install()
             self.sites.append(site)
 
@@ -212,11 +247,20 @@ class StableAddresses:
         failed = [s for s in self.sites if s.failure]
         if failed:
             return f"addresses NOT held at {len(failed)} of {len(self.sites)} call sites: {failed[0].failure}"
-        if not any(s.staged_calls for s in self.sites):
+        if not any(s.calls for s in self.sites):
             return "addresses not held: no call ran under the engines' own capture (e.g. inside a whole-module graph)"
+        copying = [
+            f"{what} at {n} of {len(self.sites)} call site(s)"
+            for what, n in (
+                ("inputs copied in", sum(s.copy_inputs for s in self.sites)),
+                ("outputs kept and copied out", sum(s.keep_outputs for s in self.sites)),
+            )
+            if n
+        ]
+        how = ", ".join(copying) + (" from the first call" if self.from_first_call else " once they had moved")
         parts = [
-            f"stable addresses: {len(self.sites)} call site(s),"
-            f" {max(len(s.shapes_seen) for s in self.sites)} shape(s)"
+            f"stable addresses: {len(self.sites)} call site(s), {max(len(s.shapes_seen) for s in self.sites)} shape(s),"
+            f" {how if copying else 'nothing to copy (the addresses did not move)'}"
         ]
         switches = sum(s.switches for s in self.sites)
         moves = sum(s.moves for s in self.sites)

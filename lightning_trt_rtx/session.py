@@ -192,7 +192,8 @@ class ServingSession:
         :mod:`lightning_trt_rtx.addresses`): TensorRT-RTX replays a captured graph only while they stay."""
         if self.settings.cuda_graph_strategy != "whole_graph_capture" or self.binding is None:
             return
-        if not addresses.enabled():
+        mode = addresses.mode()
+        if mode == "off":
             self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
             return
         engines = self.binding.engines
@@ -200,7 +201,7 @@ class ServingSession:
             if self.stable.adopt(engines):
                 return
             self.stable.uninstall()
-        self.stable = addresses.StableAddresses(engines)
+        self.stable = addresses.StableAddresses(engines, from_first_call=mode == "always")
         self.stable.install()
 
     def runtime_settings(self) -> Any:

@@ -64,8 +64,8 @@ def settings(trt):
     }
 
 
-def held(engine: nn.Module) -> StableAddresses:
-    stable = StableAddresses([Engine("engine", "module", engine)])
+def held(engine: nn.Module, from_first_call: bool = False) -> StableAddresses:
+    stable = StableAddresses([Engine("engine", "module", engine)], from_first_call=from_first_call)
     stable.install()
     return stable
 
@@ -75,21 +75,76 @@ def batches(*sizes: int, width: int = 4) -> list[torch.Tensor]:
     return [torch.randn(n, width, generator=g) for n in sizes]
 
 
-def test_steady_calls_bind_the_same_input_and_output_addresses_and_predictions_are_kept(settings):
+HELD_BOTH = "inputs copied in at 1 of 1 call site(s), outputs kept and copied out at 1 of 1 call site(s)"
+
+
+def test_addresses_that_moved_are_held_from_the_next_call_and_predictions_are_kept(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
     stable = held(engine)
-    inputs = batches(8, 8, 8, 8, 8)
+    inputs = batches(8, 8, 8, 8, 8, 8)
     kept = [engine(x) for x in inputs]  # every prediction kept alive, as return_predictions=True does
-    # each call got a different input tensor; the engine saw one buffer
-    assert len({x.data_ptr() for x in inputs}) == 5 and len(set(engine.bound_inputs)) == 1
-    # from the second call on, the engine (told to own its outputs, though compile marked them
-    # unowned) writes into the outputs it keeps
-    assert len(set(engine.bound_outputs[1:])) == 1
+    # each call got a different input tensor: the first two were bound as given (both addresses moved
+    # between them), from the third call on the engine saw one buffer
+    assert len({x.data_ptr() for x in inputs}) == 6
+    assert engine.bound_inputs[:2] == [x.data_ptr() for x in inputs[:2]] and len(set(engine.bound_inputs[2:])) == 1
+    # the first held call allocates the outputs the engine keeps (told to own them, though compile
+    # marked them unowned); from the next call on it writes into them
+    assert len(set(engine.bound_outputs[3:])) == 1
     for x, y in zip(inputs, kept):  # later batches overwrote nothing the caller holds
         torch.testing.assert_close(y, 2 * x + 1)
-    assert all(y.data_ptr() not in engine.bound_outputs[1:] for y in kept)
+    assert all(y.data_ptr() not in engine.bound_outputs[3:] for y in kept)
     assert stable.sites[0].moves == 0
-    assert stable.describe() == "stable addresses: 1 call site(s), 1 shape(s)"
+    assert stable.describe() == f"stable addresses: 1 call site(s), 1 shape(s), {HELD_BOTH} once they had moved"
+
+
+class AllocatorLikeEngine(RuntimeLikeEngine):
+    """Hands out the same fresh output while the caller drops the last one, as CUDA's caching allocator
+    does inside ``Trainer.predict(return_predictions=False)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_pre_allocated_outputs:
+            return super().forward(x)
+        self.bound_inputs.append(x.data_ptr())
+        if getattr(self, "_block", None) is None or self._block.shape != x.shape:
+            self._block = torch.empty_like(x)
+        self.bound_outputs.append(self._block.data_ptr())
+        return torch.mul(x, 2, out=self._block).add_(1)
+
+
+def test_addresses_that_stay_still_are_not_copied(settings):
+    engine = AllocatorLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    x = batches(8)[0]  # the loader's batch lands where the last one was
+    for _ in range(5):
+        y = engine(x)
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert set(engine.bound_inputs) == {x.data_ptr()} and y.data_ptr() == engine.bound_outputs[-1]  # no copy
+    assert not engine.use_pre_allocated_outputs and not stable.sites[0].buffers
+    assert stable.describe() == (
+        "stable addresses: 1 call site(s), 1 shape(s), nothing to copy (the addresses did not move)"
+    )
+
+
+def test_from_the_first_call_everything_is_held_at_once(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine, from_first_call=True)
+    inputs = batches(8, 8, 8, 8)
+    kept = [engine(x) for x in inputs]
+    assert len(set(engine.bound_inputs)) == 1 and len(set(engine.bound_outputs[1:])) == 1
+    for x, y in zip(inputs, kept):
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert stable.describe() == f"stable addresses: 1 call site(s), 1 shape(s), {HELD_BOTH} from the first call"
+
+
+def test_the_environment_variable_picks_the_mode_and_a_bad_value_names_the_choices(monkeypatch):
+    for value, mode in (("0", "off"), ("1", "moved"), ("always", "always"), (" Always ", "always")):
+        monkeypatch.setenv(addresses.ENABLED_ENV, value)
+        assert addresses.mode() == mode
+    monkeypatch.delenv(addresses.ENABLED_ENV)
+    assert addresses.mode() == "moved"
+    monkeypatch.setenv(addresses.ENABLED_ENV, "yes")
+    with pytest.raises(ValueError, match=r"LIGHTNING_TRT_RTX_STABLE_ADDRESSES='yes'.*0 .*1 .*always"):
+        addresses.mode()
 
 
 def test_a_smaller_last_batch_gets_its_own_buffers_and_the_right_values(settings):
@@ -100,15 +155,18 @@ def test_a_smaller_last_batch_gets_its_own_buffers_and_the_right_values(settings
     for x, y in zip(inputs, outputs):
         assert y.shape == x.shape
         torch.testing.assert_close(y, 2 * x + 1)
-    assert engine.bound_inputs[3] != engine.bound_inputs[0]
+    assert engine.bound_inputs[3] != engine.bound_inputs[2]
     assert len(stable.sites[0].buffers) == 2 and stable.sites[0].moves == 0
     # the engine allocates new outputs at new shapes: that switch is a new capture, and is said
-    assert stable.describe() == "stable addresses: 1 call site(s), 2 shape(s); 1 shape switch(es), each a new capture"
+    assert stable.describe() == (
+        f"stable addresses: 1 call site(s), 2 shape(s), {HELD_BOTH} once they had moved;"
+        " 1 shape switch(es), each a new capture"
+    )
 
 
 def test_input_buffers_are_bounded_least_recently_used_first(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     sizes = list(range(1, MAX_SHAPES + 3))
     for n in sizes:
         torch.testing.assert_close(engine(batches(n)[0]), 2 * batches(n)[0] + 1)
@@ -120,14 +178,14 @@ def test_input_buffers_are_bounded_least_recently_used_first(settings):
 
 def test_inputs_given_as_non_contiguous_views_are_copied_whole(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    held(engine)
+    held(engine, from_first_call=True)
     x = torch.randn(4, 8).t()  # 8 x 4, not contiguous
     torch.testing.assert_close(engine(x), 2 * x + 1)
 
 
 def test_calls_pass_straight_through_while_the_engine_does_not_capture(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     x = batches(8)[0]
     engine(x)
     assert engine.use_pre_allocated_outputs
@@ -135,12 +193,12 @@ def test_calls_pass_straight_through_while_the_engine_does_not_capture(settings)
     y = engine(x)
     assert engine.bound_inputs[-1] == x.data_ptr() and not engine.use_pre_allocated_outputs and engine.unowned
     assert y.data_ptr() == engine.bound_outputs[-1]  # no copy: nothing is kept
-    assert stable.sites[0].staged_calls == 1
+    assert stable.sites[0].calls == 1
 
 
 def test_an_engine_whose_outputs_still_move_is_reported(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"], obeys_ownership=False)
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     for x in batches(8, 8, 8, 8, 8):
         engine(x)
     assert stable.sites[0].moves == 3  # calls 3, 4 and 5 at the same shapes
@@ -154,7 +212,7 @@ def test_an_engine_that_cannot_keep_its_outputs_passes_through_and_says_so(setti
 
     monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     x = batches(8)[0]
     torch.testing.assert_close(engine(x), 2 * x + 1)
     assert engine.bound_inputs == [x.data_ptr()]
@@ -166,7 +224,7 @@ def test_an_engine_that_cannot_keep_its_outputs_passes_through_and_says_so(setti
 
 def test_uninstall_gives_back_the_forward_and_the_output_setting(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     engine(batches(8)[0])
     assert "forward" in vars(engine) and engine.use_pre_allocated_outputs and not engine.unowned
     stable.uninstall()
@@ -178,7 +236,7 @@ def test_uninstall_gives_back_the_forward_and_the_output_setting(settings):
 
 def test_buffers_made_in_inference_mode_are_not_written_outside_it(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     x = batches(8)[0]
     with torch.inference_mode():
         engine(x)
@@ -212,18 +270,19 @@ class DictEngine(RuntimeLikeEngine):
 
 def test_outputs_at_any_depth_are_the_callers_own(settings):
     engine = DictEngine(settings["whole_graph_capture"])
-    held(engine)
-    inputs = batches(8, 8, 8, 8)
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 8, 8)
     kept = [engine(x) for x in inputs]
     for x, out in zip(inputs, kept):
         torch.testing.assert_close(out["y"], 2 * x + 1)
         torch.testing.assert_close(out["more"][0], 2 * x + 1)
         assert out["more"][1] == 7
+    assert stable.sites[0].keep_outputs and stable.sites[0].moves == 0
 
 
 def test_an_input_viewing_its_buffer_differently_is_still_copied(settings):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = held(engine)
+    stable = held(engine, from_first_call=True)
     x = torch.randn(4, 4)
     engine(x)
     buffer = next(iter(stable.sites[0].buffers.values()))[0]
@@ -255,3 +314,16 @@ def test_a_bare_engine_is_held_unless_its_serialized_info_says_it_aliases_io(set
         stable.install()
         assert len(stable.sites) == sites and ("forward" in vars(owner)) == bool(sites)
         stable.uninstall()
+
+
+def test_a_session_refuses_a_bad_mode_before_serving_and_gives_every_engine_back(trt, fake_gpu, monkeypatch):
+    TTM = trt.dynamo.runtime.TorchTensorRTModule
+    model, engines = engine_tree(TTM)
+    monkeypatch.setenv(addresses.ENABLED_ENV, "yes")
+    with pytest.raises(ValueError, match="not a valid choice: use 0"):
+        with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)):
+            pass
+    assert not any("forward" in vars(e) for e in engines)
+    monkeypatch.setenv(addresses.ENABLED_ENV, "always")
+    with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)) as session:
+        assert session.stable is not None and session.stable.from_first_call

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from benchmarks.graphs import VARIANTS
 from tests.test_examples import _explain, run_script
 
 
@@ -24,13 +25,16 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path)
     ratios = []
     for model in table.values():
         per_rep = model["per_rep_ms"]
-        assert sorted(per_rep) == ["default", "empty", "stable", "upstream"]
+        assert set(per_rep) == {"default", "upstream", "stable", "empty"} | {f"{v}-kept" for v in VARIANTS[:3]}
         assert all(len(v) == 2 and all(ms > 0 for ms in v) for v in per_rep.values())  # warm-up round left out
         assert model["median_ms"]["stable"] == pytest.approx(statistics.median(per_rep["stable"]))
         assert model["spread_ms"]["default"] == [min(per_rep["default"]), max(per_rep["default"])]
         # the figures of both whole-graph variants are reported; eager on CPU, there is nothing to hold
-        assert model["capture"] == {"upstream": "", "stable": ""}
-        ratios += [d / s for d, s in zip(per_rep["default"], per_rep["stable"])]
+        assert model["capture"] == {"upstream": "", "stable": "", "upstream-kept": "", "stable-kept": ""}
+        for kept in ("", "-kept"):  # never slower: predictions dropped and kept
+            ratios += [d / s for d, s in zip(per_rep["default" + kept], per_rep["stable" + kept])]
+        median = model["median_ms"]
+        assert model["kept_speedup"] == pytest.approx(median["default-kept"] / median["stable-kept"])
         over = (model["median_ms"]["stable"] - model["median_ms"]["empty"]) / model["bare_ms"]["whole_graph_capture"]
         assert model["stable_minus_empty_over_bare_graphs"] == pytest.approx(over)
     assert rows["graphs_never_slower"]["value"] == pytest.approx(min(ratios))
