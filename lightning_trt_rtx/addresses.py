@@ -293,10 +293,14 @@ def _signature(args: tuple) -> tuple:
 
 def _tensors(outputs: Any) -> list[torch.Tensor]:
     """Every tensor in ``outputs``, at any depth (a loaded program rebuilds dicts and nested tuples)."""
+    if isinstance(outputs, torch.Tensor):  # the common case, without pytree's cost on every call
+        return [outputs]
     return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
 
 
 def _copy_tensors(outputs: Any) -> Any:
     """The caller's own copy of every tensor, at any depth: the engine writes the next batch into the
     tensors it keeps."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
     return pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
