@@ -36,7 +36,7 @@ def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
     if name == "empty":
         return [], {}
     strategy = "disabled" if name == "default" else "whole_graph_capture"
-    env = {addresses.ENABLED_ENV: "0"} if name == "upstream" else {}
+    env = {addresses.ENABLED_ENV: "0" if name == "upstream" else "1"}  # not whatever the shell has
     return [TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)], env
 
 
@@ -62,14 +62,18 @@ def task(spec: dict) -> dict:
         for name in order:
             callbacks, env = _variant(name, template)
             timer = BatchTimer()
+            before = {key: os.environ.get(key) for key in env}
             os.environ.update(env)
             try:
                 harness.predict(
                     Empty() if name == "empty" else model, data, [*callbacks, timer], name.endswith("-kept")
                 )
             finally:
-                for key in env:
-                    os.environ.pop(key, None)
+                for key, value in before.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
             if rep == 0:
                 continue  # warm-up round: compile, JIT, first captures
             per_batch[name].append(timer.per_batch_ms)

@@ -413,7 +413,8 @@ def steady_point(times_ms: Sequence[float], window: int = STEADY_WINDOW, factor:
 
     ``final_median_ms``: the median of the second half of the batches. The steady index ``k`` is the first
     batch whose own time is within ``factor`` x that median and from which on the median of every
-    ``window`` consecutive batches that starts in the first half (at ``k`` or later) is too; ``until_ms``
+    ``window`` consecutive batches that starts in the first half (at ``k`` or later) is too, or, for a run
+    not settled within its first half, every such window at ``k`` or later; ``until_ms``
     is the time of the batches before it (``sum(times_ms[:k])``: the first batch, and any slow ones after
     it). A single slow batch (a host hiccup) moves no window's median, and the second half is the steady
     state by definition: a burst of slow batches there (another process on the host) is part of what
@@ -427,8 +428,11 @@ def steady_point(times_ms: Sequence[float], window: int = STEADY_WINDOW, factor:
     final = median(times_ms[n // 2 :])
     limit = factor * final
     w = max(1, min(window, n))
-    last_bad = max((j for j in range(min(n - w + 1, n // 2)) if median(times_ms[j : j + w]) > limit), default=-1)
+    bad = [j for j in range(n - w + 1) if median(times_ms[j : j + w]) > limit]
+    last_bad = max((j for j in bad if j < n // 2), default=-1)
     k = next((i for i in range(last_bad + 1, n) if times_ms[i] <= limit), n)
+    if k >= n // 2:  # not settled within the first half: the old, strict rule (every later window)
+        k = next((i for i in range(max(bad, default=-1) + 1, n) if times_ms[i] <= limit), n)
     return {
         "index": k,
         "until_ms": float(sum(times_ms[:k])),

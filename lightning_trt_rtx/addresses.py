@@ -106,6 +106,8 @@ class _Site:
         if self.failure or not self._wanted():
             self._hold(False)
             return self.original(*args, **kwargs)
+        if self.prior is None and not self._read_prior():
+            return self.original(*args, **kwargs)
         if self.keep_outputs and not self._hold(True):
             return self.original(*args, **kwargs)
         signature = _signature(args)
@@ -126,8 +128,8 @@ class _Site:
             return True
         try:
             if on:
-                self.prior = self.prior or [_backend.output_holding(e.obj) for e in self.engines]
                 for engine in self.engines:
+                    _backend.drop_kept_outputs(engine.obj)  # kept from an earlier hold: maybe other shapes
                     _backend.set_output_holding(engine.obj, _HELD)
             else:
                 self._give_back()
@@ -138,6 +140,18 @@ class _Site:
             return False
         self.holding = on
         return True
+
+    def _read_prior(self) -> list[tuple[bool, bool]]:
+        """The engines' own output setting, read at the first call (engines are set up by then). An engine
+        that already keeps its outputs hands every call the same tensors: the caller gets copies."""
+        if self.prior is None:
+            try:
+                self.prior = [_backend.output_holding(e.obj) for e in self.engines]
+            except Exception as err:  # an engine without the setting: pass through from now on, and say so
+                self.failure = f"the engine cannot keep its outputs ({type(err).__name__}: {err})"
+                return []
+            self.keep_outputs = self.keep_outputs or _HELD in self.prior
+        return self.prior
 
     def _give_back(self) -> None:
         self.holding = False

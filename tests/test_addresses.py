@@ -20,12 +20,14 @@ from tests.test_session import engine_tree
 
 
 class RuntimeLikeEngine(nn.Module):
-    """Computes ``2 * x + 1`` the way torch-tensorrt's runtime hands out outputs.
+    """Computes ``2 * x + 1`` the way torch-tensorrt's runtime hands out outputs (``_TRTEngine``).
 
-    It binds whatever input it is given. With ``use_pre_allocated_outputs`` it writes into the outputs
-    it allocated after the previous call at these shapes, and allocates new ones after every call
-    while its outputs are "unowned" (as ``torch_tensorrt.compile`` marks the engines producing a
-    model's outputs). ``obeys_ownership=False``: an engine that stays unowned whatever it is told.
+    It binds whatever input it is given. With ``use_pre_allocated_outputs`` it writes into
+    ``pre_allocated_outputs`` when the previous call also pre-allocated and the input shape did not
+    change since that call (without checking the outputs' own shape, as upstream does not: stale
+    outputs fail the write), and after the call allocates new ones while its outputs are "unowned"
+    (as ``torch_tensorrt.compile`` marks the engines producing a model's outputs), there are none, or
+    the shape changed. ``obeys_ownership=False``: an engine that stays unowned whatever it is told.
     """
 
     def __init__(self, settings, obeys_ownership: bool = True) -> None:
@@ -36,7 +38,8 @@ class RuntimeLikeEngine(nn.Module):
         self.obeys_ownership = obeys_ownership
         self.bound_inputs: list[int] = []
         self.bound_outputs: list[int] = []
-        self._kept: torch.Tensor | None = None
+        self.pre_allocated_outputs: list[torch.Tensor] = []
+        self._last: tuple[torch.Size | None, bool] = (None, False)  # (input shape, pre-allocated) of the last call
 
     def set_output_tensors_as_unowned(self, enabled: bool) -> None:
         self.unowned = enabled or not self.obeys_ownership
@@ -46,13 +49,15 @@ class RuntimeLikeEngine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.bound_inputs.append(x.data_ptr())
-        same_shape = self._kept is not None and self._kept.shape == x.shape
-        out = self._kept if self.use_pre_allocated_outputs and same_shape else torch.empty_like(x)
+        shape_changed = self._last[0] != x.shape
+        reuse = self._last[1] and self.use_pre_allocated_outputs and not shape_changed and self.pre_allocated_outputs
+        out = self.pre_allocated_outputs[0] if reuse else torch.empty_like(x)
         with torch.inference_mode(out.is_inference()):  # TensorRT writes through a raw address
-            torch.mul(x, 2, out=out).add_(1)
+            out.copy_(2 * x + 1)  # a stale output of another shape fails here
         self.bound_outputs.append(out.data_ptr())
-        if self.use_pre_allocated_outputs and (self.unowned or not same_shape):
-            self._kept = torch.empty_like(x)  # while ``out`` is alive: at another address
+        self._last = (x.shape, self.use_pre_allocated_outputs)
+        if self.use_pre_allocated_outputs and (self.unowned or not self.pre_allocated_outputs or shape_changed):
+            self.pre_allocated_outputs = [torch.empty_like(x)]  # while ``out`` is alive: at another address
         return out
 
 
@@ -327,3 +332,57 @@ def test_a_session_refuses_a_bad_mode_before_serving_and_gives_every_engine_back
     monkeypatch.setenv(addresses.ENABLED_ENV, "always")
     with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)) as session:
         assert session.stable is not None and session.stable.from_first_call
+
+
+def test_holding_again_after_a_pause_at_other_shapes_never_reuses_stale_outputs(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    held(engine, from_first_call=True)
+    for x in batches(8, 8, 8):  # held at 8 rows: the engine keeps 8-row outputs
+        engine(x)
+    engine.runtime_settings = settings["disabled"]  # a pause (e.g. a whole-module graph's loop): passed through
+    engine(batches(3)[0])
+    engine.runtime_settings = settings["whole_graph_capture"]
+    for x in batches(3, 3, 3, 3):  # upstream would reuse the 8-row outputs here, had they been kept
+        torch.testing.assert_close(engine(x), 2 * x + 1)
+
+
+def test_an_engine_that_already_keeps_its_outputs_hands_the_caller_copies(settings):
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    engine.use_pre_allocated_outputs, engine.unowned = True, False  # as the user's enable_pre_allocated_outputs
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 8)
+    kept = [engine(x) for x in inputs]
+    for x, y in zip(inputs, kept):  # the engine wrote every batch into the same tensors: the caller's are copies
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert stable.sites[0].keep_outputs
+    stable.uninstall()
+    assert engine.use_pre_allocated_outputs and not engine.unowned  # its own setting back
+
+
+def test_inputs_that_move_under_outputs_that_stay_are_the_only_copies(settings):
+    engine = AllocatorLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 8, 8)  # all alive: each at its own address
+    for x in inputs:
+        y = engine(x)
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert len(set(engine.bound_inputs[2:])) == 1 and y.data_ptr() == engine.bound_outputs[-1]  # no output copy
+    assert stable.describe() == (
+        "stable addresses: 1 call site(s), 1 shape(s), inputs copied in at 1 of 1 call site(s) once they had moved"
+    )
+
+
+def test_outputs_that_cannot_be_held_once_they_move_pass_through_and_say_so(settings, monkeypatch):
+    def refuse(obj, state):
+        if state[0]:
+            raise AttributeError("no use_pre_allocated_outputs")
+
+    monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
+    engine = RuntimeLikeEngine(settings["whole_graph_capture"])
+    stable = held(engine)
+    inputs = batches(8, 8, 8, 8)
+    kept = [engine(x) for x in inputs]  # outputs kept: they move, holding them fails, calls pass through
+    for x, y in zip(inputs, kept):
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert engine.bound_inputs[2:] == [x.data_ptr() for x in inputs[2:]]
+    assert stable.describe().startswith("addresses NOT held at 1 of 1 call sites: the engine cannot keep its outputs")

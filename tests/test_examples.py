@@ -595,6 +595,10 @@ def test_steady_point_definition():
     assert bench.steady_point([100.0] + [5.0] * 60 + [9.0] * 4 + [5.0] * 5)["index"] == 1
     # the same burst in the first half still counts: the run settles after it
     assert bench.steady_point([100.0] + [5.0] * 5 + [9.0] * 4 + [5.0] * 60)["index"] == 10
+    # a run still slow past its middle: one fast batch there is not the steady point
+    slow = [100.0] * 70 + [5.0] * 30
+    slow[52] = 5.0
+    assert bench.steady_point(slow)["index"] == 70
     # within 1.2x counts as steady; above it does not
     assert bench.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
     assert bench.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3

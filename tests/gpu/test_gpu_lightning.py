@@ -330,8 +330,9 @@ def test_whole_graph_capture_holds_addresses_and_never_overwrites_predictions(gr
         torch.testing.assert_close(written.cpu(), want, atol=1e-2, rtol=1e-2)
     # the kept predictions moved the model's outputs between batches 0 and 1: from batch 2 the engine
     # producing them keeps its outputs, allocated at batch 2 and the same through the full batches
-    steady = holder.kept_outputs[2:6]
-    assert all(step == steady[0] for step in steady) and steady[0][-1] is not None, holder.kept_outputs
+    # (an intermediate engine of the graph-break model holds only if its own addresses move: not compared)
+    steady = [step[-1] for step in holder.kept_outputs[2:6]]
+    assert steady[0] is not None and all(step == steady[0] for step in steady), holder.kept_outputs
     capture = callback.figures[0].capture
     assert capture.startswith("stable addresses: ") and "outputs kept and copied out" in capture, capture
     assert "outputs moved" not in capture, capture
