@@ -299,11 +299,16 @@ def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
 
 
 def drop_kept_outputs(obj: Any) -> None:
-    """Forget the outputs an engine pre-allocated. Upstream reuses them when the previous call also
-    pre-allocated and the input shapes did not change since that call, without checking them against
-    the shapes they were made for: outputs kept from before a pause at other shapes would be stale."""
+    """Forget the outputs an engine pre-allocated, unless it pre-allocates now.
+
+    Upstream reuses them when the previous call also pre-allocated and the input shapes did not change
+    since that call, without checking them against the shapes they were made for: outputs kept from
+    before a pause at other shapes would be stale. With pre-allocation off, the next call cannot reuse
+    them and, finding none, makes new ones after it; with it on, they match the last call (and an
+    empty list would be handed out as the outputs), so they stay.
+    """
     engine = _engine_object(obj)
-    if engine is not None:
+    if engine is not None and not getattr(engine, "use_pre_allocated_outputs", False):
         engine.pre_allocated_outputs = []
 
 
