@@ -250,7 +250,7 @@ def throughput(ranks: list[dict]) -> dict[str, float]:
 
 
 def print_run(summary: dict) -> None:
-    from lightning_trt_rtx.report import format_bytes
+    from lightning_trt_rtx.report import format_bytes, format_columns
 
     run, world = summary["run"], summary["world_size"]
     if summary["accelerator"] != "gpu":
@@ -296,10 +296,7 @@ def print_run(summary: dict) -> None:
                 f"{r['predictions']} ({r['prediction_rows']} rows)",
             )
         )
-    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    print("\n".join(lines), flush=True)
+    print(format_columns(header, rows), flush=True)
 
 
 # --- orchestration --------------------------------------------------------------------------------

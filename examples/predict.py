@@ -115,7 +115,7 @@ def run_phase(args: argparse.Namespace) -> int:
 
 
 def format_table(results: list[dict]) -> str:
-    from lightning_trt_rtx.report import format_bytes
+    from lightning_trt_rtx.report import format_bytes, format_columns
 
     header = (
         "phase", "cuda graphs", "rank", "gpu", "cache", "applies", "first batch", "per batch", "cache file", "loaded",
@@ -139,10 +139,7 @@ def format_table(results: list[dict]) -> str:
                     format_bytes(fig["saved_bytes"]),
                 )
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_columns(header, rows)
 
 
 def summary_lines(by_phase: dict[str, dict]) -> list[str]:

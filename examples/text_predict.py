@@ -177,7 +177,7 @@ def run_phase(args: argparse.Namespace) -> int:
 
 
 def format_table(results: list[dict]) -> str:
-    from lightning_trt_rtx.report import format_bytes
+    from lightning_trt_rtx.report import format_bytes, format_columns
 
     header = (
         "phase", "rank", "gpu", "cache", "applies", "prewarmed", "start-up", "first batch", "per batch", "loaded",
@@ -201,10 +201,7 @@ def format_table(results: list[dict]) -> str:
                     format_bytes(fig["saved_bytes"]),
                 )
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_columns(header, rows)
 
 
 def run_gpu(args: argparse.Namespace) -> int:

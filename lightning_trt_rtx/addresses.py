@@ -133,9 +133,8 @@ class _Site:
                     _backend.set_output_holding(engine.obj, _HELD)
             else:
                 self._give_back()
-        except Exception as err:  # an engine without the setting: pass through from now on, and say so
-            self.failure = f"the engine cannot keep its outputs ({type(err).__name__}: {err})"
-            log.debug("Stable addresses off for %s: %s", type(self.module).__name__, self.failure)
+        except Exception as err:
+            self._fail(err)
             self._give_back()
             return False
         self.holding = on
@@ -147,11 +146,16 @@ class _Site:
         if self.prior is None:
             try:
                 self.prior = [_backend.output_holding(e.obj) for e in self.engines]
-            except Exception as err:  # an engine without the setting: pass through from now on, and say so
-                self.failure = f"the engine cannot keep its outputs ({type(err).__name__}: {err})"
+            except Exception as err:
+                self._fail(err)
                 return []
             self.keep_outputs = self.keep_outputs or _HELD in self.prior
         return self.prior
+
+    def _fail(self, err: Exception) -> None:
+        """An engine without the output setting: pass through from now on, and say so in the figures."""
+        self.failure = f"the engine cannot keep its outputs ({type(err).__name__}: {err})"
+        log.debug("Stable addresses off for %s: %s", type(self.module).__name__, self.failure)
 
     def _give_back(self) -> None:
         self.holding = False

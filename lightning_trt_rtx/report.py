@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -122,8 +123,13 @@ def table(rows: list[RankFigures]) -> str:
     if any(r.capture for r in rows):  # whole-graph capture: whether it could replay, per rank
         header = (*header[:-1], "whole-graph capture", header[-1])
         body = [(*row[:-1], r.capture or "-", row[-1]) for row, r in zip(body, rows)]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    return format_columns(header, body)
+
+
+def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """``header`` and ``rows`` as left-aligned columns, a dashed rule under the header."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

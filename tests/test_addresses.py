@@ -69,6 +69,17 @@ def settings(trt):
     }
 
 
+@pytest.fixture
+def refused_holding(monkeypatch):
+    """Engines that cannot be told to keep their outputs (``_backend.set_output_holding`` raises)."""
+
+    def refuse(obj, state):
+        if state[0]:
+            raise AttributeError("no use_pre_allocated_outputs")
+
+    monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
+
+
 def held(engine: nn.Module, from_first_call: bool = False) -> StableAddresses:
     stable = StableAddresses([Engine("engine", "module", engine)], from_first_call=from_first_call)
     stable.install()
@@ -210,12 +221,7 @@ def test_an_engine_whose_outputs_still_move_is_reported(settings):
     assert stable.describe().endswith("; outputs moved 3 time(s), each a new capture")
 
 
-def test_an_engine_that_cannot_keep_its_outputs_passes_through_and_says_so(settings, monkeypatch):
-    def refuse(obj, state):
-        if state[0]:
-            raise AttributeError("no use_pre_allocated_outputs")
-
-    monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
+def test_an_engine_that_cannot_keep_its_outputs_passes_through_and_says_so(settings, refused_holding):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
     stable = held(engine, from_first_call=True)
     x = batches(8)[0]
@@ -373,12 +379,7 @@ def test_inputs_that_move_under_outputs_that_stay_are_the_only_copies(settings):
     )
 
 
-def test_outputs_that_cannot_be_held_once_they_move_pass_through_and_say_so(settings, monkeypatch):
-    def refuse(obj, state):
-        if state[0]:
-            raise AttributeError("no use_pre_allocated_outputs")
-
-    monkeypatch.setattr(addresses._backend, "set_output_holding", refuse)
+def test_outputs_that_cannot_be_held_once_they_move_pass_through_and_say_so(settings, refused_holding):
     engine = RuntimeLikeEngine(settings["whole_graph_capture"])
     stable = held(engine)
     inputs = batches(8, 8, 8, 8)
