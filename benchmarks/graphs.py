@@ -10,8 +10,10 @@ loader (a new batch tensor every step):
   (``LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0``: how whole-graph capture behaved before this package held them);
 * ``stable``: ``"whole_graph_capture"`` as the package serves it (addresses held once they move);
 * ``empty``: a LightningModule whose ``predict_step`` returns its batch (Lightning's own cost per batch);
-* ``default-kept``, ``upstream-kept``, ``stable-kept``: the same with ``return_predictions=True``, where
-  every prediction stays alive and an engine's outputs cannot land where the last ones were;
+* ``default-kept``, ``upstream-kept``, ``stable-kept``: the same with a callback that keeps every
+  prediction on the GPU (as a writer batching its writes would), so an engine's outputs cannot land
+  where the last ones were: the case holding the addresses is for. (``return_predictions=True`` is not
+  that case: Lightning copies each prediction to the host, and the GPU tensor is freed.)
 
 interleaved (the order rotates every round, the first round a warm-up left out), then the bare engine
 on one fixed input, without and with graphs. Goals: ``stable`` at least as fast as ``default`` in
@@ -21,6 +23,7 @@ every repetition of every model, and per batch ``stable - empty <= 1.25 x`` the 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from benchmarks import harness
 
@@ -44,13 +47,22 @@ def task(spec: dict) -> dict:
     """One model: per-batch ms of every variant in Trainer.predict, interleaved; then the bare engine."""
     import torch
     from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, model_spec
-    from lightning.pytorch import LightningModule
+    from lightning.pytorch import Callback, LightningModule
 
     from lightning_trt_rtx import TRTSettings
 
     class Empty(LightningModule):
         def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             return batch
+
+    class KeepOnGPU(Callback):
+        """Keeps every prediction on the GPU: each batch's outputs stay alive for the rest of the loop."""
+
+        def __init__(self) -> None:
+            self.kept: list = []
+
+        def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
+            self.kept.append(outputs)
 
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
     model = CompiledPredictor(spec["model"], spec["batch_size"])
@@ -62,12 +74,12 @@ def task(spec: dict) -> dict:
         for name in order:
             callbacks, env = _variant(name, template)
             timer = BatchTimer()
+            if name.endswith("-kept"):
+                callbacks.append(KeepOnGPU())  # dropped with the variant's callbacks after the loop
             before = {key: os.environ.get(key) for key in env}
             os.environ.update(env)
             try:
-                harness.predict(
-                    Empty() if name == "empty" else model, data, [*callbacks, timer], name.endswith("-kept")
-                )
+                harness.predict(Empty() if name == "empty" else model, data, [*callbacks, timer])
             finally:
                 for key, value in before.items():
                     if value is None:

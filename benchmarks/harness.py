@@ -107,8 +107,8 @@ def trainer(callbacks: list) -> Any:
     )
 
 
-def predict(model: Any, data: Any, callbacks: list, return_predictions: bool = False) -> None:
-    trainer(callbacks).predict(model, datamodule=data, return_predictions=return_predictions)
+def predict(model: Any, data: Any, callbacks: list) -> None:
+    trainer(callbacks).predict(model, datamodule=data, return_predictions=False)
 
 
 def bind_engines(net: Any, settings: Any) -> Any:

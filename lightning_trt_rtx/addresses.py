@@ -5,10 +5,11 @@ addresses stay the same; when they move it captures again, which costs more than
 all (bare engine on H100, 32x256 MLP: 76 µs per call at fixed addresses, 369-505 µs when they move,
 455 µs without graphs). torch-tensorrt binds the caller's input tensor and a freshly allocated
 output on every call, so the addresses are what the caching allocator hands back: inside
-``Trainer.predict`` with ``return_predictions=False`` they are usually the same every batch (each
-batch's tensors are freed before the next is allocated), and copying then costs more than it saves
-(H200, 32x256 MLP: 0.32 ms per batch as upstream, 0.44 ms copying every call). They move when the
-caller keeps its outputs (``return_predictions=True``, a prediction writer) or its inputs.
+``Trainer.predict`` they are usually the same every batch (each batch's tensors are freed before the
+next is allocated; with ``return_predictions=True`` Lightning keeps a host copy of each prediction),
+and copying then costs more than it saves (H200, 32x256 MLP: 0.32 ms per batch as upstream, 0.44 ms
+copying every call). They move when something keeps an engine's GPU outputs or inputs alive past the
+next batch: a prediction writer or callback that stores them, a ``predict_step`` that stashes them.
 
 So each call site (a ``TorchTensorRTModule``, or the module whose attributes hold a loaded program's
 bare engines) watches its engines' addresses, and holds still what moved, from the next call on, for
@@ -200,7 +201,7 @@ class _Site:
             self._streak = 0
         if addresses != last[2]:
             if not self.keep_outputs:
-                self.keep_outputs = True  # the caller keeps its outputs (return_predictions, a writer)
+                self.keep_outputs = True  # the caller keeps its GPU outputs (e.g. a writer storing them)
                 self._streak = 0
             elif self._streak >= 3:
                 # held: the first call at new shapes returns fresh outputs and allocates the ones the
