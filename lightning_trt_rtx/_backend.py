@@ -298,20 +298,6 @@ def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
     engine.set_output_tensors_as_unowned(state[1])
 
 
-def drop_kept_outputs(obj: Any) -> None:
-    """Forget the outputs an engine pre-allocated, unless it pre-allocates now.
-
-    Upstream reuses them when the previous call also pre-allocated and the input shapes did not change
-    since that call, without checking them against the shapes they were made for: outputs kept from
-    before a pause at other shapes would be stale. With pre-allocation off, the next call cannot reuse
-    them and, finding none, makes new ones after it; with it on, they match the last call (and an
-    empty list would be handed out as the outputs), so they stay.
-    """
-    engine = _engine_object(obj)
-    if engine is not None and not getattr(engine, "use_pre_allocated_outputs", False):
-        engine.pre_allocated_outputs = []
-
-
 def _serialized_info(engine: Any) -> list[Any] | None:
     """A torchbind engine's serialized info: ``__getstate__()[0]``, what ``torch_tensorrt.save`` writes,
     with fields at the ``_*_IDX`` indices (the whole engine is serialized to read it); None if unreadable."""

@@ -30,7 +30,12 @@ call, ``0`` leaves the addresses to torch-tensorrt. This applies only while the 
 the outer graph already holds its buffers): otherwise calls pass straight through. A change of shapes
 is a new capture (the engine keeps one set of outputs and allocates new ones for new shapes), and so
 is a kept output that moves between steady calls; :meth:`StableAddresses.describe` counts both.
-Engines that alias an output to an input (or whose I/O cannot be read) are left alone::
+Left alone: engines that alias an output to an input (or whose I/O cannot be read), with every other
+engine of their loaded program; programs whose graph writes into an input; calls with number inputs
+(they may decide the output shapes, which the engine's reuse of its outputs does not check). Inputs
+are copied only where nothing can write into them: a ``TorchTensorRTModule``, or a loaded program's
+graph that does not. Between loops (``pause``/``resume``: validation inside ``fit``) the engines get
+their own output setting back and what was seen is forgotten::
 
     stable = StableAddresses(find_engines(model))
     stable.install()
@@ -59,6 +64,9 @@ log = logging.getLogger(__name__)
 MAX_SHAPES = 8  # input buffers kept per call site: a few batch sizes and a smaller last batch
 _WHOLE_GRAPH = "whole_graph_capture"
 _HELD = (True, False)  # pre-allocated outputs on, and owned by the engine: the same tensors every call
+# the first held call: pre-allocated but "unowned", so the engine makes a fresh set for this call's shapes
+# after it (whatever it kept before: upstream reuses kept outputs without checking their shape)
+_FRESH = (True, True)
 ENABLED_ENV = "LIGHTNING_TRT_RTX_STABLE_ADDRESSES"
 # "0": leave the addresses to torch-tensorrt (whole-graph capture as upstream does it): the escape hatch,
 # and a baseline of the graphs benchmark; "1": copy what moved (the default); "always": copy from the
@@ -81,16 +89,26 @@ def mode() -> str:
 class _Site:
     """One call site: ``module.forward`` wrapped, the engines it runs, the buffers and what was seen."""
 
-    def __init__(self, module: torch.nn.Module, engines: list[Engine], from_first_call: bool = False) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        engines: list[Engine],
+        from_first_call: bool = False,
+        may_copy_inputs: bool = True,
+    ) -> None:
         self.module = module
         self.engines = engines
         self.original = module.forward
+        self.may_copy_inputs = may_copy_inputs  # False where the module might write into its inputs
         self.buffers: OrderedDict[tuple, list[torch.Tensor | None]] = OrderedDict()
         # what the site does, each switched on for good the first time that address moved between two
         # calls at the same shapes (each move is a capture the engine had to make again)
-        self.copy_inputs = from_first_call
+        self.copy_inputs = from_first_call and may_copy_inputs
         self.keep_outputs = from_first_call
         self.holding = False  # whether the engines keep their outputs (see _backend.set_output_holding)
+        self.fresh = False  # the engines make a fresh set of kept outputs after this call (see _FRESH)
+        self.paused = False  # between loops: calls pass through
+        self.inputs_left = False  # inputs moved where they may not be copied
         self.prior: list[tuple[bool, bool]] | None = None  # read when first held: engines are set up by then
         self.failure = ""  # why this site passes through for good (the figures show it)
         self.calls = 0  # calls under the engines' own whole-graph capture
@@ -104,19 +122,31 @@ class _Site:
     # --- the wrapped forward ---------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failure or not self._wanted():
-            self._hold(False)
-            return self.original(*args, **kwargs)
+        if self.failure or self.paused or not self._wanted():
+            return self._pass_through(args, kwargs)
         if self.prior is None and not self._read_prior():
             return self.original(*args, **kwargs)
+        signature = _signature(args)
+        if signature is None or any(_is_number(v) for v in kwargs.values()):
+            self._give_up("a number input may decide the output shapes")
+            return self._pass_through(args, kwargs)
         if self.keep_outputs and not self._hold(True):
             return self.original(*args, **kwargs)
-        signature = _signature(args)
         engine_args = self._stage(args, signature) if self.copy_inputs else args
         outputs = self.original(*engine_args, **kwargs)
+        if self.fresh:
+            self._settle()
         self._watch(signature, engine_args, outputs)
         # kept outputs are the engine's own: the next batch is written into them
         return _copy_tensors(outputs) if self.holding else outputs
+
+    def _pass_through(self, args: tuple, kwargs: dict) -> Any:
+        self._hold(False)
+        self.forget()  # the next watched call is compared with nothing from before this one
+        return self.original(*args, **kwargs)
+
+    def forget(self) -> None:
+        self._last, self._streak = None, 0
 
     def _wanted(self) -> bool:
         if self._cuda and torch.cuda.is_current_stream_capturing():
@@ -130,8 +160,8 @@ class _Site:
         try:
             if on:
                 for engine in self.engines:
-                    _backend.drop_kept_outputs(engine.obj)  # kept from an earlier hold: maybe other shapes
-                    _backend.set_output_holding(engine.obj, _HELD)
+                    _backend.set_output_holding(engine.obj, _FRESH)
+                self.fresh = True
             else:
                 self._give_back()
         except Exception as err:
@@ -140,6 +170,16 @@ class _Site:
             return False
         self.holding = on
         return True
+
+    def _settle(self) -> None:
+        """After the first held call: the engines keep the outputs they just made, from now on."""
+        self.fresh = False
+        try:
+            for engine in self.engines:
+                _backend.set_output_holding(engine.obj, _HELD)
+        except Exception as err:
+            self._fail(err)
+            self._give_back()
 
     def _read_prior(self) -> list[tuple[bool, bool]]:
         """The engines' own output setting, read at the first call (engines are set up by then). An engine
@@ -154,12 +194,16 @@ class _Site:
         return self.prior
 
     def _fail(self, err: Exception) -> None:
-        """An engine without the output setting: pass through from now on, and say so in the figures."""
-        self.failure = f"the engine cannot keep its outputs ({type(err).__name__}: {err})"
-        log.debug("Stable addresses off for %s: %s", type(self.module).__name__, self.failure)
+        """An engine without the output setting."""
+        self._give_up(f"the engine cannot keep its outputs ({type(err).__name__}: {err})")
+
+    def _give_up(self, why: str) -> None:
+        """Pass through from now on, and say why in the figures."""
+        self.failure = why
+        log.debug("Stable addresses off for %s: %s", type(self.module).__name__, why)
 
     def _give_back(self) -> None:
-        self.holding = False
+        self.holding = self.fresh = False
         for engine, prior in zip(self.engines, self.prior or []):
             try:
                 _backend.set_output_holding(engine.obj, prior)
@@ -197,8 +241,11 @@ class _Site:
             return
         self._streak += 1
         if inputs != last[1] and not self.copy_inputs:
-            self.copy_inputs = True  # e.g. a loader whose batches the allocator places anywhere
-            self._streak = 0
+            if self.may_copy_inputs:
+                self.copy_inputs = True  # e.g. a caller that keeps its batches alive
+                self._streak = 0
+            else:
+                self.inputs_left = True  # each a new capture, reported
         if addresses != last[2]:
             if not self.keep_outputs:
                 self.keep_outputs = True  # the caller keeps its GPU outputs (e.g. a writer storing them)
@@ -229,14 +276,20 @@ class StableAddresses:
         self.from_first_call = from_first_call
         self.engines = engines
         self.skipped = 0  # engines left alone: aliased I/O, or not known not to be
-        by_module: dict[int, tuple[torch.nn.Module, list[Engine]]] = {}
+        by_module: dict[int, tuple[Any, list[Engine]]] = {}
         for engine in engines:
             module = engine.obj if engine.kind == "module" else engine.owner
-            if not isinstance(module, torch.nn.Module) or _aliases_io(engine) is not False:
-                self.skipped += 1  # aliased outputs write through their input: a staged copy would hide the write
-                continue
             by_module.setdefault(id(module), (module, []))[1].append(engine)
-        self._pending = list(by_module.values())
+        self._pending: list[tuple[torch.nn.Module, list[Engine], bool]] = []
+        for module, group in by_module.values():
+            # an aliased output writes through its input: a staged copy would hide the write; so would
+            # one made for another engine of the same program, or for a program that writes its inputs
+            writes = _writes_inputs(module)
+            if not isinstance(module, torch.nn.Module) or writes or any(_aliases_io(e) is not False for e in group):
+                self.skipped += len(group)
+                continue
+            # a TorchTensorRTModule's forward writes no input; a loaded program's graph says; others may
+            self._pending.append((module, group, group[0].kind == "module" or writes is False))
 
     def adopt(self, engines: Sequence[Engine]) -> bool:
         """Whether ``engines`` are the ones this object holds (then it keeps this list: a re-serve)."""
@@ -248,10 +301,24 @@ class StableAddresses:
     def install(self) -> None:
         if self.sites:
             return
-        for module, engines in self._pending:
-            site = _Site(module, engines, self.from_first_call)
+        for module, engines, may_copy_inputs in self._pending:
+            site = _Site(module, engines, self.from_first_call, may_copy_inputs)
             site.install()
             self.sites.append(site)
+
+    def pause(self) -> None:
+        """Between loops: calls pass through, and the engines get their own output setting back (so a
+        checkpoint saved meanwhile records it)."""
+        for site in self.sites:
+            site.paused = True
+            site._hold(False)
+            site.forget()
+
+    def resume(self) -> None:
+        """At a loop's start: watch again, comparing nothing with what came before (e.g. a prewarm)."""
+        for site in self.sites:
+            site.paused = False
+            site.forget()
 
     def uninstall(self) -> None:
         sites, self.sites = self.sites, []
@@ -260,7 +327,12 @@ class StableAddresses:
 
     def describe(self) -> str:
         """For the figures: what was held still, and where engines captured again."""
-        skipped = f"{self.skipped} engine(s) left as they are (aliased or unreadable I/O)" if self.skipped else ""
+        skipped = (
+            f"{self.skipped} engine(s) left as they are (aliased I/O, a program writing its inputs, or I/O that"
+            " cannot be read)"
+            if self.skipped
+            else ""
+        )
         if not self.sites:
             return f"addresses NOT held: {skipped}" if skipped else ""
         failed = [s for s in self.sites if s.failure]
@@ -287,9 +359,32 @@ class StableAddresses:
             parts.append(f"{switches} shape switch(es), each a new capture")
         if moves:
             parts.append(f"outputs moved {moves} time(s), each a new capture")
+        left = sum(s.inputs_left for s in self.sites)
+        if left:
+            parts.append(f"inputs moved but not copied at {left} call site(s) (the program might write into them)")
         if skipped:
             parts.append(skipped)
         return "; ".join(parts)
+
+
+def _writes_inputs(module: Any) -> bool | None:
+    """Whether a loaded program's graph writes into one of its inputs (an in-place op on a placeholder);
+    None where there is no graph to read."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    inputs = {node for node in module.graph.nodes if node.op == "placeholder"}
+    for node in module.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        given = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
+        for argument in schema.arguments:
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = given.get(argument.name)
+            if any(v in inputs for v in (value if isinstance(value, (list, tuple)) else [value])):
+                return True
+    return False
 
 
 def _aliases_io(engine: Engine) -> bool | None:
@@ -303,11 +398,19 @@ def _stageable(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _signature(args: tuple) -> tuple:
+def _signature(args: tuple) -> tuple | None:
     """What a set of input buffers fits: each tensor's position, shape, dtype and device, and whether
-    inference mode is on (an inference-mode buffer cannot be written outside it)."""
+    inference mode is on (an inference-mode buffer cannot be written outside it). None for a call with
+    a number input: its value may decide the output shapes, which neither this nor the engine's reuse
+    of its outputs (by input shapes only) sees."""
+    if any(_is_number(a) for a in args):
+        return None
     staged = tuple((i, tuple(a.shape), a.dtype, a.device) for i, a in enumerate(args) if _stageable(a))
     return (torch.is_inference_mode_enabled(), *staged) if staged else ()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
 
 
 def _tensors(outputs: Any) -> list[torch.Tensor]:

@@ -304,6 +304,8 @@ class ServingSession:
     # --- timing --------------------------------------------------------------------------------
 
     def loop_started(self) -> None:
+        if self.stable is not None:
+            self.stable.resume()
         self._timer.start()
 
     def batch_started(self) -> None:
@@ -318,6 +320,8 @@ class ServingSession:
 
     def loop_ended(self) -> None:
         self._timer.end()
+        if self.stable is not None:
+            self.stable.pause()  # inside fit, training runs until the next validation loop
 
     # --- closing -------------------------------------------------------------------------------
 

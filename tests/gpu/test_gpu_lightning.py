@@ -372,3 +372,25 @@ def test_whole_graph_capture_copies_nothing_while_the_addresses_stay():
     assert capture == "stable addresses: 1 call site(s), 1 shape(s), nothing to copy (the addresses did not move)", (
         capture
     )
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_a_second_predict_holding_from_its_first_batch_reads_only_outputs_the_engine_kept(monkeypatch):
+    """``always`` holds at the first batch of each run. The engine's last call (the first run's last
+    batch, same shape) kept its outputs, and upstream reuses them unchecked: the package must not have
+    emptied them (that read past the end of an empty list)."""
+    monkeypatch.setenv("LIGHTNING_TRT_RTX_STABLE_ADDRESSES", "always")
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device="cuda")
+    eager = mlp(64, 4).cuda().eval()
+    compiled = compile_trt(eager, x)
+    loader = _loader(x, 6)
+    with torch.no_grad():
+        expected = [eager(batch.cuda()).cpu() for batch in loader]
+    for run in range(2):
+        callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+        writer = _Kept()
+        _trainer(callback, writer).predict(Holder(compiled), loader, return_predictions=False)
+        for written, want in zip(writer.written, expected, strict=True):
+            torch.testing.assert_close(written.cpu(), want, atol=1e-2, rtol=1e-2)
+        assert "from the first call" in callback.figures[0].capture, (run, callback.figures[0].capture)
