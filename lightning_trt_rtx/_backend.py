@@ -298,6 +298,14 @@ def set_output_holding(obj: Any, state: tuple[bool, bool]) -> None:
     engine.set_output_tensors_as_unowned(state[1])
 
 
+def kept_output_addresses(obj: Any) -> tuple[int, ...]:
+    """The addresses of the outputs an engine keeps (``pre_allocated_outputs``); ``()`` for none."""
+    engine = _engine_object(obj)
+    if engine is None:
+        return ()
+    return tuple(t.data_ptr() for t in getattr(engine, "pre_allocated_outputs", None) or [])
+
+
 def _serialized_info(engine: Any) -> list[Any] | None:
     """A torchbind engine's serialized info: ``__getstate__()[0]``, what ``torch_tensorrt.save`` writes,
     with fields at the ``_*_IDX`` indices (the whole engine is serialized to read it); None if unreadable."""

@@ -30,12 +30,16 @@ call, ``0`` leaves the addresses to torch-tensorrt. This applies only while the 
 the outer graph already holds its buffers): otherwise calls pass straight through. A change of shapes
 is a new capture (the engine keeps one set of outputs and allocates new ones for new shapes), and so
 is a kept output that moves between steady calls; :meth:`StableAddresses.describe` counts both.
-Left alone: engines that alias an output to an input (or whose I/O cannot be read), with every other
-engine of their loaded program; programs whose graph writes into an input; calls with number inputs
-(they may decide the output shapes, which the engine's reuse of its outputs does not check). Inputs
-are copied only where nothing can write into them: a ``TorchTensorRTModule``, or a loaded program's
-graph that does not. Between loops (``pause``/``resume``: validation inside ``fit``) the engines get
-their own output setting back and what was seen is forgotten::
+Where this applies: a ``TorchTensorRTModule`` (its forward runs its engine once per call, and writes
+no input), and a loaded program's graph (``torch_tensorrt.load(...).module()``) that runs each engine
+once per call: there outputs only, since a program's own ops may write into its inputs (a staged copy
+would hide the write); moved inputs are reported. Left alone: engines that alias an output to an
+input (or whose I/O cannot be read), with every other engine of their program; engines run by a
+module of the user's own (it may run one twice in a forward: one kept output for both calls); a
+``TorchTensorRTModule`` called with a number (its engine takes a shape input, and reuses kept outputs
+by input shapes only). Between loops (:meth:`StableAddresses.pause`, :meth:`~StableAddresses.resume`)
+calls pass through and the engines have their own output setting; the last call's addresses are
+forgotten at each, and after a prewarm (:meth:`~StableAddresses.forget`)::
 
     stable = StableAddresses(find_engines(model))
     stable.install()
@@ -47,7 +51,9 @@ their own output setting back and what was seen is forgotten::
 
 from __future__ import annotations
 
+import functools
 import logging
+import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -94,21 +100,23 @@ class _Site:
         module: torch.nn.Module,
         engines: list[Engine],
         from_first_call: bool = False,
-        may_copy_inputs: bool = True,
+        program: bool = False,
     ) -> None:
         self.module = module
         self.engines = engines
         self.original = module.forward
-        self.may_copy_inputs = may_copy_inputs  # False where the module might write into its inputs
+        self.program = program  # a loaded program's graph: its inputs are not copied (its ops may write them)
         self.buffers: OrderedDict[tuple, list[torch.Tensor | None]] = OrderedDict()
         # what the site does, each switched on for good the first time that address moved between two
         # calls at the same shapes (each move is a capture the engine had to make again)
-        self.copy_inputs = from_first_call and may_copy_inputs
+        self.copy_inputs = from_first_call and not program
         self.keep_outputs = from_first_call
         self.holding = False  # whether the engines keep their outputs (see _backend.set_output_holding)
-        self.fresh = False  # the engines make a fresh set of kept outputs after this call (see _FRESH)
+        # engines told to make a fresh set of kept outputs (see _FRESH), by id, with the addresses of
+        # the ones they kept before: an engine has made its set once they differ
+        self.fresh: dict[int, tuple[int, ...]] = {}
         self.paused = False  # between loops: calls pass through
-        self.inputs_left = False  # inputs moved where they may not be copied
+        self.inputs_left = False  # a program's inputs moved (not copied: a new capture each time)
         self.prior: list[tuple[bool, bool]] | None = None  # read when first held: engines are set up by then
         self.failure = ""  # why this site passes through for good (the figures show it)
         self.calls = 0  # calls under the engines' own whole-graph capture
@@ -126,17 +134,17 @@ class _Site:
             return self._pass_through(args, kwargs)
         if self.prior is None and not self._read_prior():
             return self.original(*args, **kwargs)
-        signature = _signature(args)
-        if signature is None or any(_is_number(v) for v in kwargs.values()):
-            self._give_up("a number input may decide the output shapes")
+        if not self.program and any(_is_number(a) for a in args):
+            self._give_up("a number input (a shape input: the engine reuses kept outputs by input shapes only)")
             return self._pass_through(args, kwargs)
+        signature = _signature(args, kwargs)
         if self.keep_outputs and not self._hold(True):
             return self.original(*args, **kwargs)
         engine_args = self._stage(args, signature) if self.copy_inputs else args
         outputs = self.original(*engine_args, **kwargs)
         if self.fresh:
             self._settle()
-        self._watch(signature, engine_args, outputs)
+        self._watch(signature, (*engine_args, *kwargs.values()), outputs)
         # kept outputs are the engine's own: the next batch is written into them
         return _copy_tensors(outputs) if self.holding else outputs
 
@@ -160,8 +168,8 @@ class _Site:
         try:
             if on:
                 for engine in self.engines:
+                    self.fresh[id(engine.obj)] = _backend.kept_output_addresses(engine.obj)
                     _backend.set_output_holding(engine.obj, _FRESH)
-                self.fresh = True
             else:
                 self._give_back()
         except Exception as err:
@@ -172,11 +180,14 @@ class _Site:
         return True
 
     def _settle(self) -> None:
-        """After the first held call: the engines keep the outputs they just made, from now on."""
-        self.fresh = False
+        """After a held call: each engine that made its fresh set keeps it from now on. One that did not
+        run (not every engine of a program need run every call) makes its own the next time it runs."""
         try:
             for engine in self.engines:
-                _backend.set_output_holding(engine.obj, _HELD)
+                before = self.fresh.get(id(engine.obj))
+                if before is not None and _backend.kept_output_addresses(engine.obj) != before:
+                    _backend.set_output_holding(engine.obj, _HELD)
+                    del self.fresh[id(engine.obj)]
         except Exception as err:
             self._fail(err)
             self._give_back()
@@ -203,7 +214,8 @@ class _Site:
         log.debug("Stable addresses off for %s: %s", type(self.module).__name__, why)
 
     def _give_back(self) -> None:
-        self.holding = self.fresh = False
+        self.holding = False
+        self.fresh.clear()
         for engine, prior in zip(self.engines, self.prior or []):
             try:
                 _backend.set_output_holding(engine.obj, prior)
@@ -230,7 +242,7 @@ class _Site:
 
     def _watch(self, signature: tuple, engine_args: tuple, outputs: Any) -> None:
         """Compare this call's addresses with the last call's; start copying what moved."""
-        inputs = tuple(a.data_ptr() for a in engine_args if _stageable(a))
+        inputs = tuple(a.data_ptr() for a in engine_args if isinstance(a, torch.Tensor))
         addresses = tuple(t.data_ptr() for t in _tensors(outputs))
         last, self._last = self._last, (signature, inputs, addresses)
         self.calls += 1
@@ -241,11 +253,11 @@ class _Site:
             return
         self._streak += 1
         if inputs != last[1] and not self.copy_inputs:
-            if self.may_copy_inputs:
+            if self.program:
+                self.inputs_left = True
+            else:
                 self.copy_inputs = True  # e.g. a caller that keeps its batches alive
                 self._streak = 0
-            else:
-                self.inputs_left = True  # each a new capture, reported
         if addresses != last[2]:
             if not self.keep_outputs:
                 self.keep_outputs = True  # the caller keeps its GPU outputs (e.g. a writer storing them)
@@ -275,21 +287,19 @@ class StableAddresses:
         self.sites: list[_Site] = []
         self.from_first_call = from_first_call
         self.engines = engines
-        self.skipped = 0  # engines left alone: aliased I/O, or not known not to be
+        self.skipped = 0  # engines left alone (see the module docs)
         by_module: dict[int, tuple[Any, list[Engine]]] = {}
         for engine in engines:
             module = engine.obj if engine.kind == "module" else engine.owner
             by_module.setdefault(id(module), (module, []))[1].append(engine)
         self._pending: list[tuple[torch.nn.Module, list[Engine], bool]] = []
         for module, group in by_module.values():
-            # an aliased output writes through its input: a staged copy would hide the write; so would
-            # one made for another engine of the same program, or for a program that writes its inputs
-            writes = _writes_inputs(module)
-            if not isinstance(module, torch.nn.Module) or writes or any(_aliases_io(e) is not False for e in group):
+            program = group[0].kind == "bare"
+            # an aliased output writes through its input: a staged copy (or a kept output) would hide the write
+            if any(_aliases_io(e) is not False for e in group) or (program and not _runs_each_once(module, group)):
                 self.skipped += len(group)
                 continue
-            # a TorchTensorRTModule's forward writes no input; a loaded program's graph says; others may
-            self._pending.append((module, group, group[0].kind == "module" or writes is False))
+            self._pending.append((module, group, program))
 
     def adopt(self, engines: Sequence[Engine]) -> bool:
         """Whether ``engines`` are the ones this object holds (then it keeps this list: a re-serve)."""
@@ -301,8 +311,8 @@ class StableAddresses:
     def install(self) -> None:
         if self.sites:
             return
-        for module, engines, may_copy_inputs in self._pending:
-            site = _Site(module, engines, self.from_first_call, may_copy_inputs)
+        for module, engines, program in self._pending:
+            site = _Site(module, engines, self.from_first_call, program)
             site.install()
             self.sites.append(site)
 
@@ -315,9 +325,14 @@ class StableAddresses:
             site.forget()
 
     def resume(self) -> None:
-        """At a loop's start: watch again, comparing nothing with what came before (e.g. a prewarm)."""
+        """At a loop's start: watch again, comparing nothing with what came before."""
         for site in self.sites:
             site.paused = False
+            site.forget()
+
+    def forget(self) -> None:
+        """Compare the next call with nothing before it (e.g. after a prewarm's example inputs)."""
+        for site in self.sites:
             site.forget()
 
     def uninstall(self) -> None:
@@ -328,8 +343,7 @@ class StableAddresses:
     def describe(self) -> str:
         """For the figures: what was held still, and where engines captured again."""
         skipped = (
-            f"{self.skipped} engine(s) left as they are (aliased I/O, a program writing its inputs, or I/O that"
-            " cannot be read)"
+            f"{self.skipped} engine(s) left as they are (aliased or unreadable I/O, or run by a module of your own)"
             if self.skipped
             else ""
         )
@@ -361,30 +375,27 @@ class StableAddresses:
             parts.append(f"outputs moved {moves} time(s), each a new capture")
         left = sum(s.inputs_left for s in self.sites)
         if left:
-            parts.append(f"inputs moved but not copied at {left} call site(s) (the program might write into them)")
+            parts.append(f"a loaded program's inputs moved at {left} call site(s): not copied, each a new capture")
         if skipped:
             parts.append(skipped)
         return "; ".join(parts)
 
 
-def _writes_inputs(module: Any) -> bool | None:
-    """Whether a loaded program's graph writes into one of its inputs (an in-place op on a placeholder);
-    None where there is no graph to read."""
+def _runs_each_once(module: Any, engines: list[Engine]) -> bool:
+    """Whether ``module`` is a program graph that runs each of ``engines`` once per call (an engine's
+    kept outputs are one set: run twice in a forward, its second result would overwrite its first)."""
     if not isinstance(module, torch.fx.GraphModule):
-        return None
-    inputs = {node for node in module.graph.nodes if node.op == "placeholder"}
+        return False  # a module of the user's own: its Python may run an engine any number of times
+    uses = {id(e.obj): 0 for e in engines}
     for node in module.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        given = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
-        for argument in schema.arguments:
-            if argument.alias_info is None or not argument.alias_info.is_write:
-                continue
-            value = given.get(argument.name)
-            if any(v in inputs for v in (value if isinstance(value, (list, tuple)) else [value])):
-                return True
-    return False
+        if node.op == "get_attr":
+            try:
+                value = functools.reduce(getattr, node.target.split("."), module)
+            except AttributeError:
+                return False
+            if id(value) in uses:
+                uses[id(value)] += len(node.users)
+    return all(n == 1 for n in uses.values())
 
 
 def _aliases_io(engine: Engine) -> bool | None:
@@ -398,19 +409,17 @@ def _stageable(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _signature(args: tuple) -> tuple | None:
-    """What a set of input buffers fits: each tensor's position, shape, dtype and device, and whether
-    inference mode is on (an inference-mode buffer cannot be written outside it). None for a call with
-    a number input: its value may decide the output shapes, which neither this nor the engine's reuse
-    of its outputs (by input shapes only) sees."""
-    if any(_is_number(a) for a in args):
-        return None
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What a set of input buffers fits: each tensor's position (or keyword), shape, dtype and device,
+    and whether inference mode is on (an inference-mode buffer cannot be written outside it)."""
     staged = tuple((i, tuple(a.shape), a.dtype, a.device) for i, a in enumerate(args) if _stageable(a))
+    if kwargs:
+        staged += tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(kwargs.items()) if _stageable(v))
     return (torch.is_inference_mode_enabled(), *staged) if staged else ()
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+    return isinstance(value, (numbers.Number, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
 
 
 def _tensors(outputs: Any) -> list[torch.Tensor]:

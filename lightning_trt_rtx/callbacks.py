@@ -151,14 +151,14 @@ class TRTRuntimeSettings(_LoopHooks):
         _check_agrees_with_plugin(trainer, self.settings)
         if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
             self.session.close()
-        self.session = ServingSession.for_trainer(trainer, self.settings)
+        self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
         # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
         self.session.serve(pl_module, warn_if_none=False)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.session is None or self.session.closed:  # a second loop of the same stage in this fit
-            self.session = ServingSession.for_trainer(trainer, self.settings)
+            self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
         self.session.serve(pl_module)  # engines made in configure_model / reset by a checkpoint restore
         prewarm = self.prewarm_spec or _plugin_prewarm(trainer)
         if prewarm is not None:  # once per session, before the loop's timing starts

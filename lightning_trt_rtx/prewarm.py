@@ -322,7 +322,7 @@ class PrewarmSpec:
         device = getattr(module, "device", None)
         if not isinstance(device, torch.device):
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        records = prewarm(session, example_inputs(self.shapes, self.dtype, device), target)
+        records = session.prewarm(example_inputs(self.shapes, self.dtype, device), target)
         info(summary(records), rank=session.ranks.rank, rank_zero=True)
         return records
 

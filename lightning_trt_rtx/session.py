@@ -121,12 +121,18 @@ class ServingSession:
         self.graphs: GraphScopes | None = None
         self.stable: addresses.StableAddresses | None = None
         self.closed = False
+        # whether a loop runs (None: the session serves every call; False: loops drive it, none runs now)
+        self._looping: bool | None = None
         self._cache_opened = False
         self._timer = _BatchTimer(self.figures)
 
     @classmethod
-    def for_trainer(cls, trainer: Any, settings: TRTSettings) -> ServingSession:
-        return cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
+    def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
+        """``loops_only``: the session serves whole-graph capture's stable addresses only between
+        :meth:`loop_started` and :meth:`loop_ended` (a callback: not in the sanity check or training)."""
+        session = cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
+        session._looping = False if loops_only else None
+        return session
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -203,6 +209,8 @@ class ServingSession:
             self.stable.uninstall()
         self.stable = addresses.StableAddresses(engines, from_first_call=mode == "always")
         self.stable.install()
+        if self._looping is False:
+            self.stable.pause()
 
     def runtime_settings(self) -> Any:
         """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle."""
@@ -235,7 +243,10 @@ class ServingSession:
         """
         from lightning_trt_rtx.prewarm import prewarm
 
-        return prewarm(self, inputs, target)
+        records = prewarm(self, inputs, target)
+        if self.stable is not None:
+            self.stable.forget()  # the examples are not the loop's tensors: compare its first batch with nothing
+        return records
 
     def _check_open(self) -> None:
         if self.closed:
@@ -304,6 +315,7 @@ class ServingSession:
     # --- timing --------------------------------------------------------------------------------
 
     def loop_started(self) -> None:
+        self._looping = True
         if self.stable is not None:
             self.stable.resume()
         self._timer.start()
@@ -320,6 +332,7 @@ class ServingSession:
 
     def loop_ended(self) -> None:
         self._timer.end()
+        self._looping = False
         if self.stable is not None:
             self.stable.pause()  # inside fit, training runs until the next validation loop
 

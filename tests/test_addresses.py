@@ -9,6 +9,8 @@ session tests use real engine-less ``TorchTensorRTModule`` objects. ``tests/gpu`
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -302,34 +304,6 @@ def test_an_input_viewing_its_buffer_differently_is_still_copied(settings):
     torch.testing.assert_close(engine(view), expected)
 
 
-def test_bare_engines_whose_io_cannot_be_read_are_left_alone(settings):
-    owner = RuntimeLikeEngine(settings["whole_graph_capture"])
-    stable = StableAddresses([Engine("owner._run_on_acc_0_engine", "bare", object(), owner=owner)])
-    stable.install()
-    assert not stable.sites and "forward" not in vars(owner)
-    assert stable.describe() == (
-        "addresses NOT held: 1 engine(s) left as they are (aliased I/O, a program writing its inputs, or I/O that"
-        " cannot be read)"
-    )
-
-
-def test_a_bare_engine_is_held_unless_its_serialized_info_says_it_aliases_io(settings):
-    from lightning_trt_rtx import _backend
-    from tests.test_prewarm import Stub  # a torchbind Engine's serialized info
-
-    def engine(aliased_io: str) -> Stub:
-        return Stub("0%9%0%1%NVIDIA H100", aliased_io=aliased_io)  # ALIASED_IO: "output@input@kind" records
-
-    assert _backend.bare_engine_aliases_io(engine("")) is False
-    assert _backend.bare_engine_aliases_io(engine("out@cache@kv")) is True
-    for aliased, sites in (("", 1), ("out@cache@kv", 0)):
-        owner = RuntimeLikeEngine(settings["whole_graph_capture"])
-        stable = StableAddresses([Engine("owner._run_on_acc_0_engine", "bare", engine(aliased), owner=owner)])
-        stable.install()
-        assert len(stable.sites) == sites and ("forward" in vars(owner)) == bool(sites)
-        stable.uninstall()
-
-
 def test_a_session_refuses_a_bad_mode_before_serving_and_gives_every_engine_back(trt, fake_gpu, monkeypatch):
     TTM = trt.dynamo.runtime.TorchTensorRTModule
     model, engines = engine_tree(TTM)
@@ -429,11 +403,12 @@ def test_a_pause_between_loops_gives_the_output_setting_back_and_forgets_the_las
     assert engine.use_pre_allocated_outputs and len(set(engine.bound_outputs[-2:])) == 1
 
 
-def test_a_loop_compares_nothing_with_calls_before_it(settings):
+@pytest.mark.parametrize("between", ["resume", "forget"])
+def test_a_loop_or_a_prewarm_compares_nothing_with_calls_before_it(settings, between):
     engine = AllocatorLikeEngine(settings["whole_graph_capture"])
     stable = held(engine)
     engine(batches(8)[0])  # e.g. a prewarm call, its input elsewhere than the loop's batches
-    stable.resume()
+    getattr(stable, between)()  # at a loop's start; after a prewarm
     x = batches(8)[0]
     for _ in range(4):
         engine(x)
@@ -442,112 +417,155 @@ def test_a_loop_compares_nothing_with_calls_before_it(settings):
     )
 
 
-def test_a_call_with_a_number_input_passes_through_and_says_why(settings):
-    class ShapeArgEngine(RuntimeLikeEngine):
-        def forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:  # the output's shape follows ``rows``
-            return super().forward(x[:rows])
+def test_a_loop_driven_session_holds_addresses_only_inside_its_loops(trt, fake_gpu):
+    """A callback's session: not in the sanity check or training (a checkpoint saved then records the
+    engines' own output setting), only between loop_started and loop_ended."""
+    model, engines = engine_tree(trt.dynamo.runtime.TorchTensorRTModule)
+    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1)
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
+    session = ServingSession.for_trainer(trainer, settings, loops_only=True)
+    session.serve(model)
+    assert session.stable is not None and len(session.stable.sites) == 4
+    states = []
+    for step in (lambda: None, session.loop_started, session.loop_ended, session.loop_started):
+        step()
+        states.append({site.paused for site in session.stable.sites})
+    assert states == [{True}, {False}, {True}, {False}]
+    session.close()
+    with ServingSession(model, settings) as own:  # a session of its own serves every call
+        assert own.stable is not None and not any(site.paused for site in own.stable.sites)
 
-    engine = ShapeArgEngine(settings["whole_graph_capture"])
+
+class ShapeInputEngine(RuntimeLikeEngine):
+    """Takes a number that decides its output's rows: a shape input (``TorchTensorRTModule`` passes it
+    as a 0-d tensor, whose shape never changes), so, as upstream, it reuses kept outputs while its
+    tensor input's shape stays the same, whatever the number."""
+
+    def forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        reuse = self._last[1] and self.use_pre_allocated_outputs and self._last[0] == x.shape
+        out = self.pre_allocated_outputs[0] if reuse else torch.empty(rows, x.shape[1])
+        out.copy_(2 * x[:rows] + 1)  # kept outputs of other rows fail here
+        self._last = (x.shape, self.use_pre_allocated_outputs)
+        if self.use_pre_allocated_outputs and (self.unowned or not self.pre_allocated_outputs):
+            self.pre_allocated_outputs = [torch.empty(rows, x.shape[1])]
+        return out
+
+
+def test_a_compiled_module_called_with_a_number_passes_through_and_says_why(settings):
+    engine = ShapeInputEngine(settings["whole_graph_capture"])
     stable = held(engine, from_first_call=True)
     x = batches(8)[0]
-    for rows in (8, 3, 5):
+    for rows in (8, 8, 3, 5):
         torch.testing.assert_close(engine(x, rows), 2 * x[:rows] + 1)
     assert not engine.use_pre_allocated_outputs and not stable.sites[0].buffers
     assert stable.describe() == (
-        "addresses NOT held at 1 of 1 call sites: a number input may decide the output shapes"
+        "addresses NOT held at 1 of 1 call sites: a number input (a shape input: the engine reuses kept outputs"
+        " by input shapes only)"
     )
 
 
-def test_every_engine_of_a_program_is_left_alone_when_one_aliases_its_io(settings):
-    from tests.test_prewarm import Stub  # a torchbind Engine's serialized info
-
-    owner = RuntimeLikeEngine(settings["whole_graph_capture"])
-    plain, aliased = Stub("0%9%0%1%NVIDIA H100", aliased_io=""), Stub("0%9%0%1%NVIDIA H100", aliased_io="o@c@kv")
-    stable = StableAddresses(
-        [Engine("owner._run_on_acc_0_engine", "bare", plain, owner=owner),
-         Engine("owner._run_on_acc_2_engine", "bare", aliased, owner=owner)]
-    )  # fmt: skip
-    stable.install()
-    assert not stable.sites and stable.skipped == 2 and "forward" not in vars(owner)
-
-
 class BareEngine(RuntimeLikeEngine):
-    """A loaded program's bare engine: settings through ``update_runtime_settings`` (read back from what
-    was last set), serialized info that says it aliases nothing."""
+    """A loaded program's bare engine: settings through ``update_runtime_settings``, and serialized info
+    (``__getstate__``, as a torchbind Engine answers it) that says whether it aliases its I/O."""
+
+    def __init__(self, settings, aliased_io: str = "") -> None:
+        super().__init__(settings)
+        self.aliased_io = aliased_io
 
     def update_runtime_settings(self, *codes) -> None:
         self.codes = codes
 
     def __getstate__(self):
-        return ["10", "e", "0%9%0%1%NVIDIA H100", b"", "", "", "0", "", "", "0", "0", "0", ""], "Engine"
+        return ["10", "e", "0%9%0%1%NVIDIA H100", b"", "", "", "0", "", "", "0", "0", "0", self.aliased_io], "Engine"
 
 
-class Program(nn.Module):
-    """A loaded program's forward: an in-place aten op on its input (optional), then its engine."""
-
-    def __init__(self, engine: nn.Module, writes_input: bool) -> None:
-        super().__init__()
-        self.engine, self.writes_input = engine, writes_input
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.writes_input:
-            torch.ops.aten.mul_.Scalar(x, 1)
-        return self.engine(x)
+def _run(x: torch.Tensor, engine: nn.Module) -> torch.Tensor:
+    return engine(x)  # stands for torch.ops.tensorrt.execute_engine
 
 
-class _EngineIsALeaf(torch.fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, RuntimeLikeEngine) or super().is_leaf_module(module, name)
+def _run_if(x: torch.Tensor, engine: nn.Module, use: bool) -> torch.Tensor | None:
+    return engine(x) if use else None
 
 
-def bare_in(owner: nn.Module, engine: BareEngine, settings) -> Engine:
-    found = Engine("engine", "bare", engine, owner=owner)
-    found.set(settings)
-    return found
+def program(settings, *engines: BareEngine, runs: int = 1, optional_last: bool = False):
+    """A loaded program's graph (as ``torch_tensorrt.load(...).module()`` has it): each engine read with
+    ``get_attr`` and run by a call node (``runs`` times over; the last engine only when ``use`` is True),
+    and the ``Engine`` records ``find_engines`` would make of it, with the settings applied."""
+    root, graph = nn.Module(), torch.fx.Graph()
+    x, use = graph.placeholder("x"), graph.placeholder("use")
+    outputs = []
+    for i, engine in enumerate(engines):
+        setattr(root, f"_run_on_acc_{i}_engine", engine)
+        node = graph.get_attr(f"_run_on_acc_{i}_engine")
+        out = x
+        for _ in range(runs):
+            last = optional_last and i == len(engines) - 1
+            out = graph.call_function(_run_if, (out, node, use)) if last else graph.call_function(_run, (out, node))
+        outputs.append(out)
+    graph.output(tuple(outputs))
+    module = torch.fx.GraphModule(root, graph)
+    found = [Engine(f"_run_on_acc_{i}_engine", "bare", e, owner=module) for i, e in enumerate(engines)]
+    for record in found:
+        record.set(settings)
+    return module, found
 
 
-@pytest.mark.parametrize("writes_input", [True, False])
-def test_a_program_is_left_alone_where_its_graph_writes_an_input_else_its_inputs_are_copied(settings, writes_input):
+def test_a_program_holds_its_outputs_and_reports_moved_inputs_without_copying_them(settings):
     engine = BareEngine(settings["whole_graph_capture"])
-    program = Program(engine, writes_input)
-    graph_module = torch.fx.GraphModule(program, _EngineIsALeaf().trace(program))  # as a loaded program's graph
-    stable = StableAddresses([bare_in(graph_module, engine, settings["whole_graph_capture"])])
+    module, found = program(settings["whole_graph_capture"], engine)
+    stable = StableAddresses(found)
     stable.install()
-    if writes_input:
-        assert not stable.sites and stable.skipped == 1
-        return
     inputs = batches(8, 8, 8, 8)
-    for x in inputs:
-        torch.testing.assert_close(graph_module(x), 2 * x + 1)
-    assert stable.sites[0].copy_inputs and len(set(engine.bound_inputs[2:])) == 1  # moved, then copied
-
-
-def test_inputs_of_a_module_that_might_write_them_are_never_copied_and_that_is_said(settings):
-    engine = BareEngine(settings["whole_graph_capture"])
-    owner = Program(engine, writes_input=True)  # plain Python: nothing says whether it writes its inputs
-    stable = StableAddresses([bare_in(owner, engine, settings["whole_graph_capture"])])
-    stable.install()
-    inputs = batches(8, 8, 8)
-    for x in inputs:
-        expected = 2 * x + 1
-        torch.testing.assert_close(owner(x), expected)
-    assert engine.bound_inputs == [x.data_ptr() for x in inputs]  # the caller's own tensors: never copied
-    assert stable.describe().endswith(
-        "; inputs moved but not copied at 1 call site(s) (the program might write into them)"
+    kept = [module(x, True)[0] for x in inputs]  # inputs and outputs kept alive: both move
+    for x, y in zip(inputs, kept):
+        torch.testing.assert_close(y, 2 * x + 1)
+    # its graph's own ops might write into its inputs (a staged copy would hide the write): never copied
+    assert engine.bound_inputs == [x.data_ptr() for x in inputs]
+    assert len(set(engine.bound_outputs[3:])) == 1  # outputs held from the third call
+    assert stable.describe() == (
+        "stable addresses: 1 call site(s), 1 shape(s), outputs kept and copied out at 1 of 1 call site(s) once they"
+        " had moved; a loaded program's inputs moved at 1 call site(s): not copied, each a new capture"
     )
 
 
-def test_an_exported_programs_graph_says_whether_it_writes_an_input():
-    class UpdatesCache(nn.Module):
-        def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-            cache.add_(1)
-            return x * 2 + cache
+def test_a_program_that_runs_an_engine_twice_or_a_module_of_your_own_is_left_alone(settings):
+    twice, found = program(settings["whole_graph_capture"], BareEngine(settings["whole_graph_capture"]), runs=2)
+    own = Engine("engine", "bare", found[0].obj, owner=nn.Sequential())  # plain Python: runs it any number of times
+    for engines in (found, [own]):
+        stable = StableAddresses(engines)
+        stable.install()
+        assert not stable.sites and stable.skipped == 1
+        assert stable.describe() == (
+            "addresses NOT held: 1 engine(s) left as they are (aliased or unreadable I/O, or run by a module of"
+            " your own)"
+        )
+    x = batches(8)[0]
+    torch.testing.assert_close(twice(x, True)[0], 2 * (2 * x + 1) + 1)
 
-    class Pure(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.relu(x) * 2
 
-    x = torch.randn(3)
-    assert addresses._writes_inputs(torch.export.export(UpdatesCache(), (x, torch.zeros(3))).module()) is True
-    assert addresses._writes_inputs(torch.export.export(Pure(), (x,)).module()) is False
-    assert addresses._writes_inputs(Pure()) is None  # plain Python: cannot tell
+def test_every_engine_of_a_program_is_left_alone_when_one_aliases_its_io(settings):
+    plain, aliased = BareEngine(settings["whole_graph_capture"]), BareEngine(settings["whole_graph_capture"], "o@c@kv")
+    for engines, sites in (((plain,), 1), ((plain, aliased), 0)):
+        module, found = program(settings["whole_graph_capture"], *engines)
+        stable = StableAddresses(found)
+        stable.install()
+        assert len(stable.sites) == sites and stable.skipped == len(engines) - sites
+        assert ("forward" in vars(module)) == bool(sites)
+        stable.uninstall()
+
+
+def test_an_engine_that_did_not_run_in_the_first_held_call_makes_its_own_outputs_when_it_runs(settings):
+    a, b = BareEngine(settings["whole_graph_capture"]), BareEngine(settings["whole_graph_capture"])
+    module, found = program(settings["whole_graph_capture"], a, b, optional_last=True)
+    stable = StableAddresses(found, from_first_call=True)
+    stable.install()
+    for x in batches(8, 8):
+        module(x, True)  # both held at 8 rows
+    stable.pause()
+    module(batches(3)[0], True)  # passed through: b's last call did not keep its outputs, its list is 8-row
+    stable.resume()
+    module(batches(3)[0], False)  # held again; only a runs
+    for x in batches(3, 3, 3):  # b: upstream would reuse its 8-row list here, had it been told to own it unmade
+        out_a, out_b = module(x, True)
+        torch.testing.assert_close(out_b, 2 * x + 1)
+    assert len(set(b.bound_outputs[-2:])) == 1  # held again at 3 rows
