@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from unittest import mock
 
 from benchmarks import harness
 
@@ -76,16 +77,8 @@ def task(spec: dict) -> dict:
             timer = BatchTimer()
             if name.endswith("-kept"):
                 callbacks.append(KeepOnGPU())  # dropped with the variant's callbacks after the loop
-            before = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, env):  # set for this variant, put back after
                 harness.predict(Empty() if name == "empty" else model, data, [*callbacks, timer])
-            finally:
-                for key, value in before.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
             if rep == 0:
                 continue  # warm-up round: compile, JIT, first captures
             per_batch[name].append(timer.per_batch_ms)

@@ -149,9 +149,13 @@ class _Site:
         return _copy_tensors(outputs) if self.holding else outputs
 
     def _pass_through(self, args: tuple, kwargs: dict) -> Any:
-        self._hold(False)
-        self.forget()  # the next watched call is compared with nothing from before this one
+        self.let_go()
         return self.original(*args, **kwargs)
+
+    def let_go(self) -> None:
+        """The engines' own output setting back; the next watched call is compared with nothing before it."""
+        self._hold(False)
+        self.forget()
 
     def forget(self) -> None:
         self._last, self._streak = None, 0
@@ -321,8 +325,7 @@ class StableAddresses:
         checkpoint saved meanwhile records it)."""
         for site in self.sites:
             site.paused = True
-            site._hold(False)
-            site.forget()
+            site.let_go()
 
     def resume(self) -> None:
         """At a loop's start: watch again, comparing nothing with what came before."""

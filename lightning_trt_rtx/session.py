@@ -121,8 +121,7 @@ class ServingSession:
         self.graphs: GraphScopes | None = None
         self.stable: addresses.StableAddresses | None = None
         self.closed = False
-        # whether a loop runs (None: the session serves every call; False: loops drive it, none runs now)
-        self._looping: bool | None = None
+        self._between_loops = False  # loops drive stable addresses (for_trainer's loops_only), none runs now
         self._cache_opened = False
         self._timer = _BatchTimer(self.figures)
 
@@ -131,7 +130,7 @@ class ServingSession:
         """``loops_only``: the session serves whole-graph capture's stable addresses only between
         :meth:`loop_started` and :meth:`loop_ended` (a callback: not in the sanity check or training)."""
         session = cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
-        session._looping = False if loops_only else None
+        session._between_loops = loops_only
         return session
 
     # --- opening -------------------------------------------------------------------------------
@@ -209,7 +208,7 @@ class ServingSession:
             self.stable.uninstall()
         self.stable = addresses.StableAddresses(engines, from_first_call=mode == "always")
         self.stable.install()
-        if self._looping is False:
+        if self._between_loops:
             self.stable.pause()
 
     def runtime_settings(self) -> Any:
@@ -315,7 +314,7 @@ class ServingSession:
     # --- timing --------------------------------------------------------------------------------
 
     def loop_started(self) -> None:
-        self._looping = True
+        self._between_loops = False
         if self.stable is not None:
             self.stable.resume()
         self._timer.start()
@@ -332,7 +331,7 @@ class ServingSession:
 
     def loop_ended(self) -> None:
         self._timer.end()
-        self._looping = False
+        self._between_loops = True
         if self.stable is not None:
             self.stable.pause()  # inside fit, training runs until the next validation loop
 
