@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_trt_rtx import report
+from lightning_trt_rtx import _predict_loop, report, transfers
 from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.prewarm import PrewarmSpec
@@ -118,6 +118,11 @@ class TRTRuntimeSettings(_LoopHooks):
             ``"int64"``, ``"int32"`` (integers are zeros: valid token ids).
         prewarm_target: the LightningModule attribute the shapes are for; default: its only compiled
             attribute (with none, the LightningModule's own ``forward``); ``"forward"``: its ``forward``.
+        upload_ahead: in GPU predict loops, upload each batch's CPU tensors on a stream of their own
+            while the previous batch runs (pinned staging, an event per batch; see
+            :mod:`lightning_trt_rtx.transfers`). On by default; off by itself (the figures say why)
+            where the LightningModule or DataModule overrides ``on_before_batch_transfer`` or
+            ``transfer_batch_to_device``, or ``predict_step`` takes ``dataloader_iter``.
     """
 
     def __init__(
@@ -130,7 +135,11 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm_shapes: list[str] | None = None,
         prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
+        upload_ahead: bool = True,
     ) -> None:
+        if not isinstance(upload_ahead, bool):
+            raise TypeError(f"upload_ahead must be True or False, got {upload_ahead!r}.")
+        self.upload_ahead = upload_ahead
         self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
@@ -163,7 +172,9 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm = self.prewarm_spec or _plugin_prewarm(trainer)
         if prewarm is not None:  # once per session, before the loop's timing starts
             prewarm.run(self.session, pl_module)
-        self.session.loop_started()
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            _upload_predict_batches(trainer, self.session, self.upload_ahead)
+        self.session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
         self._serving = self.session
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -259,6 +270,20 @@ class TRTRuntimeSettings(_LoopHooks):
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
 
 
+def _upload_predict_batches(trainer: Trainer, session: ServingSession, wanted: bool) -> None:
+    """Route the predict loop's batches through ``session.upload_ahead`` where that is safe."""
+    if not wanted:
+        session.uploads_off("upload_ahead=False")
+        return
+    reason = _predict_loop.why_not_upload(trainer)
+    if reason is not None:
+        session.uploads_off(reason)
+        log.debug("Batches are not uploaded ahead: %s.", reason)
+        return
+    device = trainer.strategy.root_device
+    _predict_loop.wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device))
+
+
 def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
     """The TRTRuntimePrecision plugin's prewarm arguments: the callback's session serves its run."""
     from lightning_trt_rtx.plugin import TRTRuntimePrecision
@@ -340,3 +365,59 @@ class TRTCudaGraphs(_LoopHooks):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)
+
+
+class TRTHostPredictions(Callback):
+    """Collect predictions on the host without a stall per batch (use with ``return_predictions=False``).
+
+    ``trainer.predict(..., return_predictions=True)`` copies every prediction to the host when its step
+    ends and waits for the copy, so the host cannot queue the next batch while the GPU still works.
+    This callback queues each prediction's copy into pinned host memory on the GPU's stream instead
+    (no wait) and waits once, when the loop ends::
+
+        collector = TRTHostPredictions()
+        trainer = Trainer(callbacks=[TRTRuntimeSettings(), collector])
+        trainer.predict(model, loader, return_predictions=False)
+        collector.predictions     # like trainer.predict's return: a list per dataloader if several
+
+    The predictions are pinned host tensors (the structure of each step's return is kept; non-tensor
+    leaves as they are). On a CPU loop they are kept as returned.
+    """
+
+    def __init__(self) -> None:
+        self.predictions: list[Any] = []
+        self._copies: dict[int, transfers.HostCopies] = {}
+        self._kept: dict[int, list[Any]] = {}
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.predictions, self._copies, self._kept = [], {}, {}
+        if trainer.predict_loop.return_predictions:
+            info("TRTHostPredictions: return_predictions=True also copies every prediction to the host and waits"
+                 " for it; pass return_predictions=False to trainer.predict to keep the GPU busy.",
+                 rank=trainer.global_rank, rank_zero=True, once=True)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            self._kept.setdefault(dataloader_idx, []).append(outputs)
+            return
+        if dataloader_idx not in self._copies:
+            self._copies[dataloader_idx] = transfers.HostCopies(device)
+        self._copies[dataloader_idx].add(outputs)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for index, copies in self._copies.items():
+            self._kept.setdefault(index, []).extend(copies.collect())
+        per_loader = [self._kept.get(i, []) for i in range(max(trainer.predict_loop.num_dataloaders, 1))]
+        self.predictions = per_loader[0] if len(per_loader) == 1 else per_loader
+        self._copies, self._kept = {}, {}
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._copies, self._kept = {}, {}

@@ -30,6 +30,16 @@ class RankFigures:
     # added later, so positional construction keeps working:
     prewarmed: int = 0  # shape entries prewarmed before the first batch
     capture: str = ""  # whole-graph capture: whether addresses were held still, and any new captures
+    step_gpu_ms: float = 0.0  # GPU time from a steady batch's start to its end (CUDA events), mean
+    uploads: str = ""  # batches uploaded ahead of the engine, or why not
+
+    @property
+    def efficiency(self) -> float:
+        """The share of a steady batch's time the GPU spent on the step (1.0: the loop never kept the
+        GPU waiting); 0.0 when not measured."""
+        if self.step_gpu_ms <= 0 or self.mean_batch_ms <= 0:
+            return 0.0
+        return min(self.step_gpu_ms / self.mean_batch_ms, 1.0)
 
     @property
     def cache_source(self) -> str:
@@ -52,6 +62,7 @@ class RankFigures:
         """Numeric figures for ``trainer.logger.log_metrics``."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(cache_bytes=self.cache_bytes, saved_bytes=self.saved_bytes, cache_warm=float(self.warm))
+        values.update(efficiency=self.efficiency)
         return {
             f"{prefix}/{name}": float(value)
             for name, value in values.items()
@@ -66,6 +77,11 @@ class RankFigures:
     def summary(self) -> str:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
         capture = f"; whole-graph capture: {self.capture}" if self.capture else ""
+        if self.step_gpu_ms > 0:
+            capture += (f"; {self.mean_batch_ms:.3f} ms per batch, step on GPU {self.step_gpu_ms:.3f} ms"
+                        f" (efficiency {self.efficiency:.2f})")
+        if self.uploads:
+            capture += f"; uploads: {self.uploads}"
         if self.cache is None:
             return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache{capture}"
         c = self.cache
@@ -103,7 +119,7 @@ def gather(figures: RankFigures) -> list[RankFigures]:
 def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
     header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches")
-    header += ("first batch", "mean batch", "cache file")
+    header += ("first batch", "mean batch", "step on GPU", "uploads", "cache file")
     body: list[tuple[str, ...]] = [
         (
             str(r.rank),
@@ -116,6 +132,8 @@ def table(rows: list[RankFigures]) -> str:
             str(r.batches),
             f"{r.first_batch_ms:.2f} ms",
             f"{r.mean_batch_ms:.3f} ms",
+            f"{r.step_gpu_ms:.3f} ms ({r.efficiency:.2f})" if r.step_gpu_ms > 0 else "-",
+            r.uploads or "-",
             r.cache_path or "-",
         )
         for r in rows

@@ -28,14 +28,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_trt_rtx import _backend, addresses, cache
+from lightning_trt_rtx import _backend, addresses, cache, transfers
 from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
@@ -124,6 +125,7 @@ class ServingSession:
         self._between_loops = False  # loops drive stable addresses (for_trainer's loops_only), none runs now
         self._cache_opened = False
         self._timer = _BatchTimer(self.figures)
+        self.uploads: transfers.UploadsAhead | None = None
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
@@ -311,13 +313,50 @@ class ServingSession:
         if self.graphs is not None:
             self.graphs.close()
 
+    # --- uploads ahead of the engine ---------------------------------------------------------------
+
+    def upload_ahead(
+        self, batches: Iterable[Any], device: torch.device | str | int | None = None, depth: int = transfers.DEFAULT_DEPTH
+    ) -> transfers.UploadsAhead:
+        """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
+        :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
+
+            with ServingSession(model, settings) as session:
+                for batch in session.upload_ahead(loader):
+                    model(batch)
+
+        ``device``: default, the current CUDA device.
+        """
+        self._check_open()
+        self._close_uploads()
+        target = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+        self.uploads = transfers.UploadsAhead(batches, target, depth)
+        self.figures.uploads = f"ahead, depth {depth}"
+        return self.uploads
+
+    def uploads_off(self, reason: str) -> None:
+        """Record why this run's batches are not uploaded ahead (for the figures)."""
+        self.figures.uploads = f"off: {reason}"
+
+    def _close_uploads(self) -> None:
+        uploads, self.uploads = self.uploads, None
+        if uploads is None:
+            return
+        uploads.close()
+        stats = uploads.stats
+        staged = stats["staged_bytes"] + stats["pinned_bytes"]
+        pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if staged else ""
+        self.figures.uploads = f"ahead, depth {uploads.depth}: {stats['batches']} batches{pinned}"
+
     # --- timing --------------------------------------------------------------------------------
 
-    def loop_started(self) -> None:
+    def loop_started(self, cuda: bool | None = None) -> None:
+        """A loop's batches start: timing (and, on a GPU, the steps' GPU time) starts over.
+        ``cuda``: whether the loop runs on a GPU (default: whether one is available)."""
         self._between_loops = False
         if self.stable is not None:
             self.stable.resume()
-        self._timer.start()
+        self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
 
     def batch_started(self) -> None:
         if self.binding is not None:
@@ -330,6 +369,7 @@ class ServingSession:
         self._timer.batch_ended()
 
     def loop_ended(self) -> None:
+        self._close_uploads()
         self._timer.end()
         self._between_loops = True
         if self.stable is not None:
@@ -342,6 +382,7 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
+        self._close_uploads()
         self.close_graphs()
         if self.stable is not None:
             self.figures.capture = self.stable.describe()
@@ -358,27 +399,55 @@ class ServingSession:
 
 
 class _BatchTimer:
-    """First-batch and steady per-batch time, synchronised with the GPU only at the two edges."""
+    """First-batch and steady per-batch time, synchronised with the GPU only at the two edges; on a
+    GPU also the GPU time of each steady step (CUDA events at its start and end, read in arrears)."""
+
+    _FOLD_AFTER = 64  # pairs of events kept before the oldest (long finished) are read and dropped
 
     def __init__(self, figures: RankFigures) -> None:
         self.figures = figures
         self._batch_start = 0.0
         self._first_batch_end = 0.0
+        self._events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._start_event: torch.cuda.Event | None = None
+        self._gpu_ms = 0.0
+        self._gpu_steps = 0
+        self._cuda = False
 
-    def start(self) -> None:
+    def start(self, cuda: bool = False) -> None:
         self.figures.batches, self.figures.first_batch_ms, self.figures.mean_batch_ms = 0, 0.0, 0.0
+        self.figures.step_gpu_ms = 0.0
+        self._events.clear()
+        self._gpu_ms, self._gpu_steps = 0.0, 0
+        self._cuda = cuda and torch.cuda.is_available()
 
     def batch_started(self) -> None:
         self._batch_start = time.perf_counter()
+        if self._cuda and self.figures.batches >= 1:  # steady batches only
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
 
     def batch_ended(self) -> None:
         figures = self.figures
         figures.batches += 1
+        if self._start_event is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start_event, end))
+            self._start_event = None
+            if len(self._events) > self._FOLD_AFTER:
+                self._fold(self._events.popleft())
         if figures.batches == 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self._first_batch_end = time.perf_counter()
             figures.first_batch_ms = (self._first_batch_end - self._batch_start) * 1e3
+
+    def _fold(self, pair: tuple[torch.cuda.Event, torch.cuda.Event]) -> None:
+        start, end = pair
+        end.synchronize()
+        self._gpu_ms += start.elapsed_time(end)
+        self._gpu_steps += 1
 
     def end(self) -> None:
         figures = self.figures
@@ -388,6 +457,11 @@ class _BatchTimer:
             figures.mean_batch_ms = (time.perf_counter() - self._first_batch_end) * 1e3 / (figures.batches - 1)
         elif figures.batches == 1:
             figures.mean_batch_ms = figures.first_batch_ms
+        while self._events:
+            self._fold(self._events.popleft())
+        self._start_event = None
+        if self._gpu_steps:
+            figures.step_gpu_ms = self._gpu_ms / self._gpu_steps
 
 
 def _gather(value: Any) -> list[Any] | None:
