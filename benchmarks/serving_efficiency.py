@@ -175,7 +175,8 @@ def task(spec: dict) -> dict:
             settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False,
                                           upload_ahead=source != "cpu-off")  # fmt: skip
             callbacks.append(settings)
-        extra = {"gpu-writer": GpuWriter, "host-writer": HostWriter, "host-collect": TRTHostPredictions}.get(predictions)
+        writers = {"gpu-writer": GpuWriter, "host-writer": HostWriter, "host-collect": TRTHostPredictions}
+        extra = writers.get(predictions)
         if extra is not None:
             callbacks.append(extra())
         harness.trainer([*callbacks, timer]).predict(module, loader(source),

@@ -27,6 +27,11 @@ def why_not_upload(trainer: Any) -> str | None:
     device = trainer.strategy.root_device
     if device.type != "cuda":
         return f"the loop runs on {device.type}"
+    return why_not_wrap(trainer)
+
+
+def why_not_wrap(trainer: Any) -> str | None:
+    """Why this Trainer's predict loop cannot take its batches through a wrapper; None when it can."""
     fetcher = getattr(trainer.predict_loop, "_data_fetcher", None)
     if fetcher is None or not hasattr(fetcher, "iterator") or fetcher.iterator is None:
         return "this Lightning version's predict loop has no batch iterator to wrap (tested with 2.6)"

@@ -395,7 +395,7 @@ class TRTHostPredictions(Callback):
         if trainer.predict_loop.return_predictions:
             info("TRTHostPredictions: return_predictions=True also copies every prediction to the host and waits"
                  " for it; pass return_predictions=False to trainer.predict to keep the GPU busy.",
-                 rank=trainer.global_rank, rank_zero=True, once=True)
+                 rank=trainer.global_rank, rank_zero=True)
 
     @override
     def on_predict_batch_end(

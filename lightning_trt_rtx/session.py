@@ -316,7 +316,10 @@ class ServingSession:
     # --- uploads ahead of the engine ---------------------------------------------------------------
 
     def upload_ahead(
-        self, batches: Iterable[Any], device: torch.device | str | int | None = None, depth: int = transfers.DEFAULT_DEPTH
+        self,
+        batches: Iterable[Any],
+        device: torch.device | str | int | None = None,
+        depth: int = transfers.DEFAULT_DEPTH,
     ) -> transfers.UploadsAhead:
         """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
         :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::

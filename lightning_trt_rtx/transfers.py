@@ -153,10 +153,10 @@ class UploadsAhead:
         return self
 
     def __next__(self) -> Any:
-        if self._thread is None:
-            iter(self)
         if self._closed:
             raise StopIteration
+        if self._thread is None:
+            iter(self)
         item = self._queue.get()
         if item is _END:
             self.close()
