@@ -107,8 +107,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=STEPS, default=None)
     parser.add_argument(
-        "--models", nargs="+", choices=sorted({*graphs.MODELS, *real_models.MODELS}), default=None,
-        help="only these models in the graphs and real-model steps (e.g. to split a run over two GPUs)",
+        "--models", nargs="+", choices=sorted({*graphs.MODELS, *real_models.MODELS, *serving_efficiency.MODELS}),
+        default=None, help="only these models in the graphs, real-model and serving-efficiency steps",
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--_task", choices=sorted(TASKS), default=None, help=argparse.SUPPRESS)

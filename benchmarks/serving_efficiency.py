@@ -213,7 +213,7 @@ def task(spec: dict) -> dict:
 
 
 def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
-    models = [m for m in (cfg.get("models") or available_models()) if m in MODELS]
+    models = [m for m in available_models() if not cfg.get("models") or m in cfg["models"]]
     rows: list[dict] = []
     for name in models:
         spec = {"model": name, "batches": cfg["batches"], "work": runner.work,
