@@ -348,7 +348,7 @@ class ServingSession:
         uploads.close()
         stats = uploads.stats
         staged = stats["staged_bytes"] + stats["pinned_bytes"]
-        pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if staged else ""
+        pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if stats["pinned_bytes"] else ""
         self.figures.uploads = f"ahead, depth {uploads.depth}: {stats['batches']} batches{pinned}"
 
     # --- timing --------------------------------------------------------------------------------
