@@ -349,7 +349,8 @@ class ServingSession:
         stats = uploads.stats
         staged = stats["staged_bytes"] + stats["pinned_bytes"]
         pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if stats["pinned_bytes"] else ""
-        self.figures.uploads = f"ahead, depth {uploads.depth}: {stats['batches']} batches{pinned}"
+        how = {"thread": ", own thread", "loop": ""}.get(stats["mode"], "")
+        self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{pinned}"
 
     # --- timing --------------------------------------------------------------------------------
 

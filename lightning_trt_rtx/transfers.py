@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -110,17 +111,25 @@ class UploadsAhead:
     """Iterate ``source`` with every CPU tensor of each batch already on ``device``.
 
     Batches of any structure (tensors in tuples, lists, dicts, dataclasses, namedtuples; other leaves
-    are left as they are), changing shapes and a smaller last batch work. ``depth`` batches are in
-    flight at most (uploaded or uploading, not yet handed over). Iterate once; :meth:`close` (also
-    on exhaustion or on leaving a ``with`` block) stops the thread and gives the pinned memory back::
+    are left as they are), changing shapes and a smaller last batch work. Up to ``depth`` batches are
+    uploaded (or uploading) ahead of the one handed over. Iterate once; :meth:`close` (also on
+    exhaustion or on leaving a ``with`` block) stops the reading and gives the pinned memory back::
 
         with UploadsAhead(loader, torch.device("cuda", 0)) as batches:
             for batch in batches:
                 model(batch)
 
-    ``stats`` counts the batches handed over, the bytes staged through pinned memory and the bytes
-    that were pinned already.
+    Who reads and stages: where the first batch holds at least ``THREAD_MIN_BYTES`` of CPU tensors, a
+    thread of its own (the copy into pinned memory and the reading run beside the loop: measured on
+    H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way); smaller
+    batches are read and staged by the consumer itself, ``depth`` batches ahead (a thread's hand-over
+    costs more than their copy: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch).
+
+    ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned, and
+    ``mode`` (``"thread"`` or ``"loop"``).
     """
+
+    THREAD_MIN_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -135,8 +144,10 @@ class UploadsAhead:
         self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
         self.ops = ops if ops is not None else CudaOps(self.device)
         self.source = source
-        self.stats = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0}
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        self.stats: dict[str, Any] = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0, "mode": ""}
+        self._source: Iterator[Any] | None = None
+        self._ahead: deque[Any] = deque()  # read and uploaded, not handed over (the consumer's side)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.depth)  # the thread's side
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream: Any = None
@@ -145,19 +156,24 @@ class UploadsAhead:
     # --- the consumer's side (the loop's thread) ---------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
-        if self._thread is not None or self._closed:
+        if self._source is not None or self._closed:
             raise RuntimeError("UploadsAhead iterates its source once: make a new one for another pass.")
+        self._source = iter(self.source)
         self._stream = self.ops.new_stream()
-        self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
-        self._thread.start()
         return self
 
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
-        if self._thread is None:
+        if self._source is None:
             iter(self)
-        item = self._queue.get()
+        if not self.stats["mode"]:
+            self._start()
+        if self.stats["mode"] == "loop":
+            while len(self._ahead) <= self.depth and not (self._ahead and _is_last(self._ahead[-1])):
+                with self.ops.in_thread(self._stream):
+                    self._ahead.append(self._read(catch=Exception))
+        item = self._ahead.popleft() if self._ahead else self._queue.get()
         if item is _END:
             self.close()
             raise StopIteration
@@ -170,8 +186,21 @@ class UploadsAhead:
         self.stats["batches"] += 1
         return batch
 
+    def _start(self) -> None:
+        """Read the first batch here, and hand the rest to a thread if it is large."""
+        with self.ops.in_thread(self._stream):
+            first = self._read(catch=Exception)
+        self._ahead.append(first)
+        staged = self.stats["staged_bytes"] + self.stats["pinned_bytes"]
+        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES:
+            self.stats["mode"] = "thread"
+            self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
+            self._thread.start()
+        else:
+            self.stats["mode"] = "loop"
+
     def close(self) -> None:
-        """Stop the thread (batches not yet handed over are dropped) and give the pinned memory back."""
+        """Stop reading (batches not yet handed over are dropped) and give the pinned memory back."""
         if self._closed:
             return
         self._closed = True
@@ -185,6 +214,7 @@ class UploadsAhead:
                 pass
             thread.join(timeout=_POLL_S)
         self._queue = queue.Queue(maxsize=self.depth)
+        self._ahead.clear()
         if self._stream is not None:  # copies in flight finish with their staging, which is given back
             stream, self._stream = self._stream, None
             self.ops.finish(stream)
@@ -195,20 +225,15 @@ class UploadsAhead:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # --- the producer's side (the uploads' thread) ---------------------------------------------
+    # --- reading and uploading (the consumer, or the uploads' thread) ----------------------------
 
     def _produce(self) -> None:
-        try:
-            with self.ops.in_thread(self._stream):
-                for batch in self.source:
-                    if self._stop.is_set():
-                        return
-                    self._put(self._upload(batch))
-                    if self._stop.is_set():
-                        return
-            self._put(_END)
-        except BaseException as error:  # handed to the consumer, raised there at this batch's turn
-            self._put(_Failure(error))
+        with self.ops.in_thread(self._stream):
+            while not self._stop.is_set():
+                item = self._read(catch=BaseException)
+                self._put(item)
+                if _is_last(item):
+                    return
 
     def _put(self, item: Any) -> None:
         while not self._stop.is_set():
@@ -217,6 +242,16 @@ class UploadsAhead:
                 return
             except queue.Full:
                 continue
+
+    def _read(self, catch: type[BaseException]) -> Any:
+        """The next batch uploaded, ``_END``, or the error reading it (raised at its turn)."""
+        assert self._source is not None
+        try:
+            return self._upload(next(self._source))
+        except StopIteration:
+            return _END
+        except catch as error:
+            return _Failure(error)
 
     def _upload(self, batch: Any) -> tuple[Any, Any, list[torch.Tensor]]:
         uploaded: list[torch.Tensor] = []
@@ -245,6 +280,10 @@ class UploadsAhead:
         if not uploaded:
             return moved, None, uploaded
         return moved, self.ops.record_event(), uploaded
+
+
+def _is_last(item: Any) -> bool:
+    return item is _END or isinstance(item, _Failure)
 
 
 class _Failure:

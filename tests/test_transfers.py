@@ -87,8 +87,11 @@ class RecordingOps:
         self._note("finish", stream)
 
 
-def uploads(source: Any, depth: int = 2, ops: RecordingOps | None = None) -> transfers.UploadsAhead:
-    return transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps())
+def uploads(source: Any, depth: int = 2, ops: RecordingOps | None = None, mode: str = "thread") -> Any:
+    """``mode``: "thread" (every batch counts as large) or "loop" (every batch counts as small)."""
+    up = transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps())
+    up.THREAD_MIN_BYTES = 0 if mode == "thread" else 1 << 62
+    return up
 
 
 def consumer_steps(ops: RecordingOps) -> list[tuple[str, Any]]:
@@ -98,20 +101,39 @@ def consumer_steps(ops: RecordingOps) -> list[tuple[str, Any]]:
 # --- the protocol ------------------------------------------------------------------------------------
 
 
-def test_each_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order():
+@pytest.mark.parametrize("mode", ["thread", "loop"])
+def test_each_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order(mode):
     batches = [torch.full((2, 3), float(i)) for i in range(5)]
     ops = RecordingOps()
-    got = list(uploads(batches, ops=ops))
+    up = uploads(batches, ops=ops, mode=mode)
+    got = list(up)
+    assert up.stats["mode"] == mode
     assert [b.tolist() for b in got] == [b.tolist() for b in batches]
     assert all(g is not b for g, b in zip(got, batches))  # copies, not the sources
     # the consumer waited for event k at batch k and marked that batch's tensor as used, nothing else
-    assert consumer_steps(ops) == [step for k in range(1, 6) for step in (("wait", k), ("record_stream", (2, 3)))] + [
+    consumer = [s for s in consumer_steps(ops) if s[0] in ("wait", "record_stream", "finish")]
+    assert consumer == [s for k in range(1, 6) for s in (("wait", k), ("record_stream", (2, 3)))] + [
         ("finish", "uploads-stream")
     ]
-    producer = [(what, detail) for what, thread, detail in ops.log if thread == "lightning-trt-rtx-uploads"]
-    assert producer[0] == ("enter", "uploads-stream") and producer[-1] == ("exit", "uploads-stream")
-    # per batch: pinned staging, then the device buffer, then the event that covers the copy
-    assert producer[1:-1] == [s for k in range(1, 6) for s in (("stage", (2, 3)), ("alloc", (2, 3)), ("event", k))]
+    # per batch: pinned staging, then the device buffer, then the event that covers the copy, all on
+    # the uploads' stream; the first batch is read by the consumer, the rest by the thread in "thread" mode
+    copies = [(what, d) for what, _, d in ops.log if what in ("stage", "alloc", "event")]
+    assert copies == [s for k in range(1, 6) for s in (("stage", (2, 3)), ("alloc", (2, 3)), ("event", k))]
+    threads = {thread for what, thread, _ in ops.log if what == "stage"}
+    me = threading.current_thread().name
+    assert threads == ({me, "lightning-trt-rtx-uploads"} if mode == "thread" else {me})
+    scopes = [what for what, _, _ in ops.log if what in ("enter", "exit", "stage")]
+    for i, what in enumerate(scopes):  # every staging inside an enter/exit of the uploads' stream
+        if what == "stage":
+            assert "enter" in scopes[:i] and scopes[:i].count("enter") > scopes[:i].count("exit")
+
+
+def test_large_first_batches_get_a_thread_small_ones_the_loop():
+    large = [torch.zeros(transfers.UploadsAhead.THREAD_MIN_BYTES // 4) for _ in range(3)]
+    up = transfers.UploadsAhead(large, "cpu", ops=RecordingOps())
+    assert len(list(up)) == 3 and up.stats["mode"] == "thread"
+    small = transfers.UploadsAhead([torch.zeros(4)] * 3, "cpu", ops=RecordingOps())
+    assert len(list(small)) == 3 and small.stats["mode"] == "loop"
 
 
 def test_pinned_sources_go_up_without_staging_and_stats_count_both():
@@ -120,7 +142,7 @@ def test_pinned_sources_go_up_without_staging_and_stats_count_both():
     up = uploads([pinned_tensor, pageable], ops=ops)
     assert [t.tolist() for t in up] == [pinned_tensor.tolist(), pageable.tolist()]
     assert [d for what, _, d in ops.log if what == "stage"] == [(8,)]
-    assert up.stats == {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4}
+    assert up.stats == {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4, "mode": "thread"}
 
 
 def test_every_structure_lightning_moves_keeps_its_shape_and_non_tensor_leaves():
@@ -160,7 +182,10 @@ def test_shape_changes_and_a_smaller_last_batch_each_get_their_own_buffer():
     assert [d for what, _, d in ops.log if what == "alloc"] == [(4, 3), (4, 5), (1, 5)]
 
 
-def test_the_source_is_read_at_most_depth_plus_one_ahead_of_the_consumer():
+@pytest.mark.parametrize("mode, extra", [("thread", 2), ("loop", 0)])
+def test_memory_is_bounded_the_source_is_read_at_most_depth_ahead(mode, extra):
+    """Batches read but not handed over: ``depth`` in the loop; in a thread, ``depth`` queued, one
+    waiting for room and the first batch, read by the consumer."""
     read = []
 
     def source():
@@ -168,22 +193,23 @@ def test_the_source_is_read_at_most_depth_plus_one_ahead_of_the_consumer():
             read.append(i)
             yield torch.tensor([i])
 
-    up = uploads(source(), depth=3)
+    up = uploads(source(), depth=3, mode=mode)
     it = iter(up)
     for consumed in range(1, 10):
         next(it)
         time.sleep(0.05)  # let the thread run as far ahead as it may
-        assert len(read) <= consumed + 3 + 1, (consumed, len(read))
+        assert consumed + 3 <= len(read) <= consumed + 3 + extra, (consumed, len(read))
     up.close()
 
 
-def test_an_error_in_the_source_is_raised_at_its_own_batch_after_the_earlier_ones():
+@pytest.mark.parametrize("mode", ["thread", "loop"])
+def test_an_error_in_the_source_is_raised_at_its_own_batch_after_the_earlier_ones(mode):
     def source():
         yield torch.tensor([0])
         yield torch.tensor([1])
         raise KeyError("sample 2 is missing")
 
-    it = iter(uploads(source()))
+    it = iter(uploads(source(), mode=mode))
     assert next(it).item() == 0 and next(it).item() == 1
     with pytest.raises(KeyError, match="sample 2 is missing"):
         next(it)
