@@ -385,10 +385,10 @@ def _is_object_store(fs: Any) -> bool:
 def _read(path: str) -> bytes | None:
     fs, inner, local = _fs(path)
     try:
-        if not local:
-            fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
-        if not fs.isfile(inner):
+        if local and not fs.isfile(inner):
             return None
+        if not local:  # no isfile(): it reads a store that cannot be reached as "no object"
+            fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
         return fs.cat_file(inner)
     except FileNotFoundError:
         return None
