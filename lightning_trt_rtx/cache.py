@@ -385,10 +385,12 @@ def _is_object_store(fs: Any) -> bool:
 def _read(path: str) -> bytes | None:
     fs, inner, local = _fs(path)
     try:
-        if local and not fs.isfile(inner):
-            return None
-        if not local:  # no isfile(): it reads a store that cannot be reached as "no object"
+        if not local:
             fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
+        if not fs.isfile(inner):
+            if not local:  # isfile() is False also for a store it cannot reach: info() raises why
+                fs.info(inner)  # FileNotFoundError where there is no such object
+            return None
         return fs.cat_file(inner)
     except FileNotFoundError:
         return None
@@ -610,6 +612,8 @@ def _write(fs: Any, inner: str, local: bool, data: bytes) -> None:
 
 
 def _warn_if_changed(path: str, stats: CacheStats, rank: int) -> None:
+    # Local files: checked under the lock the writer holds. Object stores: no lock, so a save landing
+    # between this check and this save's own write goes unseen (the write itself stays whole).
     now = _disk_state(path)
     if now and now != stats.disk_state:
         record = read_record(path)

@@ -306,7 +306,11 @@ def test_racing_writers_leave_one_writers_whole_bytes(store, tmp_path, real_cach
     open(go, "w").close()
     seen = set()
     while any(p.poll() is None for p in procs):
-        data = cache._read(path)
+        try:
+            data = cache._read(path)
+        except OSError as err:  # moto's server sometimes answers a GET racing a PUT of its key with HTTP 500
+            assert "Internal Server Error" in str(err)
+            continue
         if data is not None:
             assert data in payloads, f"a read of {len(data)} bytes is no writer's whole payload"
             seen.add(payloads[data])
