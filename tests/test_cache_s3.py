@@ -26,13 +26,12 @@ import uuid
 
 import fsspec
 import pytest
+import s3fs
+from moto import server as moto_server
 
 from lightning_trt_rtx import cache
 from tests.conftest import FAKE_GPU, OTHER_GPU
 from tests.procs.cache_writer import make_payload
-
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 WRITER = os.path.join(os.path.dirname(__file__), "procs", "cache_writer.py")
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "rtx-1.6.1-sm90.bin")
@@ -161,8 +160,6 @@ class Store:
 def store(s3_server, monkeypatch, tmp_path):
     """A fresh bucket on the session's server, reached through a proxy of this test's own: in this process
     through fsspec's storage options for ``s3``, in writer processes through ``AWS_ENDPOINT_URL``."""
-    import s3fs
-
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
