@@ -127,17 +127,34 @@ class Gpu:
         return bool(self.uuid) and uuid == self.uuid and ordinal == self.ordinal
 
 
-def current_gpu() -> Gpu:
-    """The physical GPU of this process's current CUDA device (``Gpu()`` where there is none)."""
+def current_device() -> int | None:
+    """This process's current CUDA device number (``torch.cuda.current_device()``), None without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():
-        return Gpu()
-    device = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(device)
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def gpu_at(ordinal: int) -> Gpu:
+    """The physical GPU this process sees as ``cuda:ordinal``."""
+    import torch
+
+    props = torch.cuda.get_device_properties(ordinal)
     uuid = str(getattr(props, "uuid", "") or "").lower()
     uuid = uuid[4:] if uuid.startswith("gpu-") else uuid
-    return Gpu(uuid=uuid, name=props.name, sm=f"sm{props.major}{props.minor}", ordinal=device)
+    return Gpu(uuid=uuid, name=props.name, sm=f"sm{props.major}{props.minor}", ordinal=ordinal)
+
+
+def current_gpu() -> Gpu:
+    """The physical GPU of this process's current CUDA device (``Gpu()`` where there is none)."""
+    device = current_device()
+    return Gpu() if device is None else gpu_at(device)
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # --- templates ------------------------------------------------------------------------------------
@@ -206,13 +223,15 @@ class Placement:
     gpu: Gpu = field(default_factory=Gpu)
 
     @classmethod
-    def current(cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1) -> Placement:
-        """This process on its current CUDA device (``sm`` and ``gpu`` are ``cpu`` where there is none)."""
+    def current(
+        cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1, gpu: Gpu | None = None
+    ) -> Placement:
+        """This process on ``gpu`` (default: its current CUDA device; ``sm`` and ``gpu`` are ``cpu`` without one)."""
         import torch
 
         from lightning_trt_rtx import _backend
 
-        gpu = current_gpu()
+        gpu = gpu if gpu is not None else current_gpu()
         return cls(
             rank=rank,
             local_rank=local_rank,

@@ -100,7 +100,7 @@ class TRTRuntimeSettings(_LoopHooks):
 
         trainer = Trainer(callbacks=[TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture")])
         trainer.predict(model, dataloader)
-        trainer.callbacks[0].figures      # every rank's figures, also printed as a table on rank zero
+        trainer.callbacks[0].figures      # on rank zero every rank's figures (printed as a table), elsewhere its own
 
     Args:
         cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
@@ -161,6 +161,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
             self.session.close()
         self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
+        report.open_run(trainer.global_rank)  # before any rank can end this run and post its figures
         # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
         self.session.serve(pl_module, warn_if_none=False)
@@ -242,7 +243,10 @@ class TRTRuntimeSettings(_LoopHooks):
         self._serving = None
         session, self.session = self.session, None
         if session is not None:
-            self.figures = [session.close()]
+            figures = session.close()
+            figures.failed = True
+            report.post(figures)  # rank zero's report gets this rank's row; nobody is waited for here
+            self.figures = [figures]
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -250,8 +254,10 @@ class TRTRuntimeSettings(_LoopHooks):
             return
         session, self.session = self.session, None
         figures = session.close()  # a loop with zero batches runs no on_*_end hook
-        # every rank reaches teardown once, whatever its batch count: the one place to gather
-        self.figures = report.gather(figures)
+        # no collective (a rank that raised never gets here): the others leave their figures for rank zero,
+        # which waits a bounded time for them
+        report.post(figures)
+        self.figures = report.collect(figures)
         if trainer.logger is not None:
             for row in self.figures:
                 trainer.logger.log_metrics(row.metrics(prefix=f"trt_rtx/rank{row.rank}"), step=trainer.global_step)

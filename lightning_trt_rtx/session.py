@@ -124,6 +124,9 @@ class ServingSession:
         self.closed = False
         self._between_loops = False  # loops drive stable addresses (for_trainer's loops_only), none runs now
         self._cache_opened = False
+        self._gpu: cache.Gpu | None = None  # the GPU this run serves on: its engines' device, else the current one
+        self._engines_located = False  # whether _gpu was decided from engines (then it stays)
+        self._local_devices: list[str] | None = None  # a Trainer's device per local rank (Lightning's own)
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
 
@@ -133,6 +136,9 @@ class ServingSession:
         :meth:`loop_started` and :meth:`loop_ended` (a callback: not in the sanity check or training)."""
         session = cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
         session._between_loops = loops_only
+        devices = getattr(trainer.strategy, "parallel_devices", None)
+        if devices:
+            session._local_devices = [str(device) for device in devices]
         return session
 
     # --- opening -------------------------------------------------------------------------------
@@ -160,8 +166,8 @@ class ServingSession:
             # served just before the scopes opened; re-applying now would undo a scope's own settings
             # (engines inside a whole-module graph hold their capture off)
             return self.figures.engines
-        self.figures.gpu = cache.current_gpu().id  # also without engines or a cache, for the table
         engines = find_engines(module)
+        self.figures.gpu = self._locate(engines).id  # also without engines or a cache, for the table
         self.figures.engines = len(engines)
         if not engines:
             if warn_if_none:
@@ -253,6 +259,48 @@ class ServingSession:
         if self.closed:
             raise RuntimeError("This ServingSession is closed: a session serves one run. Open a new one.")
 
+    def _locate(self, engines: Sequence[Any] = ()) -> cache.Gpu:
+        """The GPU this run serves on: the device its engines run on (TensorRT-RTX kernels are compiled
+        there), else this process's current device; decided at the first call that sees engines. A
+        current device other than the engines' is warned about (the cache follows the engines)."""
+        if self._gpu is not None and (self._engines_located or not engines):
+            return self._gpu
+        self._engines_located = bool(engines)
+        devices = sorted({d for d in (_backend.engine_device(e.obj) for e in engines) if d is not None})
+        current = cache.current_device()
+        if not devices or current is None:  # no engine says (or no CUDA here): the current device
+            self._gpu = self._gpu or cache.current_gpu()
+            return self._gpu
+        device = devices[0]
+        if len(devices) > 1:
+            warn(
+                f"The TensorRT engines of this run are on several devices ({', '.join(f'cuda:{d}' for d in devices)});"
+                f" one kernel cache serves them all and follows cuda:{device}. Kernels compiled on the other"
+                " devices do not apply there: serve each device's engines in a session of their own.",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        gpu = cache.gpu_at(device)
+        if device != current:
+            warn(
+                f"The TensorRT engines run on cuda:{device} (GPU {gpu.id}), but this process's current CUDA device"
+                f" is cuda:{current}: the kernel cache file and its record follow the engines' device. Call"
+                f" torch.cuda.set_device({device}) before compiling and serving so that both agree (torchrun:"
+                " torch.cuda.set_device(int(os.environ['LOCAL_RANK']))).",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        if self._gpu is not None and self._gpu != gpu and self.cache is not None:
+            warn(
+                f"The kernel cache {self.cache.path} was opened for the current device (GPU {self._gpu.id}) before"
+                f" the engines existed, but they run on cuda:{device} (GPU {gpu.id}): their kernels are saved"
+                f" under GPU {self._gpu.id}'s name. Call torch.cuda.set_device({device}) before engines_created().",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        self._gpu = gpu
+        return gpu
+
     def _open_cache(self) -> None:
         if self._cache_opened:
             return
@@ -260,30 +308,46 @@ class ServingSession:
         template = self.settings.runtime_cache
         if template is None:
             return
-        placement = cache.Placement.current(**vars(self.ranks))
+        placement = cache.Placement.current(
+            self.ranks.rank, self.ranks.local_rank, self.ranks.node_rank, self.ranks.world_size, gpu=self._locate()
+        )
         template = self._template_for_this_job(template, placement)
         self.cache = cache.RunCache(template, placement)
         self.figures.gpu = placement.gpu.id
         self.figures.cache = self.cache.stats
 
     def _template_for_this_job(self, template: str, placement: cache.Placement) -> str:
-        """The template this rank uses: one naming ``{gpu}`` gives ranks that share one GPU a file each
-        (``one_per_rank``); a template that gives several ranks one file is warned about."""
-        if placement.world_size == 1:
+        """The template this rank uses, decided without asking the other ranks (no collective: a session
+        may be opened on some ranks only). One naming ``{gpu}`` gives ranks that share one GPU a file
+        each (``one_per_rank``); a template that gives several ranks one file is warned about."""
+        if placement.world_size == 1 or cache.is_per_rank(template):
             return template
-        peers = _gather((placement.gpu.uuid, placement.resolve(template)))
-        if peers is None:  # no process group: judge by the template alone
-            if not cache.is_per_rank(template) and "gpu" not in cache.template_fields(template):
-                self._warn_shared_file(template, placement)
-            return template
-        gpus = [gpu for gpu, _ in peers]
-        fields = cache.template_fields(template)
-        if "gpu" in fields and not cache.is_per_rank(template) and gpus.count(placement.gpu.uuid) > 1:
-            return cache.one_per_rank(template)
-        paths = [path for _, path in peers]
-        if len(set(paths)) < len(paths):
+        fields = set(cache.template_fields(template))
+        local_world = self._local_world_size()
+        if "gpu" in fields:
+            return cache.one_per_rank(template) if self._shares_gpu(local_world) else template
+        one_node = local_world == placement.world_size
+        if not ("local_rank" in fields and one_node) and not (fields & {"host", "node_rank"} and local_world == 1):
             self._warn_shared_file(template, placement)
         return template
+
+    def _local_world_size(self) -> int:
+        """How many ranks of this job run on this node: the Trainer's devices, else ``LOCAL_WORLD_SIZE``
+        (torchrun sets it), else the world size (one node)."""
+        if self._local_devices is not None:
+            return len(self._local_devices)
+        try:
+            return int(os.environ["LOCAL_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            return self.ranks.world_size
+
+    def _shares_gpu(self, local_world: int) -> bool:
+        """Whether another rank of this job may run on this rank's GPU: Lightning's device list says so
+        exactly; without a Trainer, more ranks on this node than GPUs it sees (then every rank of the
+        node gets its own file, which seeds from the others' files filled on the same GPU)."""
+        if self._local_devices is not None and self.ranks.local_rank < len(self._local_devices):
+            return self._local_devices.count(self._local_devices[self.ranks.local_rank]) > 1
+        return local_world > max(cache.visible_gpus(), 1)
 
     def _warn_shared_file(self, template: str, placement: cache.Placement) -> None:
         warn(
@@ -467,11 +531,3 @@ class _BatchTimer:
         if self._gpu_steps:
             figures.step_gpu_ms = self._gpu_ms / self._gpu_steps
 
-
-def _gather(value: Any) -> list[Any] | None:
-    """Every rank's ``value`` (one collective), or None without an initialised process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
