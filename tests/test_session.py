@@ -10,6 +10,7 @@ real engine) for ``engines_created``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -283,16 +284,45 @@ def test_engines_created_without_a_cache(trt, TTM, monkeypatch):
 # --- ranks --------------------------------------------------------------------------------------------
 
 
-def test_ranks_from_arguments(TTM, fake_gpu, compiled_kernels, messages):
+@pytest.mark.parametrize(
+    ("gpus", "local_world_size", "shared"),
+    [(2, None, False), (1, None, True), (4, "4", False), (2, "4", True), (1, "1", False)],
+    ids=["2-gpus", "1-gpu", "torchrun-4-on-4", "torchrun-4-on-2", "torchrun-1-per-node"],
+)
+def test_ranks_from_arguments_share_a_gpu_when_the_node_has_fewer_gpus_than_ranks(
+    TTM, fake_gpu, compiled_kernels, messages, monkeypatch, gpus, local_world_size, shared
+):
+    """Decided on each rank alone (no collective): ranks on this node (``LOCAL_WORLD_SIZE``, else the world
+    size) against the GPUs it sees; ranks that share a GPU get a file each."""
+    monkeypatch.setattr(cache, "visible_gpus", lambda: gpus)  # the GPU count, faked at our boundary
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     model, _ = engine_tree(TTM)
     with ServingSession(model, rank=1, local_rank=1, world_size=2) as session:
         assert session.ranks == Ranks(rank=1, local_rank=1, node_rank=0, world_size=2)
         assert session.cache.placement.rank == 1 and session.cache.placement.world_size == 2
     assert session.figures.rank == 1
-    # no process group says the ranks share a GPU: the default per-GPU file
-    assert session.figures.cache_path == default_file(fake_gpu)
-    assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert session.figures.cache_path == default_file(fake_gpu, shared_gpu=shared, rank=1)
+    assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}{'-rank1' if shared else ''}.bin"
     assert messages.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("template", "local_world_size", "warned"),
+    [("{local_rank}.bin", "2", False), ("{local_rank}.bin", "1", True), ("{host}.bin", "1", False),
+     ("{host}.bin", "2", True), ("{node_rank}-{gpu}.bin", "2", False)],
+)  # fmt: skip
+def test_whether_ranks_share_a_file_is_judged_from_the_template_and_the_node(
+    TTM, fake_gpu, messages, monkeypatch, tmp_path, template, local_world_size, warned
+):
+    monkeypatch.setattr(cache, "visible_gpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=str(tmp_path / template)), rank=0, world_size=2):
+        pass
+    assert len(messages.matching("Several ranks of this job share the kernel cache file")) == int(warned)
 
 
 def test_a_template_that_gives_ranks_one_file_is_warned_about(TTM, fake_gpu, messages, tmp_path):
@@ -342,6 +372,87 @@ def test_serve_and_open_graphs_without_a_module_say_where_to_pass_it():
     assert session.closed
 
 
+# --- the GPU the engines run on ------------------------------------------------------------------------
+
+GPU_AT = {0: FAKE_GPU, 1: dataclasses.replace(OTHER_GPU, ordinal=1)}  # cuda:0 and cuda:1 of a two-GPU host
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A host with two GPUs whose current device is cuda:0: faked at our boundary (``cache.current_device``,
+    ``cache.gpu_at``); ``current_gpu`` and ``Placement.current`` go through them."""
+    monkeypatch.setattr(cache, "current_device", lambda: 0)
+    monkeypatch.setattr(cache, "gpu_at", lambda ordinal: GPU_AT[ordinal])
+    monkeypatch.setattr(cache, "visible_gpus", lambda: 2)
+
+
+def engines_on(trt, *devices: int) -> nn.Module:
+    """Real TorchTensorRTModules compiled "for" ``cuda:N`` (lazily initialised: on CPU their engine bytes
+    are never deserialized), as ``torch_tensorrt.compile(model.to(f"cuda:{N}"), ...)`` makes them."""
+    from torch_tensorrt.dynamo._settings import CompilationSettings
+
+    return nn.Sequential(
+        *(
+            trt.dynamo.runtime.TorchTensorRTModule(
+                serialized_engine=b"engine", name=f"e{i}",
+                settings=CompilationSettings(device=trt.Device(gpu_id=d), lazy_engine_init=True),
+            )  # fmt: skip
+            for i, d in enumerate(devices)
+        )
+    )
+
+
+def test_the_cache_file_and_its_record_follow_the_engines_device_not_the_current_one(
+    trt, two_gpus, compiled_kernels, messages
+):
+    # a torchrun rank that moved its model with .to("cuda:1") without torch.cuda.set_device(1)
+    with ServingSession(engines_on(trt, 1, 1)) as session:
+        pass
+    gpu = GPU_AT[1]
+    assert session.figures.gpu == gpu.id == f"{gpu.uuid.replace('-', '')[:8]}-1"
+    assert os.path.basename(session.figures.cache_path) == f"gpu-{gpu.id}.bin"
+    record = cache.read_record(session.figures.cache_path)
+    assert (record.gpu_uuid, record.ordinal) == (gpu.uuid, 1)
+    (warning,) = messages.warnings
+    assert warning.startswith(f"The TensorRT engines run on cuda:1 (GPU {gpu.id}), but this process's current"
+                              " CUDA device is cuda:0: the kernel cache file and its record follow the engines'")
+    assert "torch.cuda.set_device(1)" in warning
+    # the next run on that device loads it warm (the mismatch is said once per process)
+    messages.records.clear()
+    with ServingSession(engines_on(trt, 1)) as session:
+        assert session.figures.cache_source == "warm"
+    assert messages.warnings == []
+
+
+def test_engines_on_the_current_device_or_that_do_not_say_use_it_quietly(trt, TTM, two_gpus, compiled_kernels,
+                                                                         messages):
+    for model in (engines_on(trt, 0), nn.Sequential(TTM(name="e"))):  # cuda:0; an engine-less module
+        with ServingSession(model) as session:
+            pass
+        assert session.figures.gpu == FAKE_GPU.id
+        assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert messages.warnings == []
+
+
+def test_engines_on_several_devices_are_served_on_the_first_and_warned_about(trt, two_gpus, messages):
+    with ServingSession(engines_on(trt, 1, 0), TRTSettings(runtime_cache=None)) as session:
+        pass
+    assert session.figures.gpu == FAKE_GPU.id
+    (warning,) = messages.matching("on several devices")
+    assert "(cuda:0, cuda:1)" in warning and "follows cuda:0" in warning
+
+
+def test_a_cache_opened_before_the_engines_existed_says_when_they_run_elsewhere(trt, two_gpus, compiled_kernels,
+                                                                               messages):
+    with ServingSession(settings=TRTSettings()) as session:
+        with session.engines_created():  # the cache opens here, for the current device
+            model = engines_on(trt, 1)
+        session.serve(model)
+    assert session.figures.cache_path.endswith(f"gpu-{FAKE_GPU.id}.bin")
+    (warning,) = messages.matching("before the engines existed")
+    assert f"GPU {FAKE_GPU.id}" in warning and "cuda:1" in warning and "before engines_created()" in warning
+
+
 # --- a real gloo process group: two processes, ranks from torch.distributed --------------------------
 
 
@@ -358,6 +469,7 @@ def rank_worker(rank: str, out_dir: str, gpus: str) -> None:
     rank_ = int(rank)
     gpu = OTHER_GPU if gpus == "distinct" and rank_ == 1 else FAKE_GPU
     cache.current_gpu = lambda: gpu  # the GPU identity, faked at our boundary
+    cache.visible_gpus = lambda: 2 if gpus == "distinct" else 1  # and how many GPUs the host has
     with open(os.path.join(ROOT, "tests", "data", "rtx-1.6.1-sm90.bin"), "rb") as f:
         kernels = f.read()
     cache.RunCache.serialize = lambda self: kernels  # what the run compiled
