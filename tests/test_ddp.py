@@ -100,7 +100,12 @@ def rows(report: dict, *keys: str) -> list[tuple]:
 
 # --- the cases, prepared and run once for the whole module ---------------------------------------------
 
-DEFAULT_CASES = {"cpu-both-files": (False, (0, 1)), "cpu-rank0-file": (False, (0,)), "fake-gpu-rank0-file": (True, (0,))}
+# case -> (ranks "on" FAKE_GPU, the ranks whose own default file exists before the run)
+DEFAULT_CASES = {
+    "cpu-both-files": (False, (0, 1)),
+    "cpu-rank0-file": (False, (0,)),
+    "fake-gpu-rank0-file": (True, (0,)),
+}
 SERVERS = [(server, engines) for server in ("callback", "plugin", "both") for engines in (True, False)]
 
 
