@@ -26,13 +26,16 @@ import pytest
 
 from lightning_trt_rtx import ServingSession, TRTSettings, _backend, cache, report
 from lightning_trt_rtx.report import RankFigures
-from tests.conftest import FAKE_GPU
+from tests.conftest import FAKE_GPU, OTHER_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR_TIMEOUT_S = 150  # both processes, every case (imports included)
 GROUP_TIMEOUT_S = 20  # the process group's: what a skipped collective would cost each case
 CASE_LIMIT_S = 8.0  # a case that took this long waited on something
-CASES = ("rank0_only", "rank1_no_engines", "rank1_not_rtx", "figures_missing_rank", "figures_failed_and_stale")
+CASES = (
+    "session_same_gpu", "session_two_gpus",
+    "rank0_only", "rank1_no_engines", "rank1_not_rtx", "figures_missing_rank", "figures_failed_and_stale",
+)  # fmt: skip
 
 
 class Messages(logging.Handler):
@@ -55,6 +58,48 @@ def _serve(rank: int, engines: bool) -> dict:
     figures = session.figures
     return {"engines": figures.engines, "gpu": figures.gpu, "source": figures.cache_source,
             "path": figures.cache_path, "saved": figures.saved_bytes}  # fmt: skip
+
+
+def _sessions(rank: int, gpus: str, out_dir: str) -> list[dict]:
+    """Two sessions in turn whose ranks come from torch.distributed, then from arguments; both ranks "on"
+    FAKE_GPU of a one-GPU host (``same``), or on two GPUs of a two-GPU host (``distinct``)."""
+    import torch.distributed as dist
+
+    from tests.test_session import engine_tree
+
+    gpu = OTHER_GPU if gpus == "distinct" and rank == 1 else FAKE_GPU
+    current_gpu, visible_gpus = cache.current_gpu, cache.visible_gpus
+    cache.current_gpu = lambda: gpu
+    cache.visible_gpus = lambda: 2 if gpus == "distinct" else 1
+    os.environ[cache.CACHE_DIR_ENV] = os.path.join(out_dir, f"cache-{gpus}")
+    TTM = _backend.torch_tensorrt().dynamo.runtime.TorchTensorRTModule
+    served = []
+    try:
+        for given in ({}, {"rank": rank, "local_rank": rank, "world_size": 2}):
+            model, engines = engine_tree(TTM)
+            priors = [e.runtime_settings for e in engines]
+            with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture"), **given) as session:
+                # both ranks have loaded before either saves: a rank that loads after the other's save
+                # rightly seeds from that file, which would make the first session's source a race
+                dist.barrier()
+                handles = {id(e.runtime_settings.runtime_cache) for e in engines}
+                one = {
+                    "ranks": vars(session.ranks),
+                    "one_handle": handles == {id(session.cache.handle)},
+                    "strategies": sorted({e.runtime_settings.cuda_graph_strategy for e in engines}),
+                }
+            figures = session.figures
+            one.update(
+                rank=figures.rank, gpu=figures.gpu, engines=figures.engines, cache_source=figures.cache_source,
+                cache_path=figures.cache_path, saved_bytes=figures.saved_bytes,
+                restored=all(e.runtime_settings is p for e, p in zip(engines, priors)),
+            )  # fmt: skip
+            served.append(one)
+            dist.barrier()  # both ranks' saves are done before the next session loads
+    finally:
+        cache.current_gpu, cache.visible_gpus = current_gpu, visible_gpus
+        os.environ[cache.CACHE_DIR_ENV] = os.path.join(out_dir, "default-cache")
+    return served
 
 
 def rank_worker(rank_: str, out_dir: str) -> None:
@@ -80,7 +125,9 @@ def rank_worker(rank_: str, out_dir: str) -> None:
         start = time.monotonic()
         result: dict = {}
         try:
-            if case == "rank0_only":  # `if rank == 0: with ServingSession(...)`: the other rank serves nothing
+            if case in ("session_same_gpu", "session_two_gpus"):
+                result["sessions"] = _sessions(rank, "same" if case == "session_same_gpu" else "distinct", out_dir)
+            elif case == "rank0_only":  # `if rank == 0: with ServingSession(...)`: the other rank serves nothing
                 if rank == 0:
                     result["served"] = _serve(rank, engines=True)
             elif case == "rank1_no_engines":
@@ -195,3 +242,32 @@ def test_a_failed_ranks_figures_reach_rank_zero_and_an_earlier_runs_do_not(pair)
     assert any(w.startswith("Waited 0.5 s for the serving figures of rank(s) 1") for w in zero["warnings"])
     assert "Rank(s) 1 ended with an exception: their figures go up to it." in zero["warnings"]
     assert pair[1]["figures_failed_and_stale"]["rows"] == [[1, 2, False]]
+
+
+# --- two sessions per rank, ranks from torch.distributed then from arguments ----------------------------
+
+
+def test_two_processes_take_their_ranks_from_a_gloo_group_and_share_a_gpu(pair):
+    kernels = os.path.getsize(os.path.join(ROOT, "tests", "data", "rtx-1.6.1-sm90.bin"))
+    for rank in (0, 1):
+        first, second = pair[rank]["session_same_gpu"]["sessions"]
+        for session in (first, second):  # from torch.distributed, then from arguments: the same
+            assert session["ranks"] == {"rank": rank, "local_rank": rank, "node_rank": 0, "world_size": 2}
+            assert session["rank"] == rank and session["gpu"] == FAKE_GPU.id and session["engines"] == 4
+            assert session["one_handle"] and session["strategies"] == ["whole_graph_capture"] and session["restored"]
+            # two ranks on a one-GPU host: one default file each, per GPU and rank
+            assert os.path.basename(session["cache_path"]) == f"gpu-{FAKE_GPU.id}-rank{rank}.bin"
+            assert f"{os.sep}cache-same{os.sep}" in session["cache_path"] and session["saved_bytes"] == kernels
+        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
+        assert cache.read_record(first["cache_path"]).gpu_uuid == FAKE_GPU.uuid
+    paths = [pair[rank]["session_same_gpu"]["sessions"][0]["cache_path"] for rank in (0, 1)]
+    assert paths[0] != paths[1]
+
+
+def test_two_processes_on_two_gpus_get_one_file_per_gpu(pair):
+    for rank, gpu in ((0, FAKE_GPU), (1, OTHER_GPU)):
+        first, second = pair[rank]["session_two_gpus"]["sessions"]
+        assert first["rank"] == rank and first["gpu"] == gpu.id
+        assert os.path.basename(first["cache_path"]) == f"gpu-{gpu.id}.bin"
+        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
+        assert cache.read_record(first["cache_path"]).gpu_uuid == gpu.uuid

@@ -1,7 +1,8 @@
 """``ServingSession``, the public entry point for jobs without a Trainer: its whole lifecycle on CPU.
 
 Real ``torch_tensorrt`` objects (engine-less ``TorchTensorRTModule``s, a real ``RuntimeCache`` handle),
-real cache files and records under a per-test directory, real processes and a real gloo process group.
+real cache files and records under a per-test directory (the two-process gloo cases are in
+``tests/test_ranks.py``).
 Only what needs a GPU is faked, at our own boundary: the GPU identity (``cache.current_gpu``, the
 ``fake_gpu`` fixture), the kernels a run compiled (``RunCache.serialize`` returns the real bytes of
 ``tests/data/rtx-1.6.1-sm90.bin``: on CPU nothing is compiled) and upstream's ``setup_engine`` (it needs a
@@ -11,12 +12,7 @@ real engine) for ``engines_created``.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,9 +21,6 @@ from torch import nn
 from lightning_trt_rtx import ServingSession, TRTSettings, cache
 from lightning_trt_rtx.session import Ranks
 from tests.conftest import FAKE_GPU, OTHER_GPU
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_TIMEOUT_S = 120
 
 
 @pytest.fixture
@@ -451,126 +444,3 @@ def test_a_cache_opened_before_the_engines_existed_says_when_they_run_elsewhere(
     assert session.figures.cache_path.endswith(f"gpu-{FAKE_GPU.id}.bin")
     (warning,) = messages.matching("before the engines existed")
     assert f"GPU {FAKE_GPU.id}" in warning and "cuda:1" in warning and "before engines_created()" in warning
-
-
-# --- a real gloo process group: two processes, ranks from torch.distributed --------------------------
-
-
-def rank_worker(rank: str, out_dir: str, gpus: str) -> None:
-    """One rank (run as ``python -c``): join a gloo group through a file store, serve engine-less modules
-    through sessions that take their ranks from torch.distributed, write what happened to ``rank{r}.json``.
-
-    ``gpus``: ``same`` (both ranks on FAKE_GPU) or ``distinct`` (rank 1 on OTHER_GPU).
-    """
-    import torch.distributed as dist
-
-    from lightning_trt_rtx import _backend
-
-    rank_ = int(rank)
-    gpu = OTHER_GPU if gpus == "distinct" and rank_ == 1 else FAKE_GPU
-    cache.current_gpu = lambda: gpu  # the GPU identity, faked at our boundary
-    cache.visible_gpus = lambda: 2 if gpus == "distinct" else 1  # and how many GPUs the host has
-    with open(os.path.join(ROOT, "tests", "data", "rtx-1.6.1-sm90.bin"), "rb") as f:
-        kernels = f.read()
-    cache.RunCache.serialize = lambda self: kernels  # what the run compiled
-    TTM = _backend.torch_tensorrt().dynamo.runtime.TorchTensorRTModule
-
-    dist.init_process_group(
-        "gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank_, world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    report: dict = {"sessions": []}
-    try:
-        for given in ({}, {"rank": rank_, "local_rank": rank_, "world_size": 2}):
-            model, engines = engine_tree(TTM)
-            priors = [e.runtime_settings for e in engines]
-            with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture"), **given) as session:
-                # both ranks have loaded before either saves: a rank that loads after the other's save
-                # rightly seeds from that file, which would make the first session's source a race
-                dist.barrier()
-                handles = {id(e.runtime_settings.runtime_cache) for e in engines}
-                served = {
-                    "ranks": vars(session.ranks),
-                    "one_handle": handles == {id(session.cache.handle)},
-                    "strategies": sorted({e.runtime_settings.cuda_graph_strategy for e in engines}),
-                }
-            figures = session.figures
-            served.update(
-                rank=figures.rank,
-                gpu=figures.gpu,
-                engines=figures.engines,
-                cache_source=figures.cache_source,
-                cache_path=figures.cache_path,
-                saved_bytes=figures.saved_bytes,
-                restored=all(e.runtime_settings is p for e, p in zip(engines, priors)),
-            )
-            report["sessions"].append(served)
-            dist.barrier()  # both ranks' saves are done before the next session loads
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank_}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f)
-
-
-def run_two_ranks(out_dir, gpus: str) -> dict[int, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    code = "import sys; from tests.test_session import rank_worker; rank_worker(*sys.argv[1:])"
-    procs = []
-    for rank in (0, 1):
-        log = open(out_dir / f"rank{rank}.log", "w")
-        rank_env = dict(env, LOCAL_RANK=str(rank))  # as torchrun sets it; rank and world size come from the group
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, "-c", code, str(rank), str(out_dir), gpus],
-                    cwd=ROOT, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                ),  # fmt: skip
-                log,
-            )
-        )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            codes.append(proc.wait())
-        finally:
-            log.close()
-    logs = "\n".join(f"--- rank {r}\n" + (out_dir / f"rank{r}.log").read_text()[-3000:] for r in (0, 1))
-    assert codes == [0, 0], logs
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)}
-
-
-def test_two_processes_take_their_ranks_from_a_gloo_group_and_share_a_gpu(tmp_path, real_cache_bytes):
-    reports = run_two_ranks(tmp_path, "same")
-    root = os.environ[cache.CACHE_DIR_ENV]
-    for rank, report in reports.items():
-        first, second = report["sessions"]
-        for session in (first, second):  # from torch.distributed, then from arguments: the same
-            assert session["ranks"] == {"rank": rank, "local_rank": rank, "node_rank": 0, "world_size": 2}
-            assert session["rank"] == rank and session["gpu"] == FAKE_GPU.id and session["engines"] == 4
-            assert session["one_handle"] and session["strategies"] == ["whole_graph_capture"] and session["restored"]
-            # both ranks on one GPU (the group says so): one default file each, per GPU and rank
-            assert os.path.basename(session["cache_path"]) == f"gpu-{FAKE_GPU.id}-rank{rank}.bin"
-            assert session["cache_path"].startswith(root) and session["saved_bytes"] == len(real_cache_bytes)
-        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
-    assert reports[0]["sessions"][0]["cache_path"] != reports[1]["sessions"][0]["cache_path"]
-    for rank in (0, 1):
-        path = reports[rank]["sessions"][0]["cache_path"]
-        with open(path, "rb") as f:
-            assert f.read() == real_cache_bytes
-        assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid
-
-
-def test_two_processes_on_two_gpus_get_one_file_per_gpu(tmp_path, real_cache_bytes):
-    reports = run_two_ranks(tmp_path, "distinct")
-    for rank, gpu in ((0, FAKE_GPU), (1, OTHER_GPU)):
-        first, second = reports[rank]["sessions"]
-        assert first["rank"] == rank and first["gpu"] == gpu.id
-        assert os.path.basename(first["cache_path"]) == f"gpu-{gpu.id}.bin"
-        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
-        assert cache.read_record(first["cache_path"]).gpu_uuid == gpu.uuid
