@@ -127,7 +127,7 @@ def test_plugin_saves_after_keyboard_interrupt(tmp_path, real_cache_bytes, fake_
 def test_plugin_wraps_bf16_mixed(tmp_path):
     model = EngineModel()
     plugin = TRTRuntimePrecision("bf16-mixed", runtime_cache=None)
-    assert isinstance(plugin.inner, MixedPrecision) and plugin.precision == "bf16-mixed"
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
     trainer = make_trainer(tmp_path, plugins=[plugin])
     assert trainer.precision == "bf16-mixed"
     out = trainer.predict(model, predict_loader(batches=1))
@@ -138,7 +138,7 @@ def test_plugin_wraps_bf16_mixed(tmp_path):
 def test_plugin_wraps_a_precision_instance(tmp_path):
     inner = MixedPrecision("bf16-mixed", device="cpu")
     plugin = TRTRuntimePrecision(inner, cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
-    assert plugin.inner is inner
+    assert isinstance(plugin, MixedPrecision) and vars(inner).items() <= vars(plugin).items()  # its state
     model = EngineModel()
     out = make_trainer(tmp_path, plugins=[plugin]).predict(model, predict_loader(batches=1))
     assert out[0].dtype == torch.bfloat16
@@ -263,8 +263,8 @@ class AutocastRecorder(EngineModel):
     """Records the plugin's wrapped precision when the first hook after ``strategy.setup`` runs."""
 
     def on_predict_start(self) -> None:
-        inner = self.trainer.precision_plugin.inner
-        self.inner_at_predict_start = (inner, getattr(inner, "device", None), getattr(inner, "precision", None))
+        plugin = self.trainer.precision_plugin
+        self.at_predict_start = (type(plugin), getattr(plugin, "device", None), plugin.precision, plugin.scaler)
 
 
 def plugin_built_where_cuda_is_available(monkeypatch, precision: str, cuda: bool = True) -> TRTRuntimePrecision:
@@ -277,18 +277,17 @@ def plugin_built_where_cuda_is_available(monkeypatch, precision: str, cuda: bool
 def test_plugin_autocast_device_follows_the_trainers_accelerator(tmp_path, monkeypatch):
     """A CPU Trainer autocasts on "cpu", also where CUDA is available: the device is the accelerator's."""
     plugin = plugin_built_where_cuda_is_available(monkeypatch, "bf16-mixed")
-    guess = plugin.inner
-    assert isinstance(guess, MixedPrecision) and guess.device == "cuda"  # before the Trainer: CUDA was "available"
+    assert isinstance(plugin, MixedPrecision) and plugin.device == "cuda"  # before the Trainer: CUDA was "available"
     assert torch.cuda.is_available() is False  # only the construction saw CUDA
     trainer = make_trainer(tmp_path, plugins=[plugin])
     assert isinstance(trainer.accelerator, CPUAccelerator)
     model = AutocastRecorder()
     out = trainer.predict(model, predict_loader(batches=2))
 
-    inner, device, precision = model.inner_at_predict_start  # rebuilt in convert_module, before any step ran
-    assert inner is plugin.inner and inner is not guess and isinstance(inner, MixedPrecision)
+    cls, device, precision, _ = model.at_predict_start  # built again in convert_module, before any step ran
+    assert cls is type(plugin) and issubclass(cls, MixedPrecision)
     assert (device, precision) == ("cpu", "bf16-mixed")
-    assert plugin.inner.device == "cpu" and plugin.precision == trainer.precision == "bf16-mixed"
+    assert plugin.device == "cpu" and plugin.precision == trainer.precision == "bf16-mixed"
     # predict_step ran under CPU autocast (bf16), not CUDA's, as Trainer(precision="bf16-mixed") runs it
     assert model.seen_autocast == [(True, torch.bfloat16, False)] * 2
     assert [o.dtype for o in out] == [torch.bfloat16] * 2
@@ -323,9 +322,9 @@ def test_plugin_16_mixed_on_a_cpu_trainer_is_bf16_mixed_with_a_warning(
 
     (warning,) = messages.matching("16-mixed")  # once, whether given at construction or at convert_module
     assert "AMP with fp16 is not supported on CPU" in warning and "Using 'bf16-mixed' instead" in warning
-    _, device, precision = model.inner_at_predict_start
-    assert (device, precision) == ("cpu", "bf16-mixed")
-    assert isinstance(plugin.inner, MixedPrecision) and plugin.inner.scaler is None
+    _, device, precision, scaler = model.at_predict_start
+    assert (device, precision, scaler) == ("cpu", "bf16-mixed", None)
+    assert isinstance(plugin, MixedPrecision) and plugin.scaler is trainer.scaler is None
     assert base_trainer.precision_plugin.scaler is None
     assert plugin.precision == trainer.precision == base_trainer.precision == "bf16-mixed"
     assert model.seen_autocast == baseline.seen_autocast == [(True, torch.bfloat16, False)] * 2
