@@ -124,6 +124,7 @@ class TRTRuntimePrecision(Precision):
             runtime_cache=runtime_cache,
         )
         self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
+        self._prewarmed: ServingSession | None = None
         self._name: str | None = None  # the precision's name: built again for the Trainer's accelerator
         # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +185,7 @@ class TRTRuntimePrecision(Precision):
     @override
     def teardown(self) -> None:
         try:
-            session, self.session = self.session, None
+            session, self.session, self._prewarmed = self.session, None, None
             if session is not None:
                 figures = session.close()
                 info(figures.summary(), rank=session.ranks.rank, rank_zero=True)
@@ -197,8 +198,10 @@ class TRTRuntimePrecision(Precision):
 
     def _prewarm(self) -> None:
         session = self.session  # with the callback, its session serves the run and it prewarms at loop start
-        if self.prewarm_spec is not None and session is not None and session.module is not None:
-            self.prewarm_spec.run(session, session.module)  # once per session
+        if self.prewarm_spec is None or session is None or session.module is None or self._prewarmed is session:
+            return
+        self._prewarmed = session  # tried once per session (a skipped prewarm is not tried at every step)
+        self.prewarm_spec.run(session, session.module)
 
     @override
     @contextmanager
