@@ -188,6 +188,8 @@ def expect_runtime_cache(value):
         value = os.fspath(value)
     if not isinstance(value, str):
         return TypeError, ["path template", "None"]
+    if value != "default" and value.strip().lower() in ("default", "none", "null"):  # a keyword, not a file name
+        return ValueError, ["'default'", "None", "path template"]
     if oracle_fields(value) is None:
         if not value.strip():
             return ValueError, ["must not be empty", "None"]
