@@ -383,7 +383,8 @@ class _VersionAction(argparse.Action):
     """``--version``: the versions are looked up only when asked for."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the versions of this package, torch and torch-tensorrt")
+        kwargs.update(nargs=0, help="print the versions of this package, torch and torch-tensorrt")
+        super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
         print(_version())

@@ -396,7 +396,8 @@ def test_clear_on_a_real_read_only_mount(gpu_root):
     if probe is None or probe.returncode != 0:
         pytest.skip("no unshare -rm (user and mount namespaces) on this host")
     before = files_under(gpu_root)
-    script = f'mount --bind -o ro "{root}" "{root}" && exec "{sys.executable}" -m lightning_trt_rtx cache clear "{root}"'
+    clear = f'"{sys.executable}" -m lightning_trt_rtx cache clear "{root}"'
+    script = f'mount --bind -o ro "{root}" "{root}" && exec {clear}'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
@@ -772,7 +773,7 @@ def test_prewarm_an_engine_error_exits_2_naming_the_shape(program_file, monkeypa
     OnAGpu(monkeypatch, program)
     assert main(["prewarm", program_file, "--shape", "8x16"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "Prewarm call with input shape(s) 8x16 failed: RuntimeError: input shape outside" in err
+    assert "Prewarm call with input shape(s) 8x16 (float16) failed: RuntimeError: input shape outside" in err
 
 
 def test_prewarm_fills_and_saves_this_gpus_cache(program_file, monkeypatch, capsys, tmp_path, real_cache_bytes):

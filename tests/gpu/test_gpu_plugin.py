@@ -107,9 +107,11 @@ def test_throughput_monitor_counts_bf16_flops_for_a_bf16_mixed_plugin(compiled, 
         ("plugin", dict(plugins=[TRTRuntimePrecision("bf16-mixed", runtime_cache=None)])),
     ]:
         monitor, logger = ThroughputMonitor(batch_size_fn=len), MetricsLogger()
-        _trainer(callbacks=[monitor], logger=logger, log_every_n_steps=1).predict(Served(compiled), _loader())
+        trainer = _trainer(callbacks=[monitor], logger=logger, log_every_n_steps=1, **kwargs)
+        trainer.predict(Served(compiled), _loader())
         monitors[name], logged[name] = monitor.available_flops, logger.metrics
-    print(f"\n{torch.cuda.get_device_name(device)}: available FLOPs bf16 {bf16}, fp32 {fp32}; ThroughputMonitor {monitors}")
+    print(f"\n{torch.cuda.get_device_name(device)}: available FLOPs bf16 {bf16}, fp32 {fp32};"
+          f" ThroughputMonitor {monitors}")
     assert monitors["plugin"] == monitors["plain"] == bf16
     if bf16 is not None:  # a GPU Lightning knows: its bf16 and fp32 figures differ, MFU is logged
         assert bf16 != fp32
