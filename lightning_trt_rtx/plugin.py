@@ -117,25 +117,24 @@ class TRTRuntimePrecision(Precision):
         prewarm_target: str | None = None,
     ) -> None:
         wrapped = _wrapped_class(precision)
-        self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
-        self.settings = TRTSettings(
+        prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
+        settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
             dynamic_shapes_kernel_specialization_strategy=dynamic_shapes_kernel_specialization_strategy,
             runtime_cache=runtime_cache,
         )
-        self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
-        self._prewarmed: ServingSession | None = None
-        self._name: str | None = None  # the precision's name: built again for the Trainer's accelerator
-        # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
         # this object becomes an instance of the wrapped class too (a factory in __new__ would hide
         # these typed arguments from LightningCLI, which reads a class's __new__ before its __init__)
         self.__class__ = _compose(_base(type(self)), wrapped)
         if isinstance(precision, Precision):
             self.__dict__.update(vars(precision))  # the instance's state (its scaler, device, config ...)
-        else:
-            self._name = precision
-            self._init_wrapped()
+        self.prewarm_spec, self.settings = prewarm_spec, settings
+        self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
+        self._prewarmed: ServingSession | None = None
+        # a precision given by name is built again for the Trainer's accelerator, known at convert_module
+        self._name = precision if isinstance(precision, str) else None
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # until then, a guess
+        self._init_wrapped()
 
     def _init_wrapped(self) -> None:
         """The wrapped precision's own ``__init__``, as ``Trainer(precision=self._name)`` on ``self._device``."""
@@ -156,7 +155,8 @@ class TRTRuntimePrecision(Precision):
         return _unpickle, (_base(type(self)), type(self)._wrapped), self.__dict__
 
     def __repr__(self) -> str:
-        return f"TRTRuntimePrecision({type(self)._wrapped.__name__}({self.precision!r}), {self.settings})"
+        settings = getattr(self, "settings", None)
+        return f"TRTRuntimePrecision({type(self)._wrapped.__name__}({self.precision!r}), {settings})"
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:

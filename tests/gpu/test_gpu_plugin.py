@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, throughput_monitor
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
 
@@ -98,9 +98,18 @@ def test_16_mixed_gives_the_trainer_a_grad_scaler_that_steps_as_lightnings(compi
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
-def test_throughput_monitor_counts_bf16_flops_for_a_bf16_mixed_plugin(compiled, tmp_path):
+def test_throughput_monitor_counts_bf16_flops_for_a_bf16_mixed_plugin(compiled, tmp_path, monkeypatch):
     device = torch.device("cuda", 0)
     bf16, fp32 = get_available_flops(device, torch.bfloat16), get_available_flops(device, torch.float32)
+    asked: list[torch.dtype] = []
+
+    def spy(device: torch.device, dtype: torch.dtype):  # passes through: Lightning's own answer
+        asked.append(dtype)
+        return get_available_flops(device, dtype)
+
+    # Lightning 2.6 has no FLOPs figure for "NVIDIA H200" (None for every dtype): the dtype it asks for
+    # is what the plugin decides
+    monkeypatch.setattr(throughput_monitor, "get_available_flops", spy)
     monitors, logged = {}, {}
     for name, kwargs in [
         ("plain", dict(precision="bf16-mixed")),
@@ -112,6 +121,7 @@ def test_throughput_monitor_counts_bf16_flops_for_a_bf16_mixed_plugin(compiled, 
         monitors[name], logged[name] = monitor.available_flops, logger.metrics
     print(f"\n{torch.cuda.get_device_name(device)}: available FLOPs bf16 {bf16}, fp32 {fp32};"
           f" ThroughputMonitor {monitors}")
+    assert asked == [torch.bfloat16, torch.bfloat16]
     assert monitors["plugin"] == monitors["plain"] == bf16
     if bf16 is not None:  # a GPU Lightning knows: its bf16 and fp32 figures differ, MFU is logged
         assert bf16 != fp32

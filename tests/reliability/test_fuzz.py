@@ -188,8 +188,6 @@ def expect_runtime_cache(value):
         value = os.fspath(value)
     if not isinstance(value, str):
         return TypeError, ["path template", "None"]
-    if value != "default" and value.strip().lower() in ("default", "none", "null"):  # a keyword, not a file name
-        return ValueError, ["'default'", "None", "path template"]
     if oracle_fields(value) is None:
         if not value.strip():
             return ValueError, ["must not be empty", "None"]
@@ -201,6 +199,14 @@ def expect_runtime_cache(value):
     return None
 
 
+def expect_settings_runtime_cache(value):
+    """TRTSettings' runtime_cache: a keyword in another form ("DEFAULT", "None") is not a file name."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(text, str) and text != "default" and text.strip().lower() in ("default", "none", "null"):
+        return ValueError, ["'default'", "None", "path template"]
+    return expect_runtime_cache(value)
+
+
 def expect_settings(values: Mapping):
     """The first problem TRTSettings(**values) must report (fields are checked in declaration order)."""
     checks = [
@@ -209,7 +215,7 @@ def expect_settings(values: Mapping):
             "dynamic_shapes_kernel_specialization_strategy",
             lambda v: expect_choice("dynamic_shapes_kernel_specialization_strategy", v, KERNEL_STRATEGIES),
         ),
-        ("runtime_cache", expect_runtime_cache),
+        ("runtime_cache", expect_settings_runtime_cache),
     ]
     for key, check in checks:
         if key in values:
