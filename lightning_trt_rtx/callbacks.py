@@ -147,6 +147,8 @@ class TRTRuntimeSettings(_LoopHooks):
             runtime_cache=runtime_cache,
         )
         self.loops = _check_loops(loops)
+        if not isinstance(print_table, bool):  # "yes" or "no" would both print
+            raise TypeError(f"print_table must be True or False; got {type(print_table).__name__} {print_table!r}.")
         self.print_table = print_table
         self.figures: list[report.RankFigures] = []
         self.session: ServingSession | None = None  # this run's; None between runs
