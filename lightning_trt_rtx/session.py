@@ -384,7 +384,7 @@ class ServingSession:
         batches: Iterable[Any],
         device: torch.device | str | int | None = None,
         depth: int = transfers.DEFAULT_DEPTH,
-    ) -> transfers.UploadsAhead:
+    ) -> Iterable[Any]:
         """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
         :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
 
@@ -392,12 +392,17 @@ class ServingSession:
                 for batch in session.upload_ahead(loader):
                     model(batch)
 
-        ``device``: default, the current CUDA device.
+        ``device``: default, the current CUDA device. Without CUDA (or with a CPU ``device``) the batches
+        are returned as they are, and the figures say so.
         """
         self._check_open()
         self._close_uploads()
-        target = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-        self.uploads = transfers.UploadsAhead(batches, target, depth)
+        transfers.check_depth(depth)
+        reason = transfers.why_not_on_cuda(device)
+        if reason is not None:
+            self.uploads_off(reason)
+            return batches
+        self.uploads = transfers.UploadsAhead(batches, "cuda" if device is None else device, depth)
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
 

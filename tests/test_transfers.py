@@ -251,8 +251,7 @@ def test_iterates_once_and_rejects_bad_arguments():
         transfers.UploadsAhead(42, "cpu", ops=RecordingOps())
     with pytest.raises(ValueError, match="CUDA device"):
         transfers.UploadsAhead([], "cpu")  # the real ops need a GPU
-    with pytest.raises(ValueError, match="CUDA device"):
-        transfers.HostCopies("cpu")
+    assert transfers.HostCopies("cpu").device.type == "cpu"  # a CPU loop keeps its predictions as they are
 
 
 # --- Lightning's predict loop (the one private seam) ---------------------------------------------------
@@ -283,6 +282,7 @@ class UploadsOnCpu:
 
         monkeypatch.setattr(transfers.UploadsAhead, "__init__", init)
         monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
+        monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
 
 
 def cpu_trainer(**kwargs: Any) -> Trainer:
@@ -407,6 +407,21 @@ def test_host_predictions_on_cpu_match_the_returned_predictions_per_dataloader()
     single = TRTHostPredictions()
     cpu_trainer(callbacks=[single]).predict(Doubler(), loaders[0], return_predictions=False)
     assert [p.tolist() for p in single.predictions] == [[[0.0], [2.0], [4.0], [6.0]], [[8.0], [10.0]]]
+
+
+def test_a_session_without_cuda_gives_the_batches_as_they_are_and_says_so():
+    from lightning_trt_rtx import ServingSession, TRTSettings
+
+    loader = [torch.ones(2), torch.zeros(2)]
+    copies = transfers.HostCopies("cpu")
+    with ServingSession(torch.nn.Linear(2, 2), TRTSettings(runtime_cache=None)) as session:
+        assert session.upload_ahead(loader, "cpu") is loader
+        for batch in loader:
+            copies.add(batch * 2)
+        with pytest.raises(ValueError, match="depth"):
+            session.upload_ahead(loader, "cpu", depth=0)
+    assert [p.tolist() for p in copies.collect()] == [[2.0, 2.0], [0.0, 0.0]]
+    assert session.figures.uploads == "off: the loop runs on cpu"
 
 
 def test_figures_show_the_step_gpu_time_beside_the_batch_time():
