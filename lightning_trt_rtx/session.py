@@ -129,6 +129,7 @@ class ServingSession:
         self._local_devices: list[str] | None = None  # a Trainer's device per local rank (Lightning's own)
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
+        self.looping = False  # between loop_started and loop_ended
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
@@ -427,6 +428,7 @@ class ServingSession:
         """A loop's batches start: timing (and, on a GPU, the steps' GPU time) starts over.
         ``cuda``: whether the loop runs on a GPU (default: whether one is available)."""
         self._between_loops = False
+        self.looping = True
         if self.stable is not None:
             self.stable.resume()
         self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
@@ -442,6 +444,7 @@ class ServingSession:
         self._timer.batch_ended()
 
     def loop_ended(self) -> None:
+        self.looping = False
         self._close_uploads()
         self._timer.end()
         self._between_loops = True
@@ -455,6 +458,11 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
+        if self.looping:  # a loop that no loop-end hook closed (the plugin's own run, an exception)
+            try:
+                self.loop_ended()
+            except Exception as err:  # e.g. a CUDA error the user's step left: never over it
+                log.warning("Ending the loop's figures failed: %s", err)
         self._close_uploads()
         self.close_graphs()
         if self.stable is not None:

@@ -304,6 +304,22 @@ def test_trainer_predict_through_the_seam_gives_the_same_predictions_for_several
     assert callback.figures[0].uploads.startswith("ahead, depth 2: 6 batches")
 
 
+def test_the_precision_plugin_alone_uploads_from_the_second_batch_and_times_the_loop(monkeypatch, messages):
+    from lightning_trt_rtx import TRTRuntimePrecision
+
+    seam = UploadsOnCpu(monkeypatch)
+    loader = DataLoader(torch.arange(8.0).reshape(8, 1), batch_size=2)
+    plugin = TRTRuntimePrecision(runtime_cache=None)
+    got = cpu_trainer(plugins=[plugin]).predict(Doubler(), loader)
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0], [12.0, 14.0]]
+    # the first batch was fetched before the plugin's first step: the other three came through the uploads
+    assert len([d for ops in seam.ops for what, _, d in ops.log if what == "wait"]) == 3
+    summary = [m for m in messages.infos if m.startswith("TensorRT-RTX serving")]
+    assert summary and "uploads: ahead, depth 2: 3 batches" in summary[-1]
+    with pytest.raises(TypeError, match="upload_ahead must be True or False"):
+        TRTRuntimePrecision(upload_ahead=1)  # type: ignore[arg-type]
+
+
 def test_upload_ahead_false_and_host_side_hooks_leave_lightning_to_move_batches(monkeypatch):
     seam = UploadsOnCpu(monkeypatch)
     loader = DataLoader(torch.ones(4, 2), batch_size=2)
@@ -359,6 +375,28 @@ def test_an_error_in_the_dataset_reaches_the_user_through_the_seam(monkeypatch):
     assert callback.session is None  # closed through on_exception
     alive = [t for t in threading.enumerate() if t.name == "lightning-trt-rtx-uploads"]
     assert alive == []
+
+
+def test_the_seam_continues_lightnings_iterator_and_starts_no_workers_again(monkeypatch):
+    UploadsOnCpu(monkeypatch)
+    starts = []
+
+    class Counted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.tensor([float(i)])
+
+    class CountingLoader(DataLoader):
+        def __iter__(self):
+            starts.append(1)
+            return super().__iter__()
+
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Doubler(), CountingLoader(Counted(), batch_size=2, num_workers=1))
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]
+    assert len(starts) == 1
 
 
 def test_the_seam_exists_in_this_lightning_version():
