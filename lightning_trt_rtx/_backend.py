@@ -149,24 +149,49 @@ def has_graph_breaks(module: Any) -> bool:
     return any("_run_on_gpu" in name for name, _ in module.named_children())
 
 
+# torch_tensorrt.runtime._cudagraphs.CudaGraphsMode: no graphs; each engine captures its own (read by
+# the engines at every call); the whole-module wrapper captures (read by its forward at every call)
+STANDARD, SUBGRAPH, WHOLE_GRAPH = 0, 1, 2
+CUDAGRAPHS_MODE_NAMES = {STANDARD: "standard", SUBGRAPH: "subgraph", WHOLE_GRAPH: "whole-graph"}
+
+
 def cudagraphs_mode() -> int:
-    """torch_tensorrt's process-global CUDA-graphs mode (0 standard, 1 subgraph, 2 whole graph)."""
+    """torch_tensorrt's process-global CUDA-graphs mode as its Python side holds it (what
+    ``get_cudagraphs_mode()``, ``get_whole_cudagraphs_mode()`` and the whole-module wrapper read)."""
     if not is_imported():
         return 0
     return int(sys.modules["torch_tensorrt.runtime._cudagraphs"]._PY_RT_CUDAGRAPHS)
 
 
+def engine_cudagraphs_mode() -> int:
+    """The mode the engines read when they run: the C++ runtime's own copy (the Python runtime's
+    engines read the Python side)."""
+    if is_imported() and sys.modules["torch_tensorrt"].ENABLED_FEATURES.torch_tensorrt_runtime:
+        return int(torch.ops.tensorrt.get_cudagraphs_mode())
+    return cudagraphs_mode()
+
+
 def restore_cudagraphs_mode(mode: int) -> None:
-    """Put torch_tensorrt's process-global CUDA-graphs mode back to ``mode`` (Python and C++ sides).
+    """Set torch_tensorrt's process-global CUDA-graphs mode to ``mode`` (Python and C++ sides).
 
     ``enable_cudagraphs``'s ``__enter__`` changes the mode before it builds its wrapper; if building
     fails, its ``__exit__`` never runs and the mode would stay changed for the rest of the process.
+    Upstream's own ``set_cudagraphs_mode`` takes a bool and cannot set the whole-graph mode.
     """
     if not is_imported():
         return
     vars(sys.modules["torch_tensorrt.runtime._cudagraphs"])["_PY_RT_CUDAGRAPHS"] = mode
     if sys.modules["torch_tensorrt"].ENABLED_FEATURES.torch_tensorrt_runtime:
         torch.ops.tensorrt.set_cudagraphs_mode(mode)
+
+
+def is_whole_module_graph(obj: Any) -> bool:
+    """A ``CudaGraphsTorchTensorRTModule``: ``enable_cudagraphs``' wrapper for a module with graph breaks."""
+    if not is_imported():
+        return False
+    from torch_tensorrt.dynamo.runtime._CudaGraphsTorchTensorRTModule import CudaGraphsTorchTensorRTModule
+
+    return isinstance(obj, CudaGraphsTorchTensorRTModule)
 
 
 def trt_version() -> str | None:

@@ -322,7 +322,9 @@ class TRTCudaGraphs(_LoopHooks):
     :class:`TRTRuntimeSettings` (or :class:`~lightning_trt_rtx.TRTRuntimePrecision`) in the same
     Trainer, settings are applied outside the graphs in either callback order; under
     ``whole_graph_capture`` the engines of a wrapped (graph-break) model leave the capture to the
-    wrapper for the loop::
+    wrapper for the loop. Targets with and without graph breaks each run their own graph (see
+    :mod:`lightning_trt_rtx.graphs`); ``graphs`` (and the settings callback's ``figures[i].graphs``)
+    says what each target ran, read at its first call in the loop::
 
         trainer = Trainer(callbacks=[TRTCudaGraphs(), TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture")])
 
@@ -343,6 +345,7 @@ class TRTCudaGraphs(_LoopHooks):
             raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
         self.targets = list(targets) if targets is not None else None
         self.loops = _check_loops(loops)
+        self.graphs = ""  # what each target ran in the last loop, read at its first call (as figures.graphs)
         self._scopes: GraphScopes | None = None  # graphs alone, without a settings session
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -359,9 +362,11 @@ class TRTCudaGraphs(_LoopHooks):
         session = serving_session(trainer)
         if session is not None:
             session.close_graphs()
+            self.graphs = session.figures.graphs or self.graphs
         if self._scopes is not None:
             scopes, self._scopes = self._scopes, None
             scopes.close()
+            self.graphs = scopes.describe()
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close(trainer)

@@ -4,6 +4,17 @@
 themselves) or a new whole-module wrapper (graph breaks: PyTorch ops between engines). Calls must go
 through what it returns, so the attribute holding ``m`` is swapped for the scope and put back after.
 
+**One process-global mode, two kinds of target.** Which graph runs is decided at call time by
+torch_tensorrt's process-global CUDA-graphs mode: the engines capture themselves only in the
+"subgraph" mode (they read it at every execute), the wrapper captures only in the "whole-graph"
+mode (its ``forward`` reads ``get_whole_cudagraphs_mode()``, and runs the module plainly otherwise).
+Each ``enable_cudagraphs`` scope sets the mode its target needs, so with several targets the last
+one opened would switch the others' graphs off. Here, once every scope is open, the process-wide
+mode is "subgraph" when any target runs its engines' own graphs (else "whole-graph"), and each
+wrapper's ``forward`` runs with the "whole-graph" mode for the duration of its call (its engines then
+leave the capture to it), so every target's graph runs. What ran is read at each target's first call
+in the loop (the mode it saw, and whether the wrapper captured a graph): :meth:`GraphScopes.describe`.
+
 Under ``cuda_graph_strategy="whole_graph_capture"`` a wrapped module's engines would try to capture
 themselves inside the wrapper's capture, which CUDA refuses (cudaErrorStreamCaptureInvalidated,
 measured on H100). Their own capture is turned off for the scope and given back after: the outer
@@ -18,6 +29,7 @@ attributes put back and torch_tensorrt's process-global CUDA-graphs mode restore
         ...  # model.<compiled attribute>(x) now replays CUDA graphs
     finally:
         scopes.close()
+    scopes.describe()  # "backbone: whole-module graph; head: engine graphs", as seen during the loop
 """
 
 from __future__ import annotations
@@ -60,7 +72,8 @@ class GraphScopes:
         self.settings = settings
         self.cache_handle = cache_handle
         self.rank = rank
-        self.modes: dict[str, str] = {}  # target -> how it is captured, for the figures
+        self.modes: dict[str, str] = {}  # target -> how it was opened to be captured
+        self.ran: dict[str, str] = {}  # target -> what ran at its first call in the loop (see describe)
         self._stack: ExitStack | None = None
 
     @property
@@ -88,9 +101,21 @@ class GraphScopes:
         strategy = self._strategy()
         mode = _backend.cudagraphs_mode()
         stack = ExitStack()
+        stack.callback(_backend.restore_cudagraphs_mode, mode)  # last out: the mode before any scope
+        self.modes.clear()
+        self.ran.clear()
         try:
-            for name in targets:
-                self._open_one(stack, name, strategy)
+            wrappers = [self._open_one(stack, name, strategy) for name in targets]
+            # the mode the engines of targets without a wrapper read at every execute (and the one the
+            # wrappers need, when every target has one); each wrapper sets its own for its calls
+            if wrappers:
+                own = any(w is None for w in wrappers)
+                _backend.restore_cudagraphs_mode(_backend.SUBGRAPH if own else _backend.WHOLE_GRAPH)
+            for name, wrapper in zip(targets, wrappers):
+                if wrapper is None:
+                    self._watch_engine_graphs(stack, name)
+                else:
+                    self._whole_mode_for_calls(stack, name, wrapper)
         except BaseException:
             stack.close()
             _backend.restore_cudagraphs_mode(mode)  # a scope that failed half-way never exits
@@ -98,7 +123,8 @@ class GraphScopes:
             raise
         self._stack = stack
 
-    def _open_one(self, stack: ExitStack, name: str, strategy: str | None) -> None:
+    def _open_one(self, stack: ExitStack, name: str, strategy: str | None) -> torch.nn.Module | None:
+        """Enter ``name``'s scope; returns its whole-module wrapper (None: its engines capture themselves)."""
         module = self.module
         original = getattr(module, name, None)
         if original is None:
@@ -117,13 +143,51 @@ class GraphScopes:
             stack.callback(own_capture_off.restore)
             inner_strategy = None
         entered = stack.enter_context(_backend.enable_cudagraphs(original, inner_strategy))
+        wrapper: torch.nn.Module | None = None
         if entered is not original:
             setattr(module, name, entered)
             stack.callback(setattr, module, name, original)
+            wrapper = entered
+        elif _backend.is_mutable_module(original) and _backend.is_whole_module_graph(original.gm):
+            wrapper = original.gm  # upstream swapped the mutable module's .gm for the scope
+        if wrapper is not None:
             self.modes[name] = "whole-module graph" + (" (engines' own capture off)" if strategy else "")
         else:
             self.modes[name] = f"engine graphs ({strategy})" if strategy else "engine graphs"
         log.debug("CUDA graphs for %s: %s", name, self.modes[name])
+        return wrapper
+
+    def _whole_mode_for_calls(self, stack: ExitStack, name: str, wrapper: torch.nn.Module) -> None:
+        """Run ``wrapper``'s forward with the whole-graph mode on, whatever the process-wide mode."""
+        call = _WholeModuleCall(wrapper, lambda why: self._saw(name, why or self.modes[name]))
+        wrapper.forward = call  # an instance attribute over the class's forward; the wrapper is the scope's own
+        stack.callback(vars(wrapper).pop, "forward", None)
+
+    def _watch_engine_graphs(self, stack: ExitStack, name: str) -> None:
+        """Read the mode the target's engines see at its first call (a hook that then removes itself)."""
+        target = getattr(self.module, name)
+        if not isinstance(target, torch.nn.Module):
+            return
+
+        def first_call(*_: Any) -> None:
+            handle.remove()
+            mode = _backend.engine_cudagraphs_mode()
+            if mode == _backend.SUBGRAPH:
+                self._saw(name, self.modes[name])
+            else:
+                self._saw(name, f"no graph (torch_tensorrt's CUDA-graphs mode was {_mode_name(mode)} at its call)")
+
+        handle = target.register_forward_pre_hook(first_call)
+        stack.callback(handle.remove)
+
+    def _saw(self, name: str, what: str) -> None:
+        self.ran.setdefault(name, what)
+        log.debug("CUDA graphs for %s, at its first call: %s", name, what)
+
+    def describe(self) -> str:
+        """For the figures: what each target ran at its first call in the loop (read then, not what was
+        asked), e.g. ``"backbone: whole-module graph (engines' own capture off); head: engine graphs"``."""
+        return "; ".join(f"{name}: {self.ran.get(name, 'not called')}" for name in self.modes)
 
     def close(self) -> None:
         """Leave the scopes (innermost first), putting the attributes and engine settings back."""
@@ -134,3 +198,40 @@ class GraphScopes:
             stack.close()
         except Exception as err:
             warn(f"Closing the CUDA-graphs scope failed: {err}", rank=self.rank)
+
+
+class _WholeModuleCall:
+    """A whole-module wrapper's forward, run with torch_tensorrt's whole-graph mode on for the call
+    (upstream's forward reads it, and runs the module without a graph when it is off); the mode the
+    call found is put back after it, also when it raises. ``first`` hears, once, why the first call
+    ran no graph (None: it ran the wrapper's graph)."""
+
+    def __init__(self, wrapper: torch.nn.Module, first: Any) -> None:
+        self.wrapper = wrapper
+        self.forward = wrapper.forward
+        self.first = first
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        before = _backend.cudagraphs_mode()
+        if before != _backend.WHOLE_GRAPH:
+            _backend.restore_cudagraphs_mode(_backend.WHOLE_GRAPH)
+        try:
+            whole = _backend.cudagraphs_mode() == _backend.WHOLE_GRAPH  # what upstream's forward reads
+            outputs = self.forward(*args, **kwargs)
+        finally:
+            if before != _backend.WHOLE_GRAPH:
+                _backend.restore_cudagraphs_mode(before)
+        if self.first is not None:
+            first, self.first = self.first, None
+            if not whole:
+                mode = _mode_name(_backend.cudagraphs_mode())
+                first(f"no graph (torch_tensorrt's CUDA-graphs mode was {mode} at its call)")
+            elif getattr(self.wrapper, "cudagraph", None) is None:  # upstream's captured graph
+                first("no graph (the wrapper captured none)")
+            else:
+                first(None)
+        return outputs
+
+
+def _mode_name(mode: int) -> str:
+    return _backend.CUDAGRAPHS_MODE_NAMES.get(mode, str(mode))

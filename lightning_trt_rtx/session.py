@@ -372,11 +372,13 @@ class ServingSession:
         handle = self.cache.handle if self.cache is not None else None
         self.graphs = GraphScopes(self.module, targets, self.settings, handle, self.ranks.rank)
         self.graphs.open()
-        self.figures.graphs = "; ".join(f"{k}: {v}" for k, v in self.graphs.modes.items())
 
     def close_graphs(self) -> None:
         if self.graphs is not None:
+            was_open = self.graphs.is_open
             self.graphs.close()
+            if was_open:  # what each target ran, read at its first call in the loop
+                self.figures.graphs = self.graphs.describe()
 
     # --- uploads ahead of the engine ---------------------------------------------------------------
 
