@@ -165,6 +165,86 @@ def test_graph_break_model_under_cuda_graphs_matches_eager(two_blocks, order, st
         torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=2e-2, rtol=2e-2)
 
 
+class _MixedChildren(L.LightningModule):
+    """``backbone`` has a graph break (upstream wraps it in a whole-module graph), ``head`` has none (its
+    engines capture themselves). Records, per step, the modes upstream's getters give in ``predict_step``,
+    whether the wrapper holds a captured graph after its call, and (at each capture) the mode the
+    wrapped module ran under."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.modes: list[tuple[bool, bool]] = []
+        self.wrapper_graph: list[bool] = []
+        self.whole_inside: list[bool] = []
+        self.wrapped: set[type] = set()
+
+    def predict_step(self, batch, batch_idx):
+        import torch_tensorrt
+
+        from lightning_trt_rtx.engines import find_engines
+
+        if batch_idx == 0 and hasattr(self.backbone, "compiled_module"):
+            self.hook = self.backbone.compiled_module.register_forward_pre_hook(
+                lambda *_: self.whole_inside.append(torch_tensorrt.runtime.get_whole_cudagraphs_mode())
+            )
+        self.modes.append((torch_tensorrt.runtime.get_cudagraphs_mode(), torch_tensorrt.runtime.get_whole_cudagraphs_mode()))
+        self.wrapped.add(type(self.backbone))
+        features = self.backbone(batch)
+        self.wrapper_graph.append(getattr(self.backbone, "cudagraph", None) is not None)
+        assert find_engines(self.head)  # head is called as itself: its engines capture themselves
+        return self.head(features)
+
+
+@pytest.fixture(scope="module")
+def mixed_children():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device="cuda")
+    backbone, head = TwoBlocks().cuda().eval(), mlp(64, 2).cuda().eval()
+    with torch.no_grad():
+        features = backbone(x)
+    return backbone, head, compile_trt(backbone, x, graph_break=True), compile_trt(head, features), x
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("order", ["graphs_alone", "graphs_first", "settings_first"])
+def test_mixed_children_each_run_their_own_graph(mixed_children, order):
+    """Two compiled children, one with a graph break: the backbone's whole-module graph runs (the last
+    scope opened used to set the process-wide mode for both), the head's engines capture themselves,
+    outputs equal eager on every batch, and the figures say what was observed."""
+    from torch_tensorrt.dynamo.runtime._CudaGraphsTorchTensorRTModule import CudaGraphsTorchTensorRTModule
+
+    eager_backbone, eager_head, backbone, head, x = mixed_children
+    model = _MixedChildren(backbone, head)
+    graphs = TRTCudaGraphs()
+    settings = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    callbacks = {"graphs_alone": [graphs], "graphs_first": [graphs, settings], "settings_first": [settings, graphs]}
+    loader = _loader(x, 6)
+    try:
+        outputs = _trainer(*callbacks[order]).predict(model, loader)
+    finally:
+        if hasattr(model, "hook"):
+            model.hook.remove()  # the compiled backbone serves the other orders too
+    assert model.wrapped == {CudaGraphsTorchTensorRTModule}
+    assert model.modes == [(True, False)] * 6  # in predict_step: the subgraph mode the head's engines read
+    assert model.wrapper_graph == [True] * 6  # the backbone's whole-module graph ran on every batch
+    assert model.whole_inside and all(model.whole_inside)  # its captures ran under the whole-graph mode
+    assert model.backbone is backbone and model.head is head
+    assert _backend.cudagraphs_mode() == 0
+    with torch.no_grad():
+        expected = [eager_head(eager_backbone(batch.cuda())) for batch in loader]
+    assert not torch.equal(expected[0], expected[1])
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=2e-2, rtol=2e-2)
+    if order == "graphs_alone":
+        assert graphs.graphs == "backbone: whole-module graph; head: engine graphs"
+    else:
+        assert settings.figures[0].graphs == graphs.graphs == (
+            "backbone: whole-module graph (engines' own capture off); head: engine graphs (whole_graph_capture)"
+        )
+    print(f"\n[{torch.cuda.get_device_name()}] {order}: {graphs.graphs}")
+
+
 @run_if(min_cuda_gpus=1, rtx=True)
 def test_precision_plugin_applies_in_convert_module(two_blocks, tmp_path):
     _, compiled, x = two_blocks
