@@ -113,14 +113,24 @@ def torch_tensorrt() -> Any:
     return module
 
 
+# ``GraphModule.meta`` key: the user inputs the ExportedProgram's signature says its graph writes into
+PROGRAM_INPUTS_MUTATED = "lightning_trt_rtx.user_inputs_to_mutate"
+
+
 def load_program(path: str) -> torch.nn.Module:
     """``torch_tensorrt.load(path).module()``, made servable by Lightning.
 
     ``ExportedProgram.module()`` replaces ``train``/``eval`` with methods that raise, and Lightning
     calls ``eval()`` on the whole LightningModule before predicting. A compiled program has no
-    train/eval behaviour to switch, so the plain ``nn.Module`` methods are put back.
+    train/eval behaviour to switch, so the plain ``nn.Module`` methods are put back. The inputs its
+    signature records as written (``user_inputs_to_mutate``) are kept in the module's ``meta``
+    (:data:`PROGRAM_INPUTS_MUTATED`): the graph of ``.module()`` no longer carries the signature.
     """
-    program = torch_tensorrt().load(path).module()
+    exported = torch_tensorrt().load(path)
+    program = exported.module()
+    signature = getattr(exported, "graph_signature", None)
+    if isinstance(getattr(program, "meta", None), dict) and signature is not None:
+        program.meta[PROGRAM_INPUTS_MUTATED] = tuple(sorted(set(signature.user_inputs_to_mutate.values())))
     for name in ("train", "eval"):
         program.__dict__.pop(name, None)
     return program

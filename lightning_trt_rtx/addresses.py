@@ -31,15 +31,19 @@ the outer graph already holds its buffers): otherwise calls pass straight throug
 is a new capture (the engine keeps one set of outputs and allocates new ones for new shapes), and so
 is a kept output that moves between steady calls; :meth:`StableAddresses.describe` counts both.
 Where this applies: a ``TorchTensorRTModule`` (its forward runs its engine once per call, and writes
-no input), and a loaded program's graph (``torch_tensorrt.load(...).module()``) that runs each engine
-once per call: there outputs only, since a program's own ops may write into its inputs (a staged copy
-would hide the write); moved inputs are reported. Left alone: engines that alias an output to an
-input (or whose I/O cannot be read), with every other engine of their program; engines run by a
-module of the user's own (it may run one twice in a forward: one kept output for both calls); a
-``TorchTensorRTModule`` called with a number (its engine takes a shape input, and reuses kept outputs
-by input shapes only). Between loops (:meth:`StableAddresses.pause`, :meth:`~StableAddresses.resume`)
-calls pass through and the engines have their own output setting; the last call's addresses are
-forgotten at each, and after a prewarm (:meth:`~StableAddresses.forget`)::
+no input), and a loaded program's graph (``torch_tensorrt.load(...).module()``, the graph that reads
+its engines with ``get_attr``) that runs each engine once per call, inputs and outputs alike where its
+graph provably writes into no input (:func:`_inputs_written`: the ops' schemas, and the signature's
+``user_inputs_to_mutate`` that :func:`~lightning_trt_rtx.load_program` records); where that cannot be
+told, outputs only (moved inputs are reported). Left alone, with the reason in the figures: engines
+that alias an output to an input (or whose I/O cannot be read), with every other engine of their
+program; a program that writes into one of its inputs (a staged copy would hide the write; the input
+and the op are named); engines run by a module of the user's own (it may run one twice in a forward:
+one kept output for both calls); a ``TorchTensorRTModule`` called with a number (its engine takes a
+shape input, and reuses kept outputs by input shapes only). Between loops
+(:meth:`StableAddresses.pause`, :meth:`~StableAddresses.resume`) calls pass through and the engines have
+their own output setting; the last call's addresses are forgotten at each, and after a prewarm
+(:meth:`~StableAddresses.forget`)::
 
     stable = StableAddresses(find_engines(model))
     stable.install()
@@ -54,6 +58,7 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -105,7 +110,7 @@ class _Site:
         self.module = module
         self.engines = engines
         self.original = module.forward
-        self.program = program  # a loaded program's graph: its inputs are not copied (its ops may write them)
+        self.program = program  # a program graph that may write into its inputs: they are not copied
         self.buffers: OrderedDict[tuple, list[torch.Tensor | None]] = OrderedDict()
         # what the site does, each switched on for good the first time that address moved between two
         # calls at the same shapes (each move is a capture the engine had to make again)
@@ -292,18 +297,21 @@ class StableAddresses:
         self.from_first_call = from_first_call
         self.engines = engines
         self.skipped = 0  # engines left alone (see the module docs)
+        self.left: list[str] = []  # why, one entry per call site left alone (for the figures)
         by_module: dict[int, tuple[Any, list[Engine]]] = {}
         for engine in engines:
-            module = engine.obj if engine.kind == "module" else engine.owner
+            module = engine.obj if engine.kind == "module" else _runner(engine)
             by_module.setdefault(id(module), (module, []))[1].append(engine)
         self._pending: list[tuple[torch.nn.Module, list[Engine], bool]] = []
         for module, group in by_module.values():
-            program = group[0].kind == "bare"
-            # an aliased output writes through its input: a staged copy (or a kept output) would hide the write
-            if any(_aliases_io(e) is not False for e in group) or (program and not _runs_each_once(module, group)):
+            why, inputs_kept = _why_left_alone(module, group)
+            if why:
                 self.skipped += len(group)
+                self.left.append(f"{len(group)} engine(s) left as they are: {why}")
+                log.debug("Stable addresses: %d engine(s) left as they are: %s", len(group), why)
                 continue
-            self._pending.append((module, group, program))
+            # ``program``: a program graph whose ops may write into its inputs: its inputs are not copied
+            self._pending.append((module, group, not inputs_kept))
 
     def adopt(self, engines: Sequence[Engine]) -> bool:
         """Whether ``engines`` are the ones this object holds (then it keeps this list: a re-serve)."""
@@ -345,11 +353,7 @@ class StableAddresses:
 
     def describe(self) -> str:
         """For the figures: what was held still, and where engines captured again."""
-        skipped = (
-            f"{self.skipped} engine(s) left as they are (aliased or unreadable I/O, or run by a module of your own)"
-            if self.skipped
-            else ""
-        )
+        skipped = "; ".join(self.left)
         if not self.sites:
             return f"addresses NOT held: {skipped}" if skipped else ""
         failed = [s for s in self.sites if s.failure]
@@ -382,6 +386,105 @@ class StableAddresses:
         if skipped:
             parts.append(skipped)
         return "; ".join(parts)
+
+
+def _runner(engine: Engine) -> Any:
+    """The module whose forward runs a bare engine: the program graph that reads it (see
+    :class:`~lightning_trt_rtx.engines.Engine`), else the module holding it."""
+    return engine.runner if engine.runner is not None else engine.owner
+
+
+def _why_left_alone(module: Any, engines: list[Engine]) -> tuple[str, bool]:
+    """Why the engines a call site runs are left as they are (``""``: they are held), and whether its
+    inputs may be copied (a compiled module, or a program graph that provably writes into no input)."""
+    aliased = [_aliases_io(e) for e in engines]
+    if any(aliased):  # an aliased output writes through its input: a staged copy (or a kept output) would hide it
+        return "they write an output through an input (aliased I/O, e.g. a KV cache)", False
+    if any(a is None for a in aliased):
+        return "their I/O could not be read (aliased or not)", False
+    if engines[0].kind == "module":
+        return "", True
+    if not isinstance(module, torch.fx.GraphModule):
+        return "a module of your own runs them (it may run one more than once per call)", False
+    if not _runs_each_once(module, engines):
+        return "their program runs one more than once per call (an engine keeps one set of outputs)", False
+    written = _inputs_written(module)
+    if written:
+        name, op = written[0]
+        return (
+            f"their program writes into its input {name!r} ({op}): a copy of the input would hide the write",
+            False,
+        )
+    return "", written is not None
+
+
+def _inputs_written(graph_module: Any) -> list[tuple[str, str]] | None:
+    """The inputs a program graph writes into, as ``(input, op)``; None when it cannot be told.
+
+    An exported graph's ops are ATen operators whose schemas mark the arguments they write
+    (``Tensor(a!)``): in the default (training) IR an in-place op on the input itself, in the
+    functional IR the ``copy_`` that ``ExportedProgram.module()`` adds for every input the signature
+    records in ``user_inputs_to_mutate`` (also read by :func:`~lightning_trt_rtx.load_program`). A
+    write into a view of an input is traced back to the input. Any node whose effect cannot be read
+    (a Python call, a higher-order op, a submodule other than torch.export's input guards) leaves the
+    question open.
+    """
+    graph = getattr(graph_module, "graph", None)
+    if graph is None:
+        return None
+    recorded = getattr(graph_module, "meta", {}).get(_backend.PROGRAM_INPUTS_MUTATED, ())
+    written: list[tuple[str, str]] = [(name, "user_inputs_to_mutate") for name in recorded]
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if node.op == "call_module":
+            if type(graph_module.get_submodule(node.target)).__name__ == "GuardsFn":
+                continue  # torch.export's input-shape guards: it reads its inputs only
+            return None
+        if node.op != "call_function":
+            return None
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            if node.target in _PURE_CALLS:
+                continue
+            return None
+        for index, argument in enumerate(schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.kwargs.get(argument.name) if index >= len(node.args) else node.args[index]
+            for target in value if isinstance(value, (list, tuple)) else (value,):
+                source = _aliased_source(target)
+                if source is not None and source.op == "placeholder":
+                    written.append((str(source.target), str(node.target)))
+    return written
+
+
+def _aliased_source(node: Any) -> Any:
+    """The node whose memory ``node`` is (through views, in-place results and ``getitem`` of them)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            parent_schema = getattr(getattr(parent, "target", None), "_schema", None)
+            if parent_schema is None or not parent_schema.returns or parent_schema.returns[0].alias_info is None:
+                return node  # an item of a fresh result
+            node = parent
+            continue
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return node  # a fresh tensor
+        aliased = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None]
+        if not aliased or aliased[0] >= len(node.args):
+            return node
+        node = node.args[aliased[0]]
+    return node if isinstance(node, torch.fx.Node) else None
+
+
+# Python calls in exported graphs that write nothing (arithmetic on sizes, tuple items)
+_PURE_CALLS = frozenset(
+    (operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+     operator.pow, operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+     torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_sum)  # fmt: skip
+)
 
 
 def _runs_each_once(module: Any, engines: list[Engine]) -> bool:

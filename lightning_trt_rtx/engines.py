@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,12 +34,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Engine:
     """One engine found under a module: ``kind`` is ``"module"`` (a TorchTensorRTModule) or ``"bare"``;
-    ``owner`` is the module whose attribute holds a bare engine (whose forward runs it)."""
+    ``owner`` is the module whose attribute holds a bare engine; ``runner`` the program graph (an
+    ``fx.GraphModule`` under the root) whose graph reads it with ``get_attr``, i.e. whose forward runs
+    it: the owner itself for programs from the legacy exporter, the graph above it for programs
+    re-traced by ``torch_tensorrt.save`` (``.module()`` puts ``_run_on_acc_0.engine`` on an empty
+    ``_run_on_acc_0`` container); None when no graph under the root reads it (a module of your own)."""
 
     name: str
     kind: str
     obj: Any
     owner: Any = field(default=None, compare=False, repr=False)
+    runner: Any = field(default=None, compare=False, repr=False)
 
     def get(self) -> Any:
         if self.kind == "module":
@@ -89,7 +94,27 @@ def find_engines(root: Any) -> list[Engine]:
                     engines.append(found)
             else:
                 stack.append((name, found))
+    if any(e.kind == "bare" for e in engines):
+        runners = _program_graphs(root)
+        engines = [replace(e, runner=runners.get(id(e.obj))) if e.kind == "bare" else e for e in engines]
     return engines
+
+
+def _program_graphs(root: Any) -> dict[int, torch.fx.GraphModule]:
+    """``id(engine)`` -> the ``fx.GraphModule`` under ``root`` whose graph reads that bare engine."""
+    runners: dict[int, torch.fx.GraphModule] = {}
+    if not isinstance(root, torch.nn.Module):
+        return runners
+    for module in root.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.find_nodes(op="get_attr"):
+            value: Any = module
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            if _backend.is_bare_engine(value):
+                runners.setdefault(id(value), module)
+    return runners
 
 
 def created_with(settings: Any) -> Any:

@@ -40,7 +40,7 @@ class RankFigures:
     rank: int = 0
     gpu: str = "cpu"
     engines: int = 0
-    graphs: str = ""
+    graphs: str = ""  # TRTCudaGraphs: what each target ran at its first call in the loop
     batches: int = 0
     first_batch_ms: float = 0.0
     mean_batch_ms: float = 0.0
@@ -95,7 +95,8 @@ class RankFigures:
 
     def summary(self) -> str:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
-        capture = f"; whole-graph capture: {self.capture}" if self.capture else ""
+        capture = f"; CUDA graphs: {self.graphs}" if self.graphs else ""
+        capture += f"; whole-graph capture: {self.capture}" if self.capture else ""
         if self.step_gpu_ms > 0:
             capture += (f"; {self.mean_batch_ms:.3f} ms per batch, step on GPU {self.step_gpu_ms:.3f} ms"
                         f" (efficiency {self.efficiency:.2f})")
@@ -223,6 +224,9 @@ def table(rows: list[RankFigures]) -> str:
         )
         for r in rows
     ]
+    if any(r.graphs for r in rows):  # TRTCudaGraphs: what each target ran, read at its first call
+        header = (*header[:-1], "CUDA graphs", header[-1])
+        body = [(*row[:-1], r.graphs or "-", row[-1]) for row, r in zip(body, rows)]
     if any(r.capture for r in rows):  # whole-graph capture: whether it could replay, per rank
         header = (*header[:-1], "whole-graph capture", header[-1])
         body = [(*row[:-1], r.capture or "-", row[-1]) for row, r in zip(body, rows)]

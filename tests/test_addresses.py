@@ -531,14 +531,15 @@ def test_a_program_holds_its_outputs_and_reports_moved_inputs_without_copying_th
 def test_a_program_that_runs_an_engine_twice_or_a_module_of_your_own_is_left_alone(settings):
     twice, found = program(settings["whole_graph_capture"], BareEngine(settings["whole_graph_capture"]), runs=2)
     own = Engine("engine", "bare", found[0].obj, owner=nn.Sequential())  # plain Python: runs it any number of times
-    for engines in (found, [own]):
+    why = {
+        "twice": "their program runs one more than once per call (an engine keeps one set of outputs)",
+        "own": "a module of your own runs them (it may run one more than once per call)",
+    }
+    for engines, case in ((found, "twice"), ([own], "own")):
         stable = StableAddresses(engines)
         stable.install()
         assert not stable.sites and stable.skipped == 1
-        assert stable.describe() == (
-            "addresses NOT held: 1 engine(s) left as they are (aliased or unreadable I/O, or run by a module of"
-            " your own)"
-        )
+        assert stable.describe() == f"addresses NOT held: 1 engine(s) left as they are: {why[case]}"
     x = batches(8)[0]
     torch.testing.assert_close(twice(x, True)[0], 2 * (2 * x + 1) + 1)
 

@@ -73,7 +73,8 @@ class Mixed(LightningModule):
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         import torch_tensorrt
 
-        self.seen.append((torch_tensorrt.runtime.get_cudagraphs_mode(), torch_tensorrt.runtime.get_whole_cudagraphs_mode()))
+        runtime = torch_tensorrt.runtime
+        self.seen.append((runtime.get_cudagraphs_mode(), runtime.get_whole_cudagraphs_mode()))
         features = self.backbone(batch)
         if self.meddle:
             torch_tensorrt.runtime.set_cudagraphs_mode(False)

@@ -36,6 +36,40 @@ class TwoBlocks(torch.nn.Module):
         return self.b(torch.sigmoid(self.a(x)))
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self, channels_in: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels_in, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+        self.skip = torch.nn.Identity()
+        if stride != 1 or channels_in != channels:
+            self.skip = torch.nn.Sequential(
+                torch.nn.Conv2d(channels_in, channels, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class ResNetLike(torch.nn.Module):
+    """A small ResNet (BatchNorm, residual adds, a strided projection, pooling): a torchvision ResNet-50
+    in miniature, for the loaded-program tests."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU()
+        )
+        self.blocks = torch.nn.Sequential(_Residual(16, 16), _Residual(16, 32, stride=2), _Residual(32, 32))
+        self.fc = torch.nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
 def mlp(width: int = 1024, layers: int = 8) -> torch.nn.Module:
     blocks = []
     for _ in range(layers):

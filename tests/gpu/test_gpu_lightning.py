@@ -188,7 +188,8 @@ class _MixedChildren(L.LightningModule):
             self.hook = self.backbone.compiled_module.register_forward_pre_hook(
                 lambda *_: self.whole_inside.append(torch_tensorrt.runtime.get_whole_cudagraphs_mode())
             )
-        self.modes.append((torch_tensorrt.runtime.get_cudagraphs_mode(), torch_tensorrt.runtime.get_whole_cudagraphs_mode()))
+        runtime = torch_tensorrt.runtime
+        self.modes.append((runtime.get_cudagraphs_mode(), runtime.get_whole_cudagraphs_mode()))
         self.wrapped.add(type(self.backbone))
         features = self.backbone(batch)
         self.wrapper_graph.append(getattr(self.backbone, "cudagraph", None) is not None)
@@ -417,6 +418,49 @@ def test_whole_graph_capture_holds_addresses_and_never_overwrites_predictions(gr
     assert capture.startswith("stable addresses: ") and "outputs kept and copied out" in capture, capture
     assert "outputs moved" not in capture, capture
     assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("kept", [False, True], ids=["predictions-copied", "predictions-kept"])
+def test_a_loaded_resnet_style_program_is_held_under_whole_graph_capture(tmp_path, kept):
+    """A program saved with ``torch_tensorrt.save`` and served with ``load_program`` (its engine sits on
+    a container module of the program graph; a saved ResNet-50 used to be left alone): its addresses are
+    held, its outputs equal eager on every batch, also with every prediction kept on the GPU."""
+    import torch_tensorrt
+
+    from lightning_trt_rtx import load_program
+    from tests.gpu.models import ResNetLike
+
+    torch.manual_seed(0)
+    eager = ResNetLike().cuda().eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    path = str(tmp_path / "resnet.ep")
+    torch_tensorrt.save(compile_trt(eager, x), path, inputs=[x])
+    program = load_program(path)
+    engines = find_engines(program)
+    assert engines and all(e.kind == "bare" and e.runner is program for e in engines), engines
+    loader = _loader(x, 12)
+    writer = _Kept() if kept else _Copied()
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    outputs = _trainer(callback, writer).predict(Holder(program), loader, return_predictions=not kept)
+    with torch.no_grad():
+        expected = [eager(batch.cuda()).cpu() for batch in loader]
+    assert not torch.equal(expected[0], expected[1])
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(writer.written[i].float().cpu(), want, atol=2e-2, rtol=2e-2)
+        if not kept:
+            torch.testing.assert_close(outputs[i].float().cpu(), want, atol=2e-2, rtol=2e-2)
+    capture = callback.figures[0].capture
+    print(f"\n[{torch.cuda.get_device_name()}] loaded ResNet-style program, {len(engines)} engine(s): {capture}")
+    assert capture.startswith(f"stable addresses: {len({id(e.runner) for e in engines})} call site(s)"), capture
+    assert "left as they are" not in capture and "NOT held" not in capture, capture
+    if kept:  # the kept predictions moved the program's outputs: held from then on, no capture after that
+        assert "outputs kept and copied out" in capture and "outputs moved" not in capture, capture
+    assert "inputs moved" not in capture, capture  # a program that writes no input has its inputs held too
 
 
 class _Copied(L.pytorch.callbacks.BasePredictionWriter):
