@@ -180,3 +180,14 @@ def test_a_wrapper_call_that_raises_gives_the_mode_back(upstream):
         scopes.close()
     assert "forward" not in vars(model.backbone)
     assert _backend.cudagraphs_mode() == STANDARD
+
+
+def test_the_table_and_summary_show_what_each_target_ran():
+    from lightning_trt_rtx.report import RankFigures, table
+
+    ran = "backbone: whole-module graph; head: no graph (torch_tensorrt's CUDA-graphs mode was standard at its call)"
+    rows = [RankFigures(rank=0, graphs=ran), RankFigures(rank=1)]
+    header, _, first, second = table(rows).splitlines()
+    assert "CUDA graphs" in header and ran in first and second.split()[-2:] == ["-", "-"]
+    assert f"CUDA graphs: {ran}" in rows[0].summary()
+    assert "CUDA graphs" not in table([RankFigures()])  # no column without TRTCudaGraphs
