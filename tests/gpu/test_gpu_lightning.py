@@ -429,6 +429,7 @@ def test_a_loaded_resnet_style_program_is_held_under_whole_graph_capture(tmp_pat
     import torch_tensorrt
 
     from lightning_trt_rtx import load_program
+    from lightning_trt_rtx.addresses import _inputs_written
     from tests.gpu.models import ResNetLike
 
     torch.manual_seed(0)
@@ -443,6 +444,7 @@ def test_a_loaded_resnet_style_program_is_held_under_whole_graph_capture(tmp_pat
     program = load_program(path)
     engines = find_engines(program)
     assert engines and all(e.kind == "bare" and e.runner is program for e in engines), engines
+    assert _inputs_written(program) == [], program.graph  # provably writes into no input: inputs held too
     loader = _loader(x, 12)
     writer = _Kept() if kept else _Copied()
     callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
