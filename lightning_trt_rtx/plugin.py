@@ -62,7 +62,8 @@ class TRTRuntimePrecision(Precision):
 
     Args:
         precision: ``"32-true"`` (default), ``"16-mixed"``, ``"bf16-mixed"`` or a Precision instance.
-        cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
+        cuda_graph_strategy: ``"disabled"``, ``"whole_graph_capture"`` or ``"auto"`` (see ``TRTRuntimeSettings``;
+            the plugin times its steps, and without a batch to read, one trial decides for the run).
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
         runtime_cache: kernel-cache path template, ``"default"`` or ``None`` (see ``TRTSettings``).
         prewarm_shapes, prewarm_dtype, prewarm_target: as for ``TRTRuntimeSettings``: input shapes to
@@ -139,21 +140,30 @@ class TRTRuntimePrecision(Precision):
             self.prewarm_spec.run(session, session.module)  # once per session
 
     @contextmanager
-    def predict_step_context(self) -> Generator[None, None, None]:
+    def _step(self) -> Generator[None, None, None]:
+        """Prewarm before the first step; under ``"auto"``, each step is a batch of its trial (with the
+        callback, the callback's session times the batches)."""
         self._prewarm()
-        with super().predict_step_context():
+        session = self.session if self.session is not None and self.session.auto is not None else None
+        if session is not None:
+            session.batch_started()
+        yield
+        if session is not None:
+            session.batch_ended()
+
+    @contextmanager
+    def predict_step_context(self) -> Generator[None, None, None]:
+        with self._step(), super().predict_step_context():
             yield
 
     @contextmanager
     def val_step_context(self) -> Generator[None, None, None]:
-        self._prewarm()
-        with super().val_step_context():
+        with self._step(), super().val_step_context():
             yield
 
     @contextmanager
     def test_step_context(self) -> Generator[None, None, None]:
-        self._prewarm()
-        with super().test_step_context():
+        with self._step(), super().test_step_context():
             yield
 
     # --- everything else is the wrapped precision's ---------------------------------------------

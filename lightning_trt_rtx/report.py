@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ class RankFigures:
     # added later, so positional construction keeps working:
     prewarmed: int = 0  # shape entries prewarmed before the first batch
     capture: str = ""  # whole-graph capture: whether addresses were held still, and any new captures
+    auto: str = ""  # cuda_graph_strategy="auto": what it kept and the median per-batch times that decided
+    auto_ms: dict[str, float] = field(default_factory=dict)  # those medians, by candidate (the last trial's)
 
     @property
     def cache_source(self) -> str:
@@ -66,6 +68,7 @@ class RankFigures:
     def summary(self) -> str:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
         capture = f"; whole-graph capture: {self.capture}" if self.capture else ""
+        capture = f"; auto graphs: {self.auto}{capture}" if self.auto else capture
         if self.cache is None:
             return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache{capture}"
         c = self.cache
@@ -120,6 +123,9 @@ def table(rows: list[RankFigures]) -> str:
         )
         for r in rows
     ]
+    if any(r.auto for r in rows):  # cuda_graph_strategy="auto": what it kept, per rank
+        header = (*header[:-1], "auto", header[-1])
+        body = [(*row[:-1], r.auto or "-", row[-1]) for row, r in zip(body, rows)]
     if any(r.capture for r in rows):  # whole-graph capture: whether it could replay, per rank
         header = (*header[:-1], "whole-graph capture", header[-1])
         body = [(*row[:-1], r.capture or "-", row[-1]) for row, r in zip(body, rows)]
