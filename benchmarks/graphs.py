@@ -33,7 +33,9 @@ from unittest import mock
 from benchmarks import harness
 
 MODELS = ("mlp", "mlp-deep", "resnet18", "encoder")
-VARIANTS = ("default", "upstream", "stable", "auto", "empty", "default-kept", "upstream-kept", "stable-kept", "auto-kept")
+VARIANTS = (
+    "default", "upstream", "stable", "auto", "empty", "default-kept", "upstream-kept", "stable-kept", "auto-kept"
+)  # fmt: skip
 CANDIDATES = ("default", "upstream", "stable")  # what auto chooses from
 
 
@@ -103,7 +105,8 @@ def task(spec: dict) -> dict:
         model.net, x.to(model.input_dtype), wgc, spec["batches"], hold=True
     )
     return {"per_batch_ms": per_batch, "capture": capture, "auto": kept, "bare_ms": bare,
-            "wrapper_us": wrapper_overhead_us(*((200, 2) if harness.dry_run() else ())), "compile_s": model.compile_s}  # fmt: skip
+            "wrapper_us": wrapper_overhead_us(*((200, 2) if harness.dry_run() else ())),
+            "compile_s": model.compile_s}  # fmt: skip
 
 
 def wrapper_overhead_us(calls: int = 20000, rounds: int = 15) -> dict[str, float]:
@@ -241,7 +244,7 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             "display": f"{worst_of_best:.2f}x ("
             + ", ".join(f"{n} {t['auto_of_best']:.2f}x / {t['auto_kept_of_best']:.2f}x" for n, t in table.items())
             + "; kept: "
-            + "; ".join(f"{n}: {t['auto_kept'][:1]}" for n, t in table.items())
+            + "; ".join(f"{n}: {t['auto'][0] if t['auto'] else '-'}" for n, t in table.items())
             + ")"
             if worst_of_best is not None
             else "n/a",
@@ -254,8 +257,8 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             " engine faked at the package's boundary; worst model's process)",
             "value": overhead,
             "display": f"{overhead:.2f} us (bare engine with graphs, ms per call, as upstream / held: "
-            + ", ".join(f"{n} {t['bare_ms']['whole_graph_capture']:.4f} / {t['bare_ms']['whole_graph_capture_held']:.4f}"
-                        for n, t in table.items())
+            + ", ".join(f"{n} {t['bare_ms']['whole_graph_capture']:.4f} /"
+                        f" {t['bare_ms']['whole_graph_capture_held']:.4f}" for n, t in table.items())
             + ")"
             if overhead is not None
             else "n/a",
@@ -300,7 +303,9 @@ def _summary(result: dict) -> dict:
             for kept in ("", "-kept")
         },
         **{  # auto against the fastest candidate of this model
-            f"auto{kept.replace('-', '_')}_of_best": _ratio(min(median[c + kept] for c in CANDIDATES), median["auto" + kept])
+            f"auto{kept.replace('-', '_')}_of_best": _ratio(
+                min(median[c + kept] for c in CANDIDATES), median["auto" + kept]
+            )
             for kept in ("", "-kept")
         },
         "auto": result["auto"]["auto"],

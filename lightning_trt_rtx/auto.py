@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 DISABLED = "disabled"
 UPSTREAM = "whole_graph_capture"
@@ -47,9 +48,9 @@ WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 5}
 MAX_SHAPES = 8  # new input shapes that start a new trial; beyond, the last decision stands
 
 
-def engine_strategy(candidate: str) -> str:
+def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"]:
     """The engines' ``cuda_graph_strategy`` under ``candidate``."""
-    return DISABLED if candidate == DISABLED else UPSTREAM
+    return "disabled" if candidate == DISABLED else "whole_graph_capture"
 
 
 def choose(per_batch_ms: Mapping[str, Sequence[float]], margin: float = MARGIN) -> str:

@@ -41,7 +41,7 @@ from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.report import RankFigures
-from lightning_trt_rtx.settings import TRTSettings
+from lightning_trt_rtx.settings import CudaGraphStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class ServingSession:
         self.stable = addresses.StableAddresses(engines, from_first_call=mode == "always")
         return self.stable
 
-    def engine_strategy(self) -> str:
+    def engine_strategy(self) -> CudaGraphStrategy:
         """The ``cuda_graph_strategy`` the engines hold now: the settings', or under ``"auto"`` its current
         candidate's."""
         if self.auto is not None:

@@ -15,7 +15,7 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path)
     out = tmp_path / "results"
     proc = run_script(
         "benchmarks/run.py", "--out", str(out), "--reps", "2", "--batches", "3", "--only", "graphs",
-        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"},
+        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"}, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, _explain(proc)
     rows = {row["key"]: row for row in json.loads((out / "results.json").read_text())["measurements"]}

@@ -9,7 +9,6 @@ import os
 import time
 
 import lightning as L
-import pytest
 import torch
 
 from lightning_trt_rtx import TRTRuntimeSettings, addresses, auto
