@@ -207,6 +207,8 @@ class ServingSession:
         ):
             if self.stable is not None:
                 self.stable.uninstall()  # auto switched away from it (a fixed strategy never does)
+                if not self.stable.adopt(self.binding.engines):
+                    self.stable = None  # other engines: made again if auto holds them
             if mode == "off" and self.auto is None and self.engine_strategy() == "whole_graph_capture":
                 self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
             return

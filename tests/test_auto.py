@@ -236,3 +236,17 @@ def test_figures_carry_the_decision_through_a_gather():
 
     assert RankFigures.from_dict(asdict(figures)) == figures
     assert "auto graphs: kept disabled" in figures.summary()
+
+
+def test_lightning_cli_accepts_auto_for_the_callback_and_the_plugin(tmp_path, monkeypatch):
+    import sys
+
+    from tests.test_lightning_cli import VALID, build
+
+    monkeypatch.setattr(sys, "argv", ["trainer.py"])
+    config = tmp_path / "auto.yaml"
+    with open(VALID, encoding="utf-8") as f:
+        config.write_text(f.read().replace("whole_graph_capture", "auto"))
+    cli = build(str(config), f"--trainer.default_root_dir={tmp_path}")
+    assert cli.trainer.callbacks[0].settings.cuda_graph_strategy == "auto"
+    assert cli.trainer.precision_plugin.settings.cuda_graph_strategy == "auto"
