@@ -58,10 +58,24 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "two_gpu_throughput": (">=", 1.8, ">= 1.8x"),
     "two_gpu_warm_start": ("<=", 0.10, "<= 0.10 on every rank"),
     "two_gpu_swapped_warm_start": ("<=", 0.10, "<= 0.10 on every rank"),
+    "serving_efficiency": (">=", 0.95, ">= 0.95"),
+    "serving_efficiency_host": (">=", 0.85, ">= 0.85"),
+    "serving_efficiency_mlp_cost": ("<=", 1.25, "<= 1.25x"),
 }
 
 
+def goal_key(key: str) -> str:
+    """The goal a row's key answers to: ``serving_efficiency_<model>`` rows share one."""
+    if key in GOALS:
+        return key
+    for prefix in ("serving_efficiency_host", "serving_efficiency"):
+        if key.startswith(prefix + "_"):
+            return prefix
+    return key
+
+
 def goal_met(key: str, value: float | None) -> bool | None:
+    key = goal_key(key)
     if value is None or key not in GOALS:
         return None
     op, goal, _ = GOALS[key]
@@ -327,7 +341,7 @@ def write_results(results: dict, out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     rows = results["measurements"]
     for row in rows:
-        row["goal"] = GOALS[row["key"]][2] if row["key"] in GOALS else ""
+        row["goal"] = GOALS[goal_key(row["key"])][2] if goal_key(row["key"]) in GOALS else ""
         row["met"] = goal_met(row["key"], row.get("value"))
     written = []
     png = os.path.join(out, "results.png")

@@ -16,6 +16,8 @@ This file is the command line only. Each benchmark is one module beside it, shar
     loop.py        per batch, Trainer.predict vs a hand-written loop        [<= 1.2x]
     two_gpu.py     examples/distributed_predict.py: 2 GPUs vs 1 [>= 1.8x], warm / cold per rank and
                    with the GPU order swapped [<= 0.10] (``--two-gpu``)
+    serving_efficiency.py  bare engine / Trainer.predict per batch: ResNet-50, ViT-B/16 (compiled and loaded),
+                   the encoder, the MLP; CPU / worker / GPU sources, prediction paths [>= 0.95]
     real_models.py ResNet-50 (batch 1, 32), ViT-B/16, a BERT-sized encoder: compile time, first batch cold /
                    warm, time until steady, per batch eager / TRT-RTX / graphs / bare engine (``--real-models``)
     dynamic_shapes.py  the encoder over a seeded stream of lengths: lazy / eager / none, cold / warm,
@@ -45,7 +47,17 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.pat
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks import dynamic_shapes, graphs, harness, loop, overhead, real_models, two_gpu, warm_start  # noqa: E402
+from benchmarks import (  # noqa: E402
+    dynamic_shapes,
+    graphs,
+    harness,
+    loop,
+    overhead,
+    real_models,
+    serving_efficiency,
+    two_gpu,
+    warm_start,
+)
 
 # ``--_task NAME``: what runs inside each fresh process (see harness.Runner.task)
 TASKS: dict[str, Callable[[dict], dict]] = {
@@ -58,10 +70,11 @@ TASKS: dict[str, Callable[[dict], dict]] = {
     "real-serve": real_models.task_serve,
     "real-steady": real_models.task_steady,
     "dynamic-shapes": dynamic_shapes.task,
+    "serving-efficiency": serving_efficiency.task,
 }
 
 
-STEPS = ("warm_start", "graphs", "overhead", "loop", "real_models", "dynamic_shapes", "two_gpu")
+STEPS = ("warm_start", "graphs", "overhead", "loop", "real_models", "dynamic_shapes", "serving_efficiency", "two_gpu")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,8 +107,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=STEPS, default=None)
     parser.add_argument(
-        "--models", nargs="+", choices=sorted({*graphs.MODELS, *real_models.MODELS}), default=None,
-        help="only these models in the graphs and real-model steps (e.g. to split a run over two GPUs)",
+        "--models", nargs="+", choices=sorted({*graphs.MODELS, *real_models.MODELS, *serving_efficiency.MODELS}),
+        default=None, help="only these models in the graphs, real-model and serving-efficiency steps",
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--_task", choices=sorted(TASKS), default=None, help=argparse.SUPPRESS)
@@ -191,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("loop", "Trainer.predict vs hand loop", lambda: loop.measure(runner, cfg, not args.no_profile)),
         ("real_models", "real models", lambda: real_models.measure(runner, cfg)),
         ("dynamic_shapes", "dynamic shapes (lazy / eager / none)", lambda: dynamic_shapes.measure(runner, cfg)),
+        ("serving_efficiency", "serving efficiency (bare engine / Trainer.predict)",
+         lambda: serving_efficiency.measure(runner, cfg)),
         ("two_gpu", "2 GPUs vs 1", lambda: two_gpu.measure(runner, cfg)),
     ]
     failed = False

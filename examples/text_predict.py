@@ -20,8 +20,8 @@ prewarm compiles each shape's kernels) and ``warm`` (loads the saved program; th
 kernels in the cache file the cold run saved). With ``--devices N`` above 1 every rank compiles in both
 runs (one kernel cache file per GPU). It prints one table: start-up before the first batch
 (prewarm included), first batch, per batch, shapes seen, cache source and sizes. Without an NVIDIA GPU it
-says so, runs the same Lightning job eagerly on CPU with the callback attached (prewarm included),
-prints how many predictions it made and exits 0.
+says so, runs the same Lightning job eagerly on CPU with the callback attached (its prewarm says it
+skips: no engines, nothing to compile), prints how many predictions it made and exits 0.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ __all__ = [
     "load_program",
     "ServingSession",
     "TRTCudaGraphs",
+    "TRTHostPredictions",
     "TRTRuntimePrecision",
     "TRTRuntimeSettings",
     "TRTSettings",
@@ -24,6 +25,7 @@ _WHERE = {
     "load_program": "lightning_trt_rtx._backend",
     "ServingSession": "lightning_trt_rtx.session",
     "TRTCudaGraphs": "lightning_trt_rtx.callbacks",
+    "TRTHostPredictions": "lightning_trt_rtx.callbacks",
     "TRTRuntimeSettings": "lightning_trt_rtx.callbacks",
     "TRTRuntimePrecision": "lightning_trt_rtx.plugin",
     "TRTSettings": "lightning_trt_rtx.settings",
@@ -31,7 +33,7 @@ _WHERE = {
 
 if TYPE_CHECKING:
     from lightning_trt_rtx._backend import load_program
-    from lightning_trt_rtx.callbacks import TRTCudaGraphs, TRTRuntimeSettings
+    from lightning_trt_rtx.callbacks import TRTCudaGraphs, TRTHostPredictions, TRTRuntimeSettings
     from lightning_trt_rtx.plugin import TRTRuntimePrecision
     from lightning_trt_rtx.session import ServingSession
     from lightning_trt_rtx.settings import TRTSettings

@@ -6,6 +6,7 @@
                                                              remove our cache files (only GPU ID's, with --gpu)
     lightning-trt-rtx prewarm PROGRAM --shape 8x128 [--shape 8x128,8x128 ...] [--dtype D] [--cache TEMPLATE]
                       [--device N]                           fill this GPU's cache for a saved program's shapes
+    lightning-trt-rtx --version                              this package's, torch's and torch-tensorrt's versions
 
 ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
 A file under ROOT is listed if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
@@ -21,8 +22,9 @@ of a node, in a deploy step, on the GPU whose cache it fills. ``--dtype`` defaul
 program records for its inputs, else float16.
 
 Exit codes: 0 ok (quarantined files do not count as failures), 1 an invalid file was found (or a
-file could not be removed, or prewarm could not save the cache), 2 bad usage or a missing path (for
-prewarm also: no GPU, a program built for another GPU, a shape the program does not accept).
+file could not be removed, e.g. on a read-only mount, or prewarm could not save the cache), 2 bad usage
+or a missing path (for prewarm also: no GPU, a device number below 0, a program built for another GPU,
+a shape the program does not accept).
 
 The ``cache`` commands import neither torch nor Lightning: they start in a fraction of a second.
 """
@@ -227,7 +229,7 @@ def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
         if status == EXIT_OK:
             print(f"nothing to clear under {shown} (no run has saved there yet)")
         return status
-    status, removed, size, seen = EXIT_OK, 0, 0, set()
+    status, removed, failed, size, seen = EXIT_OK, 0, 0, 0, set()
     for directory, base, members in sorted(_groups(root, by_name=False)):
         if gpu is not None:
             record = cache.read_record(os.path.join(directory, base))
@@ -242,7 +244,7 @@ def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
                     os.remove(path)
                 except OSError as err:
                     print(f"could not remove {path}: {err.strerror or err}", file=sys.stderr)
-                    status = EXIT_INVALID
+                    status, failed = EXIT_INVALID, failed + 1
                     continue
             print(f"{'would remove' if dry_run else 'removed'} {path}")
             removed, size = removed + 1, size + nbytes
@@ -251,7 +253,10 @@ def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
     which = f" of GPU {gpu}" if gpu else ""
     if removed:
         print(f"{'would remove' if dry_run else 'removed'} {removed} files ({size} bytes){which} under {root}")
-    else:
+    if failed:  # e.g. a read-only mount: the files are still there
+        print(f"error: could not remove {failed} file(s){which} under {root} (see above); they are still there",
+              file=sys.stderr)
+    elif not removed:
         others = sorted(g for g in seen if g)
         hint = f" (GPUs with recorded files there: {', '.join(others)})" if gpu and others else ""
         print(f"no cache files{which} under {root}{hint}")
@@ -353,10 +358,55 @@ def _prewarm(args: argparse.Namespace) -> int:
 # --- command line -----------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    """This package's version and the installed torch, torch-tensorrt and Lightning (read without importing them)."""
+    from importlib import metadata
+
+    from lightning_trt_rtx import __version__
+
+    def installed(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    trt = next((f"{d} {v}" for d in ("torch-tensorrt-rtx", "torch-tensorrt") if (v := installed(d))), None)
+    parts = [
+        f"torch {installed('torch') or 'not installed'}",
+        trt or "torch-tensorrt not installed",
+        f"lightning {installed('lightning') or installed('pytorch-lightning') or 'not installed'}",
+    ]
+    return f"lightning-trt-rtx {__version__} ({', '.join(parts)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, help="print the versions of this package, torch and torch-tensorrt")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _device_number(text: str) -> int:
+    """``--device``: a CUDA device number, 0 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CUDA device number: give 0 or more (cuda:N)")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-trt-rtx", description="Inspect, clear and fill TensorRT-RTX kernel caches."
     )
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{cache,prewarm}")
     cache_cmd = commands.add_parser("cache", help="list, verify or clear kernel cache files")
     actions = cache_cmd.add_subparsers(dest="action", required=True, metavar="{list,verify,clear}")
@@ -388,7 +438,9 @@ def _parser() -> argparse.ArgumentParser:
         "--cache", default=cache.default_template(), metavar="TEMPLATE",
         help=f"kernel cache path template (default: {cache.default_template()})",
     )
-    warm.add_argument("--device", type=int, default=0, metavar="N", help="the CUDA device to prewarm (default: 0)")
+    warm.add_argument(
+        "--device", type=_device_number, default=0, metavar="N", help="the CUDA device to prewarm (default: 0)"
+    )
     warm.set_defaults(parser=warm, action="prewarm")
     return parser
 

@@ -364,6 +364,31 @@ def engine_target(obj: Any) -> EngineTarget | None:
     return EngineTarget(sm=f"sm{major}{minor}", name=name, hardware_compatible=hardware_compatible)
 
 
+def engine_device(obj: Any) -> int | None:
+    """The CUDA device number a TorchTensorRTModule's or bare engine's execution context runs on; None
+    when unknown (a module with no engine to run, an unreadable engine).
+
+    A set-up engine says it in its serialized device info (``gpu_id%...``), read with
+    ``serialize_metadata_only`` (members only, not the engine's bytes) where the runtime has it; a
+    Python-runtime engine has ``target_device_id``. A module not set up yet (lazy init) runs where its
+    compilation settings put it (``target_device``).
+    """
+    engine = _engine_object(obj)
+    try:
+        if engine is None:
+            if is_trt_module(obj) and obj.serialized_engine:
+                return int(obj.target_device.index or 0)
+            return None
+        if getattr(engine, "target_device_id", None) is not None:  # the Python runtime's TRTEngine
+            return int(engine.target_device_id)
+        reader = getattr(engine, "serialize_metadata_only", None)
+        info = list(reader()) if reader is not None else _serialized_info(engine)
+        return int(str(info[_DEVICE_IDX]).split("%")[0]) if info else None
+    except Exception as err:  # an engine we cannot read leaves the current device in charge
+        log.debug("Could not read the device of engine %r: %s", obj, err)
+        return None
+
+
 def cuda_device(ordinal: int) -> torch.device | None:
     """``cuda:ordinal``, made this process's current device; None on a host without CUDA.
 

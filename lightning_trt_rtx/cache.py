@@ -14,9 +14,12 @@ TensorRT-RTX and CUDA versions) means a cache is never offered to a library it c
 
 Files are TensorRT-RTX ``IRuntimeCache`` bytes. Beside each, ``<file>.json`` records which GPU
 (and device number) filled it (with the file's size and SHA-256, so a stale record never vouches for other bytes).
-Files are checked before TensorRT sees them, written under a lock to a temporary file that is
-atomically moved into place, and a save that fails (crash, full disk, read-only directory) leaves
-the last good file untouched and never raises.
+Files are checked before TensorRT sees them. Local files are written under a lock to a temporary
+file that is atomically moved into place; on object stores (s3, gs, az, ..., where a move is a copy
+plus a delete and no lock spans hosts) the final object is written whole in one request, which the
+store makes visible complete or not at all. A save that fails (crash, full disk, read-only
+directory, lost connection) leaves the last good file untouched and never raises; a save over a
+file another writer saved since this run loaded it still goes through and names that writer.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ LOCK_TIMEOUT_S = 60.0
 RECORD_SUFFIX = ".json"
 RECORD_FORMAT = "lightning-trt-rtx/cache-record/1"
 SIDE_SUFFIXES = (".corrupt", ".tmp", ".lock", RECORD_SUFFIX)  # files beside a cache that are not caches
+# fsspec protocols of object stores: an object is written whole (visible complete or not at all), a
+# move is a copy and a delete (twice the bytes, not atomic), and no lock spans the hosts that write.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "tos", "tosfs"})
 
 # TensorRT-RTX runtime-cache archive header, learned from cache bytes produced on an H200 with
 # TensorRT-RTX 1.6.1: a magic tag, then the little-endian uint64 size of what follows the 20-byte
@@ -121,17 +127,34 @@ class Gpu:
         return bool(self.uuid) and uuid == self.uuid and ordinal == self.ordinal
 
 
-def current_gpu() -> Gpu:
-    """The physical GPU of this process's current CUDA device (``Gpu()`` where there is none)."""
+def current_device() -> int | None:
+    """This process's current CUDA device number (``torch.cuda.current_device()``), None without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():
-        return Gpu()
-    device = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(device)
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def gpu_at(ordinal: int) -> Gpu:
+    """The physical GPU this process sees as ``cuda:ordinal``."""
+    import torch
+
+    props = torch.cuda.get_device_properties(ordinal)
     uuid = str(getattr(props, "uuid", "") or "").lower()
     uuid = uuid[4:] if uuid.startswith("gpu-") else uuid
-    return Gpu(uuid=uuid, name=props.name, sm=f"sm{props.major}{props.minor}", ordinal=device)
+    return Gpu(uuid=uuid, name=props.name, sm=f"sm{props.major}{props.minor}", ordinal=ordinal)
+
+
+def current_gpu() -> Gpu:
+    """The physical GPU of this process's current CUDA device (``Gpu()`` where there is none)."""
+    device = current_device()
+    return Gpu() if device is None else gpu_at(device)
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # --- templates ------------------------------------------------------------------------------------
@@ -200,13 +223,15 @@ class Placement:
     gpu: Gpu = field(default_factory=Gpu)
 
     @classmethod
-    def current(cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1) -> Placement:
-        """This process on its current CUDA device (``sm`` and ``gpu`` are ``cpu`` where there is none)."""
+    def current(
+        cls, rank: int = 0, local_rank: int = 0, node_rank: int = 0, world_size: int = 1, gpu: Gpu | None = None
+    ) -> Placement:
+        """This process on ``gpu`` (default: its current CUDA device; ``sm`` and ``gpu`` are ``cpu`` without one)."""
         import torch
 
         from lightning_trt_rtx import _backend
 
-        gpu = current_gpu()
+        gpu = gpu if gpu is not None else current_gpu()
         return cls(
             rank=rank,
             local_rank=local_rank,
@@ -282,6 +307,7 @@ class Record:
     sha256: str
     format: str = RECORD_FORMAT
     ordinal: int = 0  # the device number the filling process saw the GPU as
+    rank: int = 0  # the writer's global rank
 
     @property
     def gpu_id(self) -> str:
@@ -290,7 +316,7 @@ class Record:
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_unix))
         where = f"GPU {self.gpu_id} ({self.gpu_name or 'unknown model'}, as cuda:{self.ordinal})"
-        return f"{where} on {self.host}, pid {self.pid}, at {when}"
+        return f"{where} on {self.host}, rank {self.rank}, pid {self.pid}, at {when}"
 
 
 def _digest(data: bytes) -> str:
@@ -301,6 +327,7 @@ def read_record(path: str, data: bytes | None = None) -> Record | None:
     """The record beside ``path`` if it describes exactly ``data`` (read from ``path`` if not given)."""
     try:
         fs, inner, _ = _fs(path)
+        fs.invalidate_cache(inner + RECORD_SUFFIX)  # a listing cached by this process predates other writers
         if not fs.isfile(inner + RECORD_SUFFIX):
             return None
         values = json.loads(fs.cat_file(inner + RECORD_SUFFIX))
@@ -330,6 +357,7 @@ def _new_record(data: bytes, placement: Placement) -> Record:
         bytes=len(data),
         sha256=_digest(data),
         ordinal=placement.gpu.ordinal,
+        rank=placement.rank,
     )
 
 
@@ -350,7 +378,7 @@ class CacheStats:
     save_ms: float = 0.0
     saved: bool = False
     save_error: str = ""
-    disk_state: tuple = ()  # (size, mtime_ns) of the own file when loaded: () absent, for "changed since"
+    disk_state: tuple = ()  # the own file's _disk_state() when loaded: () absent, for "changed since"
 
     def __post_init__(self) -> None:
         self.disk_state = tuple(self.disk_state)  # a list after a JSON round trip (figures gathered as dicts)
@@ -368,26 +396,46 @@ def _fs(path: str) -> tuple[Any, str, bool]:
     return fs, inner, local
 
 
+def _is_object_store(fs: Any) -> bool:
+    """Whether ``fs`` is an object store (see ``OBJECT_STORES``): saves there write the final object whole."""
+    return bool(OBJECT_STORES.intersection(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
 def _read(path: str) -> bytes | None:
-    fs, inner, _ = _fs(path)
+    fs, inner, local = _fs(path)
     try:
+        if not local:
+            fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
         if not fs.isfile(inner):
+            if not local:  # isfile() is False also for a store it cannot reach: info() raises why
+                fs.info(inner)  # FileNotFoundError where there is no such object
             return None
         return fs.cat_file(inner)
     except FileNotFoundError:
         return None
 
 
+# what identifies one stored version of an object, in the order fsspec backends give it
+_VERSION_KEYS = ("ETag", "etag", "generation", "VersionId", "version_id", "LastModified", "mtime", "updated", "created")
+
+
 def _disk_state(path: str) -> tuple:
-    """(size, mtime_ns) of a local file, () if absent or not local: what "changed on disk" compares."""
+    """What "changed since this run loaded it" compares: (size, mtime_ns) of a local file; (size,
+    version) of an object at a URL, the version being its ETag (or the backend's generation or
+    modification time; else the SHA-256 of its bytes). () if absent or unreadable."""
     try:
         fs, inner, local = _fs(path)
-        if not local:
+        if local:
+            st = os.stat(inner)
+            return (st.st_size, st.st_mtime_ns)
+        fs.invalidate_cache(inner)  # ask the store, not this process's cached listing
+        info = fs.info(inner)
+        if info.get("type") != "file":
             return ()
-        st = os.stat(inner)
-    except Exception:  # an unreadable path, a missing fsspec backend: nothing to compare
+        version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), "")
+        return (int(info.get("size") or 0), version or _digest(fs.cat_file(inner)))
+    except Exception:  # absent, an unreadable path, a missing fsspec backend: nothing to compare
         return ()
-    return (st.st_size, st.st_mtime_ns)
 
 
 def _locked(path: str) -> Any:
@@ -405,7 +453,10 @@ def quarantine(path: str, reason: str, rank: int = 0) -> bool:
     """Move a bad file aside to ``<path>.corrupt`` so the run continues cold.
 
     Under the file's lock the file is read and checked again first: a good file another process
-    saved since this run read the bad one is never moved. Returns False only in that case.
+    saved since this run read the bad one is never moved. Returns False only in that case. On an
+    object store, where no lock spans the writers and a move is a copy plus a delete, the bad object
+    is copied aside and left in place (the delete could remove a good object another host just
+    wrote); this run's save replaces it.
     """
     try:
         with _locked(path):
@@ -414,8 +465,12 @@ def quarantine(path: str, reason: str, rank: int = 0) -> bool:
                 log.debug("Kernel cache %s was replaced by a valid file before quarantine: kept", path)
                 return False
             fs, inner, _ = _fs(path)
-            fs.mv(inner, inner + ".corrupt")
-            moved = f"moved aside to {path}.corrupt"
+            if _is_object_store(fs):
+                fs.pipe_file(inner + ".corrupt", data)
+                moved = f"copied to {path}.corrupt and left in place (this run's save replaces it)"
+            else:
+                fs.mv(inner, inner + ".corrupt")
+                moved = f"moved aside to {path}.corrupt"
     except Exception as err:
         moved = f"could not move it aside ({err}); it will be replaced at the next save"
     warn(f"Kernel cache {path} is unusable ({reason}); {moved}. Running with a cold cache.", rank=rank)
@@ -517,9 +572,11 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
 
     Empty or invalid bytes are not written (an empty cache never overwrites a non-empty one). Local
     files are written under ``<path>.lock`` to ``<path>.tmp``, flushed to disk, then renamed over
-    ``path``; fsspec URLs are written to ``<path>.tmp`` and moved. If the file changed on disk since
-    ``stats`` loaded it (another process on this GPU saved meanwhile), this save still replaces it
-    (caches cannot be merged) and says so. Failures warn once and are recorded in the returned stats.
+    ``path``; on object stores (``OBJECT_STORES``) the final object is written whole in one request
+    (the store shows the old or the new object, never a mix); other fsspec URLs are written to
+    ``<path>.tmp`` and moved. If the file changed since ``stats`` loaded it (another process saved
+    meanwhile), this save still replaces it (caches cannot be merged) and names the other writer
+    from its record. Failures warn once and are recorded in the returned stats.
     """
     loaded = stats is not None  # only a run that loaded the file can say whether it changed since
     stats = stats if stats is not None else CacheStats(path=path)
@@ -561,9 +618,12 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
 
 
 def _write(fs: Any, inner: str, local: bool, data: bytes) -> None:
-    """Replace one file atomically: a local temp file fsynced and renamed, or an fsspec temp object moved."""
+    """Replace one file atomically: a local temp file fsynced and renamed, an object written whole, or
+    an fsspec temp file moved."""
     if local:
         _write_local(inner, data)
+    elif _is_object_store(fs):  # one PUT: no directories to make, no copy, no temp object to leave behind
+        fs.pipe_file(inner, data)
     else:
         fs.makedirs(fs._parent(inner), exist_ok=True)
         fs.pipe_file(inner + ".tmp", data)
@@ -571,12 +631,15 @@ def _write(fs: Any, inner: str, local: bool, data: bytes) -> None:
 
 
 def _warn_if_changed(path: str, stats: CacheStats, rank: int) -> None:
+    # Local files: checked under the lock the writer holds. Object stores: no lock, so a save landing
+    # between this check and this save's own write goes unseen (the write itself stays whole).
     now = _disk_state(path)
     if now and now != stats.disk_state:
         record = read_record(path)
         by = record.describe() if record else "a writer that left no record"
+        where = "on disk" if _fs(path)[2] else "in its store"
         warn(
-            f"Kernel cache {path} changed on disk since this run loaded it (saved by {by}). Saving this"
+            f"Kernel cache {path} changed {where} since this run loaded it (saved by {by}). Saving this"
             " run's kernels over it: caches cannot be merged, so the other writer's new kernels are lost."
             " Give each concurrent job on one GPU its own file (e.g. a template with {host} or a job name).",
             rank=rank,

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_trt_rtx import report
+from lightning_trt_rtx import _predict_loop, report, transfers
 from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.prewarm import PrewarmSpec
@@ -100,7 +100,7 @@ class TRTRuntimeSettings(_LoopHooks):
 
         trainer = Trainer(callbacks=[TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture")])
         trainer.predict(model, dataloader)
-        trainer.callbacks[0].figures      # every rank's figures, also printed as a table on rank zero
+        trainer.callbacks[0].figures      # on rank zero every rank's figures (printed as a table), elsewhere its own
 
     Args:
         cuda_graph_strategy: ``"disabled"``, ``"whole_graph_capture"`` or ``"auto"`` (time both, and whole-graph
@@ -120,6 +120,11 @@ class TRTRuntimeSettings(_LoopHooks):
             ``"int64"``, ``"int32"`` (integers are zeros: valid token ids).
         prewarm_target: the LightningModule attribute the shapes are for; default: its only compiled
             attribute (with none, the LightningModule's own ``forward``); ``"forward"``: its ``forward``.
+        upload_ahead: in GPU predict loops, upload each batch's CPU tensors on a stream of their own
+            while the previous batch runs (pinned staging, an event per batch; see
+            :mod:`lightning_trt_rtx.transfers`). On by default; off by itself (the figures say why)
+            where the LightningModule or DataModule overrides ``on_before_batch_transfer`` or
+            ``transfer_batch_to_device``, or ``predict_step`` takes ``dataloader_iter``.
     """
 
     def __init__(
@@ -132,7 +137,11 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm_shapes: list[str] | None = None,
         prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
+        upload_ahead: bool = True,
     ) -> None:
+        if not isinstance(upload_ahead, bool):
+            raise TypeError(f"upload_ahead must be True or False, got {upload_ahead!r}.")
+        self.upload_ahead = upload_ahead
         self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
@@ -140,6 +149,8 @@ class TRTRuntimeSettings(_LoopHooks):
             runtime_cache=runtime_cache,
         )
         self.loops = _check_loops(loops)
+        if not isinstance(print_table, bool):  # "yes" or "no" would both print
+            raise TypeError(f"print_table must be True or False; got {type(print_table).__name__} {print_table!r}.")
         self.print_table = print_table
         self.figures: list[report.RankFigures] = []
         self.session: ServingSession | None = None  # this run's; None between runs
@@ -154,6 +165,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
             self.session.close()
         self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
+        report.open_run(trainer.global_rank)  # before any rank can end this run and post its figures
         # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
         self.session.serve(pl_module, warn_if_none=False)
@@ -165,7 +177,9 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm = self.prewarm_spec or _plugin_prewarm(trainer)
         if prewarm is not None:  # once per session, before the loop's timing starts
             prewarm.run(self.session, pl_module)
-        self.session.loop_started()
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            _upload_predict_batches(trainer, self.session, self.upload_ahead)
+        self.session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
         self._serving = self.session
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -233,7 +247,10 @@ class TRTRuntimeSettings(_LoopHooks):
         self._serving = None
         session, self.session = self.session, None
         if session is not None:
-            self.figures = [session.close()]
+            figures = session.close()
+            figures.failed = True
+            report.post(figures)  # rank zero's report gets this rank's row; nobody is waited for here
+            self.figures = [figures]
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -241,8 +258,10 @@ class TRTRuntimeSettings(_LoopHooks):
             return
         session, self.session = self.session, None
         figures = session.close()  # a loop with zero batches runs no on_*_end hook
-        # every rank reaches teardown once, whatever its batch count: the one place to gather
-        self.figures = report.gather(figures)
+        # no collective (a rank that raised never gets here): the others leave their figures for rank zero,
+        # which waits a bounded time for them
+        report.post(figures)
+        self.figures = report.collect(figures)
         if trainer.logger is not None:
             for row in self.figures:
                 trainer.logger.log_metrics(row.metrics(prefix=f"trt_rtx/rank{row.rank}"), step=trainer.global_step)
@@ -259,6 +278,20 @@ class TRTRuntimeSettings(_LoopHooks):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # what a checkpoint says it was served with; this callback's own arguments still decide
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
+
+
+def _upload_predict_batches(trainer: Trainer, session: ServingSession, wanted: bool) -> None:
+    """Route the predict loop's batches through ``session.upload_ahead`` where that is safe."""
+    if not wanted:
+        session.uploads_off("upload_ahead=False")
+        return
+    reason = _predict_loop.why_not_upload(trainer)
+    if reason is not None:
+        session.uploads_off(reason)
+        log.debug("Batches are not uploaded ahead: %s.", reason)
+        return
+    device = trainer.strategy.root_device
+    _predict_loop.wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device))
 
 
 def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
@@ -342,3 +375,59 @@ class TRTCudaGraphs(_LoopHooks):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)
+
+
+class TRTHostPredictions(Callback):
+    """Collect predictions on the host without a stall per batch (use with ``return_predictions=False``).
+
+    ``trainer.predict(..., return_predictions=True)`` copies every prediction to the host when its step
+    ends and waits for the copy, so the host cannot queue the next batch while the GPU still works.
+    This callback queues each prediction's copy into pinned host memory on the GPU's stream instead
+    (no wait) and waits once, when the loop ends::
+
+        collector = TRTHostPredictions()
+        trainer = Trainer(callbacks=[TRTRuntimeSettings(), collector])
+        trainer.predict(model, loader, return_predictions=False)
+        collector.predictions     # like trainer.predict's return: a list per dataloader if several
+
+    The predictions are pinned host tensors (the structure of each step's return is kept; non-tensor
+    leaves as they are). On a CPU loop they are kept as returned.
+    """
+
+    def __init__(self) -> None:
+        self.predictions: list[Any] = []
+        self._copies: dict[int, transfers.HostCopies] = {}
+        self._kept: dict[int, list[Any]] = {}
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.predictions, self._copies, self._kept = [], {}, {}
+        if trainer.predict_loop.return_predictions:
+            info("TRTHostPredictions: return_predictions=True also copies every prediction to the host and waits"
+                 " for it; pass return_predictions=False to trainer.predict to keep the GPU busy.",
+                 rank=trainer.global_rank, rank_zero=True)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            self._kept.setdefault(dataloader_idx, []).append(outputs)
+            return
+        if dataloader_idx not in self._copies:
+            self._copies[dataloader_idx] = transfers.HostCopies(device)
+        self._copies[dataloader_idx].add(outputs)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for index, copies in self._copies.items():
+            self._kept.setdefault(index, []).extend(copies.collect())
+        per_loader = [self._kept.get(i, []) for i in range(max(trainer.predict_loop.num_dataloaders, 1))]
+        self.predictions = per_loader[0] if len(per_loader) == 1 else per_loader
+        self._copies, self._kept = {}, {}
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._copies, self._kept = {}, {}

@@ -1,13 +1,14 @@
-"""A Precision plugin that serves TensorRT-RTX engines, for users who configure runtime via plugins."""
+"""A Precision plugin that serves TensorRT-RTX engines and is the precision it wraps (plugins=[...] users)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Generator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator, MPSAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from typing_extensions import override
@@ -23,38 +24,70 @@ PrecisionName = Literal["32-true", "16-mixed", "bf16-mixed"]
 _PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 
 
-def _inner_precision(precision: str | Precision, device: str) -> Precision:
-    """The precision plugin Lightning would build for ``Trainer(precision=...)`` on ``device``."""
+def _wrapped_class(precision: Any) -> type[Precision]:
+    """The class of the precision ``TRTRuntimePrecision(precision)`` is: Lightning's for a name, the
+    instance's own for a Precision instance."""
+    if isinstance(precision, TRTRuntimePrecision):
+        raise TypeError("TRTRuntimePrecision cannot wrap another TRTRuntimePrecision.")
     if isinstance(precision, Precision):
-        if isinstance(precision, TRTRuntimePrecision):
-            raise TypeError("TRTRuntimePrecision cannot wrap another TRTRuntimePrecision.")
-        return precision
-    if precision == "32-true":
-        return Precision()
-    if precision in ("16-mixed", "bf16-mixed"):
-        if precision == "16-mixed" and device == "cpu":
-            warn(
-                "TRTRuntimePrecision('16-mixed') on a CPU Trainer: AMP with fp16 is not supported on CPU. Using"
-                " 'bf16-mixed' instead, as Trainer(precision='16-mixed') does.",
-                rank_zero=True,
-                once=True,
-            )
-            precision = "bf16-mixed"
-        return MixedPrecision(precision, device=device)  # type: ignore[arg-type]
+        return type(precision)
+    if isinstance(precision, str) and precision in _PRECISIONS:
+        return Precision if precision == "32-true" else MixedPrecision
     raise ValueError(
         f"Invalid precision {precision!r}. Valid choices: {list(_PRECISIONS)} or a Precision plugin instance."
     )
 
 
+_COMPOSED: dict[tuple[type, type], type] = {}
+
+
+def _compose(base: type[TRTRuntimePrecision], wrapped: type[Precision]) -> type[TRTRuntimePrecision]:
+    """``base`` (TRTRuntimePrecision or a subclass) on top of ``wrapped``: one class per pair.
+
+    Its ``__qualname__`` is the wrapped class's: Lightning files a precision's state (a GradScaler's) in
+    checkpoints under that name, so checkpoints move between ``Trainer(precision=...)`` and the plugin.
+    """
+    if issubclass(base, wrapped):
+        return base
+    composed = _COMPOSED.get((base, wrapped))
+    if composed is None:
+        namespace = {
+            "__module__": base.__module__,
+            "__qualname__": wrapped.__qualname__,
+            "__doc__": base.__doc__,
+            "_composed": True,
+            "_wrapped": wrapped,
+        }
+        composed = type(f"{base.__name__}[{wrapped.__name__}]", (base, wrapped), namespace)
+        _COMPOSED[(base, wrapped)] = composed
+    return composed
+
+
+def _base(cls: type[TRTRuntimePrecision]) -> type[TRTRuntimePrecision]:
+    """The class a composed class was made from: TRTRuntimePrecision or the user's subclass of it."""
+    return cls.__bases__[0] if cls.__dict__.get("_composed") else cls
+
+
+def _unpickle(base: type[TRTRuntimePrecision], wrapped: type[Precision]) -> TRTRuntimePrecision:
+    """An empty instance of ``base`` on top of ``wrapped`` (pickle then restores its state)."""
+    return object.__new__(_compose(base, wrapped))
+
+
 class TRTRuntimePrecision(Precision):
-    """Wraps the precision you would otherwise use and serves the model's TensorRT-RTX engines.
+    """Serves the model's TensorRT-RTX engines and IS the precision you would otherwise use.
+
+    ``TRTRuntimePrecision("bf16-mixed", ...)`` is an instance of a subclass of both this class and
+    Lightning's ``MixedPrecision`` (``"32-true"``: ``Precision``; a Precision instance: that instance's
+    class, with its state), built for the Trainer's accelerator as ``Trainer(precision=...)`` would. So
+    Lightning sees the precision it wraps: ``trainer.precision``, ``trainer.scaler``, ``ThroughputMonitor``'s
+    dtype, a strategy's precision check (``TRTRuntimePrecision(FSDPPrecision("bf16-mixed"))`` for FSDP)
+    and checkpoints (its state is filed under the wrapped class's name)::
+
+        trainer = Trainer(plugins=[TRTRuntimePrecision("bf16-mixed", cuda_graph_strategy="whole_graph_capture")])
 
     Settings and this GPU's kernel cache are applied in ``convert_module`` (the earliest point where
     the model and its engines exist, before anything runs) and the cache is saved in ``teardown``,
-    which Lightning runs on success and after exceptions. Everything else is the wrapped precision's,
-    built for the Trainer's accelerator as ``Trainer(precision=...)`` would::
-
-        trainer = Trainer(plugins=[TRTRuntimePrecision("bf16-mixed", cuda_graph_strategy="whole_graph_capture")])
+    which Lightning runs on success and after exceptions; everything else is the wrapped precision's.
 
     With the :class:`~lightning_trt_rtx.TRTRuntimeSettings` callback in the same Trainer, the
     callback's session serves the run (settings applied and the cache saved once, one report); the
@@ -71,6 +104,9 @@ class TRTRuntimePrecision(Precision):
             prewarms as the first predict, validation or test step starts, on the model's device).
     """
 
+    _composed = False
+    _wrapped: type[Precision] = Precision
+
     def __init__(
         self,
         precision: PrecisionName | Precision = "32-true",
@@ -81,31 +117,58 @@ class TRTRuntimePrecision(Precision):
         prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
     ) -> None:
-        super().__init__()
-        self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
-        self._requested = precision
-        # the device is the Trainer's accelerator's, known at convert_module; until then, a guess
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.inner = _inner_precision(precision, self._device)
-        self.precision = self.inner.precision
-        self.settings = TRTSettings(
+        wrapped = _wrapped_class(precision)
+        prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
+        settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
             dynamic_shapes_kernel_specialization_strategy=dynamic_shapes_kernel_specialization_strategy,
             runtime_cache=runtime_cache,
         )
+        # this object becomes an instance of the wrapped class too (a factory in __new__ would hide
+        # these typed arguments from LightningCLI, which reads a class's __new__ before its __init__)
+        self.__class__ = _compose(_base(type(self)), wrapped)
+        if isinstance(precision, Precision):
+            self.__dict__.update(vars(precision))  # the instance's state (its scaler, device, config ...)
+        self.prewarm_spec, self.settings = prewarm_spec, settings
         self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
+        self._prewarmed: ServingSession | None = None
+        # a precision given by name is built again for the Trainer's accelerator, known at convert_module
+        self._name = precision if isinstance(precision, str) else None
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"  # until then, a guess
+        self._init_wrapped()
+
+    def _init_wrapped(self) -> None:
+        """The wrapped precision's own ``__init__``, as ``Trainer(precision=self._name)`` on ``self._device``."""
+        name = self._name
+        if name is None or name == "32-true":
+            return
+        if name == "16-mixed" and self._device == "cpu":
+            warn(
+                "TRTRuntimePrecision('16-mixed') on a CPU Trainer: AMP with fp16 is not supported on CPU. Using"
+                " 'bf16-mixed' instead, as Trainer(precision='16-mixed') does.",
+                rank_zero=True,
+                once=True,
+            )
+            name = "bf16-mixed"
+        MixedPrecision.__init__(self, name, device=self._device)  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unpickle, (_base(type(self)), type(self)._wrapped), self.__dict__
+
+    def __repr__(self) -> str:
+        settings = getattr(self, "settings", None)
+        return f"TRTRuntimePrecision({type(self)._wrapped.__name__}({self.precision!r}), {settings})"
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         from lightning_trt_rtx.callbacks import serving_session
 
-        trainer = getattr(module, "_trainer", None)
-        if trainer is not None and isinstance(self._requested, str) and _autocast_device(trainer) != self._device:
-            # rebuilt only when the guess was wrong: a second fit keeps the wrapped precision's state
+        trainer = _trainer_of(module)
+        if trainer is not None and self._name is not None and _autocast_device(trainer) != self._device:
+            # built again only when the guess was wrong: a second fit keeps the precision's state
             self._device = _autocast_device(trainer)
-            self.inner = _inner_precision(self._requested, self._device)
-            self.precision = self.inner.precision
-        converted = self.inner.convert_module(module)
+            self._init_wrapped()
+        converted = super().convert_module(module)
         # DDP ignores the return value: the settings go onto the engines in place
         callback_session = serving_session(trainer) if trainer is not None else None
         if callback_session is not None and callback_session is not self.session:
@@ -123,21 +186,23 @@ class TRTRuntimePrecision(Precision):
     @override
     def teardown(self) -> None:
         try:
-            session, self.session = self.session, None
+            session, self.session, self._prewarmed = self.session, None, None
             if session is not None:
                 figures = session.close()
                 info(figures.summary(), rank=session.ranks.rank, rank_zero=True)
         except Exception as err:  # teardown also runs after the user's exception: never mask it
             log.warning("Closing the TensorRT-RTX serving session failed: %s", err)
         finally:
-            self.inner.teardown()
+            super().teardown()
 
     # --- prewarm: the first step of a loop is the first point the model is on its device ----------
 
     def _prewarm(self) -> None:
         session = self.session  # with the callback, its session serves the run and it prewarms at loop start
-        if self.prewarm_spec is not None and session is not None and session.module is not None:
-            self.prewarm_spec.run(session, session.module)  # once per session
+        if self.prewarm_spec is None or session is None or session.module is None or self._prewarmed is session:
+            return
+        self._prewarmed = session  # tried once per session (a skipped prewarm is not tried at every step)
+        self.prewarm_spec.run(session, session.module)
 
     @contextmanager
     def _step(self) -> Generator[None, None, None]:
@@ -151,63 +216,37 @@ class TRTRuntimePrecision(Precision):
         if session is not None:
             session.batch_ended()
 
+    @override
     @contextmanager
     def predict_step_context(self) -> Generator[None, None, None]:
         with self._step(), super().predict_step_context():
             yield
 
+    @override
     @contextmanager
     def val_step_context(self) -> Generator[None, None, None]:
         with self._step(), super().val_step_context():
             yield
 
+    @override
     @contextmanager
     def test_step_context(self) -> Generator[None, None, None]:
         with self._step(), super().test_step_context():
             yield
 
-    # --- everything else is the wrapped precision's ---------------------------------------------
 
-    @override
-    def tensor_init_context(self) -> AbstractContextManager:
-        return self.inner.tensor_init_context()
-
-    def module_init_context(self) -> AbstractContextManager:
-        return self.inner.module_init_context()
-
-    def forward_context(self) -> AbstractContextManager:
-        return self.inner.forward_context()
-
-    def convert_input(self, data: Any) -> Any:
-        return self.inner.convert_input(data)
-
-    def convert_output(self, data: Any) -> Any:
-        return self.inner.convert_output(data)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-    def pre_backward(self, tensor: Any, module: Any) -> Any:
-        return self.inner.pre_backward(tensor, module)
-
-    def backward(self, tensor: Any, model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
-        self.inner.backward(tensor, model, optimizer, *args, **kwargs)
-
-    def post_backward(self, tensor: Any, module: Any) -> Any:
-        return self.inner.post_backward(tensor, module)
-
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
-
-    def clip_gradients(self, optimizer: Any, clip_val: Any = 0.0, gradient_clip_algorithm: Any = None) -> None:
-        algorithm = {} if gradient_clip_algorithm is None else {"gradient_clip_algorithm": gradient_clip_algorithm}
-        self.inner.clip_gradients(optimizer, clip_val, **algorithm)
+def _trainer_of(module: torch.nn.Module) -> Trainer | None:
+    """The Trainer ``module`` is attached to (``LightningModule.trainer``), None outside a Trainer."""
+    if not isinstance(module, LightningModule):
+        return None
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None
+    return trainer if isinstance(trainer, Trainer) else None
 
 
-def _autocast_device(trainer: Any) -> str:
+def _autocast_device(trainer: Trainer) -> str:
     """The autocast device Lightning's own connector picks: the accelerator's, ``cuda`` for GPUs."""
     accelerator = trainer.accelerator
     if isinstance(accelerator, CPUAccelerator):

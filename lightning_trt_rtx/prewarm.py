@@ -64,9 +64,13 @@ _DIM = re.compile(r"[0-9]+")
 class PrewarmError(RuntimeError):
     """A prewarm call failed; ``shape`` is the entry it ran (the model's own error is the cause)."""
 
-    def __init__(self, shape: Shape, error: BaseException) -> None:
+    def __init__(self, shape: Shape, error: BaseException, dtypes: Sequence[torch.dtype] = (), hint: str = "") -> None:
         text = format_shape(shape)
-        super().__init__(f"Prewarm call with input shape(s) {text} failed: {type(error).__name__}: {error}")
+        given = f" ({', '.join(_dtype_name(d) for d in dtypes)})" if dtypes else ""
+        super().__init__(
+            f"Prewarm call with input shape(s) {text}{given} failed: {type(error).__name__}: {error}"
+            + (f". {hint}" if hint else "")
+        )
         self.shape = shape
 
 
@@ -171,8 +175,10 @@ def prewarm(
     cache handle), then the session's own settings given back and, where that changed them, each example
     run once more (the execution context is made again under them before the first real batch). CUDA
     graph scopes open on the session are closed for the calls and opened again after. Without engines or
-    on a build that is not TensorRT-RTX the calls still run, and you are told once. Returns one record
-    per example; a failing call raises :class:`PrewarmError` after the settings are given back.
+    on a build that is not TensorRT-RTX there is nothing to compile: the calls do not run (you are told
+    once) and the result is empty. Returns one record per example; a failing call raises
+    :class:`PrewarmError` (naming the dtypes the model takes where they differ from the examples')
+    after the settings are given back.
     """
     if session.closed:
         raise RuntimeError("This ServingSession is closed: prewarm before closing it (a session serves one run).")
@@ -197,18 +203,20 @@ def _run(session: ServingSession, examples: list[tuple[torch.Tensor, ...]], targ
     callee = _callee(session.module, target)
     binding = session.binding
     if binding is None or not binding.engines:
+        # nothing to compile: the model's own ops would only run on made-up inputs (which its dtypes may refuse)
         what = "no TensorRT engines" if not session.figures.engines else "a build that is not TensorRT-RTX"
         warn(
-            f"Prewarm: {what} under {type(session.module).__name__}; its calls ran, but no TensorRT-RTX kernels"
-            " were compiled ahead of the first batch.",
+            f"Prewarm skipped: {what} under {type(session.module).__name__}, so no TensorRT-RTX kernels to"
+            " compile ahead of the first batch; its calls did not run.",
             rank=session.ranks.rank,
             rank_zero=True,
             once=True,
         )
+        return []
     # eager needs a kernel cache: the settings change back drops the execution context, and the kernels
     # compiled under it survive only in the run's cache handle
-    eager = binding is not None and session.cache is not None
-    if binding is not None and not eager:
+    eager = session.cache is not None
+    if not eager:
         info(
             "Prewarm without a kernel cache (runtime_cache=None): each shape runs once under the session's own"
             " settings; with a cache its kernels are compiled eagerly and kept.",
@@ -220,13 +228,12 @@ def _run(session: ServingSession, examples: list[tuple[torch.Tensor, ...]], targ
     with torch.inference_mode():
         try:
             if eager:
-                assert binding is not None and session.cache is not None
+                assert session.cache is not None
                 binding.apply(session.runtime_settings(dynamic_shapes_kernel_specialization_strategy="eager"))
             for example in examples:
                 records.append(PrewarmedShape(_shape_of(example), _timed(callee, example)))
         finally:
-            if binding is not None:
-                restored = binding.apply(session.runtime_settings())
+            restored = binding.apply(session.runtime_settings())
         if restored:  # the execution context goes with a settings change: make it again before the first batch
             records = [
                 PrewarmedShape(r.shape, r.first_call_ms, _timed(callee, example))
@@ -277,10 +284,38 @@ def _timed(callee: Any, example: tuple[torch.Tensor, ...]) -> float:
     try:
         callee(*example)
     except Exception as err:
-        raise PrewarmError(_shape_of(example), err) from err
+        dtypes = [t.dtype for t in example]
+        raise PrewarmError(_shape_of(example), err, dtypes, _dtype_hint(callee, dtypes)) from err
     for device in devices:
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_hint(callee: Any, given: Sequence[torch.dtype]) -> str:
+    """After a failed call: the dtypes the callee takes where they differ from the examples' (a saved
+    program's recorded inputs, else its floating parameters), naming the valid prewarm dtypes."""
+    module = callee if isinstance(callee, torch.nn.Module) else getattr(callee, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return ""
+    accepted = program_inputs(module)
+    if accepted is not None:
+        expected = {i.dtype for i in accepted[0] if i.dtype is not None}
+        whose = "inputs"
+    else:
+        expected = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        whose = "parameters"
+    if not expected or expected & set(given):
+        return ""
+    names = ", ".join(sorted(_dtype_name(d) for d in expected))
+    return (
+        f"The example inputs were {', '.join(sorted({_dtype_name(d) for d in given}))} and"
+        f" {type(module).__name__}'s {whose} are {names}: give the prewarm dtype the model takes (prewarm_dtype,"
+        f" --dtype; valid names: {', '.join(DTYPES)})"
+    )
 
 
 def summary(records: Sequence[PrewarmedShape]) -> str:
@@ -319,7 +354,8 @@ class PrewarmSpec:
         if not isinstance(device, torch.device):
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         records = session.prewarm(example_inputs(self.shapes, self.dtype, device), target)
-        info(summary(records), rank=session.ranks.rank, rank_zero=True)
+        if records:  # none: skipped (no engines), and said so
+            info(summary(records), rank=session.ranks.rank, rank_zero=True)
         return records
 
 

@@ -1,8 +1,22 @@
-"""Per-rank serving figures, gathered once at the end of a run, a rank-zero table, logger metrics."""
+"""Per-rank serving figures, handed to rank zero at the end of a run, a rank-zero table, logger metrics.
+
+No collective: a collective that one rank skips (it raised, it served nothing, it was never opened
+there) blocks the others until the process group's timeout. Each rank other than zero leaves its
+figures in the process group's store when its run ends, also after an exception (a ``set``, which
+waits for nobody); rank zero reads them, waiting at most ``$LIGHTNING_TRT_RTX_FIGURES_TIMEOUT_S``
+(default 60) for ranks still running, then reports without the ones missing and says which::
+
+    report.open_run(rank)              # rank zero numbers the run (where every rank starts it: setup)
+    report.post(figures)               # every rank when its run ends, also after an exception
+    rows = report.collect(figures)     # rank zero: every rank's rows; elsewhere its own
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -13,6 +27,10 @@ from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.cache import CacheStats
 
 log = logging.getLogger(__name__)
+
+FIGURES_TIMEOUT_ENV = "LIGHTNING_TRT_RTX_FIGURES_TIMEOUT_S"
+FIGURES_TIMEOUT_S = 60.0
+_KEY = "lightning_trt_rtx/figures"  # store keys: f"{_KEY}/run" (rank zero's run number), f"{_KEY}/{rank}"
 
 
 @dataclass
@@ -30,8 +48,19 @@ class RankFigures:
     # added later, so positional construction keeps working:
     prewarmed: int = 0  # shape entries prewarmed before the first batch
     capture: str = ""  # whole-graph capture: whether addresses were held still, and any new captures
+    step_gpu_ms: float = 0.0  # GPU time from a steady batch's start to its end (CUDA events), mean
+    uploads: str = ""  # batches uploaded ahead of the engine, or why not
+    failed: bool = False  # the rank's run ended with an exception: its figures are up to it
     auto: str = ""  # cuda_graph_strategy="auto": what it kept and the median per-batch times that decided
     auto_ms: dict[str, float] = field(default_factory=dict)  # those medians, by candidate (the last trial's)
+
+    @property
+    def efficiency(self) -> float:
+        """The share of a steady batch's time the GPU spent on the step (1.0: the loop never kept the
+        GPU waiting); 0.0 when not measured."""
+        if self.step_gpu_ms <= 0 or self.mean_batch_ms <= 0:
+            return 0.0
+        return min(self.step_gpu_ms / self.mean_batch_ms, 1.0)
 
     @property
     def cache_source(self) -> str:
@@ -54,6 +83,7 @@ class RankFigures:
         """Numeric figures for ``trainer.logger.log_metrics``."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(cache_bytes=self.cache_bytes, saved_bytes=self.saved_bytes, cache_warm=float(self.warm))
+        values.update(efficiency=self.efficiency)
         return {
             f"{prefix}/{name}": float(value)
             for name, value in values.items()
@@ -69,6 +99,11 @@ class RankFigures:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
         capture = f"; whole-graph capture: {self.capture}" if self.capture else ""
         capture = f"; auto graphs: {self.auto}{capture}" if self.auto else capture
+        if self.step_gpu_ms > 0:
+            capture += (f"; {self.mean_batch_ms:.3f} ms per batch, step on GPU {self.step_gpu_ms:.3f} ms"
+                        f" (efficiency {self.efficiency:.2f})")
+        if self.uploads:
+            capture += f"; uploads: {self.uploads}"
         if self.cache is None:
             return f"TensorRT-RTX serving: {self.engines} engine(s), no kernel cache{capture}"
         c = self.cache
@@ -85,28 +120,94 @@ class RankFigures:
         return cls(**values, cache=CacheStats(**stats) if stats is not None else None)
 
 
-def gather(figures: RankFigures) -> list[RankFigures]:
-    """Every rank's figures, in rank order: one collective, called by all ranks at the same point."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [figures]
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return [figures]
-    gathered: list[Any] = [None] * world
+def _store() -> Any | None:
+    """The store of the initialised process group (a TCP or file store every rank reaches), None without one."""
     try:
-        torch.distributed.all_gather_object(gathered, asdict(figures))
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        if torch.distributed.get_world_size() == 1:
+            return None
+        return torch.distributed.distributed_c10d._get_default_store()
+    except Exception as err:  # a process group without a store: each rank reports alone
+        log.debug("No process-group store for the serving figures: %s", err)
+        return None
+
+
+def open_run(rank: int) -> None:
+    """Rank zero numbers a new run, before any rank can end it (call where every rank starts one)."""
+    store = _store()
+    if rank != 0 or store is None:
+        return
+    try:
+        store.add(f"{_KEY}/run", 1)
     except Exception as err:
-        # a peer that failed (its predict_step raised) closes its connections: this rank's run is done
-        # and its cache saved, so the figures table must not turn its success into an error
-        warn(f"Could not gather the other ranks' serving figures ({err}); reporting this rank only.", rank=figures.rank)
+        log.debug("Could not number this run in the process group's store: %s", err)
+
+
+def post(figures: RankFigures) -> None:
+    """A rank other than zero leaves its figures for rank zero; waits for nobody, never raises."""
+    store = _store()
+    if figures.rank == 0 or store is None:
+        return
+    try:
+        run = store.add(f"{_KEY}/run", 0)  # rank zero's current run number; 0 if it numbered none
+        store.set(f"{_KEY}/{figures.rank}", json.dumps({"run": run, "figures": asdict(figures)}))
+    except Exception as err:  # rank zero's store may be gone (it failed): its report is not ours to give
+        log.debug("Could not leave rank %d's serving figures for rank zero: %s", figures.rank, err)
+
+
+def figures_timeout_s() -> float:
+    """How long rank zero waits for the other ranks' figures: ``$LIGHTNING_TRT_RTX_FIGURES_TIMEOUT_S``, default 60."""
+    value = os.environ.get(FIGURES_TIMEOUT_ENV, "")
+    try:
+        return max(0.0, float(value)) if value.strip() else FIGURES_TIMEOUT_S
+    except ValueError:
+        warn(f"${FIGURES_TIMEOUT_ENV}={value!r} is not a number of seconds; using {FIGURES_TIMEOUT_S:g}.", once=True)
+        return FIGURES_TIMEOUT_S
+
+
+def collect(figures: RankFigures, timeout_s: float | None = None) -> list[RankFigures]:
+    """On rank zero, every rank's figures in rank order: the ones posted for this run within ``timeout_s``
+    (default :func:`figures_timeout_s`); missing ranks are named in a warning. Elsewhere ``[figures]``."""
+    store = _store()
+    if figures.rank != 0 or store is None:
         return [figures]
-    return [RankFigures.from_dict(g) for g in gathered]
+    timeout_s = figures_timeout_s() if timeout_s is None else timeout_s
+    world = torch.distributed.get_world_size()
+    rows: dict[int, RankFigures] = {0: figures}
+    deadline = time.monotonic() + timeout_s
+    try:
+        run = store.add(f"{_KEY}/run", 0)
+        while True:
+            for rank in range(1, world):
+                key = f"{_KEY}/{rank}"
+                if rank not in rows and store.check([key]):
+                    posted = json.loads(store.get(key))
+                    if posted["run"] == run:  # else an earlier run's: this one has not ended there yet
+                        rows[rank] = RankFigures.from_dict(posted["figures"])
+            if len(rows) == world or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+    except Exception as err:
+        warn(f"Could not read the other ranks' serving figures ({err}); reporting the ones read.", rank=0)
+    missing = [rank for rank in range(world) if rank not in rows]
+    if missing:
+        warn(
+            f"Waited {timeout_s:g} s for the serving figures of rank(s) {', '.join(map(str, missing))} (each rank"
+            " leaves them in the process group's store when its run ends); reporting without them. A rank that was"
+            f" killed leaves none; one still running may need a longer ${FIGURES_TIMEOUT_ENV}.",
+            rank=0,
+        )
+    failed = [rank for rank, row in rows.items() if row.failed]
+    if failed:
+        warn(f"Rank(s) {', '.join(map(str, failed))} ended with an exception: their figures go up to it.", rank=0)
+    return [rows[rank] for rank in sorted(rows)]
 
 
 def table(rows: list[RankFigures]) -> str:
     """A fixed-width table of every rank's figures."""
     header: tuple[str, ...] = ("rank", "gpu", "engines", "cache", "applies", "loaded", "saved", "batches")
-    header += ("first batch", "mean batch", "cache file")
+    header += ("first batch", "mean batch", "step on GPU", "uploads", "cache file")
     body: list[tuple[str, ...]] = [
         (
             str(r.rank),
@@ -119,6 +220,8 @@ def table(rows: list[RankFigures]) -> str:
             str(r.batches),
             f"{r.first_batch_ms:.2f} ms",
             f"{r.mean_batch_ms:.3f} ms",
+            f"{r.step_gpu_ms:.3f} ms ({r.efficiency:.2f})" if r.step_gpu_ms > 0 else "-",
+            r.uploads or "-",
             r.cache_path or "-",
         )
         for r in rows

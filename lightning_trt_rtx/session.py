@@ -29,14 +29,15 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_trt_rtx import _backend, addresses, auto, cache
+from lightning_trt_rtx import _backend, addresses, auto, cache, transfers
 from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
@@ -124,7 +125,11 @@ class ServingSession:
         self.closed = False
         self._between_loops = False  # loops drive stable addresses (for_trainer's loops_only), none runs now
         self._cache_opened = False
+        self._gpu: cache.Gpu | None = None  # the GPU this run serves on: its engines' device, else the current one
+        self._engines_located = False  # whether _gpu was decided from engines (then it stays)
+        self._local_devices: list[str] | None = None  # a Trainer's device per local rank (Lightning's own)
         self._timer = _BatchTimer(self.figures)
+        self.uploads: transfers.UploadsAhead | None = None
         # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
         self.auto: _AutoGraphs | None = _AutoGraphs(self) if settings.cuda_graph_strategy == "auto" else None
 
@@ -134,6 +139,9 @@ class ServingSession:
         :meth:`loop_started` and :meth:`loop_ended` (a callback: not in the sanity check or training)."""
         session = cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
         session._between_loops = loops_only
+        devices = getattr(trainer.strategy, "parallel_devices", None)
+        if devices:
+            session._local_devices = [str(device) for device in devices]
         return session
 
     # --- opening -------------------------------------------------------------------------------
@@ -161,8 +169,8 @@ class ServingSession:
             # served just before the scopes opened; re-applying now would undo a scope's own settings
             # (engines inside a whole-module graph hold their capture off)
             return self.figures.engines
-        self.figures.gpu = cache.current_gpu().id  # also without engines or a cache, for the table
         engines = find_engines(module)
+        self.figures.gpu = self._locate(engines).id  # also without engines or a cache, for the table
         self.figures.engines = len(engines)
         if not engines:
             if warn_if_none:
@@ -277,6 +285,48 @@ class ServingSession:
         if self.closed:
             raise RuntimeError("This ServingSession is closed: a session serves one run. Open a new one.")
 
+    def _locate(self, engines: Sequence[Any] = ()) -> cache.Gpu:
+        """The GPU this run serves on: the device its engines run on (TensorRT-RTX kernels are compiled
+        there), else this process's current device; decided at the first call that sees engines. A
+        current device other than the engines' is warned about (the cache follows the engines)."""
+        if self._gpu is not None and (self._engines_located or not engines):
+            return self._gpu
+        self._engines_located = bool(engines)
+        devices = sorted({d for d in (_backend.engine_device(e.obj) for e in engines) if d is not None})
+        current = cache.current_device()
+        if not devices or current is None:  # no engine says (or no CUDA here): the current device
+            self._gpu = self._gpu or cache.current_gpu()
+            return self._gpu
+        device = devices[0]
+        if len(devices) > 1:
+            warn(
+                f"The TensorRT engines of this run are on several devices ({', '.join(f'cuda:{d}' for d in devices)});"
+                f" one kernel cache serves them all and follows cuda:{device}. Kernels compiled on the other"
+                " devices do not apply there: serve each device's engines in a session of their own.",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        gpu = cache.gpu_at(device)
+        if device != current:
+            warn(
+                f"The TensorRT engines run on cuda:{device} (GPU {gpu.id}), but this process's current CUDA device"
+                f" is cuda:{current}: the kernel cache file and its record follow the engines' device. Call"
+                f" torch.cuda.set_device({device}) before compiling and serving so that both agree (torchrun:"
+                " torch.cuda.set_device(int(os.environ['LOCAL_RANK']))).",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        if self._gpu is not None and self._gpu != gpu and self.cache is not None:
+            warn(
+                f"The kernel cache {self.cache.path} was opened for the current device (GPU {self._gpu.id}) before"
+                f" the engines existed, but they run on cuda:{device} (GPU {gpu.id}): their kernels are saved"
+                f" under GPU {self._gpu.id}'s name. Call torch.cuda.set_device({device}) before engines_created().",
+                rank=self.ranks.rank,
+                once=True,
+            )
+        self._gpu = gpu
+        return gpu
+
     def _open_cache(self) -> None:
         if self._cache_opened:
             return
@@ -284,30 +334,46 @@ class ServingSession:
         template = self.settings.runtime_cache
         if template is None:
             return
-        placement = cache.Placement.current(**vars(self.ranks))
+        placement = cache.Placement.current(
+            self.ranks.rank, self.ranks.local_rank, self.ranks.node_rank, self.ranks.world_size, gpu=self._locate()
+        )
         template = self._template_for_this_job(template, placement)
         self.cache = cache.RunCache(template, placement)
         self.figures.gpu = placement.gpu.id
         self.figures.cache = self.cache.stats
 
     def _template_for_this_job(self, template: str, placement: cache.Placement) -> str:
-        """The template this rank uses: one naming ``{gpu}`` gives ranks that share one GPU a file each
-        (``one_per_rank``); a template that gives several ranks one file is warned about."""
-        if placement.world_size == 1:
+        """The template this rank uses, decided without asking the other ranks (no collective: a session
+        may be opened on some ranks only). One naming ``{gpu}`` gives ranks that share one GPU a file
+        each (``one_per_rank``); a template that gives several ranks one file is warned about."""
+        if placement.world_size == 1 or cache.is_per_rank(template):
             return template
-        peers = _gather((placement.gpu.uuid, placement.resolve(template)))
-        if peers is None:  # no process group: judge by the template alone
-            if not cache.is_per_rank(template) and "gpu" not in cache.template_fields(template):
-                self._warn_shared_file(template, placement)
-            return template
-        gpus = [gpu for gpu, _ in peers]
-        fields = cache.template_fields(template)
-        if "gpu" in fields and not cache.is_per_rank(template) and gpus.count(placement.gpu.uuid) > 1:
-            return cache.one_per_rank(template)
-        paths = [path for _, path in peers]
-        if len(set(paths)) < len(paths):
+        fields = set(cache.template_fields(template))
+        local_world = self._local_world_size()
+        if "gpu" in fields:
+            return cache.one_per_rank(template) if self._shares_gpu(local_world) else template
+        one_node = local_world == placement.world_size
+        if not ("local_rank" in fields and one_node) and not (fields & {"host", "node_rank"} and local_world == 1):
             self._warn_shared_file(template, placement)
         return template
+
+    def _local_world_size(self) -> int:
+        """How many ranks of this job run on this node: the Trainer's devices, else ``LOCAL_WORLD_SIZE``
+        (torchrun sets it), else the world size (one node)."""
+        if self._local_devices is not None:
+            return len(self._local_devices)
+        try:
+            return int(os.environ["LOCAL_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            return self.ranks.world_size
+
+    def _shares_gpu(self, local_world: int) -> bool:
+        """Whether another rank of this job may run on this rank's GPU: Lightning's device list says so
+        exactly; without a Trainer, more ranks on this node than GPUs it sees (then every rank of the
+        node gets its own file, which seeds from the others' files filled on the same GPU)."""
+        if self._local_devices is not None and self.ranks.local_rank < len(self._local_devices):
+            return self._local_devices.count(self._local_devices[self.ranks.local_rank]) > 1
+        return local_world > max(cache.visible_gpus(), 1)
 
     def _warn_shared_file(self, template: str, placement: cache.Placement) -> None:
         warn(
@@ -340,13 +406,54 @@ class ServingSession:
         if self.graphs is not None:
             self.graphs.close()
 
+    # --- uploads ahead of the engine ---------------------------------------------------------------
+
+    def upload_ahead(
+        self,
+        batches: Iterable[Any],
+        device: torch.device | str | int | None = None,
+        depth: int = transfers.DEFAULT_DEPTH,
+    ) -> transfers.UploadsAhead:
+        """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
+        :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
+
+            with ServingSession(model, settings) as session:
+                for batch in session.upload_ahead(loader):
+                    model(batch)
+
+        ``device``: default, the current CUDA device.
+        """
+        self._check_open()
+        self._close_uploads()
+        target = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+        self.uploads = transfers.UploadsAhead(batches, target, depth)
+        self.figures.uploads = f"ahead, depth {depth}"
+        return self.uploads
+
+    def uploads_off(self, reason: str) -> None:
+        """Record why this run's batches are not uploaded ahead (for the figures)."""
+        self.figures.uploads = f"off: {reason}"
+
+    def _close_uploads(self) -> None:
+        uploads, self.uploads = self.uploads, None
+        if uploads is None:
+            return
+        uploads.close()
+        stats = uploads.stats
+        staged = stats["staged_bytes"] + stats["pinned_bytes"]
+        pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if stats["pinned_bytes"] else ""
+        how = {"thread": ", own thread", "loop": ""}.get(stats["mode"], "")
+        self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{pinned}"
+
     # --- timing --------------------------------------------------------------------------------
 
-    def loop_started(self) -> None:
+    def loop_started(self, cuda: bool | None = None) -> None:
+        """A loop's batches start: timing (and, on a GPU, the steps' GPU time) starts over.
+        ``cuda``: whether the loop runs on a GPU (default: whether one is available)."""
         self._between_loops = False
         if self.stable is not None:
             self.stable.resume()
-        self._timer.start()
+        self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
 
     def batch_started(self, batch: Any = None) -> None:
         """Call before each batch (the callbacks do), with the batch: under ``"auto"`` a batch of a new
@@ -366,6 +473,7 @@ class ServingSession:
             self.auto.batch_ended()
 
     def loop_ended(self) -> None:
+        self._close_uploads()
         self._timer.end()
         if self.auto is not None:
             self.auto.loop_ended()
@@ -380,6 +488,7 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
+        self._close_uploads()
         self.close_graphs()
         if self.auto is not None:
             self.figures.auto = self.auto.describe()
@@ -534,27 +643,55 @@ def _shape_key(batch: Any) -> Any:
 
 
 class _BatchTimer:
-    """First-batch and steady per-batch time, synchronised with the GPU only at the two edges."""
+    """First-batch and steady per-batch time, synchronised with the GPU only at the two edges; on a
+    GPU also the GPU time of each steady step (CUDA events at its start and end, read in arrears)."""
+
+    _FOLD_AFTER = 64  # pairs of events kept before the oldest (long finished) are read and dropped
 
     def __init__(self, figures: RankFigures) -> None:
         self.figures = figures
         self._batch_start = 0.0
         self._first_batch_end = 0.0
+        self._events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._start_event: torch.cuda.Event | None = None
+        self._gpu_ms = 0.0
+        self._gpu_steps = 0
+        self._cuda = False
 
-    def start(self) -> None:
+    def start(self, cuda: bool = False) -> None:
         self.figures.batches, self.figures.first_batch_ms, self.figures.mean_batch_ms = 0, 0.0, 0.0
+        self.figures.step_gpu_ms = 0.0
+        self._events.clear()
+        self._gpu_ms, self._gpu_steps = 0.0, 0
+        self._cuda = cuda and torch.cuda.is_available()
 
     def batch_started(self) -> None:
         self._batch_start = time.perf_counter()
+        if self._cuda and self.figures.batches >= 1:  # steady batches only
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
 
     def batch_ended(self) -> None:
         figures = self.figures
         figures.batches += 1
+        if self._start_event is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start_event, end))
+            self._start_event = None
+            if len(self._events) > self._FOLD_AFTER:
+                self._fold(self._events.popleft())
         if figures.batches == 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self._first_batch_end = time.perf_counter()
             figures.first_batch_ms = (self._first_batch_end - self._batch_start) * 1e3
+
+    def _fold(self, pair: tuple[torch.cuda.Event, torch.cuda.Event]) -> None:
+        start, end = pair
+        end.synchronize()
+        self._gpu_ms += start.elapsed_time(end)
+        self._gpu_steps += 1
 
     def end(self) -> None:
         figures = self.figures
@@ -564,12 +701,9 @@ class _BatchTimer:
             figures.mean_batch_ms = (time.perf_counter() - self._first_batch_end) * 1e3 / (figures.batches - 1)
         elif figures.batches == 1:
             figures.mean_batch_ms = figures.first_batch_ms
+        while self._events:
+            self._fold(self._events.popleft())
+        self._start_event = None
+        if self._gpu_steps:
+            figures.step_gpu_ms = self._gpu_ms / self._gpu_steps
 
-
-def _gather(value: Any) -> list[Any] | None:
-    """Every rank's ``value`` (one collective), or None without an initialised process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered

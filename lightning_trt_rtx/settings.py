@@ -36,6 +36,20 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name} {value!r}. Valid choices: {valid}.{hint}")
 
 
+def _check_not_a_keyword(runtime_cache: Any) -> None:
+    """``"DEFAULT"``, ``"None"``, ``"null"``: a bare name that spells a choice in another form would be a
+    file of that name in the working directory, surely not what was meant."""
+    if not isinstance(runtime_cache, (str, os.PathLike)):
+        return
+    text = os.fspath(runtime_cache)
+    if isinstance(text, str) and text != DEFAULT_CACHE and text.strip().lower() in (DEFAULT_CACHE, "none", "null"):
+        raise ValueError(
+            f"Invalid runtime_cache {text!r}: that would be a file named {text.strip()!r} in the working directory."
+            f" Valid choices: {DEFAULT_CACHE!r} (one file per GPU under the default cache directory), None (YAML:"
+            " null) for no cache, or a path template (e.g. './kernels/{gpu}.bin')."
+        )
+
+
 @dataclass(frozen=True)
 class TRTSettings:
     """TensorRT-RTX runtime settings for every engine of a model.
@@ -52,7 +66,8 @@ class TRTSettings:
             ``{local_rank}``, ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}`` and ``{host}``;
             the default gives each GPU its own file under a directory keyed by GPU architecture and
             TensorRT-RTX/CUDA versions. An fsspec URL (``s3://...``) works too. ``"default"`` names
-            the default template.
+            the default template (exactly: ``"DEFAULT"``, ``"None"`` or ``"null"`` are rejected, not
+            taken as file names).
     """
 
     cuda_graph_strategy: CudaGraphStrategy = "disabled"
@@ -66,6 +81,7 @@ class TRTSettings:
             self.dynamic_shapes_kernel_specialization_strategy,
             KERNEL_STRATEGIES,
         )
+        _check_not_a_keyword(self.runtime_cache)
         if isinstance(self.runtime_cache, (str, os.PathLike)) and os.fspath(self.runtime_cache) == DEFAULT_CACHE:
             # resolved at construction, so LIGHTNING_TRT_RTX_CACHE_DIR set after import still counts
             object.__setattr__(self, "runtime_cache", cache.default_template())

@@ -272,6 +272,9 @@ def test_state_dict_records_settings():
         (dict(runtime_cache="/c/{device}.bin"), ValueError, r"Valid placeholders: \{gpu\}, \{rank\}"),
         (dict(runtime_cache="/c/{rank.bin"), ValueError, r"Malformed cache path template"),
         (dict(runtime_cache=""), ValueError, r"pass None"),
+        (dict(print_table="yes"), TypeError, r"print_table must be True or False; got str 'yes'"),
+        (dict(print_table=1), TypeError, r"print_table must be True or False; got int 1"),
+        (dict(print_table=None), TypeError, r"print_table must be True or False"),
     ],
 )
 def test_settings_callback_rejects_invalid_arguments(kwargs, error, match):

@@ -371,6 +371,42 @@ def test_clear_reports_a_file_it_cannot_remove(gpu_root, capsys, monkeypatch):
     assert files_under(gpu_root) == {"README", f"{KEY}/notes.txt", f"{KEY}/rank0.bin"}
 
 
+def test_clear_on_a_read_only_root_reports_the_failure_not_no_files(gpu_root, capsys, monkeypatch):
+    """os.remove fails with EROFS for every file: the run says what it could not remove and exits 1 (it said
+    "no cache files" and exited 1). A real read-only mount: the next test."""
+
+    def remove(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", path)
+
+    before = files_under(gpu_root)
+    monkeypatch.setattr(os, "remove", remove)
+    assert main(["cache", "clear", str(gpu_root)]) == EXIT_INVALID
+    captured = capsys.readouterr()
+    assert "no cache files" not in captured.out and "removed" not in captured.out
+    assert f"could not remove {gpu_root / KEY / 'gpu-3b6d1a2c.bin'}: Read-only file system" in captured.err
+    assert f"error: could not remove 8 file(s) under {gpu_root} (see above); they are still there" in captured.err
+    assert files_under(gpu_root) == before
+
+
+def test_clear_on_a_real_read_only_mount(gpu_root):
+    """``cache clear`` in a mount namespace where the root is bind-mounted read-only (unshare, no root needed)."""
+    root = str(gpu_root)
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False) if os.path.exists(
+        "/usr/bin/unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no unshare -rm (user and mount namespaces) on this host")
+    before = files_under(gpu_root)
+    clear = f'"{sys.executable}" -m lightning_trt_rtx cache clear "{root}"'
+    script = f'mount --bind -o ro "{root}" "{root}" && exec {clear}'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.returncode == EXIT_INVALID, proc.stderr
+    assert "Read-only file system" in proc.stderr and "no cache files" not in proc.stdout
+    assert f"error: could not remove 8 file(s) under {root}" in proc.stderr
+    assert files_under(gpu_root) == before
+
+
 @pytest.mark.parametrize("gpu", ["3b6d1a2", "3b6d1a2cz", "xyz", "", "GPU-", "3b6d1a2c-0000"])
 def test_clear_bad_gpu_id(gpu, gpu_root, capsys):
     before = files_under(gpu_root)
@@ -450,6 +486,27 @@ def test_bad_usage(argv, names, capsys):
     err = capsys.readouterr().err
     assert "usage: lightning-trt-rtx" in err and "error:" in err
     assert names in err  # the error or its usage line names what is valid
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    import torch
+
+    from lightning_trt_rtx import __version__, _backend
+
+    assert main(["--version"]) == EXIT_OK
+    out = capsys.readouterr().out.strip()
+    trt = _backend.installed_distribution()
+    assert out == (
+        f"lightning-trt-rtx {__version__} (torch {metadata.version('torch')}, {trt} {metadata.version(trt)},"
+        f" lightning {metadata.version('lightning')})"
+    )
+    assert torch.__version__.split("+")[0] in out
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, json.dumps(["--version"])], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}  # read without importing them
+    assert proc.stdout.splitlines()[0] == out
 
 
 def test_help_exits_ok(capsys):
@@ -597,6 +654,14 @@ def test_prewarm_without_a_gpu_exits_2(program_file):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("device", ["-1", "-7", "one", "1.5"])
+def test_prewarm_device_below_0_or_not_a_number_exits_2(program_file, capsys, device):
+    assert main(["prewarm", program_file, "--shape", "8x16", "--device", device]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"argument --device: {device!r} is not a CUDA device number: give 0 or more" in err
+    assert "usage: lightning-trt-rtx prewarm" in err
+
+
 def test_cuda_device_names_the_valid_device_numbers(monkeypatch):
     import torch
 
@@ -708,7 +773,7 @@ def test_prewarm_an_engine_error_exits_2_naming_the_shape(program_file, monkeypa
     OnAGpu(monkeypatch, program)
     assert main(["prewarm", program_file, "--shape", "8x16"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "Prewarm call with input shape(s) 8x16 failed: RuntimeError: input shape outside" in err
+    assert "Prewarm call with input shape(s) 8x16 (float16) failed: RuntimeError: input shape outside" in err
 
 
 def test_prewarm_fills_and_saves_this_gpus_cache(program_file, monkeypatch, capsys, tmp_path, real_cache_bytes):

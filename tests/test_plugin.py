@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import signal
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.callbacks import ThroughputMonitor, throughput_monitor
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_trt_rtx import TRTRuntimePrecision, TRTRuntimeSettings, _backend, cache
 from tests.conftest import FAKE_GPU
@@ -127,7 +132,7 @@ def test_plugin_saves_after_keyboard_interrupt(tmp_path, real_cache_bytes, fake_
 def test_plugin_wraps_bf16_mixed(tmp_path):
     model = EngineModel()
     plugin = TRTRuntimePrecision("bf16-mixed", runtime_cache=None)
-    assert isinstance(plugin.inner, MixedPrecision) and plugin.precision == "bf16-mixed"
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
     trainer = make_trainer(tmp_path, plugins=[plugin])
     assert trainer.precision == "bf16-mixed"
     out = trainer.predict(model, predict_loader(batches=1))
@@ -138,7 +143,7 @@ def test_plugin_wraps_bf16_mixed(tmp_path):
 def test_plugin_wraps_a_precision_instance(tmp_path):
     inner = MixedPrecision("bf16-mixed", device="cpu")
     plugin = TRTRuntimePrecision(inner, cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
-    assert plugin.inner is inner
+    assert isinstance(plugin, MixedPrecision) and vars(inner).items() <= vars(plugin).items()  # its state
     model = EngineModel()
     out = make_trainer(tmp_path, plugins=[plugin]).predict(model, predict_loader(batches=1))
     assert out[0].dtype == torch.bfloat16
@@ -263,8 +268,8 @@ class AutocastRecorder(EngineModel):
     """Records the plugin's wrapped precision when the first hook after ``strategy.setup`` runs."""
 
     def on_predict_start(self) -> None:
-        inner = self.trainer.precision_plugin.inner
-        self.inner_at_predict_start = (inner, getattr(inner, "device", None), getattr(inner, "precision", None))
+        plugin = self.trainer.precision_plugin
+        self.at_predict_start = (type(plugin), getattr(plugin, "device", None), plugin.precision, plugin.scaler)
 
 
 def plugin_built_where_cuda_is_available(monkeypatch, precision: str, cuda: bool = True) -> TRTRuntimePrecision:
@@ -277,18 +282,17 @@ def plugin_built_where_cuda_is_available(monkeypatch, precision: str, cuda: bool
 def test_plugin_autocast_device_follows_the_trainers_accelerator(tmp_path, monkeypatch):
     """A CPU Trainer autocasts on "cpu", also where CUDA is available: the device is the accelerator's."""
     plugin = plugin_built_where_cuda_is_available(monkeypatch, "bf16-mixed")
-    guess = plugin.inner
-    assert isinstance(guess, MixedPrecision) and guess.device == "cuda"  # before the Trainer: CUDA was "available"
+    assert isinstance(plugin, MixedPrecision) and plugin.device == "cuda"  # before the Trainer: CUDA was "available"
     assert torch.cuda.is_available() is False  # only the construction saw CUDA
     trainer = make_trainer(tmp_path, plugins=[plugin])
     assert isinstance(trainer.accelerator, CPUAccelerator)
     model = AutocastRecorder()
     out = trainer.predict(model, predict_loader(batches=2))
 
-    inner, device, precision = model.inner_at_predict_start  # rebuilt in convert_module, before any step ran
-    assert inner is plugin.inner and inner is not guess and isinstance(inner, MixedPrecision)
+    cls, device, precision, _ = model.at_predict_start  # built again in convert_module, before any step ran
+    assert cls is type(plugin) and issubclass(cls, MixedPrecision)
     assert (device, precision) == ("cpu", "bf16-mixed")
-    assert plugin.inner.device == "cpu" and plugin.precision == trainer.precision == "bf16-mixed"
+    assert plugin.device == "cpu" and plugin.precision == trainer.precision == "bf16-mixed"
     # predict_step ran under CPU autocast (bf16), not CUDA's, as Trainer(precision="bf16-mixed") runs it
     assert model.seen_autocast == [(True, torch.bfloat16, False)] * 2
     assert [o.dtype for o in out] == [torch.bfloat16] * 2
@@ -323,9 +327,9 @@ def test_plugin_16_mixed_on_a_cpu_trainer_is_bf16_mixed_with_a_warning(
 
     (warning,) = messages.matching("16-mixed")  # once, whether given at construction or at convert_module
     assert "AMP with fp16 is not supported on CPU" in warning and "Using 'bf16-mixed' instead" in warning
-    _, device, precision = model.inner_at_predict_start
-    assert (device, precision) == ("cpu", "bf16-mixed")
-    assert isinstance(plugin.inner, MixedPrecision) and plugin.inner.scaler is None
+    _, device, precision, scaler = model.at_predict_start
+    assert (device, precision, scaler) == ("cpu", "bf16-mixed", None)
+    assert isinstance(plugin, MixedPrecision) and plugin.scaler is trainer.scaler is None
     assert base_trainer.precision_plugin.scaler is None
     assert plugin.precision == trainer.precision == base_trainer.precision == "bf16-mixed"
     assert model.seen_autocast == baseline.seen_autocast == [(True, torch.bfloat16, False)] * 2
@@ -375,3 +379,151 @@ def test_plugin_with_callback_validating_inside_fit_reports_and_saves_once(
     (report,) = reports(messages)  # the callback's table; the plugin's one-line summary is not printed
     assert report.startswith(f"{REPORT} (whole_graph_capture):")
     assert str(tmp_path / "r0.bin") in report
+
+
+# --- Lightning's own components see the wrapped precision ---------------------------------------------
+
+
+class MetricsLogger(Logger):
+    """A Lightning logger keeping every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append(dict(metrics))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class WithFlops(EngineModel):
+    flops_per_batch = 1000
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32), ("16-mixed-instance", torch.float16)],
+)
+def test_throughput_monitor_computes_for_the_wrapped_dtype(tmp_path, monkeypatch, precision, dtype):
+    """ThroughputMonitor asks for the available FLOPs of the wrapped precision's dtype (it asked for
+    float32 when the plugin hid its precision), as it does for the plain precision, and logs its figures."""
+    asked: list[torch.dtype] = []
+    available_flops = throughput_monitor.get_available_flops
+
+    def spy(device: torch.device, dtype: torch.dtype) -> int | None:
+        asked.append(dtype)
+        return available_flops(device, dtype)  # the real answer (None on CPU)
+
+    monkeypatch.setattr(throughput_monitor, "get_available_flops", spy)
+
+    def run(plugin: Precision) -> list[dict[str, float]]:
+        logger = MetricsLogger()
+        trainer = make_trainer(
+            tmp_path, [ThroughputMonitor(batch_size_fn=len)], plugins=[plugin], logger=logger, log_every_n_steps=1
+        )
+        trainer.predict(WithFlops(), predict_loader(batches=3))
+        return logger.metrics
+
+    def plain() -> Precision:
+        if precision == "16-mixed-instance":
+            return MixedPrecision("16-mixed", device="cpu")
+        return Precision() if precision == "32-true" else MixedPrecision(precision, device="cpu")  # type: ignore[arg-type]
+
+    wrapped = TRTRuntimePrecision(plain() if precision == "16-mixed-instance" else precision, runtime_cache=None)
+    assert throughput_monitor._plugin_to_compute_dtype(wrapped) is dtype
+    logged = run(wrapped)
+    baseline = run(plain())
+    assert asked == [dtype, dtype]
+    assert [sorted(m) for m in logged] == [sorted(m) for m in baseline]
+    assert [m["predict/samples"] for m in logged] == [2, 4, 6]
+
+
+def test_trainer_scaler_is_the_wrapped_grad_scaler_and_checkpoints_move_both_ways(tmp_path):
+    """``trainer.scaler`` is the wrapped precision's GradScaler and steps exactly as without the plugin; its
+    state is filed under ``MixedPrecision`` in a checkpoint, so a run resumes from either one.
+
+    fp16 AMP with a GradScaler on CPU: Lightning's connector turns ``Trainer(accelerator="cpu",
+    precision="16-mixed")`` into bf16-mixed (no scaler), but runs a ``MixedPrecision("16-mixed", "cpu")``
+    plugin as given, with a CPU GradScaler. ``TRTRuntimePrecision("16-mixed")`` on a GPU Trainer:
+    ``tests/gpu/test_gpu_plugin.py``."""
+
+    def fit(plugin: Precision, name: str, **kwargs: Any) -> tuple[Any, EngineModel]:
+        torch.manual_seed(0)
+        model = EngineModel(engines_in="none")  # engines cannot be restored from a checkpoint without CUDA
+        trainer = make_trainer(tmp_path / name, plugins=[plugin], max_steps=3, **kwargs)
+        assert isinstance(trainer.scaler, torch.amp.GradScaler) and trainer.scaler is plugin.scaler
+        trainer.fit(model, predict_loader(batches=3))
+        trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
+        return trainer, model
+
+    base_trainer, base_model = fit(MixedPrecision("16-mixed", device="cpu"), "plain")
+    plugin = TRTRuntimePrecision(MixedPrecision("16-mixed", device="cpu"), runtime_cache=None)
+    trainer, model = fit(plugin, "wrapped")
+    assert trainer.precision == base_trainer.precision == "16-mixed"
+    assert trainer.scaler.state_dict() == base_trainer.scaler.state_dict()
+    assert trainer.scaler.get_scale() < 2.0**16  # the scaler ran: it backed off from its initial scale
+    assert torch.equal(model.linear.weight, base_model.linear.weight)
+    saved = torch.load(tmp_path / "wrapped.ckpt", weights_only=False)
+    base_saved = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    assert saved["MixedPrecision"] == base_saved["MixedPrecision"] == base_trainer.scaler.state_dict()
+
+    # resume: each run's scaler state reaches the other kind of plugin
+    for ckpt, fresh in [
+        ("plain.ckpt", TRTRuntimePrecision(MixedPrecision("16-mixed", device="cpu"), runtime_cache=None)),
+        ("wrapped.ckpt", MixedPrecision("16-mixed", device="cpu")),
+    ]:
+        assert fresh.scaler.get_scale() == 2.0**16
+        resumed = make_trainer(tmp_path / "resumed", plugins=[fresh], max_steps=3)
+        resumed.fit(EngineModel(engines_in="none"), predict_loader(batches=3), ckpt_path=str(tmp_path / ckpt))
+        assert fresh.scaler.state_dict() == base_trainer.scaler.state_dict()
+
+
+def test_fsdp_strategy_precision_check_accepts_a_wrapped_fsdp_precision():
+    """FSDPStrategy takes only an FSDPPrecision (its precision_plugin setter checks the type; a Trainer with
+    FSDP needs a GPU, the strategy itself does not): the plugin wrapping one passes, wrapping another
+    precision fails as that precision does, and the strategy reads the wrapped precision's config."""
+    plain = FSDPPrecision("bf16-mixed")
+    plugin = TRTRuntimePrecision(FSDPPrecision("bf16-mixed"), runtime_cache=None)
+    assert isinstance(plugin, FSDPPrecision) and plugin.precision == "bf16-mixed"
+    strategy = FSDPStrategy(precision_plugin=plugin)
+    assert strategy.precision_plugin is plugin
+    config, base_config = strategy.mixed_precision_config, FSDPStrategy(precision_plugin=plain).mixed_precision_config
+    assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (
+        base_config.param_dtype, base_config.reduce_dtype, base_config.buffer_dtype
+    ) == (torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    for rejected in (MixedPrecision("bf16-mixed", device="cpu"), TRTRuntimePrecision("bf16-mixed", runtime_cache=None)):
+        with pytest.raises(TypeError, match="FSDP strategy can only work with the `FSDPPrecision` plugin"):
+            FSDPStrategy(precision_plugin=rejected)
+
+
+def test_the_plugin_pickles_as_the_class_it_is(tmp_path):
+    plugin = TRTRuntimePrecision(
+        MixedPrecision("16-mixed", device="cpu"), cuda_graph_strategy="whole_graph_capture", runtime_cache=None
+    )
+    for copied in (pickle.loads(pickle.dumps(plugin)), copy.deepcopy(plugin)):
+        assert type(copied) is type(plugin) and isinstance(copied, (TRTRuntimePrecision, MixedPrecision))
+        assert copied.settings == plugin.settings and copied.precision == "16-mixed"
+        assert copied.scaler.state_dict() == plugin.scaler.state_dict() and copied.scaler is not plugin.scaler
+    assert "TRTRuntimePrecision(MixedPrecision('16-mixed')" in repr(plugin)
+
+
+def test_a_subclass_of_the_plugin_is_composed_too(tmp_path):
+    class Mine(TRTRuntimePrecision):
+        pass
+
+    plugin = Mine("bf16-mixed", runtime_cache=None)
+    assert isinstance(plugin, Mine) and isinstance(plugin, MixedPrecision)
+    assert type(plugin) is type(Mine("bf16-mixed", runtime_cache=None))  # one class per pair
+    assert type(TRTRuntimePrecision(runtime_cache=None)) is TRTRuntimePrecision  # "32-true": Precision already
+    out = make_trainer(tmp_path, plugins=[plugin]).predict(EngineModel(), predict_loader(batches=1))
+    assert out[0].dtype == torch.bfloat16

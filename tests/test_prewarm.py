@@ -202,7 +202,7 @@ def test_a_failing_call_names_its_shape_and_the_settings_still_come_back(fake_gp
     log: list[dict[str, Any]] = []
     model = Probe(log, fail_at=(3, 16))
     with ServingSession(model, TRTSettings()) as session:
-        failed = "input shape.s. 3x16 failed: RuntimeError: the engine rejects"
+        failed = r"input shape.s. 3x16 \(float32\) failed: RuntimeError: the engine rejects this shape$"
         with pytest.raises(PrewarmError, match=failed) as raised:
             session.prewarm(example_inputs(["8x16", "3x16", "5x16"], "float32"))
         assert raised.value.shape == ((3, 16),) and isinstance(raised.value.__cause__, RuntimeError)
@@ -214,7 +214,7 @@ def test_a_failing_call_names_its_shape_and_the_settings_still_come_back(fake_gp
     assert [entry["shape"] for entry in log] == [((8, 16),), ((3, 16),)]  # stopped at the failing shape
 
 
-def test_without_engines_the_calls_run_and_you_are_told_once(messages):
+def test_without_engines_the_calls_do_not_run_and_you_are_told_once(messages):
     seen: list[tuple[int, ...]] = []
 
     class Plain(nn.Module):
@@ -223,10 +223,63 @@ def test_without_engines_the_calls_run_and_you_are_told_once(messages):
             return x
 
     with ServingSession(Plain(), TRTSettings(runtime_cache=None)) as session:
-        session.prewarm(example_inputs(["2x2", "3x2"], "float32"))
-        session.prewarm([torch.zeros(1, 2)])
-    assert seen == [(2, 2), (3, 2), (1, 2)]
-    assert len(messages.matching("Prewarm: no TensorRT engines under Plain")) == 1  # once per process
+        assert session.prewarm(example_inputs(["2x2", "3x2"], "float32")) == []
+        assert session.prewarm([torch.zeros(1, 2)]) == []
+        assert session.figures.prewarmed == 0
+    assert seen == []  # nothing to compile: the model's own ops did not run on made-up inputs
+    (message,) = messages.matching("Prewarm skipped: no TensorRT engines under Plain")  # once per process
+    assert "its calls did not run" in message
+
+
+class FloatModel(LightningModule):
+    """An fp32 CPU model without engines, as a new user's first try."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(128, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self(batch)
+
+
+@pytest.mark.parametrize("component", ["callback", "plugin"])
+def test_the_readme_prewarm_arguments_on_a_model_without_engines_do_not_break_predict(tmp_path, messages, component):
+    """The README's snippet, float16 shapes, on an fp32 model without engines: predict runs, prewarm says once
+    that it did not run (it made predict raise a dtype error from the model's Linear)."""
+    kwargs = dict(prewarm_shapes=["8x128", "32x128"], prewarm_dtype="float16", prewarm_target=None)
+    if component == "callback":
+        trainer = make_trainer(tmp_path, [TRTRuntimeSettings(**kwargs)])
+    else:
+        trainer = make_trainer(tmp_path, plugins=[TRTRuntimePrecision(**kwargs)])
+    loader = torch.utils.data.DataLoader(torch.randn(12, 128), batch_size=4)
+    out = trainer.predict(FloatModel(), loader)
+    assert [o.shape for o in out] == [(4, 2)] * 3 and all(o.dtype is torch.float32 for o in out)
+    assert len(messages.matching("Prewarm skipped: no TensorRT engines under FloatModel")) == 1
+    assert not [m for m in messages.infos if m.startswith("TensorRT-RTX prewarm")]
+
+
+def test_a_prewarm_dtype_the_model_refuses_names_both_dtypes(tmp_path, fake_gpu):
+    """With engines the calls run: fp16 examples into an fp32 model fail with a message naming the dtypes
+    the model takes and the valid names, not only the model's own error from deep inside."""
+
+    class WithEngines(FloatModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trt = nn.Sequential(ttm("e0"))  # a compiled attribute: engines to prewarm (engine-less here)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    callback = TRTRuntimeSettings(prewarm_shapes=["8x128"], prewarm_dtype="float16", prewarm_target="forward")
+    with pytest.raises(PrewarmError) as raised:
+        make_trainer(tmp_path, [callback]).predict(WithEngines(), predict_loader(features=128))
+    text = str(raised.value)
+    assert text.startswith("Prewarm call with input shape(s) 8x128 (float16) failed: RuntimeError:")
+    assert "The example inputs were float16 and WithEngines's parameters are float32" in text
+    assert "prewarm_dtype" in text and "valid names: float16, half, bfloat16, float32, int64, int32" in text
 
 
 def test_prewarm_needs_an_open_session_with_a_module(fake_gpu):

@@ -1,7 +1,8 @@
 """``ServingSession``, the public entry point for jobs without a Trainer: its whole lifecycle on CPU.
 
 Real ``torch_tensorrt`` objects (engine-less ``TorchTensorRTModule``s, a real ``RuntimeCache`` handle),
-real cache files and records under a per-test directory, real processes and a real gloo process group.
+real cache files and records under a per-test directory (the two-process gloo cases are in
+``tests/test_ranks.py``).
 Only what needs a GPU is faked, at our own boundary: the GPU identity (``cache.current_gpu``, the
 ``fake_gpu`` fixture), the kernels a run compiled (``RunCache.serialize`` returns the real bytes of
 ``tests/data/rtx-1.6.1-sm90.bin``: on CPU nothing is compiled) and upstream's ``setup_engine`` (it needs a
@@ -10,12 +11,8 @@ real engine) for ``engines_created``.
 
 from __future__ import annotations
 
-import datetime
-import json
+import dataclasses
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -24,9 +21,6 @@ from torch import nn
 from lightning_trt_rtx import ServingSession, TRTSettings, cache
 from lightning_trt_rtx.session import Ranks
 from tests.conftest import FAKE_GPU, OTHER_GPU
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_TIMEOUT_S = 120
 
 
 @pytest.fixture
@@ -283,16 +277,45 @@ def test_engines_created_without_a_cache(trt, TTM, monkeypatch):
 # --- ranks --------------------------------------------------------------------------------------------
 
 
-def test_ranks_from_arguments(TTM, fake_gpu, compiled_kernels, messages):
+@pytest.mark.parametrize(
+    ("gpus", "local_world_size", "shared"),
+    [(2, None, False), (1, None, True), (4, "4", False), (2, "4", True), (1, "1", False)],
+    ids=["2-gpus", "1-gpu", "torchrun-4-on-4", "torchrun-4-on-2", "torchrun-1-per-node"],
+)
+def test_ranks_from_arguments_share_a_gpu_when_the_node_has_fewer_gpus_than_ranks(
+    TTM, fake_gpu, compiled_kernels, messages, monkeypatch, gpus, local_world_size, shared
+):
+    """Decided on each rank alone (no collective): ranks on this node (``LOCAL_WORLD_SIZE``, else the world
+    size) against the GPUs it sees; ranks that share a GPU get a file each."""
+    monkeypatch.setattr(cache, "visible_gpus", lambda: gpus)  # the GPU count, faked at our boundary
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     model, _ = engine_tree(TTM)
     with ServingSession(model, rank=1, local_rank=1, world_size=2) as session:
         assert session.ranks == Ranks(rank=1, local_rank=1, node_rank=0, world_size=2)
         assert session.cache.placement.rank == 1 and session.cache.placement.world_size == 2
     assert session.figures.rank == 1
-    # no process group says the ranks share a GPU: the default per-GPU file
-    assert session.figures.cache_path == default_file(fake_gpu)
-    assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert session.figures.cache_path == default_file(fake_gpu, shared_gpu=shared, rank=1)
+    assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}{'-rank1' if shared else ''}.bin"
     assert messages.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("template", "local_world_size", "warned"),
+    [("{local_rank}.bin", "2", False), ("{local_rank}.bin", "1", True), ("{host}.bin", "1", False),
+     ("{host}.bin", "2", True), ("{node_rank}-{gpu}.bin", "2", False)],
+)  # fmt: skip
+def test_whether_ranks_share_a_file_is_judged_from_the_template_and_the_node(
+    TTM, fake_gpu, messages, monkeypatch, tmp_path, template, local_world_size, warned
+):
+    monkeypatch.setattr(cache, "visible_gpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=str(tmp_path / template)), rank=0, world_size=2):
+        pass
+    assert len(messages.matching("Several ranks of this job share the kernel cache file")) == int(warned)
 
 
 def test_a_template_that_gives_ranks_one_file_is_warned_about(TTM, fake_gpu, messages, tmp_path):
@@ -342,123 +365,82 @@ def test_serve_and_open_graphs_without_a_module_say_where_to_pass_it():
     assert session.closed
 
 
-# --- a real gloo process group: two processes, ranks from torch.distributed --------------------------
+# --- the GPU the engines run on ------------------------------------------------------------------------
+
+GPU_AT = {0: FAKE_GPU, 1: dataclasses.replace(OTHER_GPU, ordinal=1)}  # cuda:0 and cuda:1 of a two-GPU host
 
 
-def rank_worker(rank: str, out_dir: str, gpus: str) -> None:
-    """One rank (run as ``python -c``): join a gloo group through a file store, serve engine-less modules
-    through sessions that take their ranks from torch.distributed, write what happened to ``rank{r}.json``.
-
-    ``gpus``: ``same`` (both ranks on FAKE_GPU) or ``distinct`` (rank 1 on OTHER_GPU).
-    """
-    import torch.distributed as dist
-
-    from lightning_trt_rtx import _backend
-
-    rank_ = int(rank)
-    gpu = OTHER_GPU if gpus == "distinct" and rank_ == 1 else FAKE_GPU
-    cache.current_gpu = lambda: gpu  # the GPU identity, faked at our boundary
-    with open(os.path.join(ROOT, "tests", "data", "rtx-1.6.1-sm90.bin"), "rb") as f:
-        kernels = f.read()
-    cache.RunCache.serialize = lambda self: kernels  # what the run compiled
-    TTM = _backend.torch_tensorrt().dynamo.runtime.TorchTensorRTModule
-
-    dist.init_process_group(
-        "gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank_, world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    report: dict = {"sessions": []}
-    try:
-        for given in ({}, {"rank": rank_, "local_rank": rank_, "world_size": 2}):
-            model, engines = engine_tree(TTM)
-            priors = [e.runtime_settings for e in engines]
-            with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture"), **given) as session:
-                # both ranks have loaded before either saves: a rank that loads after the other's save
-                # rightly seeds from that file, which would make the first session's source a race
-                dist.barrier()
-                handles = {id(e.runtime_settings.runtime_cache) for e in engines}
-                served = {
-                    "ranks": vars(session.ranks),
-                    "one_handle": handles == {id(session.cache.handle)},
-                    "strategies": sorted({e.runtime_settings.cuda_graph_strategy for e in engines}),
-                }
-            figures = session.figures
-            served.update(
-                rank=figures.rank,
-                gpu=figures.gpu,
-                engines=figures.engines,
-                cache_source=figures.cache_source,
-                cache_path=figures.cache_path,
-                saved_bytes=figures.saved_bytes,
-                restored=all(e.runtime_settings is p for e, p in zip(engines, priors)),
-            )
-            report["sessions"].append(served)
-            dist.barrier()  # both ranks' saves are done before the next session loads
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank_}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f)
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A host with two GPUs whose current device is cuda:0: faked at our boundary (``cache.current_device``,
+    ``cache.gpu_at``); ``current_gpu`` and ``Placement.current`` go through them."""
+    monkeypatch.setattr(cache, "current_device", lambda: 0)
+    monkeypatch.setattr(cache, "gpu_at", lambda ordinal: GPU_AT[ordinal])
+    monkeypatch.setattr(cache, "visible_gpus", lambda: 2)
 
 
-def run_two_ranks(out_dir, gpus: str) -> dict[int, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    code = "import sys; from tests.test_session import rank_worker; rank_worker(*sys.argv[1:])"
-    procs = []
-    for rank in (0, 1):
-        log = open(out_dir / f"rank{rank}.log", "w")
-        rank_env = dict(env, LOCAL_RANK=str(rank))  # as torchrun sets it; rank and world size come from the group
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, "-c", code, str(rank), str(out_dir), gpus],
-                    cwd=ROOT, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                ),  # fmt: skip
-                log,
-            )
+def engines_on(trt, *devices: int) -> nn.Module:
+    """Real TorchTensorRTModules compiled "for" ``cuda:N`` (lazily initialised: on CPU their engine bytes
+    are never deserialized), as ``torch_tensorrt.compile(model.to(f"cuda:{N}"), ...)`` makes them."""
+    from torch_tensorrt.dynamo._settings import CompilationSettings
+
+    return nn.Sequential(
+        *(
+            trt.dynamo.runtime.TorchTensorRTModule(
+                serialized_engine=b"engine", name=f"e{i}",
+                settings=CompilationSettings(device=trt.Device(gpu_id=d), lazy_engine_init=True),
+            )  # fmt: skip
+            for i, d in enumerate(devices)
         )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    codes = []
-    for proc, log in procs:
-        try:
-            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            codes.append(proc.wait())
-        finally:
-            log.close()
-    logs = "\n".join(f"--- rank {r}\n" + (out_dir / f"rank{r}.log").read_text()[-3000:] for r in (0, 1))
-    assert codes == [0, 0], logs
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)}
+    )
 
 
-def test_two_processes_take_their_ranks_from_a_gloo_group_and_share_a_gpu(tmp_path, real_cache_bytes):
-    reports = run_two_ranks(tmp_path, "same")
-    root = os.environ[cache.CACHE_DIR_ENV]
-    for rank, report in reports.items():
-        first, second = report["sessions"]
-        for session in (first, second):  # from torch.distributed, then from arguments: the same
-            assert session["ranks"] == {"rank": rank, "local_rank": rank, "node_rank": 0, "world_size": 2}
-            assert session["rank"] == rank and session["gpu"] == FAKE_GPU.id and session["engines"] == 4
-            assert session["one_handle"] and session["strategies"] == ["whole_graph_capture"] and session["restored"]
-            # both ranks on one GPU (the group says so): one default file each, per GPU and rank
-            assert os.path.basename(session["cache_path"]) == f"gpu-{FAKE_GPU.id}-rank{rank}.bin"
-            assert session["cache_path"].startswith(root) and session["saved_bytes"] == len(real_cache_bytes)
-        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
-    assert reports[0]["sessions"][0]["cache_path"] != reports[1]["sessions"][0]["cache_path"]
-    for rank in (0, 1):
-        path = reports[rank]["sessions"][0]["cache_path"]
-        with open(path, "rb") as f:
-            assert f.read() == real_cache_bytes
-        assert cache.read_record(path).gpu_uuid == FAKE_GPU.uuid
+def test_the_cache_file_and_its_record_follow_the_engines_device_not_the_current_one(
+    trt, two_gpus, compiled_kernels, messages
+):
+    # a torchrun rank that moved its model with .to("cuda:1") without torch.cuda.set_device(1)
+    with ServingSession(engines_on(trt, 1, 1)) as session:
+        pass
+    gpu = GPU_AT[1]
+    assert session.figures.gpu == gpu.id == f"{gpu.uuid.replace('-', '')[:8]}-1"
+    assert os.path.basename(session.figures.cache_path) == f"gpu-{gpu.id}.bin"
+    record = cache.read_record(session.figures.cache_path)
+    assert (record.gpu_uuid, record.ordinal) == (gpu.uuid, 1)
+    (warning,) = messages.warnings
+    assert warning.startswith(f"The TensorRT engines run on cuda:1 (GPU {gpu.id}), but this process's current"
+                              " CUDA device is cuda:0: the kernel cache file and its record follow the engines'")
+    assert "torch.cuda.set_device(1)" in warning
+    # the next run on that device loads it warm (the mismatch is said once per process)
+    messages.records.clear()
+    with ServingSession(engines_on(trt, 1)) as session:
+        assert session.figures.cache_source == "warm"
+    assert messages.warnings == []
 
 
-def test_two_processes_on_two_gpus_get_one_file_per_gpu(tmp_path, real_cache_bytes):
-    reports = run_two_ranks(tmp_path, "distinct")
-    for rank, gpu in ((0, FAKE_GPU), (1, OTHER_GPU)):
-        first, second = reports[rank]["sessions"]
-        assert first["rank"] == rank and first["gpu"] == gpu.id
-        assert os.path.basename(first["cache_path"]) == f"gpu-{gpu.id}.bin"
-        assert (first["cache_source"], second["cache_source"]) == ("cold", "warm")
-        assert cache.read_record(first["cache_path"]).gpu_uuid == gpu.uuid
+def test_engines_on_the_current_device_or_that_do_not_say_use_it_quietly(trt, TTM, two_gpus, compiled_kernels,
+                                                                         messages):
+    for model in (engines_on(trt, 0), nn.Sequential(TTM(name="e"))):  # cuda:0; an engine-less module
+        with ServingSession(model) as session:
+            pass
+        assert session.figures.gpu == FAKE_GPU.id
+        assert os.path.basename(session.figures.cache_path) == f"gpu-{FAKE_GPU.id}.bin"
+    assert messages.warnings == []
+
+
+def test_engines_on_several_devices_are_served_on_the_first_and_warned_about(trt, two_gpus, messages):
+    with ServingSession(engines_on(trt, 1, 0), TRTSettings(runtime_cache=None)) as session:
+        pass
+    assert session.figures.gpu == FAKE_GPU.id
+    (warning,) = messages.matching("on several devices")
+    assert "(cuda:0, cuda:1)" in warning and "follows cuda:0" in warning
+
+
+def test_a_cache_opened_before_the_engines_existed_says_when_they_run_elsewhere(trt, two_gpus, compiled_kernels,
+                                                                               messages):
+    with ServingSession(settings=TRTSettings()) as session:
+        with session.engines_created():  # the cache opens here, for the current device
+            model = engines_on(trt, 1)
+        session.serve(model)
+    assert session.figures.cache_path.endswith(f"gpu-{FAKE_GPU.id}.bin")
+    (warning,) = messages.matching("before the engines existed")
+    assert f"GPU {FAKE_GPU.id}" in warning and "cuda:1" in warning and "before engines_created()" in warning

@@ -206,6 +206,26 @@ def test_wrong_type(kwargs):
         TRTSettings(**kwargs)
 
 
+@pytest.mark.parametrize("keyword", ["DEFAULT", "Default", " default", "None", "none", "NULL", "null"])
+def test_a_keyword_in_another_form_is_not_taken_as_a_file_name(keyword, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as err:
+        TRTSettings(runtime_cache=keyword)
+    message = str(err.value)
+    assert f"Invalid runtime_cache {keyword!r}" in message and "a file named" in message
+    assert "Valid choices: 'default'" in message and "None (YAML: null)" in message and "path template" in message
+    with pytest.raises(ValueError, match="Valid choices: 'default'"):
+        TRTSettings(runtime_cache=pathlib.Path(keyword))
+    if keyword.strip() not in ("default", "null", "NULL"):  # YAML's null is None; its "None", "DEFAULT" strings
+        with pytest.raises(ValueError, match="Valid choices: 'default'"):
+            TRTSettings.from_yaml(f"runtime_cache: {keyword.strip()}\n")
+    # the keyword itself, and paths that only contain such a name, stay valid
+    assert TRTSettings(runtime_cache="default").runtime_cache == cache.default_template()
+    assert TRTSettings(runtime_cache=f"./{keyword.strip()}").runtime_cache == f"./{keyword.strip()}"
+    assert TRTSettings(runtime_cache=f"{keyword.strip()}.bin").runtime_cache == f"{keyword.strip()}.bin"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_key_names_valid_keys():
     with pytest.raises(TypeError) as err:
         TRTSettings.from_dict({"cuda_graphs": "whole_graph_capture", "runtime_cache": None})

@@ -164,3 +164,37 @@ def test_corrupt_file_detection_matches_what_tensorrt_rejects(conv_program, tmp_
     print("\n(ours, TensorRT) per variant:", verdicts)
     assert all(ours == theirs for ours, theirs in verdicts.values()), verdicts
     assert verdicts["valid"] == (True, True)
+
+
+# --- the device the engines run on (issue 21, item 2) -------------------------------------------------
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_engines_say_the_device_they_run_on(conv_program):
+    path, _ = conv_program
+    compiled = compile_trt(TwoBlocks(), torch.randn(8, 64, device="cuda"), graph_break=True)
+    engines = find_engines(compiled) + find_engines(load_program(path))
+    assert {e.kind for e in engines} == {"module", "bare"}
+    assert [_backend.engine_device(e.obj) for e in engines] == [torch.cuda.current_device()] * len(engines)
+
+
+@run_if(min_cuda_gpus=2, rtx=True)
+def test_a_model_compiled_on_cuda1_gets_gpu1s_cache_file_while_cuda0_is_current(tmp_path, messages):
+    import torch_tensorrt
+
+    from lightning_trt_rtx import ServingSession
+
+    x = torch.randn(8, 64, device="cuda:1")
+    with torch.cuda.device(1):
+        compiled = torch_tensorrt.compile(
+            TwoBlocks().to("cuda:1").eval(), ir="dynamo", inputs=[x], min_block_size=1, device="cuda:1"
+        )
+    torch.cuda.set_device(0)  # what a torchrun script that never called set_device runs under
+    with ServingSession(compiled, TRTSettings(runtime_cache=str(tmp_path / "gpu-{gpu}.bin"))) as session:
+        with torch.cuda.device(1):
+            compiled(x)
+    gpu = cache.gpu_at(1)
+    assert session.figures.gpu == gpu.id and session.figures.cache_path == str(tmp_path / f"gpu-{gpu.id}.bin")
+    record = cache.read_record(session.figures.cache_path)
+    assert record is not None and (record.gpu_uuid, record.ordinal) == (gpu.uuid, 1)
+    assert messages.matching("The TensorRT engines run on cuda:1"), messages.warnings

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 
 def make_trainer(tmp_path: Any, callbacks: Any = (), plugins: Any = None, **kwargs: Any) -> Trainer:
-    """A quiet single-process CPU Trainer writing under ``tmp_path``."""
-    return Trainer(
+    """A quiet single-process CPU Trainer writing under ``tmp_path`` (``kwargs`` override the defaults)."""
+    options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -26,10 +26,8 @@ def make_trainer(tmp_path: Any, callbacks: Any = (), plugins: Any = None, **kwar
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        plugins=plugins,
-        **kwargs,
     )
+    return Trainer(callbacks=list(callbacks), plugins=plugins, **{**options, **kwargs})
 
 
 def ttm(name: str) -> nn.Module:

@@ -199,6 +199,14 @@ def expect_runtime_cache(value):
     return None
 
 
+def expect_settings_runtime_cache(value):
+    """TRTSettings' runtime_cache: a keyword in another form ("DEFAULT", "None") is not a file name."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(text, str) and text != "default" and text.strip().lower() in ("default", "none", "null"):
+        return ValueError, ["'default'", "None", "path template"]
+    return expect_runtime_cache(value)
+
+
 def expect_settings(values: Mapping):
     """The first problem TRTSettings(**values) must report (fields are checked in declaration order)."""
     checks = [
@@ -207,7 +215,7 @@ def expect_settings(values: Mapping):
             "dynamic_shapes_kernel_specialization_strategy",
             lambda v: expect_choice("dynamic_shapes_kernel_specialization_strategy", v, KERNEL_STRATEGIES),
         ),
-        ("runtime_cache", expect_runtime_cache),
+        ("runtime_cache", expect_settings_runtime_cache),
     ]
     for key, check in checks:
         if key in values:
@@ -607,7 +615,7 @@ def test_trt_runtime_precision_plugin(precision, values):
     if plugin is not None:
         assert_fields(plugin.settings, {"runtime_cache": _default_arg(TRTRuntimePrecision), **values})
         if isinstance(precision, Precision):
-            assert plugin.inner is precision
+            assert isinstance(plugin, type(precision)) and vars(precision).items() <= vars(plugin).items()
         elif precision == "16-mixed" and not torch.cuda.is_available():
             assert plugin.precision == "bf16-mixed"  # fp16 AMP is not supported on CPU: Lightning's choice too
         else:

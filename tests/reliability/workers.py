@@ -312,7 +312,7 @@ def ddp_predict(args: dict) -> None:
         batches_seen=len(model.seen),
         applied=[s.cuda_graph_strategy for s in model.seen[0]] if model.seen else [],
         restored=[repr(e.runtime_settings) for e in model.engines()] == before,
-        # after an exception the callback keeps this rank's own figures (no gather: a peer may be gone)
+        # after an exception the callback keeps this rank's own figures (left for rank zero; it waits for nobody)
         figures=[
             {"rank": f.rank, "gpu": f.gpu, "engines": f.engines, "cache_source": f.cache_source,
              "cache_path": f.cache_path, "cache_bytes": f.cache_bytes, "saved_bytes": f.saved_bytes}

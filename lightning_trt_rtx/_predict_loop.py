@@ -1,0 +1,52 @@
+"""The package's one private seam into Lightning: the predict loop's batch iterator.
+
+Lightning 2.6 has no public hook that sees the next batch while the current one runs: the predict
+loop creates its data fetcher (``trainer.predict_loop._data_fetcher``) and the fetcher's iterator
+before ``on_predict_start``, and then takes one batch per step from ``fetcher.iterator``. Uploading
+ahead wraps that iterator once, at the loop's start. Everything Lightning does per batch
+afterwards (precision ``convert_input``, ``batch_to_device``, which leaves a batch already on the
+device as it is, the hooks, the step) runs as before. Tested against Lightning 2.6 in
+``tests/test_transfers.py``; where the seam is not there (another Lightning version, a
+``dataloader_iter`` step) the uploads stay off and say why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch.core.hooks import DataHooks
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+# hooks that see a batch on the host before Lightning moves it: a batch already on the GPU would change them
+_HOST_SIDE_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device")
+
+
+def why_not_upload(trainer: Any) -> str | None:
+    """Why batches of this Trainer's predict loop cannot be uploaded ahead; None when they can."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return f"the loop runs on {device.type}"
+    return why_not_wrap(trainer)
+
+
+def why_not_wrap(trainer: Any) -> str | None:
+    """Why this Trainer's predict loop cannot take its batches through a wrapper; None when it can."""
+    fetcher = getattr(trainer.predict_loop, "_data_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "iterator") or fetcher.iterator is None:
+        return "this Lightning version's predict loop has no batch iterator to wrap (tested with 2.6)"
+    if type(fetcher).__name__ != "_PrefetchDataFetcher":
+        return "predict_step takes dataloader_iter: it moves batches itself"
+    for owner in (trainer.lightning_module, trainer.datamodule):
+        if owner is None:
+            continue
+        for hook in _HOST_SIDE_HOOKS:
+            if is_overridden(hook, owner, parent=DataHooks):
+                return f"{type(owner).__name__} overrides {hook}, which expects batches on the host"
+    return None
+
+
+def wrap_batches(trainer: Any, wrap: Callable[[Any], Any]) -> None:
+    """Route the predict loop's remaining batches through ``wrap(iterator)`` (call after ``why_not_upload``)."""
+    fetcher = trainer.predict_loop._data_fetcher
+    fetcher.iterator = iter(wrap(fetcher.iterator))

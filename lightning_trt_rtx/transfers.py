@@ -1,0 +1,347 @@
+"""Batches on the GPU before the engine asks for them, predictions back to the host without a stall.
+
+From a CPU dataset, a plain predict loop uploads each batch on the engine's own stream when its step
+starts; from pageable memory that copy returns only once the GPU has finished the work queued before
+it, so host and GPU take turns (measured on H200: ResNet-50 fp16 batch 32 ran at about half the
+engine's own speed). :class:`UploadsAhead` keeps ``depth`` batches in flight instead: a thread reads
+the source, stages each CPU tensor into pinned memory (tensors already pinned, as from a DataLoader
+with ``pin_memory=True``, go up as they are), copies it to the GPU on a stream of its own and records
+an event; the consumer's stream waits on exactly that event when the batch is handed over. Nothing
+waits for the whole device.
+
+Buffers come from PyTorch's caching allocators, so nothing is overwritten while it is still read:
+a pinned staging block is reused only after its copy has finished (the host allocator records an
+event on the copy), and a GPU batch is marked as used on the consumer's stream (``record_stream``),
+so its memory is reused only after every kernel queued there before it was freed has run. Memory is
+bounded by ``depth``; the pinned blocks are given back when the uploads close.
+
+:class:`HostCopies` is the way back: each prediction is copied into pinned host memory on the
+stream that made it, without waiting; the copies are collected when the loop ends.
+
+Every CUDA call goes through :class:`CudaOps`, the boundary the CPU tests replace.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 2
+_END = object()  # the source is exhausted
+_POLL_S = 0.1  # how often a blocked thread looks whether it should stop
+
+
+class CudaOps:
+    """The CUDA calls the uploads make (one place, so that CPU tests can record the protocol)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(device=self.device)
+
+    def in_thread(self, stream: Any) -> Any:
+        """Context for the uploads' thread: this device, the uploads' stream current."""
+        return _Both(torch.cuda.device(self.device), torch.cuda.stream(stream))
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_pinned()
+
+    def pinned_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(tensor, pin_memory=True)
+
+    def device_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(tensor, device=self.device)
+
+    def record_event(self) -> Any:
+        event = torch.cuda.Event()
+        event.record()  # on the current stream: in the uploads' thread, the uploads' stream
+        return event
+
+    def hand_over(self, event: Any, tensors: list[torch.Tensor]) -> None:
+        """The consumer's stream waits for ``event``; ``tensors`` are marked as used on it."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(event)
+        for tensor in tensors:
+            tensor.record_stream(stream)
+
+    def finish(self, stream: Any) -> None:
+        stream.synchronize()
+        torch._C._host_emptyCache()  # the pinned staging blocks (no public API in torch 2.14)
+
+
+class _Both:
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self) -> None:
+        self.first.__enter__()
+        self.second.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.second.__exit__(*exc)
+        self.first.__exit__(*exc)
+
+
+def _cuda_device(device: torch.device | str | int, what: str) -> torch.device:
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"{what} works with a CUDA device, got {device}.")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_depth(depth: Any) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth (batches uploaded ahead) must be an int >= 1, got {depth!r}.")
+    return depth
+
+
+class UploadsAhead:
+    """Iterate ``source`` with every CPU tensor of each batch already on ``device``.
+
+    Batches of any structure (tensors in tuples, lists, dicts, dataclasses, namedtuples; other leaves
+    are left as they are), changing shapes and a smaller last batch work. Up to ``depth`` batches are
+    uploaded (or uploading) ahead of the one handed over. Iterate once; :meth:`close` (also on
+    exhaustion or on leaving a ``with`` block) stops the reading and gives the pinned memory back::
+
+        with UploadsAhead(loader, torch.device("cuda", 0)) as batches:
+            for batch in batches:
+                model(batch)
+
+    Who reads and stages: where the first batch holds at least ``THREAD_MIN_BYTES`` of CPU tensors, a
+    thread of its own (the copy into pinned memory and the reading run beside the loop: measured on
+    H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way); smaller
+    batches are read and staged by the consumer itself, ``depth`` batches ahead (a thread's hand-over
+    costs more than their copy: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch).
+
+    ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned, and
+    ``mode`` (``"thread"`` or ``"loop"``).
+    """
+
+    THREAD_MIN_BYTES = 1 << 20
+
+    def __init__(
+        self,
+        source: Iterable[Any],
+        device: torch.device | str | int,
+        depth: int = DEFAULT_DEPTH,
+        ops: CudaOps | None = None,
+    ) -> None:
+        self.depth = check_depth(depth)
+        if not isinstance(source, Iterable):
+            raise TypeError(f"UploadsAhead needs an iterable of batches, got {type(source).__name__}.")
+        self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
+        self.ops = ops if ops is not None else CudaOps(self.device)
+        self.source = source
+        self.stats: dict[str, Any] = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0, "mode": ""}
+        self._source: Iterator[Any] | None = None
+        self._ahead: deque[Any] = deque()  # read and uploaded, not handed over (the consumer's side)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.depth)  # the thread's side
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream: Any = None
+        self._closed = False
+
+    # --- the consumer's side (the loop's thread) ---------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._source is not None or self._closed:
+            raise RuntimeError("UploadsAhead iterates its source once: make a new one for another pass.")
+        self._source = iter(self.source)
+        self._stream = self.ops.new_stream()
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        if self._source is None:
+            iter(self)
+        if not self.stats["mode"]:
+            self._start()
+        if self.stats["mode"] == "loop":
+            while len(self._ahead) <= self.depth and not (self._ahead and _is_last(self._ahead[-1])):
+                with self.ops.in_thread(self._stream):
+                    self._ahead.append(self._read(catch=Exception))
+        item = self._ahead.popleft() if self._ahead else self._queue.get()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        batch, event, uploaded = item
+        if event is not None:  # the consumer's stream waits for this batch's copies, nothing else
+            self.ops.hand_over(event, uploaded)
+        self.stats["batches"] += 1
+        return batch
+
+    def _start(self) -> None:
+        """Read the first batch here, and hand the rest to a thread if it is large."""
+        with self.ops.in_thread(self._stream):
+            first = self._read(catch=Exception)
+        self._ahead.append(first)
+        staged = self.stats["staged_bytes"] + self.stats["pinned_bytes"]
+        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES:
+            self.stats["mode"] = "thread"
+            self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
+            self._thread.start()
+        else:
+            self.stats["mode"] = "loop"
+
+    def close(self) -> None:
+        """Stop reading (batches not yet handed over are dropped) and give the pinned memory back."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        while thread is not None and thread.is_alive():
+            try:  # unblock a producer waiting for room
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=_POLL_S)
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._ahead.clear()
+        if self._stream is not None:  # copies in flight finish with their staging, which is given back
+            stream, self._stream = self._stream, None
+            self.ops.finish(stream)
+
+    def __enter__(self) -> UploadsAhead:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- reading and uploading (the consumer, or the uploads' thread) ----------------------------
+
+    def _produce(self) -> None:
+        with self.ops.in_thread(self._stream):
+            while not self._stop.is_set():
+                item = self._read(catch=BaseException)
+                self._put(item)
+                if _is_last(item):
+                    return
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self, catch: type[BaseException]) -> Any:
+        """The next batch uploaded, ``_END``, or the error reading it (raised at its turn)."""
+        assert self._source is not None
+        try:
+            return self._upload(next(self._source))
+        except StopIteration:
+            return _END
+        except catch as error:
+            return _Failure(error)
+
+    def _upload(self, batch: Any) -> tuple[Any, Any, list[torch.Tensor]]:
+        uploaded: list[torch.Tensor] = []
+
+        def up(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.device.type != "cpu":
+                return tensor  # already on a device: Lightning's own transfer decides
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.ops.is_pinned(tensor):
+                staged = tensor
+                self.stats["pinned_bytes"] += nbytes
+            else:
+                staged = self.ops.pinned_like(tensor)
+                staged.copy_(tensor)
+                self.stats["staged_bytes"] += nbytes
+            on_gpu = self.ops.device_like(tensor)
+            on_gpu.copy_(staged, non_blocking=True)
+            uploaded.append(on_gpu)
+            return on_gpu
+
+        try:
+            moved = apply_to_collection(batch, torch.Tensor, up)
+        except (ValueError, TypeError) as err:  # e.g. a frozen dataclass: Lightning's own transfer decides
+            log.debug("A batch was left for Lightning to move: %s", err)
+            return batch, None, []
+        if not uploaded:
+            return moved, None, uploaded
+        return moved, self.ops.record_event(), uploaded
+
+
+def _is_last(item: Any) -> bool:
+    return item is _END or isinstance(item, _Failure)
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class HostCopies:
+    """Copy predictions to pinned host memory without a stall per batch; collect them at the end.
+
+    :meth:`add` queues a copy of every tensor of a prediction on ``device`` into pinned host memory,
+    on the current stream (so it follows the step that made the prediction and comes before anything
+    that could overwrite it) without waiting; :meth:`collect` waits once and returns the host
+    predictions in the order they were added. Host memory comes from pinned slabs carved into
+    aligned pieces: one pinned allocation per slab, not per prediction. Other leaves are kept as
+    they are.
+    """
+
+    SLAB_BYTES = 64 << 20
+    _ALIGN = 256
+
+    def __init__(self, device: torch.device | str | int) -> None:
+        self.device = _cuda_device(device, "HostCopies")
+        self._items: list[Any] = []
+        self._slab: torch.Tensor | None = None
+        self._used = 0
+        self._last: torch.cuda.Event | None = None
+
+    def _host_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        size = -(-nbytes // self._ALIGN) * self._ALIGN
+        if self._slab is None or self._used + size > self._slab.numel():
+            self._slab = torch.empty(max(self.SLAB_BYTES, size), dtype=torch.uint8, pin_memory=True)
+            self._used = 0
+        piece = self._slab[self._used : self._used + nbytes]
+        self._used += size
+        return piece.view(tensor.dtype).view(tensor.shape)
+
+    def add(self, prediction: Any) -> None:
+        def down(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.device != self.device:
+                return tensor
+            host = self._host_like(tensor)
+            host.copy_(tensor, non_blocking=True)
+            return host
+
+        with torch.cuda.device(self.device):
+            self._items.append(apply_to_collection(prediction, torch.Tensor, down))
+            self._last = torch.cuda.Event()
+            self._last.record()
+
+    def collect(self) -> list[Any]:
+        """Every prediction added so far, on the host (waits once, for the last copy)."""
+        if self._last is not None:
+            self._last.synchronize()
+        items, self._items, self._last = self._items, [], None
+        self._slab, self._used = None, 0
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)

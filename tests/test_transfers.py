@@ -1,0 +1,420 @@
+"""Uploads ahead of the engine and host copies of predictions, on CPU.
+
+CUDA is faked only at the package's own boundary (``transfers.CudaOps``): the recording ops below keep
+the protocol's order (staging, copies, events, the consumer's wait and ``record_stream``) and give CPU
+tensors, so everything else (the thread, the queue, batch structures, errors, closing, Lightning's
+predict loop and its DDP sampler) runs for real. The GPU tests (tests/gpu/test_gpu_transfers.py) run
+the real ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import namedtuple
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from lightning_trt_rtx import _predict_loop, transfers
+from lightning_trt_rtx.callbacks import TRTHostPredictions, TRTRuntimeSettings
+from lightning_trt_rtx.report import RankFigures, table
+
+Pair = namedtuple("Pair", "image label")
+
+
+@dataclasses.dataclass
+class Sample:
+    image: torch.Tensor
+    name: str
+
+
+class RecordingOps:
+    """``transfers.CudaOps`` on CPU: every call logged as ``(what, thread, detail)``."""
+
+    def __init__(self, device: Any = "cpu", pinned: set[int] | None = None) -> None:
+        self.device = torch.device("cpu")
+        self.log: list[tuple[str, str, Any]] = []
+        self.pinned = pinned if pinned is not None else set()
+        self.events = 0
+        self.lock = threading.Lock()
+
+    def _note(self, what: str, detail: Any = None) -> None:
+        with self.lock:
+            self.log.append((what, threading.current_thread().name, detail))
+
+    def new_stream(self) -> str:
+        return "uploads-stream"
+
+    def in_thread(self, stream: Any) -> Any:
+        ops = self
+
+        class Scope:
+            def __enter__(self) -> None:
+                ops._note("enter", stream)
+
+            def __exit__(self, *exc: Any) -> None:
+                ops._note("exit", stream)
+
+        return Scope()
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self.pinned
+
+    def pinned_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._note("stage", tuple(tensor.shape))
+        return torch.empty_like(tensor)
+
+    def device_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._note("alloc", tuple(tensor.shape))
+        return torch.empty_like(tensor)
+
+    def record_event(self) -> int:
+        self.events += 1
+        self._note("event", self.events)
+        return self.events
+
+    def hand_over(self, event: Any, tensors: list[torch.Tensor]) -> None:
+        self._note("wait", event)
+        for tensor in tensors:
+            self._note("record_stream", tuple(tensor.shape))
+
+    def finish(self, stream: Any) -> None:
+        self._note("finish", stream)
+
+
+def uploads(source: Any, depth: int = 2, ops: RecordingOps | None = None, mode: str = "thread") -> Any:
+    """``mode``: "thread" (every batch counts as large) or "loop" (every batch counts as small)."""
+    up = transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps())
+    up.THREAD_MIN_BYTES = 0 if mode == "thread" else 1 << 62
+    return up
+
+
+def consumer_steps(ops: RecordingOps) -> list[tuple[str, Any]]:
+    return [(what, detail) for what, thread, detail in ops.log if thread == threading.current_thread().name]
+
+
+# --- the protocol ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["thread", "loop"])
+def test_each_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order(mode):
+    batches = [torch.full((2, 3), float(i)) for i in range(5)]
+    ops = RecordingOps()
+    up = uploads(batches, ops=ops, mode=mode)
+    got = list(up)
+    assert up.stats["mode"] == mode
+    assert [b.tolist() for b in got] == [b.tolist() for b in batches]
+    assert all(g is not b for g, b in zip(got, batches))  # copies, not the sources
+    # the consumer waited for event k at batch k and marked that batch's tensor as used, nothing else
+    consumer = [s for s in consumer_steps(ops) if s[0] in ("wait", "record_stream", "finish")]
+    assert consumer == [s for k in range(1, 6) for s in (("wait", k), ("record_stream", (2, 3)))] + [
+        ("finish", "uploads-stream")
+    ]
+    # per batch: pinned staging, then the device buffer, then the event that covers the copy, all on
+    # the uploads' stream; the first batch is read by the consumer, the rest by the thread in "thread" mode
+    copies = [(what, d) for what, _, d in ops.log if what in ("stage", "alloc", "event")]
+    assert copies == [s for k in range(1, 6) for s in (("stage", (2, 3)), ("alloc", (2, 3)), ("event", k))]
+    threads = {thread for what, thread, _ in ops.log if what == "stage"}
+    me = threading.current_thread().name
+    assert threads == ({me, "lightning-trt-rtx-uploads"} if mode == "thread" else {me})
+    scopes = [what for what, _, _ in ops.log if what in ("enter", "exit", "stage")]
+    for i, what in enumerate(scopes):  # every staging inside an enter/exit of the uploads' stream
+        if what == "stage":
+            assert "enter" in scopes[:i] and scopes[:i].count("enter") > scopes[:i].count("exit")
+
+
+def test_large_first_batches_get_a_thread_small_ones_the_loop():
+    large = [torch.zeros(transfers.UploadsAhead.THREAD_MIN_BYTES // 4) for _ in range(3)]
+    up = transfers.UploadsAhead(large, "cpu", ops=RecordingOps())
+    assert len(list(up)) == 3 and up.stats["mode"] == "thread"
+    small = transfers.UploadsAhead([torch.zeros(4)] * 3, "cpu", ops=RecordingOps())
+    assert len(list(small)) == 3 and small.stats["mode"] == "loop"
+
+
+def test_pinned_sources_go_up_without_staging_and_stats_count_both():
+    pinned_tensor, pageable = torch.ones(4), torch.zeros(8)
+    ops = RecordingOps(pinned={id(pinned_tensor)})
+    up = uploads([pinned_tensor, pageable], ops=ops)
+    assert [t.tolist() for t in up] == [pinned_tensor.tolist(), pageable.tolist()]
+    assert [d for what, _, d in ops.log if what == "stage"] == [(8,)]
+    assert up.stats == {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4, "mode": "thread"}
+
+
+def test_every_structure_lightning_moves_keeps_its_shape_and_non_tensor_leaves():
+    image = torch.arange(6.0).reshape(2, 3)
+    batches = [
+        (image, torch.tensor([1, 2])),
+        [image, "text", 7],
+        {"x": image, "meta": {"ids": torch.tensor([3]), "tag": "a"}},
+        Pair(image, torch.tensor(5)),
+        Sample(image, "name"),
+        "no tensors at all",
+    ]
+    got = list(uploads(batches))
+    assert isinstance(got[0], tuple) and torch.equal(got[0][0], image) and got[0][1].tolist() == [1, 2]
+    assert isinstance(got[1], list) and got[1][1:] == ["text", 7] and torch.equal(got[1][0], image)
+    assert got[2]["meta"]["tag"] == "a" and got[2]["meta"]["ids"].tolist() == [3] and torch.equal(got[2]["x"], image)
+    assert isinstance(got[3], Pair) and torch.equal(got[3].image, image) and got[3].label.item() == 5
+    assert isinstance(got[4], Sample) and got[4].name == "name" and torch.equal(got[4].image, image)
+    assert got[4].image is not image
+    assert got[5] == "no tensors at all"
+
+
+def test_a_frozen_dataclass_is_left_for_lightning_to_move():
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        x: torch.Tensor
+
+    batch = Frozen(torch.ones(2))
+    assert list(uploads([batch])) == [batch]
+
+
+def test_shape_changes_and_a_smaller_last_batch_each_get_their_own_buffer():
+    batches = [torch.ones(4, 3), torch.ones(4, 5), torch.ones(1, 5)]
+    ops = RecordingOps()
+    got = list(uploads(batches, ops=ops))
+    assert [tuple(b.shape) for b in got] == [(4, 3), (4, 5), (1, 5)]
+    assert [d for what, _, d in ops.log if what == "alloc"] == [(4, 3), (4, 5), (1, 5)]
+
+
+@pytest.mark.parametrize("mode, extra", [("thread", 2), ("loop", 0)])
+def test_memory_is_bounded_the_source_is_read_at_most_depth_ahead(mode, extra):
+    """Batches read but not handed over: ``depth`` in the loop; in a thread, ``depth`` queued, one
+    waiting for room and the first batch, read by the consumer."""
+    read = []
+
+    def source():
+        for i in range(50):
+            read.append(i)
+            yield torch.tensor([i])
+
+    up = uploads(source(), depth=3, mode=mode)
+    it = iter(up)
+    for consumed in range(1, 10):
+        next(it)
+        time.sleep(0.05)  # let the thread run as far ahead as it may
+        assert consumed + 3 <= len(read) <= consumed + 3 + extra, (consumed, len(read))
+    up.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "loop"])
+def test_an_error_in_the_source_is_raised_at_its_own_batch_after_the_earlier_ones(mode):
+    def source():
+        yield torch.tensor([0])
+        yield torch.tensor([1])
+        raise KeyError("sample 2 is missing")
+
+    it = iter(uploads(source(), mode=mode))
+    assert next(it).item() == 0 and next(it).item() == 1
+    with pytest.raises(KeyError, match="sample 2 is missing"):
+        next(it)
+    with pytest.raises(StopIteration):  # closed: nothing more, and no thread left
+        next(it)
+
+
+def test_close_stops_an_endless_source_promptly_and_releases_the_staging():
+    def endless():
+        i = 0
+        while True:
+            i += 1
+            yield torch.tensor([i])
+
+    ops = RecordingOps()
+    up = uploads(endless(), ops=ops)
+    it = iter(up)
+    next(it)
+    thread = up._thread
+    start = time.perf_counter()
+    up.close()
+    assert time.perf_counter() - start < 2.0
+    assert thread is not None and not thread.is_alive()
+    assert ops.log[-1][0] == "finish"
+    with pytest.raises(StopIteration):
+        next(it)
+    up.close()  # idempotent
+
+
+def test_iterates_once_and_rejects_bad_arguments():
+    up = uploads([torch.ones(1)])
+    list(up)
+    with pytest.raises(RuntimeError, match="once"):
+        iter(up)
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match="depth"):
+            transfers.UploadsAhead([], "cpu", depth=bad, ops=RecordingOps())
+    with pytest.raises(TypeError, match="iterable"):
+        transfers.UploadsAhead(42, "cpu", ops=RecordingOps())
+    with pytest.raises(ValueError, match="CUDA device"):
+        transfers.UploadsAhead([], "cpu")  # the real ops need a GPU
+    with pytest.raises(ValueError, match="CUDA device"):
+        transfers.HostCopies("cpu")
+
+
+# --- Lightning's predict loop (the one private seam) ---------------------------------------------------
+
+
+class Doubler(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices_seen: list[str] = []
+        self.layer = torch.nn.Identity()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        x = batch["x"] if isinstance(batch, dict) else batch
+        self.devices_seen.append(str(x.device))
+        return x * 2
+
+
+class UploadsOnCpu:
+    """Routes the predict loop through ``UploadsAhead`` with the recording ops: the seam on a CPU host."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ops: list[RecordingOps] = []
+        original = transfers.UploadsAhead.__init__
+
+        def init(up: Any, source: Any, device: Any, depth: int = 2, ops: Any = None) -> None:
+            self.ops.append(RecordingOps())
+            original(up, source, "cpu", depth, ops=self.ops[-1])
+
+        monkeypatch.setattr(transfers.UploadsAhead, "__init__", init)
+        monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
+
+
+def cpu_trainer(**kwargs: Any) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, **kwargs)  # fmt: skip
+
+
+def test_trainer_predict_through_the_seam_gives_the_same_predictions_for_several_dataloaders(monkeypatch):
+    seam = UploadsOnCpu(monkeypatch)
+    first = DataLoader(torch.arange(10.0).reshape(10, 1), batch_size=3)  # a smaller last batch
+    second = DataLoader([{"x": torch.full((2,), float(i))} for i in range(4)], batch_size=2)
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Doubler(), [first, second])
+    expected = cpu_trainer().predict(Doubler(), [first, second])
+    assert [[p.tolist() for p in loader] for loader in got] == [[p.tolist() for p in loader] for loader in expected]
+    # the batches went through the uploads (every batch waited for by the loop's thread)
+    waits = [d for ops in seam.ops for what, _, d in ops.log if what == "wait"]
+    assert len(waits) == 4 + 2
+    assert callback.figures[0].uploads.startswith("ahead, depth 2: 6 batches")
+
+
+def test_upload_ahead_false_and_host_side_hooks_leave_lightning_to_move_batches(monkeypatch):
+    seam = UploadsOnCpu(monkeypatch)
+    loader = DataLoader(torch.ones(4, 2), batch_size=2)
+    off = TRTRuntimeSettings(runtime_cache=None, print_table=False, upload_ahead=False)
+    cpu_trainer(callbacks=[off]).predict(Doubler(), loader)
+    assert off.figures[0].uploads == "off: upload_ahead=False"
+
+    class OnHost(Doubler):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return batch + 1
+
+    hooked = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[hooked]).predict(OnHost(), loader)
+    assert [p.tolist() for p in got] == [[[4.0, 4.0], [4.0, 4.0]]] * 2  # the user's hook saw host batches
+    reason = "off: OnHost overrides on_before_batch_transfer, which expects batches on the host"
+    assert hooked.figures[0].uploads == reason
+    assert seam.ops == []
+
+    class IterStep(Doubler):
+        def predict_step(self, dataloader_iter: Any) -> Any:
+            batch, _, _ = next(dataloader_iter)
+            return batch
+
+    it_step = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    cpu_trainer(callbacks=[it_step]).predict(IterStep(), loader)
+    assert it_step.figures[0].uploads == "off: predict_step takes dataloader_iter: it moves batches itself"
+
+
+def test_on_cpu_the_loop_is_lightnings_own_and_the_figures_say_why():
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Doubler(), DataLoader(torch.ones(4, 2), batch_size=2))
+    assert len(got) == 2
+    assert callback.figures[0].uploads == "off: the loop runs on cpu"
+    with pytest.raises(TypeError, match="upload_ahead must be True or False"):
+        TRTRuntimeSettings(upload_ahead="yes")  # type: ignore[arg-type]
+
+
+def test_an_error_in_the_dataset_reaches_the_user_through_the_seam(monkeypatch):
+    UploadsOnCpu(monkeypatch)
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            if i == 4:
+                raise RuntimeError("corrupt sample 4")
+            return torch.ones(2)
+
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    with pytest.raises(RuntimeError, match="corrupt sample 4"):
+        cpu_trainer(callbacks=[callback]).predict(Doubler(), DataLoader(Broken(), batch_size=2))
+    assert callback.session is None  # closed through on_exception
+    alive = [t for t in threading.enumerate() if t.name == "lightning-trt-rtx-uploads"]
+    assert alive == []
+
+
+def test_the_seam_exists_in_this_lightning_version():
+    """The attributes the seam relies on (Lightning 2.6): a fetcher with an iterator at on_predict_start."""
+    seen = {}
+
+    class Look(Callback):
+        def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            seen["reason"] = _predict_loop.why_not_wrap(trainer)
+            fetcher = trainer.predict_loop._data_fetcher
+            seen["iterator"] = fetcher.iterator is not None
+
+    cpu_trainer(callbacks=[Look()]).predict(Doubler(), DataLoader(torch.ones(2, 1)))
+    assert seen == {"reason": None, "iterator": True}
+
+
+# --- DDP: the sampler Lightning injects still splits the batches --------------------------------------
+
+
+class ShardedData(LightningDataModule):
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(torch.arange(16.0).reshape(16, 1), batch_size=2)
+
+
+def test_the_seam_keeps_lightnings_sampler_injection(monkeypatch):
+    """The sampler is injected before the loop starts, so the uploads read exactly this rank's shard
+    (one process with a 2-rank sampler stand-in: the DDP subprocess test covers gloo)."""
+    UploadsOnCpu(monkeypatch)
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    model = Doubler()
+    got = cpu_trainer(callbacks=[callback], limit_predict_batches=3).predict(model, datamodule=ShardedData())
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]
+    assert callback.figures[0].uploads.startswith("ahead, depth 2: 3 batches")
+
+
+# --- predictions to the host, figures ------------------------------------------------------------------
+
+
+def test_host_predictions_on_cpu_match_the_returned_predictions_per_dataloader():
+    loaders = [DataLoader(torch.arange(6.0).reshape(6, 1), batch_size=4), DataLoader(torch.ones(2, 1))]
+    collector = TRTHostPredictions()
+    returned = cpu_trainer(callbacks=[collector]).predict(Doubler(), loaders)
+    assert [[p.tolist() for p in loader] for loader in collector.predictions] == [
+        [p.tolist() for p in loader] for loader in returned
+    ]
+    single = TRTHostPredictions()
+    cpu_trainer(callbacks=[single]).predict(Doubler(), loaders[0], return_predictions=False)
+    assert [p.tolist() for p in single.predictions] == [[[0.0], [2.0], [4.0], [6.0]], [[8.0], [10.0]]]
+
+
+def test_figures_show_the_step_gpu_time_beside_the_batch_time():
+    row = RankFigures(rank=0, batches=10, mean_batch_ms=2.0, step_gpu_ms=1.9, uploads="ahead, depth 2: 10 batches")
+    assert row.efficiency == pytest.approx(0.95)
+    assert row.metrics()["trt_rtx/efficiency"] == pytest.approx(0.95)
+    text = table([row])
+    assert "step on GPU" in text and "1.900 ms (0.95)" in text and "ahead, depth 2: 10 batches" in text
+    assert "efficiency 0.95" in row.summary()
+    assert RankFigures().efficiency == 0.0  # not measured (CPU)
+    assert RankFigures.from_dict(dataclasses.asdict(row)) == row
