@@ -421,7 +421,7 @@ def test_a_loop_driven_session_holds_addresses_only_inside_its_loops(trt, fake_g
     """A callback's session: not in the sanity check or training (a checkpoint saved then records the
     engines' own output setting), only between loop_started and loop_ended."""
     model, engines = engine_tree(trt.dynamo.runtime.TorchTensorRTModule)
-    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1, strategy=SimpleNamespace())
     settings = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
     session = ServingSession.for_trainer(trainer, settings, loops_only=True)
     session.serve(model)

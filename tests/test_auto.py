@@ -145,7 +145,7 @@ def _serve(session: ServingSession, engine, batches: list[torch.Tensor]) -> list
 
 
 def _session(**kwargs) -> ServingSession:
-    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1, strategy=SimpleNamespace())
     settings = TRTSettings(cuda_graph_strategy="auto", runtime_cache=None)
     return ServingSession.for_trainer(trainer, settings, loops_only=True)
 
