@@ -9,8 +9,9 @@ The yardstick is the engine itself. Per model, in one fresh process:
   ``cpu`` (no workers, pageable), ``workers`` (4 workers, ``pin_memory=True``), ``workers-unpinned`` (4
   workers, ``pin_memory=False``: the uploads stage), ``gpu`` (batches already on the GPU), and ``cpu-off``
   (the CPU source with ``upload_ahead=False``: Lightning's own transfer, the baseline before uploads
-  ahead); each under default settings and whole-graph capture, two rounds in the same order, the first a
-  warm-up left out (the first runs of a process are slower: page faults, pinned-memory allocation);
+  ahead); each under default settings and whole-graph capture, after a warm-up run of each strategy from the
+  CPU source that is left out (the first runs of a process are slower: page faults, pinned-memory
+  allocation);
 * on the CPU source with the faster strategy, what happens to the predictions: ``dropped``
   (``return_predictions=False``), ``gpu-writer`` (a writer that keeps them on the GPU), ``host-writer``
   (a ``BasePredictionWriter`` that writes host tensors: ``.cpu()`` per batch), ``returned``
@@ -195,10 +196,9 @@ def task(spec: dict) -> dict:
         for s in STRATEGIES
     }  # fmt: skip
     run(served, "gpu", "disabled")  # warm-up: contexts, kernels, the cache file
-    per_source: dict[str, dict[str, dict]] = {}
-    for _ in range(2):  # the first round is a warm-up: the second one's figures are kept
-        for source in SOURCES:
-            per_source[source] = {s: run(served, source, s) for s in STRATEGIES}
+    for strategy in STRATEGIES:  # warm-up from the CPU source (left out): the first runs of a process are slower
+        run(served, "cpu", strategy)
+    per_source = {source: {s: run(served, source, s) for s in STRATEGIES} for source in SOURCES}
     best = min(STRATEGIES, key=lambda s: per_source["cpu"][s]["per_batch_ms"])
     per_predictions = {p: run(served, "cpu", best, p) for p in PREDICTIONS}
     empty = run(Empty(), "cpu", None)

@@ -12,7 +12,7 @@ device as it is, the hooks, the step) runs as before. Tested against Lightning 2
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning.pytorch.core.hooks import DataHooks
@@ -47,6 +47,24 @@ def why_not_wrap(trainer: Any) -> str | None:
 
 
 def wrap_batches(trainer: Any, wrap: Callable[[Any], Any]) -> None:
-    """Route the predict loop's remaining batches through ``wrap(iterator)`` (call after ``why_not_upload``)."""
+    """Route the predict loop's remaining batches through ``wrap(batches)`` (call after ``why_not_upload``).
+
+    ``batches`` continues the iterator Lightning already made (its ``CombinedLoader``): calling
+    ``iter()`` on that loader would start every DataLoader over (and start their workers again).
+    """
     fetcher = trainer.predict_loop._data_fetcher
-    fetcher.iterator = iter(wrap(fetcher.iterator))
+    fetcher.iterator = iter(wrap(_Remaining(fetcher.iterator)))
+
+
+class _Remaining:
+    """The batches an already started iterator has left (``iter()`` does not start it over)."""
+
+    def __init__(self, started: Any) -> None:
+        self.started = started
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield next(self.started)
+            except StopIteration:
+                return

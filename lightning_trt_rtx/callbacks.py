@@ -178,7 +178,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if prewarm is not None:  # once per session, before the loop's timing starts
             prewarm.run(self.session, pl_module)
         if trainer.state.fn == TrainerFn.PREDICTING:
-            _upload_predict_batches(trainer, self.session, self.upload_ahead)
+            upload_predict_batches(trainer, self.session, self.upload_ahead)
         self.session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
         self._serving = self.session
 
@@ -280,7 +280,7 @@ class TRTRuntimeSettings(_LoopHooks):
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
 
 
-def _upload_predict_batches(trainer: Trainer, session: ServingSession, wanted: bool) -> None:
+def upload_predict_batches(trainer: Trainer, session: ServingSession, wanted: bool) -> None:
     """Route the predict loop's batches through ``session.upload_ahead`` where that is safe."""
     if not wanted:
         session.uploads_off("upload_ahead=False")

@@ -116,7 +116,10 @@ class TRTRuntimePrecision(Precision):
         prewarm_shapes: list[str] | None = None,
         prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
+        upload_ahead: bool = True,
     ) -> None:
+        if not isinstance(upload_ahead, bool):
+            raise TypeError(f"upload_ahead must be True or False, got {upload_ahead!r}.")
         wrapped = _wrapped_class(precision)
         prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         settings = TRTSettings(
@@ -129,7 +132,8 @@ class TRTRuntimePrecision(Precision):
         self.__class__ = _compose(_base(type(self)), wrapped)
         if isinstance(precision, Precision):
             self.__dict__.update(vars(precision))  # the instance's state (its scaler, device, config ...)
-        self.prewarm_spec, self.settings = prewarm_spec, settings
+        self.prewarm_spec, self.settings, self.upload_ahead = prewarm_spec, settings, upload_ahead
+        self._trainer: Trainer | None = None  # the Trainer of this plugin's own run
         self.session: ServingSession | None = None  # this plugin's own run, when no callback serves it
         self._prewarmed: ServingSession | None = None
         # a precision given by name is built again for the Trainer's accelerator, known at convert_module
@@ -180,13 +184,14 @@ class TRTRuntimePrecision(Precision):
             ServingSession.for_trainer(trainer, self.settings) if trainer is not None
             else ServingSession(settings=self.settings)
         )
+        self._trainer = trainer
         self.session.serve(module)
         return converted
 
     @override
     def teardown(self) -> None:
         try:
-            session, self.session, self._prewarmed = self.session, None, None
+            session, self.session, self._prewarmed, self._trainer = self.session, None, None, None
             if session is not None:
                 figures = session.close()
                 info(figures.summary(), rank=session.ranks.rank, rank_zero=True)
@@ -206,8 +211,9 @@ class TRTRuntimePrecision(Precision):
 
     @contextmanager
     def _step(self) -> Generator[None, None, None]:
-        """Prewarm before the first step; under ``"auto"``, each step is a batch of its trial (with the
-        callback, the callback's session times the batches)."""
+        """Prewarm before the first step; under ``"auto"``, each validation or test step is a batch of its
+        trial (predict steps are timed by :meth:`_own_predict_step`'s loop; with the callback, the
+        callback's session times the batches)."""
         self._prewarm()
         session = self.session if self.session is not None and self.session.auto is not None else None
         if session is not None:
@@ -216,11 +222,30 @@ class TRTRuntimePrecision(Precision):
         if session is not None:
             session.batch_ended()
 
+    def _own_predict_step(self) -> ServingSession | None:
+        """This plugin's own session in a predict loop (no callback serving it): on the loop's first
+        step, batches from the next one on are uploaded ahead and the loop is timed."""
+        session, trainer = self.session, self._trainer
+        if session is None or trainer is None or session.closed or not trainer.predicting:
+            return None
+        if not session.looping:
+            from lightning_trt_rtx.callbacks import upload_predict_batches
+
+            upload_predict_batches(trainer, session, self.upload_ahead)
+            session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
+        return session
+
     @override
     @contextmanager
     def predict_step_context(self) -> Generator[None, None, None]:
-        with self._step(), super().predict_step_context():
+        self._prewarm()
+        session = self._own_predict_step()
+        if session is not None:
+            session.batch_started()
+        with super().predict_step_context():
             yield
+        if session is not None:
+            session.batch_ended()
 
     @override
     @contextmanager

@@ -130,6 +130,7 @@ class ServingSession:
         self._local_devices: list[str] | None = None  # a Trainer's device per local rank (Lightning's own)
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
+        self.looping = False  # between loop_started and loop_ended
         # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
         self.auto: _AutoGraphs | None = _AutoGraphs(self) if settings.cuda_graph_strategy == "auto" else None
 
@@ -413,7 +414,7 @@ class ServingSession:
         batches: Iterable[Any],
         device: torch.device | str | int | None = None,
         depth: int = transfers.DEFAULT_DEPTH,
-    ) -> transfers.UploadsAhead:
+    ) -> Iterable[Any]:
         """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
         :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
 
@@ -421,12 +422,17 @@ class ServingSession:
                 for batch in session.upload_ahead(loader):
                     model(batch)
 
-        ``device``: default, the current CUDA device.
+        ``device``: default, the current CUDA device. Without CUDA (or with a CPU ``device``) the batches
+        are returned as they are, and the figures say so.
         """
         self._check_open()
         self._close_uploads()
-        target = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-        self.uploads = transfers.UploadsAhead(batches, target, depth)
+        transfers.check_depth(depth)
+        reason = transfers.why_not_on_cuda(device)
+        if reason is not None:
+            self.uploads_off(reason)
+            return batches
+        self.uploads = transfers.UploadsAhead(batches, "cuda" if device is None else device, depth)
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
 
@@ -451,6 +457,7 @@ class ServingSession:
         """A loop's batches start: timing (and, on a GPU, the steps' GPU time) starts over.
         ``cuda``: whether the loop runs on a GPU (default: whether one is available)."""
         self._between_loops = False
+        self.looping = True
         if self.stable is not None:
             self.stable.resume()
         self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
@@ -473,6 +480,7 @@ class ServingSession:
             self.auto.batch_ended()
 
     def loop_ended(self) -> None:
+        self.looping = False
         self._close_uploads()
         self._timer.end()
         if self.auto is not None:
@@ -488,6 +496,11 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
+        if self.looping:  # a loop that no loop-end hook closed (the plugin's own run, an exception)
+            try:
+                self.loop_ended()
+            except Exception as err:  # e.g. a CUDA error the user's step left: never over it
+                log.warning("Ending the loop's figures failed: %s", err)
         self._close_uploads()
         self.close_graphs()
         if self.auto is not None:

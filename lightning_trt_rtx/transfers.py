@@ -101,6 +101,15 @@ def _cuda_device(device: torch.device | str | int, what: str) -> torch.device:
     return device
 
 
+def why_not_on_cuda(device: torch.device | str | int | None) -> str | None:
+    """Why batches cannot be uploaded to ``device`` (None: the current CUDA device); None when they can."""
+    if device is not None and not isinstance(device, int) and torch.device(device).type != "cuda":
+        return f"the loop runs on {torch.device(device).type}"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
 def check_depth(depth: Any) -> int:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth (batches uploaded ahead) must be an int >= 1, got {depth!r}.")
@@ -306,7 +315,8 @@ class HostCopies:
     _ALIGN = 256
 
     def __init__(self, device: torch.device | str | int) -> None:
-        self.device = _cuda_device(device, "HostCopies")
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        self.device = _cuda_device(device, "HostCopies") if device.type == "cuda" else device
         self._items: list[Any] = []
         self._slab: torch.Tensor | None = None
         self._used = 0
@@ -323,6 +333,10 @@ class HostCopies:
         return piece.view(tensor.dtype).view(tensor.shape)
 
     def add(self, prediction: Any) -> None:
+        if self.device.type != "cuda":  # a CPU loop: the predictions are on the host already
+            self._items.append(prediction)
+            return
+
         def down(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.device != self.device:
                 return tensor

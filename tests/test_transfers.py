@@ -251,8 +251,7 @@ def test_iterates_once_and_rejects_bad_arguments():
         transfers.UploadsAhead(42, "cpu", ops=RecordingOps())
     with pytest.raises(ValueError, match="CUDA device"):
         transfers.UploadsAhead([], "cpu")  # the real ops need a GPU
-    with pytest.raises(ValueError, match="CUDA device"):
-        transfers.HostCopies("cpu")
+    assert transfers.HostCopies("cpu").device.type == "cpu"  # a CPU loop keeps its predictions as they are
 
 
 # --- Lightning's predict loop (the one private seam) ---------------------------------------------------
@@ -283,6 +282,7 @@ class UploadsOnCpu:
 
         monkeypatch.setattr(transfers.UploadsAhead, "__init__", init)
         monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
+        monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
 
 
 def cpu_trainer(**kwargs: Any) -> Trainer:
@@ -302,6 +302,22 @@ def test_trainer_predict_through_the_seam_gives_the_same_predictions_for_several
     waits = [d for ops in seam.ops for what, _, d in ops.log if what == "wait"]
     assert len(waits) == 4 + 2
     assert callback.figures[0].uploads.startswith("ahead, depth 2: 6 batches")
+
+
+def test_the_precision_plugin_alone_uploads_from_the_second_batch_and_times_the_loop(monkeypatch, messages):
+    from lightning_trt_rtx import TRTRuntimePrecision
+
+    seam = UploadsOnCpu(monkeypatch)
+    loader = DataLoader(torch.arange(8.0).reshape(8, 1), batch_size=2)
+    plugin = TRTRuntimePrecision(runtime_cache=None)
+    got = cpu_trainer(plugins=[plugin]).predict(Doubler(), loader)
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0], [12.0, 14.0]]
+    # the first batch was fetched before the plugin's first step: the other three came through the uploads
+    assert len([d for ops in seam.ops for what, _, d in ops.log if what == "wait"]) == 3
+    summary = [m for m in messages.infos if m.startswith("TensorRT-RTX serving")]
+    assert summary and "uploads: ahead, depth 2: 3 batches" in summary[-1]
+    with pytest.raises(TypeError, match="upload_ahead must be True or False"):
+        TRTRuntimePrecision(upload_ahead=1)  # type: ignore[arg-type]
 
 
 def test_upload_ahead_false_and_host_side_hooks_leave_lightning_to_move_batches(monkeypatch):
@@ -361,6 +377,28 @@ def test_an_error_in_the_dataset_reaches_the_user_through_the_seam(monkeypatch):
     assert alive == []
 
 
+def test_the_seam_continues_lightnings_iterator_and_starts_no_workers_again(monkeypatch):
+    UploadsOnCpu(monkeypatch)
+    starts = []
+
+    class Counted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.tensor([float(i)])
+
+    class CountingLoader(DataLoader):
+        def __iter__(self):
+            starts.append(1)
+            return super().__iter__()
+
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Doubler(), CountingLoader(Counted(), batch_size=2, num_workers=1))
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]
+    assert len(starts) == 1
+
+
 def test_the_seam_exists_in_this_lightning_version():
     """The attributes the seam relies on (Lightning 2.6): a fetcher with an iterator at on_predict_start."""
     seen = {}
@@ -407,6 +445,21 @@ def test_host_predictions_on_cpu_match_the_returned_predictions_per_dataloader()
     single = TRTHostPredictions()
     cpu_trainer(callbacks=[single]).predict(Doubler(), loaders[0], return_predictions=False)
     assert [p.tolist() for p in single.predictions] == [[[0.0], [2.0], [4.0], [6.0]], [[8.0], [10.0]]]
+
+
+def test_a_session_without_cuda_gives_the_batches_as_they_are_and_says_so():
+    from lightning_trt_rtx import ServingSession, TRTSettings
+
+    loader = [torch.ones(2), torch.zeros(2)]
+    copies = transfers.HostCopies("cpu")
+    with ServingSession(torch.nn.Linear(2, 2), TRTSettings(runtime_cache=None)) as session:
+        assert session.upload_ahead(loader, "cpu") is loader
+        for batch in loader:
+            copies.add(batch * 2)
+        with pytest.raises(ValueError, match="depth"):
+            session.upload_ahead(loader, "cpu", depth=0)
+    assert [p.tolist() for p in copies.collect()] == [[2.0, 2.0], [0.0, 0.0]]
+    assert session.figures.uploads == "off: the loop runs on cpu"
 
 
 def test_figures_show_the_step_gpu_time_beside_the_batch_time():
