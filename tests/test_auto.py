@@ -250,3 +250,26 @@ def test_lightning_cli_accepts_auto_for_the_callback_and_the_plugin(tmp_path, mo
     cli = build(str(config), f"--trainer.default_root_dir={tmp_path}")
     assert cli.trainer.callbacks[0].settings.cuda_graph_strategy == "auto"
     assert cli.trainer.precision_plugin.settings.cuda_graph_strategy == "auto"
+
+
+def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, fake_gpu, tmp_path, messages):
+    from lightning.pytorch import LightningModule
+
+    from tests.procs.lightning_models import make_trainer
+
+    class Served(LightningModule):
+        def __init__(self, engine) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def predict_step(self, batch, batch_idx):
+            return self.engine(batch)
+
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
+    loader = torch.utils.data.DataLoader(torch.zeros(TRIAL + 4, 2), batch_size=1)
+    out = make_trainer(tmp_path, plugins=[plugin]).predict(Served(engine), loader)
+    assert len(out) == TRIAL + 4 and all(torch.equal(y, torch.ones(1, 2)) for y in out)
+    assert engine.strategies[-4:] == ["whole_graph_capture"] * 4
+    (summary,) = [r.getMessage() for r in messages.records if r.getMessage().startswith("TensorRT-RTX serving")]
+    assert "auto graphs: kept whole_graph_capture" in summary, summary
