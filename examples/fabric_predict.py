@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=20, help="batches per rank and run (default: 20)")
     parser.add_argument("--runs", type=int, default=2, help="runs; from the second on, every rank starts warm")
     parser.add_argument(
-        "--cuda-graph-strategy", choices=("disabled", "whole_graph_capture"), default="disabled",
+        "--cuda-graph-strategy", choices=("disabled", "whole_graph_capture", "auto"), default="disabled",
         help="TensorRT-RTX CUDA graphs (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="kernel cache directory (default: %(default)s)")
@@ -123,7 +123,7 @@ def run_once(fabric: Any, args: argparse.Namespace, run: int, on_gpu: bool) -> d
             fabric.barrier()  # every rank has compiled: the first batch waits for no peer still compiling
             session.loop_started()
             for batch in loader:
-                session.batch_started()
+                session.batch_started(batch)  # under "auto", a new input shape starts a new trial
                 outputs += len(model(batch))
                 session.batch_ended()
             session.loop_ended()

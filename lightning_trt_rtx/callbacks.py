@@ -103,7 +103,9 @@ class TRTRuntimeSettings(_LoopHooks):
         trainer.callbacks[0].figures      # on rank zero every rank's figures (printed as a table), elsewhere its own
 
     Args:
-        cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
+        cuda_graph_strategy: ``"disabled"``, ``"whole_graph_capture"`` or ``"auto"`` (time both, and whole-graph
+            capture with held addresses, on the loop's first batches and keep the fastest; again on a new
+            input shape: see :mod:`lightning_trt_rtx.auto`).
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
         runtime_cache: kernel-cache path template (placeholders ``{gpu}``, ``{rank}``, ``{local_rank}``,
             ``{node_rank}``, ``{world_size}``, ``{sm}``, ``{trt}``, ``{cuda}``, ``{host}``; fsspec URLs
@@ -192,9 +194,9 @@ class TRTRuntimeSettings(_LoopHooks):
 
     # --- per batch: one attribute test when not serving, a timestamp when serving -----------------
 
-    def _batch_start(self) -> None:
+    def _batch_start(self, batch: Any) -> None:
         if self._serving is not None:
-            self._serving.batch_started()
+            self._serving.batch_started(batch)
 
     def _batch_end(self) -> None:
         if self._serving is not None:
@@ -204,19 +206,19 @@ class TRTRuntimeSettings(_LoopHooks):
     def on_predict_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_start()
+        self._batch_start(batch)
 
     @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_start()
+        self._batch_start(batch)
 
     @override
     def on_test_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_start()
+        self._batch_start(batch)
 
     @override
     def on_predict_batch_end(

@@ -95,7 +95,8 @@ class TRTRuntimePrecision(Precision):
 
     Args:
         precision: ``"32-true"`` (default), ``"16-mixed"``, ``"bf16-mixed"`` or a Precision instance.
-        cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"``.
+        cuda_graph_strategy: ``"disabled"``, ``"whole_graph_capture"`` or ``"auto"`` (see ``TRTRuntimeSettings``;
+            the plugin times its steps, and without a batch to read, one trial decides for the run).
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``.
         runtime_cache: kernel-cache path template, ``"default"`` or ``None`` (see ``TRTSettings``).
         prewarm_shapes, prewarm_dtype, prewarm_target: as for ``TRTRuntimeSettings``: input shapes to
@@ -208,6 +209,19 @@ class TRTRuntimePrecision(Precision):
         self._prewarmed = session  # tried once per session (a skipped prewarm is not tried at every step)
         self.prewarm_spec.run(session, session.module)
 
+    @contextmanager
+    def _step(self) -> Generator[None, None, None]:
+        """Prewarm before the first step; under ``"auto"``, each validation or test step is a batch of its
+        trial (predict steps are timed by :meth:`_own_predict_step`'s loop; with the callback, the
+        callback's session times the batches)."""
+        self._prewarm()
+        session = self.session if self.session is not None and self.session.auto is not None else None
+        if session is not None:
+            session.batch_started()
+        yield
+        if session is not None:
+            session.batch_ended()
+
     def _own_predict_step(self) -> ServingSession | None:
         """This plugin's own session in a predict loop (no callback serving it): on the loop's first
         step, batches from the next one on are uploaded ahead and the loop is timed."""
@@ -236,15 +250,13 @@ class TRTRuntimePrecision(Precision):
     @override
     @contextmanager
     def val_step_context(self) -> Generator[None, None, None]:
-        self._prewarm()
-        with super().val_step_context():
+        with self._step(), super().val_step_context():
             yield
 
     @override
     @contextmanager
     def test_step_context(self) -> Generator[None, None, None]:
-        self._prewarm()
-        with super().test_step_context():
+        with self._step(), super().test_step_context():
             yield
 
 

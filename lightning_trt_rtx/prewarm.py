@@ -229,11 +229,7 @@ def _run(session: ServingSession, examples: list[tuple[torch.Tensor, ...]], targ
         try:
             if eager:
                 assert session.cache is not None
-                binding.apply(
-                    session.settings.to_runtime_settings(
-                        session.cache.handle, dynamic_shapes_kernel_specialization_strategy="eager"
-                    )
-                )
+                binding.apply(session.runtime_settings(dynamic_shapes_kernel_specialization_strategy="eager"))
             for example in examples:
                 records.append(PrewarmedShape(_shape_of(example), _timed(callee, example)))
         finally:

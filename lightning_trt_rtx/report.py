@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class RankFigures:
     step_gpu_ms: float = 0.0  # GPU time from a steady batch's start to its end (CUDA events), mean
     uploads: str = ""  # batches uploaded ahead of the engine, or why not
     failed: bool = False  # the rank's run ended with an exception: its figures are up to it
+    auto: str = ""  # cuda_graph_strategy="auto": what it kept and the median per-batch times that decided
+    auto_ms: dict[str, float] = field(default_factory=dict)  # those medians, by candidate (the last trial's)
 
     @property
     def efficiency(self) -> float:
@@ -96,6 +98,7 @@ class RankFigures:
     def summary(self) -> str:
         """One line: engines, what the cache loaded and whether it applied, what was saved."""
         capture = f"; CUDA graphs: {self.graphs}" if self.graphs else ""
+        capture += f"; auto graphs: {self.auto}" if self.auto else ""
         capture += f"; whole-graph capture: {self.capture}" if self.capture else ""
         if self.step_gpu_ms > 0:
             capture += (f"; {self.mean_batch_ms:.3f} ms per batch, step on GPU {self.step_gpu_ms:.3f} ms"
@@ -227,6 +230,9 @@ def table(rows: list[RankFigures]) -> str:
     if any(r.graphs for r in rows):  # TRTCudaGraphs: what each target ran, read at its first call
         header = (*header[:-1], "CUDA graphs", header[-1])
         body = [(*row[:-1], r.graphs or "-", row[-1]) for row, r in zip(body, rows)]
+    if any(r.auto for r in rows):  # cuda_graph_strategy="auto": what it kept, per rank
+        header = (*header[:-1], "auto", header[-1])
+        body = [(*row[:-1], r.auto or "-", row[-1]) for row, r in zip(body, rows)]
     if any(r.capture for r in rows):  # whole-graph capture: whether it could replay, per rank
         header = (*header[:-1], "whole-graph capture", header[-1])
         body = [(*row[:-1], r.capture or "-", row[-1]) for row, r in zip(body, rows)]

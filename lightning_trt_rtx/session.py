@@ -25,6 +25,7 @@ one run: each run opens its own and so reads what is on disk now.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -36,12 +37,12 @@ from typing import Any
 
 import torch
 
-from lightning_trt_rtx import _backend, addresses, cache, transfers
+from lightning_trt_rtx import _backend, addresses, auto, cache, transfers
 from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.report import RankFigures
-from lightning_trt_rtx.settings import TRTSettings
+from lightning_trt_rtx.settings import CudaGraphStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class ServingSession:
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
         self.looping = False  # between loop_started and loop_ended
+        # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
+        self.auto: _AutoGraphs | None = _AutoGraphs(self) if settings.cuda_graph_strategy == "auto" else None
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
@@ -203,26 +206,49 @@ class ServingSession:
 
     def _hold_addresses(self) -> None:
         """Under whole-graph capture, hold every engine's input and output addresses still (see
-        :mod:`lightning_trt_rtx.addresses`): TensorRT-RTX replays a captured graph only while they stay."""
-        if self.settings.cuda_graph_strategy != "whole_graph_capture" or self.binding is None:
+        :mod:`lightning_trt_rtx.addresses`): TensorRT-RTX replays a captured graph only while they stay.
+        Under ``"auto"``, only while its candidate is the one with held addresses."""
+        if self.binding is None:
             return
         mode = addresses.mode()
-        if mode == "off":
-            self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
+        if self.engine_strategy() != "whole_graph_capture" or mode == "off" or (
+            self.auto is not None and self.auto.candidate != auto.HELD
+        ):
+            if self.stable is not None:
+                self.stable.uninstall()  # auto switched away from it (a fixed strategy never does)
+                if not self.stable.adopt(self.binding.engines):
+                    self.stable = None  # other engines: made again if auto holds them
+            if mode == "off" and self.auto is None and self.engine_strategy() == "whole_graph_capture":
+                self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
             return
+        stable = self._stable_addresses(mode)
+        stable.install()  # a no-op while installed
+        if self._between_loops:
+            stable.pause()
+
+    def _stable_addresses(self, mode: str) -> addresses.StableAddresses:
+        """The run's StableAddresses for the bound engines (made, or kept when the engines are the same),
+        not installed."""
+        assert self.binding is not None
         engines = self.binding.engines
         if self.stable is not None:
             if self.stable.adopt(engines):
-                return
+                return self.stable
             self.stable.uninstall()
         self.stable = addresses.StableAddresses(engines, from_first_call=mode == "always")
-        self.stable.install()
-        if self._between_loops:
-            self.stable.pause()
+        return self.stable
 
-    def runtime_settings(self) -> Any:
-        """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle."""
-        return self.settings.to_runtime_settings(self.cache.handle if self.cache is not None else None)
+    def engine_strategy(self) -> CudaGraphStrategy:
+        """The ``cuda_graph_strategy`` the engines hold now: the settings', or under ``"auto"`` its current
+        candidate's."""
+        if self.auto is not None:
+            return auto.engine_strategy(self.auto.candidate)
+        return self.settings.cuda_graph_strategy
+
+    def runtime_settings(self, **overrides: Any) -> Any:
+        """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle (and ``overrides``)."""
+        values = {"cuda_graph_strategy": self.engine_strategy(), **overrides}
+        return self.settings.to_runtime_settings(self.cache.handle if self.cache is not None else None, **values)
 
     @contextmanager
     def engines_created(self) -> Iterator[None]:
@@ -368,9 +394,12 @@ class ServingSession:
             return
         if self.module is None:
             raise ValueError("open_graphs needs the session's module: call serve(module) first.")
+        if self.auto is not None:  # the scopes capture the compiled modules: no trial inside them
+            self.auto.stop("TRTCudaGraphs' scopes capture the compiled modules")
         self.serve(self.module)  # settings outside, graphs inside, whatever order the callbacks run in
         handle = self.cache.handle if self.cache is not None else None
-        self.graphs = GraphScopes(self.module, targets, self.settings, handle, self.ranks.rank)
+        settings = dataclasses.replace(self.settings, cuda_graph_strategy=self.engine_strategy())
+        self.graphs = GraphScopes(self.module, targets, settings, handle, self.ranks.rank)
         self.graphs.open()
 
     def close_graphs(self) -> None:
@@ -435,20 +464,29 @@ class ServingSession:
             self.stable.resume()
         self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
 
-    def batch_started(self) -> None:
+    def batch_started(self, batch: Any = None) -> None:
+        """Call before each batch (the callbacks do), with the batch: under ``"auto"`` a batch of a new
+        input shape starts a new trial (without it, one trial decides for the run)."""
         if self.binding is not None:
             self.binding.refresh()  # a MutableTorchTensorRTModule may have recompiled
             if self.stable is not None and self.stable.engines is not self.binding.engines:
                 self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
+        if self.auto is not None:
+            self.auto.batch_started(batch)
         self._timer.batch_started()
 
     def batch_ended(self) -> None:
+        """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
         self._timer.batch_ended()
+        if self.auto is not None and self.auto.trial is not None and self.auto.trial.decided is None:
+            self.auto.batch_ended()
 
     def loop_ended(self) -> None:
         self.looping = False
         self._close_uploads()
         self._timer.end()
+        if self.auto is not None:
+            self.auto.loop_ended()
         self._between_loops = True
         if self.stable is not None:
             self.stable.pause()  # inside fit, training runs until the next validation loop
@@ -467,8 +505,12 @@ class ServingSession:
                 log.warning("Ending the loop's figures failed: %s", err)
         self._close_uploads()
         self.close_graphs()
+        if self.auto is not None:
+            self.figures.auto = self.auto.describe()
+            self.figures.auto_ms = self.auto.medians_ms()
         if self.stable is not None:
-            self.figures.capture = self.stable.describe()
+            if self.auto is None or self.auto.candidate == auto.HELD:
+                self.figures.capture = self.stable.describe()
             self.stable.uninstall()
         try:
             if self.cache is not None:
@@ -479,6 +521,140 @@ class ServingSession:
             if self.binding is not None:
                 self.binding.restore()
         return self.figures
+
+
+class _AutoGraphs:
+    """Drives ``cuda_graph_strategy="auto"`` (the decision is :mod:`lightning_trt_rtx.auto`'s): stamps the
+    ends of a window's batches with CUDA events on the current stream, synchronises once per window,
+    and switches the engines between candidates; after the decision nothing is timed."""
+
+    def __init__(self, session: ServingSession) -> None:
+        self.session = session
+        self.candidate = auto.DISABLED  # in force now: engines start without graphs
+        self.trial: auto.Trial | None = None  # the latest trial
+        self.trials = 0
+        self.shapes: set[Any] = set()  # the input shapes trials have seen
+        self.off = ""  # why nothing is tried (then "disabled" stays)
+        self.held_left_out = ""  # why held addresses are not a candidate
+        self._cuda = torch.cuda.is_available()
+        self._stamps: list[Any] = []  # this window's: CUDA events (reused), or perf_counter seconds
+        self._pool: list[Any] = []
+
+    # --- per batch ---------------------------------------------------------------------------------
+
+    def batch_started(self, batch: Any) -> None:
+        if self.off or len(self.shapes) >= auto.MAX_SHAPES:
+            return
+        key = _shape_key(batch)
+        if self.trial is None:
+            self.shapes.add(key)
+            self._start()
+        elif key not in self.shapes:
+            self.shapes.add(key)
+            if self.trial.decided is not None and key is not None:
+                self._start()  # a new input shape: try again, the kept candidate first
+
+    def batch_ended(self) -> None:
+        trial = self.trial
+        assert trial is not None
+        if trial.batch_ended():
+            self._stamp()
+        if trial.window_full:
+            self._switch(trial.record(self._window_ms()))
+            if trial.decided is not None:
+                log.debug("auto: %s", trial.describe())
+
+    def loop_ended(self) -> None:
+        """A window cut by the loop's end is timed again from its warm-up in the next loop."""
+        if self.trial is not None and self.trial.decided is None:
+            self.trial.restart_window()
+        self._stamps.clear()
+
+    def stop(self, why: str) -> None:
+        """Try nothing (any more): the engines run without graphs; the figures say ``why``."""
+        self.off = why
+        self.trial = None
+        self._stamps.clear()
+        self._switch(auto.DISABLED)
+
+    # --- trials ------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        session = self.session
+        if session.binding is None or not session.binding.engines:
+            self.off = "not a TensorRT-RTX build" if session.figures.engines else "no TensorRT-RTX engines to time"
+            return
+        candidates = [auto.DISABLED, auto.UPSTREAM]
+        mode = addresses.mode()
+        if mode == "off":
+            self.held_left_out = f"${addresses.ENABLED_ENV}=0"
+        elif not session._stable_addresses(mode).holdable:
+            self.held_left_out = "no engine's addresses can be held"
+        else:
+            candidates.append(auto.HELD)
+        # the candidate in force first: a shape that runs only a few batches switches nothing
+        ordered = [self.candidate] + [c for c in candidates if c != self.candidate]
+        self.trial = auto.Trial(ordered)
+        self.trials += 1
+        self._stamps.clear()
+
+    def _switch(self, candidate: str) -> None:
+        if candidate == self.candidate:
+            return
+        self.candidate = candidate
+        session = self.session
+        if session.binding is not None:
+            session.binding.apply(session.runtime_settings())  # a strategy change drops the execution context
+            session._hold_addresses()
+
+    # --- timing ------------------------------------------------------------------------------------
+
+    def _stamp(self) -> None:
+        if not self._cuda:
+            self._stamps.append(time.perf_counter())
+            return
+        if len(self._pool) <= len(self._stamps):
+            self._pool.append(torch.cuda.Event(enable_timing=True))
+        event = self._pool[len(self._stamps)]
+        event.record()  # on the current stream: where the batch's work was queued
+        self._stamps.append(event)
+
+    def _window_ms(self) -> list[float]:
+        stamps, self._stamps = self._stamps, []
+        if not stamps:
+            return []
+        if not self._cuda:
+            return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+        stamps[-1].synchronize()  # the window's one synchronisation
+        return [a.elapsed_time(b) for a, b in zip(stamps, stamps[1:])]
+
+    # --- figures -----------------------------------------------------------------------------------
+
+    def medians_ms(self) -> dict[str, float]:
+        return self.trial.medians_ms if self.trial is not None else {}
+
+    def describe(self) -> str:
+        if self.off:
+            return f"disabled (not tried: {self.off})"
+        if self.trial is None:
+            return "disabled (not tried: no batch ran between batch_started and batch_ended)"
+        text = self.trial.describe()
+        if self.trials > 1:
+            text += f"; {self.trials} trials (new input shapes)"
+        if self.held_left_out:
+            text += f"; held addresses not tried: {self.held_left_out}"
+        return text
+
+
+def _shape_key(batch: Any) -> Any:
+    """A batch's input shapes, cheaply: a tensor, or the tensors of a list, tuple or dict (one level)."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if isinstance(batch, (list, tuple)):
+        return tuple(tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch)
+    if isinstance(batch, dict):
+        return tuple((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor))
+    return None
 
 
 class _BatchTimer:

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 from lightning_trt_rtx import cache
 
 # The one place the valid choices are spelled: typed arguments (LightningCLI) and the checks use these.
-CudaGraphStrategy = Literal["disabled", "whole_graph_capture"]
+CudaGraphStrategy = Literal["disabled", "whole_graph_capture", "auto"]
 KernelStrategy = Literal["lazy", "eager", "none"]
 CUDA_GRAPH_STRATEGIES: tuple[str, ...] = get_args(CudaGraphStrategy)
 KERNEL_STRATEGIES: tuple[str, ...] = get_args(KernelStrategy)
@@ -55,8 +55,10 @@ class TRTSettings:
     """TensorRT-RTX runtime settings for every engine of a model.
 
     Args:
-        cuda_graph_strategy: ``"disabled"`` or ``"whole_graph_capture"`` (TensorRT-RTX captures and
-            replays each engine internally; fastest for launch-bound models).
+        cuda_graph_strategy: ``"disabled"``, ``"whole_graph_capture"`` (TensorRT-RTX captures and
+            replays each engine internally; fastest for launch-bound models) or ``"auto"`` (the serving
+            session times both, and whole-graph capture with held addresses, on the run's first
+            batches and keeps the fastest: see :mod:`lightning_trt_rtx.auto`; engines start ``"disabled"``).
         dynamic_shapes_kernel_specialization_strategy: ``"lazy"``, ``"eager"`` or ``"none"``: when
             kernels for dynamic shapes are JIT-compiled.
         runtime_cache: a path template for the on-disk kernel cache, or ``None`` for none. The
@@ -150,4 +152,6 @@ class TRTSettings:
             runtime_cache=cache_handle,
         )
         values.update(overrides)
+        if values["cuda_graph_strategy"] == "auto":  # the session decides; until it has, no graphs
+            values["cuda_graph_strategy"] = "disabled"
         return _backend.runtime_settings_class()(**values)

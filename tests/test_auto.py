@@ -1,0 +1,275 @@
+"""``cuda_graph_strategy="auto"`` on CPU: the decision rule on recorded timings, the trial's windows, the
+session driving it over engines faked at our boundary (a ``TorchTensorRTModule`` whose forward takes as
+long as its strategy says), its figures, and bad values. ``tests/gpu`` runs it on real engines."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_trt_rtx import ServingSession, TRTRuntimePrecision, TRTRuntimeSettings, TRTSettings, addresses, auto
+from lightning_trt_rtx.auto import DISABLED, HELD, UPSTREAM, Trial, choose
+from lightning_trt_rtx.report import RankFigures, table
+
+# --- the decision rule, on recorded per-batch times (ms) -----------------------------------------------
+
+# H200, Trainer.predict, 32x256 MLP: default 0.73, upstream capture 0.35, held addresses 0.56 ms per batch
+GRAPHS_WIN = {DISABLED: [0.74, 0.73, 0.71, 0.90, 0.73], UPSTREAM: [0.35, 0.36, 0.34, 0.80, 0.35],
+              HELD: [0.56, 0.55, 0.57, 0.56, 0.58]}  # fmt: skip
+# a ResNet-50 program at batch 32: default 3.39, whole-graph capture 4.44 ms per batch
+GRAPHS_LOSE = {DISABLED: [3.40, 3.39, 3.38, 3.41, 5.0], UPSTREAM: [4.44, 4.40, 4.46, 3.0, 4.45],
+               HELD: [4.50, 4.42, 4.47, 4.44, 4.43]}  # fmt: skip
+
+
+def test_the_fastest_median_is_kept_when_graphs_win():
+    assert choose(GRAPHS_WIN) == UPSTREAM
+    # with predictions kept on the GPU held addresses win (0.41 vs 0.76 ms)
+    assert choose({DISABLED: [1.11] * 3, UPSTREAM: [0.76] * 3, HELD: [0.41, 0.40, 2.0]}) == HELD
+
+
+def test_disabled_is_kept_when_graphs_lose_or_win_by_less_than_the_margin():
+    assert choose(GRAPHS_LOSE) == DISABLED
+    # 2% faster: noise, not a reason to leave the default
+    assert choose({DISABLED: [1.00, 1.00, 1.01], UPSTREAM: [0.98, 0.98, 0.99]}) == DISABLED
+    assert choose({DISABLED: [1.00, 1.00, 1.01], UPSTREAM: [0.96, 0.96, 0.97]}) == UPSTREAM
+    assert choose({DISABLED: [1.0], UPSTREAM: [0.96]}, margin=0.05) == DISABLED
+    assert choose({}) == DISABLED
+    assert choose({UPSTREAM: [0.5], HELD: [0.5]}) == UPSTREAM  # a tie: the candidate without a wrapper
+
+
+def test_a_trial_times_each_candidate_after_its_warm_up_and_decides():
+    trial = Trial([DISABLED, UPSTREAM, HELD], timed=4)
+    stamped: list[tuple[str, int]] = []
+    for candidate, times in GRAPHS_WIN.items():
+        assert trial.candidate == candidate
+        batches = 0
+        while not trial.window_full:
+            batches += 1
+            if trial.batch_ended():
+                stamped.append((candidate, batches))
+        # the last warm-up batch's end, then each timed batch's: timed + 1 stamps
+        warmup = auto.WARMUP[candidate]
+        assert [b for c, b in stamped if c == candidate] == list(range(warmup, warmup + 5))
+        trial.record(times[:4])
+    assert trial.decided == UPSTREAM and trial.candidate == UPSTREAM
+    assert not trial.batch_ended() and not trial.window_full  # nothing is timed after the decision
+    assert trial.medians_ms == {DISABLED: pytest.approx(0.735), UPSTREAM: pytest.approx(0.355),
+                                HELD: pytest.approx(0.56)}  # fmt: skip
+    assert trial.describe() == (
+        "kept whole_graph_capture (median ms per batch: disabled 0.735, whole_graph_capture 0.355,"
+        " whole_graph_capture, held addresses 0.560; 4 batches each)"
+    )
+    with pytest.raises(RuntimeError, match="decided already"):
+        trial.record([1.0])
+
+
+def test_a_window_cut_short_is_timed_again_from_its_warm_up():
+    trial = Trial([UPSTREAM, DISABLED], timed=2)
+    for _ in range(4):
+        trial.batch_ended()
+    trial.restart_window()
+    assert [trial.batch_ended() for _ in range(5)] == [False, False, True, True, True] and trial.window_full
+    assert trial.describe() == "trial not finished, ran whole_graph_capture"
+
+
+def test_a_trial_refuses_unknown_candidates_naming_the_valid_ones():
+    valid = "Valid choices: \\['disabled', 'whole_graph_capture', 'whole_graph_capture, held addresses'\\]"
+    with pytest.raises(ValueError, match=valid):
+        Trial(["fast"])
+    with pytest.raises(ValueError, match="Valid choices"):
+        Trial([])
+
+
+# --- bad values, wherever a strategy is accepted -----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["Auto", "fast", "AUTO"])
+def test_bad_strategies_are_refused_naming_the_valid_choices(value):
+    valid = "Valid choices: 'disabled', 'whole_graph_capture', 'auto'"
+    with pytest.raises(ValueError, match=valid):
+        TRTSettings(cuda_graph_strategy=value)
+    with pytest.raises(ValueError, match=valid):
+        TRTRuntimeSettings(cuda_graph_strategy=value)
+    with pytest.raises(ValueError, match=valid):
+        TRTRuntimePrecision(cuda_graph_strategy=value)
+    with pytest.raises(ValueError, match=valid):
+        TRTSettings.from_yaml(f"cuda_graph_strategy: {value}")
+
+
+def test_auto_is_accepted_everywhere_and_engines_start_without_graphs():
+    settings = TRTSettings(cuda_graph_strategy="auto", runtime_cache=None)
+    assert TRTSettings.from_yaml(settings.to_yaml()) == settings
+    assert TRTRuntimeSettings(cuda_graph_strategy="auto").settings.cuda_graph_strategy == "auto"
+    assert TRTRuntimePrecision(cuda_graph_strategy="auto").settings.cuda_graph_strategy == "auto"
+    assert settings.to_runtime_settings().cuda_graph_strategy == "disabled"
+    assert settings.to_runtime_settings(cuda_graph_strategy="whole_graph_capture").cuda_graph_strategy == (
+        "whole_graph_capture"
+    )
+
+
+# --- the session driving a trial over engines faked at our boundary --------------------------------------
+
+
+@pytest.fixture
+def paced(trt):
+    """A real (engine-less) TorchTensorRTModule whose forward takes ``pace[strategy]`` ms: the engine is
+    faked at our boundary; settings, the binding, the addresses wrapper and the session are real."""
+
+    class Paced(trt.dynamo.runtime.TorchTensorRTModule):
+        def __init__(self, pace: dict[str, float]) -> None:
+            super().__init__(name="paced")
+            self.pace = pace
+            self.strategies: list[str] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            strategy = self.runtime_settings.cuda_graph_strategy
+            self.strategies.append(strategy)
+            time.sleep(self.pace[strategy] / 1e3)
+            return x + 1
+
+    return Paced
+
+
+def _serve(session: ServingSession, engine, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    outputs = []
+    session.loop_started()
+    for x in batches:
+        session.batch_started(x)
+        outputs.append(engine(x))
+        session.batch_ended()
+    session.loop_ended()
+    return outputs
+
+
+def _session(**kwargs) -> ServingSession:
+    trainer = SimpleNamespace(global_rank=0, local_rank=0, node_rank=0, world_size=1, strategy=SimpleNamespace())
+    settings = TRTSettings(cuda_graph_strategy="auto", runtime_cache=None)
+    return ServingSession.for_trainer(trainer, settings, loops_only=True)
+
+
+TRIAL = sum(auto.WARMUP.values()) + 3 * auto.TIMED  # batches of a first trial with held addresses
+
+
+def test_auto_keeps_whole_graph_capture_where_graphs_win(paced, fake_gpu):
+    engine = paced({"disabled": 6.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    xs = [torch.full((4, 2), float(i)) for i in range(TRIAL + 6)]
+    outputs = _serve(session, engine, xs)
+    figures = session.close()
+    assert all(torch.equal(y, x + 1) for x, y in zip(xs, outputs))
+    # tried in order (the default first), then the kept one runs to the end of the loop
+    d, u, h = (auto.WARMUP[c] + auto.TIMED for c in (DISABLED, UPSTREAM, HELD))
+    assert engine.strategies[:d] == ["disabled"] * d
+    assert engine.strategies[d:] == ["whole_graph_capture"] * (len(xs) - d)
+    assert figures.auto.startswith("kept whole_graph_capture") or figures.auto.startswith(f"kept {HELD}")
+    assert set(figures.auto_ms) == {DISABLED, UPSTREAM, HELD}
+    assert figures.auto_ms[DISABLED] > 4.0 > 3.0 > figures.auto_ms[UPSTREAM]
+    assert "8 batches each" in figures.auto
+    assert engine.runtime_settings.cuda_graph_strategy == "disabled"  # given back on close
+    assert "forward" not in vars(engine)  # the addresses wrapper too
+    assert d + u + h == TRIAL
+
+
+def test_auto_keeps_the_default_where_graphs_lose_and_switches_back_once(paced, fake_gpu):
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 5.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    xs = [torch.full((4, 2), float(i)) for i in range(TRIAL + 5)]
+    _serve(session, engine, xs)
+    figures = session.close()
+    assert figures.auto.startswith("kept disabled (median ms per batch: disabled")
+    assert engine.strategies[-5:] == ["disabled"] * 5
+    switches = sum(a != b for a, b in zip(engine.strategies, engine.strategies[1:]))
+    assert switches == 2  # to whole-graph capture for its two candidates, and back
+    assert figures.capture == ""  # held addresses were not kept: nothing to say about them
+    assert "auto" in table([figures]).splitlines()[0] and "kept disabled" in table([figures])
+
+
+def test_a_new_input_shape_tries_again_starting_with_what_was_kept(paced, fake_gpu):
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    first = [torch.zeros(4, 2)] * TRIAL
+    _serve(session, engine, first)
+    assert session.auto is not None and session.auto.trial is not None
+    kept = session.auto.trial.decided
+    assert kept in (UPSTREAM, HELD)
+    # a loop later: a new shape starts a trial whose first candidate is the one in force (no switch)
+    before = len(engine.strategies)
+    _serve(session, engine, [torch.zeros(2, 2)] * 3)
+    assert engine.strategies[before:] == ["whole_graph_capture"] * 3
+    assert session.auto.trial.decided is None and session.auto.trial.candidates[0] == kept
+    figures = session.close()
+    assert "2 trials (new input shapes)" in figures.auto and figures.auto.startswith("trial not finished")
+
+
+def test_auto_without_held_addresses_tries_two_candidates_and_says_why(paced, fake_gpu, monkeypatch):
+    monkeypatch.setenv(addresses.ENABLED_ENV, "0")
+    engine = paced({"disabled": 4.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    _serve(session, engine, [torch.zeros(4, 2)] * (auto.WARMUP[DISABLED] + auto.WARMUP[UPSTREAM] + 2 * auto.TIMED))
+    figures = session.close()
+    assert figures.auto.startswith("kept whole_graph_capture (")
+    assert set(figures.auto_ms) == {DISABLED, UPSTREAM}
+    assert figures.auto.endswith("held addresses not tried: $LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0")
+
+
+def test_auto_without_batches_or_engines_says_so(paced, fake_gpu):
+    session = _session()
+    session.serve(torch.nn.Sequential(paced({"disabled": 0.0, "whole_graph_capture": 0.0})))
+    assert session.close().auto == "disabled (not tried: no batch ran between batch_started and batch_ended)"
+    session = _session()
+    session.serve(torch.nn.Linear(2, 2), warn_if_none=False)
+    session.batch_started(torch.zeros(1, 2))
+    session.batch_ended()
+    assert session.close().auto == "disabled (not tried: no TensorRT-RTX engines to time)"
+
+
+def test_figures_carry_the_decision_through_a_gather():
+    figures = RankFigures(auto="kept disabled (...)", auto_ms={DISABLED: 1.0, UPSTREAM: 2.0})
+    from dataclasses import asdict
+
+    assert RankFigures.from_dict(asdict(figures)) == figures
+    assert "auto graphs: kept disabled" in figures.summary()
+
+
+def test_lightning_cli_accepts_auto_for_the_callback_and_the_plugin(tmp_path, monkeypatch):
+    import sys
+
+    from tests.test_lightning_cli import VALID, build
+
+    monkeypatch.setattr(sys, "argv", ["trainer.py"])
+    config = tmp_path / "auto.yaml"
+    with open(VALID, encoding="utf-8") as f:
+        config.write_text(f.read().replace("whole_graph_capture", "auto"))
+    cli = build(str(config), f"--trainer.default_root_dir={tmp_path}")
+    assert cli.trainer.callbacks[0].settings.cuda_graph_strategy == "auto"
+    assert cli.trainer.precision_plugin.settings.cuda_graph_strategy == "auto"
+
+
+def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, fake_gpu, tmp_path, messages):
+    from lightning.pytorch import LightningModule
+
+    from tests.procs.lightning_models import make_trainer
+
+    class Served(LightningModule):
+        def __init__(self, engine) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def predict_step(self, batch, batch_idx):
+            return self.engine(batch)
+
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
+    loader = torch.utils.data.DataLoader(torch.zeros(TRIAL + 4, 2), batch_size=1)
+    out = make_trainer(tmp_path, plugins=[plugin]).predict(Served(engine), loader)
+    assert len(out) == TRIAL + 4 and all(torch.equal(y, torch.ones(1, 2)) for y in out)
+    assert engine.strategies[-4:] == ["whole_graph_capture"] * 4
+    (summary,) = [r.getMessage() for r in messages.records if r.getMessage().startswith("TensorRT-RTX serving")]
+    assert "auto graphs: kept whole_graph_capture" in summary, summary
