@@ -140,7 +140,7 @@ class ServingSession:
         :meth:`loop_started` and :meth:`loop_ended` (a callback: not in the sanity check or training)."""
         session = cls(settings=settings, **vars(Ranks.from_trainer(trainer)))
         session._between_loops = loops_only
-        devices = getattr(trainer.strategy, "parallel_devices", None)
+        devices = getattr(getattr(trainer, "strategy", None), "parallel_devices", None)
         if devices:
             session._local_devices = [str(device) for device in devices]
         return session
