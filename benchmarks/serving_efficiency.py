@@ -12,7 +12,8 @@ The yardstick is the engine itself. Per model, in one fresh process:
   ahead); each under default settings and whole-graph capture, after a warm-up run of each strategy from the
   CPU source that is left out (the first runs of a process are slower: page faults, pinned-memory
   allocation);
-* on the CPU source with the faster strategy, what happens to the predictions: ``dropped``
+* ``cuda_graph_strategy="auto"`` on the CPU source (its trial included in the per-batch time);
+* on the CPU source with the faster of default and whole-graph capture, what happens to the predictions: ``dropped``
   (``return_predictions=False``), ``gpu-writer`` (a writer that keeps them on the GPU), ``host-writer``
   (a ``BasePredictionWriter`` that writes host tensors: ``.cpu()`` per batch), ``returned``
   (``return_predictions=True``) and ``host-collect`` (:class:`~lightning_trt_rtx.TRTHostPredictions`);
@@ -187,7 +188,8 @@ def task(spec: dict) -> dict:
         row: dict[str, Any] = {"per_batch_ms": timer.per_batch_ms}
         if settings is not None and settings.figures:
             figures = settings.figures[0]
-            row.update(step_gpu_ms=figures.step_gpu_ms, uploads=figures.uploads, capture=figures.capture)
+            row.update(step_gpu_ms=figures.step_gpu_ms, uploads=figures.uploads, capture=figures.capture,
+                       auto=figures.auto)  # fmt: skip
         return row
 
     x = torch.stack(samples[:batch_size]).to(harness.device())
@@ -199,6 +201,7 @@ def task(spec: dict) -> dict:
     for strategy in STRATEGIES:  # warm-up from the CPU source (left out): the first runs of a process are slower
         run(served, "cpu", strategy)
     per_source = {source: {s: run(served, source, s) for s in STRATEGIES} for source in SOURCES}
+    per_source["cpu"]["auto"] = run(served, "cpu", "auto")  # the package's choice, its trial included
     best = min(STRATEGIES, key=lambda s: per_source["cpu"][s]["per_batch_ms"])
     per_predictions = {p: run(served, "cpu", best, p) for p in PREDICTIONS}
     empty = run(Empty(), "cpu", None)
@@ -249,7 +252,7 @@ def summarize(raw: dict) -> list[dict]:
         "measurement": f"serving efficiency: bare engine / Trainer.predict per batch, CPU dataset ({name})",
         "value": headline,
         "display": (f"{headline:.2f} (bare {bare:.3f} ms; predict {ms['disabled']:.3f} ms default,"
-                    f" {ms['whole_graph_capture']:.3f} ms graphs; without uploads ahead"
+                    f" {ms['whole_graph_capture']:.3f} ms graphs, {ms['auto']:.3f} ms auto; without uploads ahead"
                     f" {bare / min(r['per_batch_ms'] for r in raw['sources']['cpu-off'].values()):.2f})"),
         "details": details,
     }]  # fmt: skip
