@@ -44,6 +44,13 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
     return helpers.explain(proc, tail=4000)
 
 
+def assert_exits_2(main, message: str, capsys) -> None:
+    """An example's ``main`` rejects its arguments as its command line does: exit status 2, ``message`` on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 # --- examples/predict.py --------------------------------------------------------------------------
 
 
@@ -309,88 +316,6 @@ def test_cli_predict_with_callback_and_plugin_from_yaml(tmp_path):
     assert "TensorRT-RTX serving (whole_graph_capture)" in output
 
 
-# --- benchmarks/ (run.py and its modules) ---------------------------------------------------------
-
-
-def test_benchmarks_without_gpu_exit_2_and_measure_nothing(tmp_path):
-    out = tmp_path / "results"
-    proc = run_script("benchmarks/run.py", "--out", str(out))
-    assert proc.returncode == 2, _explain(proc)
-    assert "needs an NVIDIA GPU" in proc.stderr and "nothing was measured" in proc.stderr
-    assert not out.exists()
-
-
-def test_benchmark_plumbing_dry_run_on_cpu(tmp_path):
-    """The runner's tasks, subprocesses, medians and outputs, with eager CPU models (test-only mode)."""
-    out = tmp_path / "results"
-    proc = run_script(
-        "benchmarks/run.py", "--out", str(out), "--reps", "1", "--batches", "3", "--only", "loop", "overhead",
-        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, _explain(proc)
-    results = json.loads((out / "results.json").read_text())
-    assert results["gpu"].startswith("cpu (DRY RUN")
-    overhead, row = results["measurements"]
-    # overhead: three variants, twice the repetitions, the figure a median of back-to-back pairs
-    assert overhead["key"] == "integration_overhead" and overhead["goal"] == "<= 2%"
-    runs = overhead["details"]["per_batch_ms"]
-    assert sorted(runs) == ["callback", "core", "manual"] and all(len(v) == 2 for v in runs.values())
-    pairs = [(c / m - 1) * 100 for c, m in zip(runs["callback"], runs["manual"])]
-    assert overhead["details"]["paired_pct_callback_vs_manual"] == pytest.approx(pairs)
-    assert overhead["value"] == pytest.approx(statistics.median(pairs))
-    assert f"in {sum(p > 0 for p in pairs)} of 2 pairs" in overhead["display"]
-    assert row["key"] == "lightning_vs_loop" and row["goal"] == "<= 1.2x"
-    reps = row["details"]["per_batch_ms"]
-    assert len(reps["lightning"]) == 1 and len(reps["loop"]) == 1
-    assert math.isclose(row["value"], reps["lightning"][0] / reps["loop"][0])
-    assert row["met"] == (row["value"] <= 1.2)
-    assert (out / "lightning_profile.txt").read_text().startswith("cProfile of one Trainer.predict over 3 batches")
-    assert "DRY RUN" in (out / "results.md").read_text()
-    assert (out / "work" / ".gitignore").read_text() == "*\n"
-
-
-def test_write_results_tables_goals_and_gpu_name(tmp_path):
-    from benchmarks import harness as bench
-
-    rows = [
-        ("warm_start", 0.08, True), ("graphs", 2.1, False), ("integration_overhead", 2.5, False),
-        ("lightning_vs_loop", 1.1, True), ("two_gpu_throughput", 1.9, True), ("two_gpu_warm_start", None, None),
-        ("two_gpu_swapped_warm_start", 0.12, False),
-    ]  # fmt: skip
-    results = {
-        "gpu": "NVIDIA H100 80GB HBM3",
-        "date": "2026-11-26",
-        "versions": {"torch": "2.14.1"},
-        "method": ["medians"],
-        "measurements": [
-            {
-                "key": k,
-                "measurement": f"m-{k}",
-                "value": v,
-                "display": None if v is None else f"{v}",
-                "details": {"x": 1},
-            }
-            for k, v, _ in rows
-        ],
-    }
-    results["measurements"][0]["pair"] = {"labels": ["cold", "warm"], "values": [400.0, 32.0], "unit": "ms"}
-    written = bench.write_results(results, str(tmp_path))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert [m["met"] for m in saved["measurements"]] == [met for _, _, met in rows]
-    assert saved["gpu"] == "NVIDIA H100 80GB HBM3"
-    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| m-")]
-    assert len(table) == len(rows)
-    for line, (_, _, met) in zip(table, rows):
-        assert "| NVIDIA H100 80GB HBM3 | 2026-11-26 |" in line
-        assert {True: "| yes |", False: "| **no** |", None: "| n/a |"}[met] in line
-    if importlib.util.find_spec("matplotlib") is None:
-        assert saved["plot"].startswith("skipped: matplotlib is not installed")
-        assert "results.png: skipped" in (tmp_path / "results.md").read_text()
-        assert not (tmp_path / "results.png").exists()
-    else:
-        assert str(tmp_path / "results.png") in written and (tmp_path / "results.png").stat().st_size > 0
-
-
 # --- examples/tensor_parallel_predict.py ----------------------------------------------------------
 
 
@@ -399,10 +324,15 @@ def test_tensor_parallel_example_says_what_it_needs_without_gpus(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "needs 2 NVIDIA GPUs and torch-tensorrt-rtx (found 0 GPU(s))" in proc.stdout
     assert not (tmp_path / "cache").exists()
-    bad = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--gpus", "1")
-    assert bad.returncode == 2 and "--gpus must be at least 2" in bad.stderr
-    bad = run_script(os.path.join(EXAMPLES, "tensor_parallel_predict.py"), "--runs", "0")
-    assert bad.returncode == 2 and "--runs and --batches must be positive" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--gpus", "1"], "--gpus must be at least 2"), (["--runs", "0"], "--runs and --batches must be positive")],
+)
+def test_tensor_parallel_example_rejects_bad_arguments(argv, message, capsys):
+    tp = _load("example_tensor_parallel", os.path.join(EXAMPLES, "tensor_parallel_predict.py"))
+    assert_exits_2(lambda: tp.main(argv), message, capsys)
 
 
 def test_tensor_parallel_example_uses_only_the_public_api():
@@ -479,16 +409,24 @@ def test_fabric_example_runs_the_same_loop_eagerly_on_two_cpu_processes(tmp_path
             assert fig["first_batch_ms"] == r["first_batch_ms"] > 0 and r["mean_batch_ms"] > 0
 
 
-def test_fabric_example_one_cpu_process_and_bad_arguments(tmp_path):
-    proc = run_script(
-        "examples/fabric_predict.py", "--devices", "1", "--runs", "1", "--batches", "2", "--model", "mlp",
-        "--cache-dir", str(tmp_path / "cache"),
-    )  # fmt: skip
-    assert proc.returncode == 0, _explain(proc)
-    assert "(1 process(es))" in proc.stdout and "run 1 (eager, no engines): 1 rank(s), 16 predictions" in proc.stdout
-    assert "No TensorRT engines found under MLP" in proc.stderr
-    bad = run_script("examples/fabric_predict.py", "--runs", "0")
-    assert bad.returncode == 2 and "must be positive" in bad.stderr
+def test_fabric_example_one_cpu_process_and_bad_arguments(tmp_path, capsys, messages):
+    """One process (no launch), the MLP, in this process: the loop and its report as the script runs them."""
+    import lightning as L
+
+    fabric_example = _load("example_fabric", os.path.join(EXAMPLES, "fabric_predict.py"))
+    args = fabric_example.parse_args(
+        ["--devices", "1", "--runs", "1", "--batches", "2", "--model", "mlp", "--cache-dir", str(tmp_path / "cache")]
+    )
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    rows = fabric_example.gather(fabric, fabric_example.run_once(fabric, args, 1, on_gpu=False))
+    fabric_example.print_run(rows, None)
+    out = capsys.readouterr().out
+    assert "run 1 (eager, no engines): 1 rank(s), 16 predictions" in out
+    assert [(r["rank"], r["predictions"], r["compiled"], r["figures"]["batches"]) for r in rows] == [(0, 16, False, 2)]
+    assert messages.matching("No TensorRT engines found under MLP")
+    assert not (tmp_path / "cache").exists()
+    assert_exits_2(lambda: fabric_example.main(["--runs", "0"]), "must be positive", capsys)
 
 
 # --- examples/text_predict.py and examples/_text_model.py -----------------------------------------
@@ -519,15 +457,22 @@ def test_text_predict_without_gpu_runs_eagerly_with_the_callback_and_its_prewarm
     assert "TensorRT-RTX prewarm:" not in proc.stderr
     assert not cache_dir.exists()  # no engines: no cache opened, none written
 
-    unbucketed = run_script(
-        "examples/text_predict.py", "--size", "tiny", "--batches", "3", "--no-buckets", "--cache-dir", str(cache_dir)
+
+
+def test_text_predict_unbucketed_prewarms_nothing_and_rejects_bad_arguments(tmp_path, capsys, messages):
+    """``--no-buckets`` in this process, through the job the script runs without a GPU."""
+    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
+    text_predict = _load("example_text_predict", os.path.join(EXAMPLES, "text_predict.py"))
+    args = text_predict.parse_args(
+        ["--size", "tiny", "--batches", "3", "--no-buckets", "--cache-dir", str(tmp_path / "cache")]
     )
-    assert unbucketed.returncode == 0, _explain(unbucketed)
+    assert text_predict.run_fallback(args, "eager here") == 0
+    out = capsys.readouterr().out
     lengths = sorted({length for _, length in text.TextBatches(3, 8, text.text_size("tiny").vocab, None).shapes})
-    assert f"sequence lengths {lengths}, 0 shape(s) prewarmed" in unbucketed.stdout, _explain(unbucketed)
-    assert "TensorRT-RTX prewarm" not in unbucketed.stderr
-    bad = run_script("examples/text_predict.py", "--batches", "0")
-    assert bad.returncode == 2 and "must be positive" in bad.stderr
+    assert f"sequence lengths {lengths}, 0 shape(s) prewarmed" in out, out
+    assert not [m for m in messages.infos + messages.warnings if "TensorRT-RTX prewarm" in m]
+    assert not (tmp_path / "cache").exists()
+    assert_exits_2(lambda: text_predict.main(["--batches", "0"]), "must be positive", capsys)
 
 
 def test_text_model_lengths_buckets_batches_and_pooling():
@@ -578,97 +523,7 @@ def test_text_encoder_exports_with_a_dynamic_sequence_and_no_fused_transformer_o
             torch.testing.assert_close(exported(x), net(x), rtol=1e-4, atol=1e-4)
 
 
-# --- benchmarks/real_models.py and benchmarks/dynamic_shapes.py -----------------------------------
-
-
-def test_steady_point_definition():
-    from benchmarks import harness as bench
-
-    # only the first batch is slow: steady from batch 1, after it
-    assert bench.steady_point([100.0] + [5.0] * 20)["index"] == 1
-    # a cold run: slow for 11 batches after the first (lazy specialization), then fast
-    cold = bench.steady_point([100.0] + [15.0] * 11 + [5.0] * 40)
-    assert (cold["index"], cold["until_ms"], cold["final_median_ms"], cold["steady"]) == (12, 265.0, 5.0, True)
-    # one late hiccup moves no rolling median
-    assert bench.steady_point([100.0] + [5.0] * 20 + [50.0] + [5.0] * 20)["index"] == 1
-    # a burst of slow batches in the second half (another process on the host) is steady state, not a late start
-    assert bench.steady_point([100.0] + [5.0] * 60 + [9.0] * 4 + [5.0] * 5)["index"] == 1
-    # the same burst in the first half still counts: the run settles after it
-    assert bench.steady_point([100.0] + [5.0] * 5 + [9.0] * 4 + [5.0] * 60)["index"] == 10
-    # a run still slow past its middle: one fast batch there is not the steady point
-    slow = [100.0] * 70 + [5.0] * 30
-    slow[52] = 5.0
-    assert bench.steady_point(slow)["index"] == 70
-    # within 1.2x counts as steady; above it does not
-    assert bench.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
-    assert bench.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3
-    assert bench.steady_point([])["steady"] is False
-
-
-def test_dynamic_shapes_pick_follows_the_numbers():
-    from benchmarks import dynamic_shapes
-
-    def case(cold, warm):
-        return {"cold": {"stream_wall_ms": cold}, "warm": {"stream_wall_ms": warm}}
-
-    cases = {"lazy, unbucketed": case(900, 300), "eager, bucketed": case(2000, 200), "none, bucketed": case(500, 205)}
-    choice = dynamic_shapes.pick(cases)
-    # within 5% of the best warm time, the cheaper cold start wins; the first-run pick is the least cold time
-    assert (choice["pick"], choice["first_run_pick"]) == ("none, bucketed", "none, bucketed")
-    assert sorted(choice["near_best_warm"]) == ["eager, bucketed", "none, bucketed"]
-    cases["none, bucketed"] = case(500, 260)
-    assert dynamic_shapes.pick(cases)["pick"] == "eager, bucketed"
-
-
-def test_real_models_and_dynamic_shapes_plumbing_dry_run_on_cpu(tmp_path):
-    """Both benchmarks' tasks, processes and rows, with eager CPU models (test-only mode)."""
-    from benchmarks import harness as bench
-
-    text = _load("example_text_model", os.path.join(EXAMPLES, "_text_model.py"))
-    out = tmp_path / "results"
-    proc = run_script(
-        "benchmarks/run.py", "--out", str(out), "--reps", "1", "--batches", "3", "--only", "real_models",
-        "dynamic_shapes", "--stream-batches", "4", "--dynamic-strategies", "lazy", "none",
-        env={"LIGHTNING_TRT_RTX_BENCH_DRY_RUN": "1"}, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, _explain(proc)
-    results = json.loads((out / "results.json").read_text())
-    assert results["gpu"].startswith("cpu (DRY RUN")
-    rows = {row["key"]: row for row in results["measurements"]}
-    with_torchvision = importlib.util.find_spec("torchvision") is not None
-    real = ["real_resnet50-b1", "real_resnet50-b32", "real_vit-b16-b8"] if with_torchvision else []
-    assert list(rows) == [*real, "real_bert-b8", "dynamic_shapes", "dynamic_shapes_cases"]
-
-    bert = rows["real_bert-b8"]
-    d = bert["details"]
-    assert len(d["first_batch_ms"]["cold"]) == len(d["first_batch_ms"]["warm"]) == 1
-    cold_first, warm_first = d["first_batch_ms"]["cold"][0], d["first_batch_ms"]["warm"][0]
-    assert bert["value"] == pytest.approx(warm_first / cold_first)
-    assert sorted(d["per_batch_ms"]) == ["default", "eager", "graphs"]
-    assert all(len(v) == 1 and v[0] > 0 for v in d["per_batch_ms_per_rep"].values())  # warm-up round left out
-    assert sorted(d["bare_engine_ms"]) == ["disabled", "whole_graph_capture"]
-    for phase in ("cold", "warm"):
-        times = d["first_20_batches_ms"][phase]
-        assert len(times) == d["batches_per_run"][phase][0] >= 3
-        point = bench.steady_point(times)
-        assert d["steady_index"][phase] == [point["index"]]
-        assert d["until_steady_ms"][phase] == [pytest.approx(point["until_ms"])]
-
-    cases = rows["dynamic_shapes_cases"]["details"]
-    assert list(cases) == ["lazy, unbucketed", "lazy, bucketed", "none, unbucketed", "none, bucketed"]
-    lengths = text.sample_lengths(4, seed=0)
-    detail = rows["dynamic_shapes"]["details"]
-    assert detail["lengths"] == lengths and detail["pick"] in cases and detail["first_run_pick"] in cases
-    for name, case in detail["cases"].items():
-        shapes = {text.bucket_length(n) for n in lengths} if "unbucketed" not in name else set(lengths)
-        for phase in ("cold", "warm"):
-            figures, raw = case[phase], detail["raw_ms"][name][phase]
-            assert figures["new_shapes"] == len(shapes) and {int(n) for n in figures["steady_ms"]} == shapes
-            assert len(raw["stream_ms"]) == 4 and len(raw["steady_pass_ms"]) == len(shapes) * detail["steady_rounds"]
-            assert figures["stream_wall_ms"] == pytest.approx(sum(raw["stream_ms"]))
-    warm = {name: case["warm"]["stream_wall_ms"] for name, case in detail["cases"].items()}
-    assert warm[detail["pick"]] <= min(warm.values()) * 1.05
-    assert rows["dynamic_shapes"]["value"] == pytest.approx(warm[detail["pick"]] / warm["lazy, unbucketed"])
+# --- examples/_model.py: the phase runner --------------------------------------------------------
 
 
 def test_run_phases_runs_each_phase_in_a_fresh_process_and_stops_at_a_failure(tmp_path, capsys):
