@@ -128,7 +128,8 @@ def test_real_model_rows_from_recorded_processes(tmp_path):
     for name in real_models.MODELS:
         want = rows[f"real_{name}"]
         d = want["details"]
-        prep = {"compile_s": d["compile_s"], "program_bytes": d["program_bytes"], "max_abs_diff": d["max_abs_diff_vs_eager"]}
+        prep = {"compile_s": d["compile_s"], "program_bytes": d["program_bytes"],
+                "max_abs_diff": d["max_abs_diff_vs_eager"]}  # fmt: skip
 
         def served(phase: str, d: dict = d) -> dict:
             return {
@@ -205,8 +206,8 @@ def test_two_gpu_rows_from_recorded_runs(tmp_path):
                   warm["details"]["warm_first_batch_ms"], warm["details"]["warm_cache_source"], gpus)]  # fmt: skip
     samples = throughput["details"]["samples_per_s_including_first_batch"]
     two = {"runs": [cold_run, {"ranks": warm_ranks, "steady_samples_per_s": two_steady, "samples_per_s": samples[1]}]}
-    one = {"runs": [{"ranks": [rank(r, r["first_batch_ms"], "warm", gpus[0]) for r in throughput["details"]["ranks_1_gpu"]],
-                     "steady_samples_per_s": one_steady, "samples_per_s": samples[0]}]}  # fmt: skip
+    one_ranks = [rank(r, r["first_batch_ms"], "warm", gpus[0]) for r in throughput["details"]["ranks_1_gpu"]]
+    one = {"runs": [{"ranks": one_ranks, "steady_samples_per_s": one_steady, "samples_per_s": samples[0]}]}
     s = swapped["details"]
     swapped_ranks = [
         rank({"per_batch_ms": per}, ms, source, g)
@@ -278,7 +279,8 @@ def test_write_results_tables_goals_and_gpu_name(tmp_path):
         "versions": {"torch": "2.14.1"},
         "method": ["medians"],
         "measurements": [
-            {"key": k, "measurement": f"m-{k}", "value": v, "display": None if v is None else f"{v}", "details": {"x": 1}}
+            {"key": k, "measurement": f"m-{k}", "value": v, "display": None if v is None else f"{v}",
+             "details": {"x": 1}}
             for k, v, _ in rows
         ],
     }
