@@ -230,26 +230,25 @@ def test_two_gpu_rows_from_recorded_runs(tmp_path):
 
 
 def test_steady_point_definition():
-    bench = harness
     # only the first batch is slow: steady from batch 1, after it
-    assert bench.steady_point([100.0] + [5.0] * 20)["index"] == 1
+    assert harness.steady_point([100.0] + [5.0] * 20)["index"] == 1
     # a cold run: slow for 11 batches after the first (lazy specialization), then fast
-    cold = bench.steady_point([100.0] + [15.0] * 11 + [5.0] * 40)
+    cold = harness.steady_point([100.0] + [15.0] * 11 + [5.0] * 40)
     assert (cold["index"], cold["until_ms"], cold["final_median_ms"], cold["steady"]) == (12, 265.0, 5.0, True)
     # one late hiccup moves no rolling median
-    assert bench.steady_point([100.0] + [5.0] * 20 + [50.0] + [5.0] * 20)["index"] == 1
+    assert harness.steady_point([100.0] + [5.0] * 20 + [50.0] + [5.0] * 20)["index"] == 1
     # a burst of slow batches in the second half (another process on the host) is steady state, not a late start
-    assert bench.steady_point([100.0] + [5.0] * 60 + [9.0] * 4 + [5.0] * 5)["index"] == 1
+    assert harness.steady_point([100.0] + [5.0] * 60 + [9.0] * 4 + [5.0] * 5)["index"] == 1
     # the same burst in the first half still counts: the run settles after it
-    assert bench.steady_point([100.0] + [5.0] * 5 + [9.0] * 4 + [5.0] * 60)["index"] == 10
+    assert harness.steady_point([100.0] + [5.0] * 5 + [9.0] * 4 + [5.0] * 60)["index"] == 10
     # a run still slow past its middle: one fast batch there is not the steady point
     slow = [100.0] * 70 + [5.0] * 30
     slow[52] = 5.0
-    assert bench.steady_point(slow)["index"] == 70
+    assert harness.steady_point(slow)["index"] == 70
     # within 1.2x counts as steady; above it does not
-    assert bench.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
-    assert bench.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3
-    assert bench.steady_point([])["steady"] is False
+    assert harness.steady_point([5.9] * 3 + [5.0] * 20)["index"] == 0
+    assert harness.steady_point([6.1] * 3 + [5.0] * 20)["index"] == 3
+    assert harness.steady_point([])["steady"] is False
 
 
 def test_dynamic_shapes_pick_follows_the_numbers():
