@@ -45,6 +45,10 @@ TIMED = 8  # timed batches per candidate
 # batches left out after switching to a candidate: the first re-creates the execution context, the next
 # captures; held addresses need two more (the first held call makes the engine's kept outputs)
 WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 5}
+# the first candidate of a trial also runs the loop's first batches, slower than steady ones (measured on
+# H200: a conv net's "disabled" looked 0.96 ms per batch in its window against 0.71 ms steady, so auto
+# kept a slower candidate): it warms up this many batches more
+FIRST_EXTRA_WARMUP = 8
 MAX_SHAPES = 8  # new input shapes that start a new trial; beyond, the last decision stands
 
 
@@ -92,7 +96,8 @@ class Trial:
         return self.decided is None and self._batches >= self._warmup() + self.timed
 
     def _warmup(self) -> int:
-        return max(1, self.warmup.get(self.candidate, 1))  # at least one: its end is the window's first stamp
+        first = FIRST_EXTRA_WARMUP if self._index == 0 and not self.per_batch_ms else 0
+        return max(1, self.warmup.get(self.candidate, 1)) + first  # at least one: its end is the first stamp
 
     def batch_ended(self) -> bool:
         """Count a batch of the current candidate; whether its end is to be stamped (the window's

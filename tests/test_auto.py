@@ -24,6 +24,22 @@ GRAPHS_LOSE = {DISABLED: [3.40, 3.39, 3.38, 3.41, 5.0], UPSTREAM: [4.44, 4.40, 4
                HELD: [4.50, 4.42, 4.47, 4.44, 4.43]}  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _no_first_extra_warmup(monkeypatch):
+    """The windows these tests count start at the first batch (the extra warm-up has its own test)."""
+    monkeypatch.setattr(auto, "FIRST_EXTRA_WARMUP", 0)
+
+
+def test_the_first_candidate_warms_up_longer_than_the_others(monkeypatch):
+    monkeypatch.setattr(auto, "FIRST_EXTRA_WARMUP", 8)
+    trial = auto.Trial([auto.DISABLED, auto.UPSTREAM])
+    stamped = [trial.batch_ended() for _ in range(auto.WARMUP[auto.DISABLED] + 8 + auto.TIMED)]
+    assert stamped.index(True) == auto.WARMUP[auto.DISABLED] + 8 - 1 and trial.window_full
+    trial.record([1.0] * auto.TIMED)
+    stamped = [trial.batch_ended() for _ in range(auto.WARMUP[auto.UPSTREAM] + auto.TIMED)]
+    assert stamped.index(True) == auto.WARMUP[auto.UPSTREAM] - 1 and trial.window_full
+
+
 def test_the_fastest_median_is_kept_when_graphs_win():
     assert choose(GRAPHS_WIN) == UPSTREAM
     # with predictions kept on the GPU held addresses win (0.41 vs 0.76 ms)

@@ -487,7 +487,8 @@ def test_whole_graph_capture_copies_nothing_while_the_addresses_stay():
     compiled = compile_trt(eager, x)
     loader = _loader(x, 12)
     writer = _Copied()
-    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False,
+                                  upload_ahead=False)  # uploaded batches land at new addresses: held then
     _trainer(callback, writer).predict(Holder(compiled), loader, return_predictions=False)
     with torch.no_grad():
         expected = [eager(batch.cuda()).cpu() for batch in loader]

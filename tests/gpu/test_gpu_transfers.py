@@ -80,7 +80,7 @@ def test_predictions_equal_the_run_without_uploads_on_every_batch(conv, tmp_path
     assert devices == {"cuda:0"}
     assert len(on) == len(off) == 13
     for a, b in zip(on, off):  # each batch's own prediction (batches differ by far more than the tolerance)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert off_figures.uploads == "off: upload_ahead=False"
     assert on_figures.uploads.startswith("ahead, depth 2: 13 batches"), on_figures.uploads
     if source == "workers":
@@ -145,7 +145,7 @@ def test_host_predictions_equal_the_returned_ones_and_are_pinned(conv):
     assert len(collector.predictions) == len(returned) == 10
     for a, b in zip(collector.predictions, returned):
         assert a.device.type == "cpu" and a.is_pinned()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
@@ -160,4 +160,4 @@ def test_uploads_ahead_without_a_trainer_and_host_copies(conv):
     got = copies.collect()
     assert session.figures.uploads == "ahead, depth 2: 6 batches"
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

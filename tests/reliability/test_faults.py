@@ -191,10 +191,15 @@ def test_concurrent_saves_to_one_shared_file_stay_whole(tmp_path, real_cache_byt
 
 
 class _FakeTrainer:
-    """Only what ServingSession reads from a Trainer: its ranks."""
+    """Only what ServingSession reads from a Trainer: its ranks, and its strategy's devices (4 per node)."""
 
     def __init__(self, world_size: int, rank: int = 0):
         self.global_rank, self.local_rank, self.node_rank, self.world_size = rank, rank % 4, rank // 4, world_size
+
+        class Strategy:
+            parallel_devices = [torch.device("cuda", i) for i in range(min(world_size, 4))]
+
+        self.strategy = Strategy()
 
 
 @pytest.mark.parametrize(
