@@ -12,11 +12,14 @@ device as it is, the hooks, the step) runs as before. Tested against Lightning 2
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning.pytorch.core.hooks import DataHooks
 from lightning.pytorch.utilities.model_helpers import is_overridden
+
+log = logging.getLogger(__name__)
 
 # hooks that see a batch on the host before Lightning moves it: a batch already on the GPU would change them
 _HOST_SIDE_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device")
@@ -44,6 +47,21 @@ def why_not_wrap(trainer: Any) -> str | None:
             if is_overridden(hook, owner, parent=DataHooks):
                 return f"{type(owner).__name__} overrides {hook}, which expects batches on the host"
     return None
+
+
+def upload_batches(trainer: Any, session: Any, wanted: bool) -> None:
+    """Route the predict loop's batches through ``session.upload_ahead`` where that is safe, else
+    record in the session's figures why not."""
+    if not wanted:
+        session.uploads_off("upload_ahead=False")
+        return
+    reason = why_not_upload(trainer)
+    if reason is not None:
+        session.uploads_off(reason)
+        log.debug("Batches are not uploaded ahead: %s.", reason)
+        return
+    device = trainer.strategy.root_device
+    wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device))
 
 
 def wrap_batches(trainer: Any, wrap: Callable[[Any], Any]) -> None:

@@ -14,7 +14,7 @@ from lightning_trt_rtx import _predict_loop, report, transfers
 from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.prewarm import PrewarmSpec
-from lightning_trt_rtx.session import ServingSession
+from lightning_trt_rtx.session import ServingSession, trainer_session
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,6 @@ class _LoopHooks(Callback):
         self._hook(trainer, pl_module, "_end")
 
 
-def serving_session(trainer: Trainer) -> ServingSession | None:
-    """The open session of this Trainer's run: its TRTRuntimeSettings callback's, else its
-    TRTRuntimePrecision plugin's (the components find each other through the Trainer)."""
-    from lightning_trt_rtx.plugin import TRTRuntimePrecision
-
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
-        if isinstance(callback, TRTRuntimeSettings) and callback.session is not None:
-            return callback.session
-    plugin = trainer.precision_plugin
-    if isinstance(plugin, TRTRuntimePrecision):
-        return plugin.session
-    return None
-
-
 class TRTRuntimeSettings(_LoopHooks):
     """Serve every TensorRT-RTX engine of the model with runtime settings and this GPU's kernel cache.
 
@@ -126,6 +112,8 @@ class TRTRuntimeSettings(_LoopHooks):
             where the LightningModule or DataModule overrides ``on_before_batch_transfer`` or
             ``transfer_batch_to_device``, or ``predict_step`` takes ``dataloader_iter``.
     """
+
+    serves_runs = True  # owns its run's session (see session.trainer_session)
 
     def __init__(
         self,
@@ -178,7 +166,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if prewarm is not None:  # once per session, before the loop's timing starts
             prewarm.run(self.session, pl_module)
         if trainer.state.fn == TrainerFn.PREDICTING:
-            upload_predict_batches(trainer, self.session, self.upload_ahead)
+            _predict_loop.upload_batches(trainer, self.session, self.upload_ahead)
         self.session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
         self._serving = self.session
 
@@ -280,33 +268,15 @@ class TRTRuntimeSettings(_LoopHooks):
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
 
 
-def upload_predict_batches(trainer: Trainer, session: ServingSession, wanted: bool) -> None:
-    """Route the predict loop's batches through ``session.upload_ahead`` where that is safe."""
-    if not wanted:
-        session.uploads_off("upload_ahead=False")
-        return
-    reason = _predict_loop.why_not_upload(trainer)
-    if reason is not None:
-        session.uploads_off(reason)
-        log.debug("Batches are not uploaded ahead: %s.", reason)
-        return
-    device = trainer.strategy.root_device
-    _predict_loop.wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device))
-
-
 def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
     """The TRTRuntimePrecision plugin's prewarm arguments: the callback's session serves its run."""
-    from lightning_trt_rtx.plugin import TRTRuntimePrecision
-
-    plugin = trainer.precision_plugin
-    return plugin.prewarm_spec if isinstance(plugin, TRTRuntimePrecision) else None
+    plugin: Any = trainer.precision_plugin  # a TRTRuntimePrecision says so with serves_runs
+    return plugin.prewarm_spec if getattr(plugin, "serves_runs", False) else None
 
 
 def _check_agrees_with_plugin(trainer: Trainer, settings: TRTSettings) -> None:
-    from lightning_trt_rtx.plugin import TRTRuntimePrecision
-
-    plugin = trainer.precision_plugin
-    if isinstance(plugin, TRTRuntimePrecision) and plugin.settings != settings:
+    plugin: Any = trainer.precision_plugin
+    if getattr(plugin, "serves_runs", False) and plugin.settings != settings:
         raise ValueError(
             f"TRTRuntimeSettings and TRTRuntimePrecision configure different TensorRT-RTX settings for the same"
             f" model ({settings} vs {plugin.settings}). Configure the settings in one place: either the"
@@ -351,7 +321,7 @@ class TRTCudaGraphs(_LoopHooks):
         self._scopes: GraphScopes | None = None  # graphs alone, without a settings session
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        session = serving_session(trainer)
+        session = trainer_session(trainer)
         if session is not None and not session.closed:
             session.serve(pl_module)
             session.open_graphs(self.targets)
@@ -361,7 +331,7 @@ class TRTCudaGraphs(_LoopHooks):
             self._scopes = scopes
 
     def _close(self, trainer: Trainer) -> None:
-        session = serving_session(trainer)
+        session = trainer_session(trainer)
         if session is not None:
             session.close_graphs()
             self.graphs = session.figures.graphs or self.graphs

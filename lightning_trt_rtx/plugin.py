@@ -13,9 +13,10 @@ from lightning.pytorch.accelerators import CPUAccelerator, MPSAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from typing_extensions import override
 
+from lightning_trt_rtx import _predict_loop
 from lightning_trt_rtx._messages import info, warn
 from lightning_trt_rtx.prewarm import PrewarmSpec
-from lightning_trt_rtx.session import ServingSession
+from lightning_trt_rtx.session import ServingSession, trainer_session
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class TRTRuntimePrecision(Precision):
             prewarms as the first predict, validation or test step starts, on the model's device).
     """
 
+    serves_runs = True  # owns its run's session when no callback does (see session.trainer_session)
     _composed = False
     _wrapped: type[Precision] = Precision
 
@@ -165,8 +167,6 @@ class TRTRuntimePrecision(Precision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        from lightning_trt_rtx.callbacks import serving_session
-
         trainer = _trainer_of(module)
         if trainer is not None and self._name is not None and _autocast_device(trainer) != self._device:
             # built again only when the guess was wrong: a second fit keeps the precision's state
@@ -174,7 +174,7 @@ class TRTRuntimePrecision(Precision):
             self._init_wrapped()
         converted = super().convert_module(module)
         # DDP ignores the return value: the settings go onto the engines in place
-        callback_session = serving_session(trainer) if trainer is not None else None
+        callback_session = trainer_session(trainer) if trainer is not None else None
         if callback_session is not None and callback_session is not self.session:
             callback_session.serve(module)  # the callback's run: it saves and reports
             return converted
@@ -229,9 +229,7 @@ class TRTRuntimePrecision(Precision):
         if session is None or trainer is None or session.closed or not trainer.predicting:
             return None
         if not session.looping:
-            from lightning_trt_rtx.callbacks import upload_predict_batches
-
-            upload_predict_batches(trainer, session, self.upload_ahead)
+            _predict_loop.upload_batches(trainer, session, self.upload_ahead)
             session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
         return session
 

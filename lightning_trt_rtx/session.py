@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lightning_trt_rtx import _backend, addresses, auto, cache, transfers
+from lightning_trt_rtx import _backend, addresses, auto, cache, prewarm, transfers
 from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
@@ -275,9 +275,7 @@ class ServingSession:
         :func:`lightning_trt_rtx.prewarm.prewarm`. Returns a ``PrewarmedShape`` per example (its shapes
         and first-call time) and counts them in ``figures.prewarmed``.
         """
-        from lightning_trt_rtx.prewarm import prewarm
-
-        records = prewarm(self, inputs, target)
+        records = prewarm.prewarm(self, inputs, target)
         if self.stable is not None:
             self.stable.forget()  # the examples are not the loop's tensors: compare its first batch with nothing
         return records
@@ -722,3 +720,18 @@ class _BatchTimer:
         if self._gpu_steps:
             figures.step_gpu_ms = self._gpu_ms / self._gpu_steps
 
+
+
+def trainer_session(trainer: Any) -> ServingSession | None:
+    """The one lookup when two adapters meet in one Trainer: the open session of this Trainer's run.
+
+    The adapters that own runs (the ``TRTRuntimeSettings`` callback, the ``TRTRuntimePrecision``
+    plugin) say so with a class attribute ``serves_runs = True`` and hold their run's session in
+    ``.session``; the callback's comes first (it opens at ``setup``, before the plugin's
+    ``convert_module``), else the plugin's. No adapter imports another.
+    """
+    for owner in [*getattr(trainer, "callbacks", []), getattr(trainer, "precision_plugin", None)]:
+        session = getattr(owner, "session", None) if getattr(owner, "serves_runs", False) else None
+        if isinstance(session, ServingSession):
+            return session
+    return None

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_trt_rtx import TRTCudaGraphs, TRTRuntimeSettings, _backend, cache
-from lightning_trt_rtx.callbacks import serving_session
 from lightning_trt_rtx.session import ServingSession
+from lightning_trt_rtx.session import trainer_session as serving_session
 from tests.conftest import FAKE_GPU, OTHER_GPU
 from tests.procs.lightning_models import EngineModel, compiled_tree, predict_loader
 

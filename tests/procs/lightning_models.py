@@ -131,7 +131,7 @@ class SessionSpy(Callback):
         self.sessions: list[Any] = []
 
     def _seen(self, trainer: Trainer) -> None:
-        from lightning_trt_rtx.callbacks import serving_session
+        from lightning_trt_rtx.session import trainer_session as serving_session
 
         self.sessions.append(serving_session(trainer))
 
