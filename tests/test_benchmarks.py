@@ -488,3 +488,44 @@ def test_benchmarks_without_gpu_exit_2_and_measure_nothing(tmp_path):
     assert proc.returncode == 2, helpers.explain(proc)
     assert "needs an NVIDIA GPU" in proc.stderr and "nothing was measured" in proc.stderr
     assert not out.exists()
+
+
+def test_serving_efficiency_rows_from_recorded_processes(tmp_path, monkeypatch):
+    from benchmarks import serving_efficiency
+
+    results, rows = recorded("serving-efficiency-h200")
+    raws = {r["details"]["raw"]["model"]: r["details"]["raw"] for r in results["measurements"] if r.get("details")}
+    assert sorted(raws) == sorted(serving_efficiency.MODELS)
+    monkeypatch.setattr(serving_efficiency, "available_models", lambda: list(serving_efficiency.MODELS))
+    replay = Replay(tmp_path, [raws[name] for name in serving_efficiency.MODELS])
+    got = serving_efficiency.measure(replay, {"batches": 200})
+    assert [spec["model"] for _, spec in replay.asked] == list(serving_efficiency.MODELS)
+    assert {row["key"] for row in got} == set(rows)
+    for row in got:
+        want = rows[row["key"]]
+        assert row["value"] == pytest.approx(want["value"]) and row["display"] == want["display"]
+    vit = next(row for row in got if row["key"] == "serving_efficiency_vit-b16-b8")
+    raw = raws["vit-b16-b8"]
+    # the headline: the bare engine's faster strategy over the CPU source's fastest strategy
+    assert vit["value"] == pytest.approx(
+        min(raw["bare_ms"].values()) / min(r["per_batch_ms"] for r in raw["sources"]["cpu"].values())
+    )
+    assert harness.goal_met(vit["key"], vit["value"]) is True
+    assert harness.goal_key("serving_efficiency_host_bert-b8") == "serving_efficiency_host"
+
+
+def test_serving_efficiency_dry_run_on_cpu(tmp_path, dry_run_in_process):
+    out = tmp_path / "results"
+    argv = ["--out", str(out), "--batches", "3", "--only", "serving_efficiency", "--models", "mlp-b8"]
+    assert run.main(argv) == 0
+    assert dry_run_in_process == ["prep", "serving-efficiency"]
+    rows = {row["key"]: row for row in json.loads((out / "results.json").read_text())["measurements"]}
+    assert set(rows) == {"serving_efficiency_mlp-b8", "serving_efficiency_host_mlp-b8", "serving_efficiency_mlp_cost"}
+    raw = rows["serving_efficiency_mlp-b8"]["details"]["raw"]
+    from benchmarks import serving_efficiency
+
+    assert set(raw["sources"]) == set(serving_efficiency.SOURCES)
+    assert set(raw["sources"]["cpu"]) == {*serving_efficiency.STRATEGIES, "auto"}
+    assert set(raw["predictions"]) == set(serving_efficiency.PREDICTIONS)
+    assert raw["sources"]["cpu-off"]["disabled"]["uploads"] == "off: upload_ahead=False"
+    assert raw["sources"]["cpu"]["disabled"]["uploads"] == "off: the loop runs on cpu"
