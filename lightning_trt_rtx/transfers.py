@@ -182,7 +182,7 @@ class UploadsAhead:
             while len(self._ahead) <= self.depth and not (self._ahead and _is_last(self._ahead[-1])):
                 with self.ops.in_thread(self._stream):
                     self._ahead.append(self._read(catch=Exception))
-        item = self._ahead.popleft() if self._ahead else self._queue.get()
+        item = self._ahead.popleft() if self._ahead else self._take()
         if item is _END:
             self.close()
             raise StopIteration
@@ -194,6 +194,16 @@ class UploadsAhead:
             self.ops.hand_over(event, uploaded)
         self.stats["batches"] += 1
         return batch
+
+    def _take(self) -> Any:
+        """The thread's next item; a thread that ended without one is an error, not a wait forever."""
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    if self._queue.empty():
+                        return _Failure(RuntimeError("The uploads' thread ended without handing over a batch."))
 
     def _start(self) -> None:
         """Read the first batch here, and hand the rest to a thread if it is large."""
@@ -237,12 +247,15 @@ class UploadsAhead:
     # --- reading and uploading (the consumer, or the uploads' thread) ----------------------------
 
     def _produce(self) -> None:
-        with self.ops.in_thread(self._stream):
-            while not self._stop.is_set():
-                item = self._read(catch=BaseException)
-                self._put(item)
-                if _is_last(item):
-                    return
+        try:
+            with self.ops.in_thread(self._stream):
+                while not self._stop.is_set():
+                    item = self._read(catch=BaseException)
+                    self._put(item)
+                    if _is_last(item):
+                        return
+        except BaseException as error:  # outside reading (the stream, the device): the consumer raises it
+            self._put(_Failure(error))
 
     def _put(self, item: Any) -> None:
         while not self._stop.is_set():

@@ -239,6 +239,21 @@ def test_close_stops_an_endless_source_promptly_and_releases_the_staging():
     up.close()  # idempotent
 
 
+def test_a_thread_that_fails_outside_reading_is_an_error_for_the_consumer_not_a_hang():
+    class BrokenStream(RecordingOps):
+        def in_thread(self, stream: Any) -> Any:
+            if threading.current_thread().name == "lightning-trt-rtx-uploads":
+                raise RuntimeError("no such device")
+            return super().in_thread(stream)
+
+    it = iter(uploads([torch.ones(1)] * 4, ops=BrokenStream()))
+    assert next(it).item() == 1.0  # the first batch is read by the consumer
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="no such device"):
+        next(it)
+    assert time.perf_counter() - start < 2.0
+
+
 def test_iterates_once_and_rejects_bad_arguments():
     up = uploads([torch.ones(1)])
     list(up)
