@@ -15,7 +15,7 @@ from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession, trainer_session
-from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings, check_flag
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,7 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm_target: str | None = None,
         upload_ahead: bool = True,
     ) -> None:
-        if not isinstance(upload_ahead, bool):
-            raise TypeError(f"upload_ahead must be True or False, got {upload_ahead!r}.")
-        self.upload_ahead = upload_ahead
+        self.upload_ahead = check_flag("upload_ahead", upload_ahead)
         self.prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         self.settings = TRTSettings(
             cuda_graph_strategy=cuda_graph_strategy,
@@ -137,9 +135,7 @@ class TRTRuntimeSettings(_LoopHooks):
             runtime_cache=runtime_cache,
         )
         self.loops = _check_loops(loops)
-        if not isinstance(print_table, bool):  # "yes" or "no" would both print
-            raise TypeError(f"print_table must be True or False; got {type(print_table).__name__} {print_table!r}.")
-        self.print_table = print_table
+        self.print_table = check_flag("print_table", print_table)  # "yes" or "no" would both print
         self.figures: list[report.RankFigures] = []
         self.session: ServingSession | None = None  # this run's; None between runs
         self._serving: ServingSession | None = None  # set while a loop runs: the per-batch hooks' fast path

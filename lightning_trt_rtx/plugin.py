@@ -17,7 +17,7 @@ from lightning_trt_rtx import _predict_loop
 from lightning_trt_rtx._messages import info, warn
 from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession, trainer_session
-from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings
+from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings, check_flag
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ class TRTRuntimePrecision(Precision):
         prewarm_target: str | None = None,
         upload_ahead: bool = True,
     ) -> None:
-        if not isinstance(upload_ahead, bool):
-            raise TypeError(f"upload_ahead must be True or False, got {upload_ahead!r}.")
+        check_flag("upload_ahead", upload_ahead)
         wrapped = _wrapped_class(precision)
         prewarm_spec = PrewarmSpec.from_args(prewarm_shapes, prewarm_dtype, prewarm_target)
         settings = TRTSettings(

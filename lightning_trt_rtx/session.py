@@ -721,7 +721,6 @@ class _BatchTimer:
             figures.step_gpu_ms = self._gpu_ms / self._gpu_steps
 
 
-
 def trainer_session(trainer: Any) -> ServingSession | None:
     """The one lookup when two adapters meet in one Trainer: the open session of this Trainer's run.
 

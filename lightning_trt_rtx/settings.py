@@ -26,6 +26,13 @@ KERNEL_STRATEGIES: tuple[str, ...] = get_args(KernelStrategy)
 DEFAULT_CACHE = "default"  # runtime_cache="default": one file per physical GPU under the default cache directory
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (``"yes"`` or ``1`` is an error naming both choices)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+    return value
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     valid = ", ".join(repr(c) for c in choices)
     if not isinstance(value, str):
