@@ -28,6 +28,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,9 +50,11 @@ class CudaOps:
     def new_stream(self) -> Any:
         return torch.cuda.Stream(device=self.device)
 
-    def in_thread(self, stream: Any) -> Any:
+    @contextmanager
+    def in_thread(self, stream: Any) -> Iterator[None]:
         """Context for the uploads' thread: this device, the uploads' stream current."""
-        return _Both(torch.cuda.device(self.device), torch.cuda.stream(stream))
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            yield
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return tensor.is_pinned()
@@ -79,21 +82,13 @@ class CudaOps:
         torch._C._host_emptyCache()  # the pinned staging blocks (no public API in torch 2.14)
 
 
-class _Both:
-    def __init__(self, first: Any, second: Any) -> None:
-        self.first, self.second = first, second
-
-    def __enter__(self) -> None:
-        self.first.__enter__()
-        self.second.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.second.__exit__(*exc)
-        self.first.__exit__(*exc)
+def _as_device(device: torch.device | str | int) -> torch.device:
+    """``device`` as a torch.device (an int is a CUDA device number)."""
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
 def _cuda_device(device: torch.device | str | int, what: str) -> torch.device:
-    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    device = _as_device(device)
     if device.type != "cuda":
         raise ValueError(f"{what} works with a CUDA device, got {device}.")
     if device.index is None:
@@ -103,8 +98,8 @@ def _cuda_device(device: torch.device | str | int, what: str) -> torch.device:
 
 def why_not_on_cuda(device: torch.device | str | int | None) -> str | None:
     """Why batches cannot be uploaded to ``device`` (None: the current CUDA device); None when they can."""
-    if device is not None and not isinstance(device, int) and torch.device(device).type != "cuda":
-        return f"the loop runs on {torch.device(device).type}"
+    if device is not None and _as_device(device).type != "cuda":
+        return f"the loop runs on {_as_device(device).type}"
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
@@ -328,7 +323,7 @@ class HostCopies:
     _ALIGN = 256
 
     def __init__(self, device: torch.device | str | int) -> None:
-        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        device = _as_device(device)
         self.device = _cuda_device(device, "HostCopies") if device.type == "cuda" else device
         self._items: list[Any] = []
         self._slab: torch.Tensor | None = None
