@@ -27,7 +27,6 @@ Goals: ``auto`` at least as fast as ``default`` by the median of every model and
 from __future__ import annotations
 
 import os
-from typing import Any
 from unittest import mock
 
 from benchmarks import harness
@@ -54,23 +53,9 @@ def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
 def task(spec: dict) -> dict:
     """One model: per-batch ms of every variant in Trainer.predict, interleaved; then the bare engine."""
     import torch
-    from _model import BatchTimer, CompiledPredictor, SyntheticDataModule, model_spec
-    from lightning.pytorch import Callback, LightningModule
+    from _model import BatchTimer, CompiledPredictor, EchoPredictor, KeepOnGPU, SyntheticDataModule, model_spec
 
     from lightning_trt_rtx import TRTSettings
-
-    class Empty(LightningModule):
-        def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            return batch
-
-    class KeepOnGPU(Callback):
-        """Keeps every prediction on the GPU: each batch's outputs stay alive for the rest of the loop."""
-
-        def __init__(self) -> None:
-            self.kept: list = []
-
-        def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
-            self.kept.append(outputs)
 
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
     model = CompiledPredictor(spec["model"], spec["batch_size"])
@@ -86,7 +71,7 @@ def task(spec: dict) -> dict:
             if name.endswith("-kept"):
                 callbacks.append(KeepOnGPU())  # dropped with the variant's callbacks after the loop
             with mock.patch.dict(os.environ, env):  # set for this variant, put back after
-                harness.predict(Empty() if name == "empty" else model, data, [*callbacks, timer])
+                harness.predict(EchoPredictor() if name == "empty" else model, data, [*callbacks, timer])
             if rep == 0:
                 continue  # warm-up round: compile, JIT, first captures
             per_batch[name].append(timer.per_batch_ms)

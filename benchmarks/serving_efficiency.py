@@ -126,8 +126,7 @@ def _compiled(builder: str) -> Any:
 def task(spec: dict) -> dict:
     """One model: bare engine, then Trainer.predict per source x strategy, then per prediction path."""
     import torch
-    from _model import BatchTimer
-    from lightning.pytorch import Callback, LightningModule
+    from _model import BatchTimer, EchoPredictor, KeepOnGPU
     from lightning.pytorch.callbacks import BasePredictionWriter
     from torch.utils.data import DataLoader
 
@@ -139,17 +138,6 @@ def task(spec: dict) -> dict:
     os.makedirs(spec["cache_dir"], exist_ok=True)
     net, samples, batch_size = _net_and_samples(name, spec["work"])
     served = real_models._served(net)
-
-    class Empty(LightningModule):
-        def predict_step(self, batch: Any, batch_idx: int) -> Any:
-            return batch
-
-    class GpuWriter(Callback):
-        def __init__(self) -> None:
-            self.kept: list = []
-
-        def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
-            self.kept.append(outputs)
 
     class HostWriter(BasePredictionWriter):
         def __init__(self) -> None:
@@ -179,7 +167,7 @@ def task(spec: dict) -> dict:
             settings = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False,
                                           upload_ahead=source != "cpu-off")  # fmt: skip
             callbacks.append(settings)
-        writers = {"gpu-writer": GpuWriter, "host-writer": HostWriter, "host-collect": TRTHostPredictions}
+        writers = {"gpu-writer": KeepOnGPU, "host-writer": HostWriter, "host-collect": TRTHostPredictions}
         extra = writers.get(predictions)
         if extra is not None:
             callbacks.append(extra())
@@ -204,7 +192,7 @@ def task(spec: dict) -> dict:
     per_source["cpu"]["auto"] = run(served, "cpu", "auto")  # the package's choice, its trial included
     best = min(STRATEGIES, key=lambda s: per_source["cpu"][s]["per_batch_ms"])
     per_predictions = {p: run(served, "cpu", best, p) for p in PREDICTIONS}
-    empty = run(Empty(), "cpu", None)
+    empty = run(EchoPredictor(), "cpu", None)
     return {
         "model": name,
         "bare_ms": bare,

@@ -395,6 +395,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class EchoPredictor(LightningModule):
+    """No model at all: ``predict_step`` returns its batch. Timing it shows what the data path alone costs."""
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return batch
+
+
+class KeepOnGPU(Callback):
+    """Keeps every prediction on the GPU: each batch's outputs stay alive for the rest of the loop."""
+
+    def __init__(self) -> None:
+        self.kept: list = []
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any) -> None:
+        self.kept.append(outputs)
+
+
 class BatchTimer(Callback):
     """Times the predict loop of this rank: first batch, and the mean of the others (steady state).
 
