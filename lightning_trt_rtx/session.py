@@ -496,12 +496,12 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
-        if self.looping:  # a loop that no loop-end hook closed (the plugin's own run, an exception)
-            try:
+        try:  # nothing here may stop the save below
+            if self.looping:  # a loop that no loop-end hook closed (the plugin's own run, an exception)
                 self.loop_ended()
-            except Exception as err:  # e.g. a CUDA error the user's step left: never over it
-                log.warning("Ending the loop's figures failed: %s", err)
-        self._close_uploads()
+            self._close_uploads()  # uploads opened without a loop (ServingSession.upload_ahead)
+        except Exception as err:  # e.g. a CUDA error the user's step left: never over it
+            log.warning("Ending the loop (its figures or its uploads) failed: %s", err)
         self.close_graphs()
         if self.auto is not None:
             self.figures.auto = self.auto.describe()

@@ -477,6 +477,30 @@ def test_a_session_without_cuda_gives_the_batches_as_they_are_and_says_so():
     assert session.figures.uploads == "off: the loop runs on cpu"
 
 
+def test_uploads_that_fail_to_close_never_stop_the_session_closing(monkeypatch, tmp_path, fake_gpu, trt):
+    """A CUDA error at the uploads' end (their stream cannot synchronise) is logged, and the session
+    goes on closing (graphs, cache save, engines restored) instead of raising over the user's code."""
+
+    class FailsAtTheEnd(RecordingOps):
+        def finish(self, stream: Any) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    original = transfers.UploadsAhead.__init__
+    monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
+    monkeypatch.setattr(
+        transfers.UploadsAhead, "__init__",
+        lambda up, source, device, depth=2, ops=None: original(up, source, "cpu", depth, ops=FailsAtTheEnd()),
+    )  # fmt: skip
+    from lightning_trt_rtx import ServingSession, TRTSettings
+
+    session = ServingSession(torch.nn.Linear(2, 2), TRTSettings(runtime_cache=str(tmp_path / "gpu-{gpu}.bin")))
+    session.serve(warn_if_none=False)
+    batches = iter(session.upload_ahead([torch.ones(2)] * 3, "cuda"))
+    assert next(batches).tolist() == [1.0, 1.0]  # the loop stops early: its uploads close with the session
+    figures = session.close()  # does not raise
+    assert session.closed and figures is session.figures and session.uploads is None
+
+
 def test_figures_show_the_step_gpu_time_beside_the_batch_time():
     row = RankFigures(rank=0, batches=10, mean_batch_ms=2.0, step_gpu_ms=1.9, uploads="ahead, depth 2: 10 batches")
     assert row.efficiency == pytest.approx(0.95)
