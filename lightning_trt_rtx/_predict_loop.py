@@ -86,3 +86,18 @@ class _Remaining:
                 yield next(self.started)
             except StopIteration:
                 return
+
+
+_BATCH_COUNTS = {"predict": "num_predict_batches", "validate": "num_val_batches", "test": "num_test_batches"}
+
+
+def loop_batches(trainer: Any) -> float:
+    """How many batches the running loop serves, over its dataloaders (Lightning's own counts, public;
+    ``inf`` when a dataloader has no length or the stage has no count)."""
+    stage = getattr(getattr(trainer, "state", None), "stage", None)
+    name = _BATCH_COUNTS.get(getattr(stage, "value", ""), "")
+    try:
+        counts = getattr(trainer, name) if name else None
+        return float(sum(counts)) if counts else float("inf")
+    except (TypeError, ValueError, AttributeError):
+        return float("inf")

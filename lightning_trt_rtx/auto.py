@@ -9,31 +9,41 @@ program at batch 32 3.39 / 4.44). So the session times the candidates on the bat
 * ``"whole_graph_capture, held addresses"``: the same with :mod:`lightning_trt_rtx.addresses` holding the
   engines' addresses still, where it can hold them.
 
-Each candidate runs a few warm-up batches (a settings change drops the execution context: the next
-call re-creates it from the kernel cache, and a graph is captured at the first calls), then
-:data:`TIMED` batches are timed; then :func:`choose` keeps the one with the lowest median per-batch
-time, and ``"disabled"`` unless a capture candidate beats it by :data:`MARGIN` (noise never makes
-``"auto"`` slower than the default). Nothing is timed after the decision. A batch of a shape not seen
-before starts a new trial (the kept candidate first, so nothing switches for a shape that runs only a
-few batches), up to :data:`MAX_SHAPES` shapes.
+Each candidate runs a few warm-up batches, then :data:`TIMED` batches are timed; :func:`choose` keeps
+the one with the lowest median per-batch time, and ``"disabled"`` unless a capture candidate beats it
+by :data:`MARGIN` (noise never makes ``"auto"`` slower than the default). Nothing is timed after the
+decision. A batch of a shape not seen before starts a new trial (the kept candidate first, so nothing
+switches for a shape that runs only a few batches), up to :data:`MAX_SHAPES` shapes.
 
-This module is the decision alone, pure and testable on recorded timings; the session drives it
-(:meth:`lightning_trt_rtx.session.ServingSession.batch_ended`)::
+**What a trial costs.** Changing the engines' strategy re-creates their execution contexts (and their
+kernels, from the runtime cache): about what the loop's first batch took, 10 ms to 200 ms on H200. A
+trial pays that once to try graphs and, if they lose, once more to go back. So it is cost-aware:
 
-    trial = Trial([DISABLED, UPSTREAM, HELD])
-    for batch in loader:
-        run(batch, trial.candidate)
-        if trial.batch_ended():              # this batch's end is stamped (a CUDA event)
-            ...
-        if trial.window_full:
-            trial.record(per_batch_ms)       # the window's times; the next candidate or the decision
+* it leaves the engines' strategy only when the batches left in the loop could win that back twice at
+  :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win); until the first switch
+  the cost is estimated by the loop's first batch, then it is the one measured;
+* it goes back only when what going back wins over the batches left exceeds the switch's cost;
+* the decision is remembered for the served module, its engines and the input shape, for the rest of
+  the process: a later loop (a new ``Trainer.predict``, a new session) starts with it and times one
+  window to check it; only a candidate running :data:`RECHECK` slower than when it was chosen starts a
+  new trial. :func:`forget` drops what was remembered.
+
+The decision (:func:`choose`, :class:`Trial`) is pure and testable on recorded timings;
+:class:`AutoGraphs` drives it for a :class:`~lightning_trt_rtx.session.ServingSession`: it stamps the
+ends of a window's batches with CUDA events on the current stream and synchronises once per window.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Mapping, Sequence
-from typing import Literal
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
 
 DISABLED = "disabled"
 UPSTREAM = "whole_graph_capture"
@@ -50,6 +60,9 @@ WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 5}
 # kept a slower candidate): it warms up this many batches more
 FIRST_EXTRA_WARMUP = 8
 MAX_SHAPES = 8  # new input shapes that start a new trial; beyond, the last decision stands
+# the largest share of a batch's time graphs were measured to win (H200, a 32x256 MLP: 0.73 -> 0.35 ms)
+WIN_BOUND = 0.5
+RECHECK = 0.25  # a remembered decision is tried again when its window is this much slower than when chosen
 
 
 def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"]:
@@ -57,22 +70,65 @@ def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"
     return "disabled" if candidate == DISABLED else "whole_graph_capture"
 
 
-def choose(per_batch_ms: Mapping[str, Sequence[float]], margin: float = MARGIN) -> str:
+def _order(name: str) -> int:
+    return CANDIDATES.index(name) if name in CANDIDATES else len(CANDIDATES)
+
+
+def choose(
+    per_batch_ms: Mapping[str, Sequence[float]],
+    margin: float = MARGIN,
+    current: str | None = None,
+    remaining: float = math.inf,
+    switch_ms: float = 0.0,
+) -> str:
     """The candidate to keep: the lowest median per-batch time; ``"disabled"`` unless a capture candidate's
-    median is more than ``margin`` below it. Candidates without times are left out."""
+    median is more than ``margin`` below it. Candidates without times are left out.
+
+    ``current``: the candidate running now. When the one chosen needs another engine strategy (a switch of
+    about ``switch_ms``), the fastest under the current strategy is kept instead unless what the switch
+    wins over the ``remaining`` batches exceeds its cost."""
     medians = {name: statistics.median(times) for name, times in per_batch_ms.items() if times}
     if not medians:
         return DISABLED
-    best = min(medians, key=lambda name: (medians[name], CANDIDATES.index(name) if name in CANDIDATES else 99))
+    best = min(medians, key=lambda name: (medians[name], _order(name)))
     if best != DISABLED and DISABLED in medians and medians[best] > medians[DISABLED] * (1.0 - margin):
-        return DISABLED
+        best = DISABLED
+    if current in medians and engine_strategy(best) != engine_strategy(current):
+        strategy = engine_strategy(current)
+        stay = min((n for n in medians if engine_strategy(n) == strategy), key=lambda n: (medians[n], _order(n)))
+        gain = medians[stay] - medians[best]
+        if gain <= 0 or gain * remaining <= switch_ms:
+            best = stay
     return best
 
 
-class Trial:
-    """One trial of ``candidates`` (the first is running now), batch by batch; see the module docs."""
+def worth_switching(median_ms: float, remaining: float, switch_ms: float) -> bool:
+    """Whether a trial should change the engines' strategy (a switch of about ``switch_ms``, and maybe one
+    back): only if the ``remaining`` batches could win twice that at :data:`WIN_BOUND` of ``median_ms``."""
+    return remaining * median_ms * WIN_BOUND >= 2.0 * switch_ms
 
-    def __init__(self, candidates: Sequence[str], timed: int = TIMED, warmup: Mapping[str, int] = WARMUP) -> None:
+
+@dataclass
+class Decision:
+    """What a trial kept, the medians that decided it, and what a switch of strategy cost then."""
+
+    candidate: str
+    medians_ms: dict[str, float]
+    switch_ms: float = 0.0
+
+
+class Trial:
+    """One trial of ``candidates`` (the first is running now), batch by batch; see the module docs.
+
+    ``recheck``: a decision remembered from an earlier loop, its candidate first: one window checks it."""
+
+    def __init__(
+        self,
+        candidates: Sequence[str],
+        timed: int = TIMED,
+        warmup: Mapping[str, int] = WARMUP,
+        recheck: Decision | None = None,
+    ) -> None:
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
             raise ValueError(f"Invalid candidates {list(candidates)!r}. Valid choices: {list(CANDIDATES)}.")
@@ -81,8 +137,11 @@ class Trial:
         self.candidates = tuple(dict.fromkeys(candidates))
         self.timed = timed
         self.warmup = dict(warmup)
+        self.recheck = recheck if recheck is not None and recheck.candidate == self.candidates[0] else None
         self.per_batch_ms: dict[str, list[float]] = {}
         self.decided: str | None = None
+        self.rechecked = False  # decided by checking a remembered decision
+        self.not_tried = ""  # candidates left out because switching could not pay, and why
         self._index = 0
         self._batches = 0  # batches of the current candidate since it started (or its window restarted)
 
@@ -93,9 +152,10 @@ class Trial:
 
     @property
     def window_full(self) -> bool:
-        return self.decided is None and self._batches >= self._warmup() + self.timed
+        return self.decided is None and self._batches >= self.warmup_batches() + self.timed
 
-    def _warmup(self) -> int:
+    def warmup_batches(self) -> int:
+        """Batches the current candidate runs before it is timed."""
         first = FIRST_EXTRA_WARMUP if self._index == 0 and not self.per_batch_ms else 0
         return max(1, self.warmup.get(self.candidate, 1)) + first  # at least one: its end is the first stamp
 
@@ -105,24 +165,39 @@ class Trial:
         if self.decided is not None:
             return False
         self._batches += 1
-        return self._batches >= self._warmup()
+        return self._batches >= self.warmup_batches()
 
     def restart_window(self) -> None:
         """Warm up and time the current candidate again (e.g. a loop ended in the middle of its window)."""
         self._batches = 0
 
-    def record(self, per_batch_ms: Sequence[float]) -> str:
+    def record(self, per_batch_ms: Sequence[float], remaining: float = math.inf, switch_ms: float = 0.0) -> str:
         """The current candidate's timed per-batch times; returns the candidate to run next (after the
-        last one: the one kept)."""
+        last one: the one kept). ``remaining``: batches left in the loop; ``switch_ms``: what changing
+        the engines' strategy costs (measured, or estimated)."""
         if self.decided is not None:
             raise RuntimeError("This trial has decided already: nothing more to record.")
-        self.per_batch_ms[self.candidate] = [float(t) for t in per_batch_ms]
+        current = self.candidate
+        self.per_batch_ms[current] = [float(t) for t in per_batch_ms]
         self._batches = 0
+        median = statistics.median(self.per_batch_ms[current]) if per_batch_ms else math.inf
+        if self.recheck is not None and len(self.per_batch_ms) == 1:
+            then = self.recheck.medians_ms.get(current)
+            if then is not None and median <= then * (1.0 + RECHECK):
+                self.decided, self.rechecked = current, True
+                return current
         if self._index + 1 < len(self.candidates):
-            self._index += 1
-        else:
-            self.decided = choose(self.per_batch_ms)
-        return self.candidate
+            upcoming = self.candidates[self._index + 1]
+            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(median, remaining, switch_ms):
+                self._index += 1
+                return self.candidate
+            left = ", ".join(self.candidates[self._index + 1 :])
+            self.not_tried = (
+                f"{left} not tried: the {remaining:.0f} batches left could not win back re-creating the"
+                f" execution contexts (about {switch_ms:.0f} ms)"
+            )
+        self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
+        return self.decided
 
     @property
     def medians_ms(self) -> dict[str, float]:
@@ -134,8 +209,239 @@ class Trial:
         if self.decided is None:
             tried = f" (so far, median ms per batch: {medians})" if medians else ""
             return f"trial not finished, ran {self.candidate}{tried}"
+        if self.rechecked and self.recheck is not None:
+            then = ", ".join(f"{name} {ms:.3f}" for name, ms in self.recheck.medians_ms.items())
+            return (
+                f"kept {self.decided}, decided earlier in this process (median ms per batch then: {then};"
+                f" now {medians})"
+            )
         counts = {len(t) for t in self.per_batch_ms.values()}
         each = f"{counts.pop()} batches each" if len(counts) == 1 else "batches: " + ", ".join(
             f"{name} {len(t)}" for name, t in self.per_batch_ms.items()
         )
-        return f"kept {self.decided} (median ms per batch: {medians}; {each})"
+        text = f"kept {self.decided} (median ms per batch: {medians}; {each})"
+        return f"{text}; {self.not_tried}" if self.not_tried else text
+
+
+# --- what this process remembers ----------------------------------------------------------------------
+
+
+@dataclass
+class _Memory:
+    """The decisions made for one served module: by engines and input shape, and the latest."""
+
+    decisions: dict[tuple, Decision] = field(default_factory=dict)
+    latest: dict[tuple[int, ...], str] = field(default_factory=dict)
+
+
+_REMEMBERED: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
+
+
+def forget(module: Any = None) -> None:
+    """Drop the decisions remembered for ``module`` (default: for every module): its next loop under
+    ``"auto"`` runs a whole trial again."""
+    if module is None:
+        _REMEMBERED.clear()
+    else:
+        _REMEMBERED.pop(module, None)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the session offers a trial: the candidates that apply, or why none does."""
+
+    candidates: tuple[str, ...] = ()
+    off: str = ""  # why nothing is tried (then "disabled" stays)
+    held_left_out: str = ""  # why held addresses are not a candidate
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+
+
+class AutoGraphs:
+    """Drives ``"auto"`` for one session: ``apply(candidate)`` puts the engines under a candidate (the
+    session re-applies the settings and holds or lets go of the addresses); after the decision nothing is
+    timed."""
+
+    def __init__(self, apply: Callable[[str], None]) -> None:
+        self._apply = apply
+        self.candidate = DISABLED  # in force now: engines start without graphs
+        self.trial: Trial | None = None  # the latest trial
+        self.trials = 0
+        self.shapes: set[Any] = set()  # the input shapes trials have seen
+        self.off = ""  # why nothing is tried (then "disabled" stays)
+        self.held_left_out = ""  # why held addresses are not a candidate
+        self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
+        self._owner: Any = None  # the served module, and its engines' ids: the key of what is remembered
+        self._engines: tuple[int, ...] = ()
+        self._trial_key: Any = None  # the input shapes of the latest trial
+        self._cuda = torch.cuda.is_available()
+        self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
+        self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
+        self._last_stamp: Any = None  # the last window's last stamp
+
+    def bind(self, module: Any, engine_ids: Sequence[int]) -> None:
+        """The module served and its engines (before the settings are applied): they start under the
+        candidate decided last for them in this process, so a later loop does not switch at all."""
+        self._owner, self._engines = module, tuple(engine_ids)
+        memory = _memory(module)
+        latest = memory.latest.get(self._engines) if memory is not None else None
+        if latest is not None and self.trial is None and not self.off:
+            self.candidate = latest
+
+    # --- per batch ---------------------------------------------------------------------------------
+
+    def batch_started(self, batch: Any, options: Callable[[], Options]) -> None:
+        if self.off or len(self.shapes) >= MAX_SHAPES:
+            return
+        key = shape_key(batch)
+        if self.trial is None:
+            self.shapes.add(key)
+            self._start(key, options())
+        elif key not in self.shapes:
+            self.shapes.add(key)
+            if self.trial.decided is not None and key is not None:
+                self._start(key, options())  # a new input shape: try again, the kept candidate first
+
+    def batch_ended(self, remaining: float = math.inf, first_batch_ms: float = 0.0) -> None:
+        """After each batch: ``remaining`` batches in the loop (``inf``: unknown), and the loop's first
+        batch's time (what a switch is estimated to cost until one is measured)."""
+        trial = self.trial
+        if trial is None or trial.decided is not None:
+            return
+        if trial.batch_ended():
+            self._stamp()
+        if not trial.window_full:
+            return
+        warmup = trial.warmup_batches()
+        times, since_switch = self._window()
+        if since_switch is not None and times:  # the switch: the warm-up's time beyond steady batches
+            self.switch_ms = max(0.0, since_switch - warmup * statistics.median(times))
+        estimate = self.switch_ms if self.switch_ms is not None else first_batch_ms
+        self._switch(trial.record(times, remaining, estimate))
+        if trial.decided is not None:
+            self._remember(trial)
+
+    def loop_ended(self) -> None:
+        """A window cut by the loop's end is timed again from its warm-up in the next loop."""
+        if self.trial is not None and self.trial.decided is None:
+            self.trial.restart_window()
+        self._stamps.clear()
+        self._switched_at = self._last_stamp = None
+
+    def stop(self, why: str) -> None:
+        """Try nothing (any more): the engines run without graphs; the figures say ``why``."""
+        self.off = why
+        self.trial = None
+        self._stamps.clear()
+        self._switch(DISABLED)
+
+    # --- trials ------------------------------------------------------------------------------------
+
+    def _start(self, key: Any, options: Options) -> None:
+        if options.off:
+            self.off = options.off
+            return
+        self.held_left_out = options.held_left_out
+        memory = _memory(self._owner)
+        remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
+        self._last_stamp = None  # a switch now is timed from nothing earlier
+        if remembered is not None and remembered.candidate in options.candidates:
+            self._switch(remembered.candidate)
+            if remembered.switch_ms and self.switch_ms is None:
+                self.switch_ms = remembered.switch_ms
+        else:
+            remembered = None
+        # the candidate in force first, then those under the same engine strategy (no switch), then the rest
+        strategy = engine_strategy(self.candidate)
+        rest = [c for c in options.candidates if c != self.candidate]
+        ordered = [self.candidate, *sorted(rest, key=lambda c: engine_strategy(c) != strategy)]
+        self.trial = Trial(ordered, recheck=remembered)
+        self._trial_key = key
+        self.trials += 1
+        self._stamps.clear()
+        self._switched_at = None
+
+    def _switch(self, candidate: str) -> None:
+        if candidate == self.candidate:
+            return
+        if engine_strategy(candidate) != engine_strategy(self.candidate):
+            self._switched_at = self._last_stamp  # the end of the window just timed (None: none was)
+        self._stamps.clear()
+        self.candidate = candidate
+        self._apply(candidate)  # a strategy change drops the execution contexts
+
+    def _remember(self, trial: Trial) -> None:
+        if self._owner is None:
+            return
+        try:
+            memory = _REMEMBERED.setdefault(self._owner, _Memory())
+        except TypeError:  # a module that cannot be referenced weakly: nothing is remembered
+            return
+        assert trial.decided is not None
+        medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
+        medians.update(trial.medians_ms)
+        memory.decisions[(self._engines, self._trial_key)] = Decision(trial.decided, medians, self.switch_ms or 0.0)
+        memory.latest[self._engines] = trial.decided
+
+    # --- timing ------------------------------------------------------------------------------------
+
+    def _stamp(self) -> None:
+        if not self._cuda:
+            self._stamps.append(time.perf_counter())
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # on the current stream: where the batch's work was queued
+        self._stamps.append(event)
+
+    def _window(self) -> tuple[list[float], float | None]:
+        """The window's per-batch ms, and the ms from the last stamp before a strategy switch to the
+        window's first stamp (None without a switch): one synchronisation."""
+        stamps, self._stamps = self._stamps, []
+        switched_at, self._switched_at = self._switched_at, None
+        if not stamps:
+            return [], None
+        self._last_stamp = stamps[-1]
+        if not self._cuda:
+            since = (stamps[0] - switched_at) * 1e3 if switched_at is not None else None
+            return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], since
+        stamps[-1].synchronize()  # the window's one synchronisation
+        since = switched_at.elapsed_time(stamps[0]) if switched_at is not None else None
+        return [a.elapsed_time(b) for a, b in zip(stamps, stamps[1:])], since
+
+    # --- figures -----------------------------------------------------------------------------------
+
+    def medians_ms(self) -> dict[str, float]:
+        return self.trial.medians_ms if self.trial is not None else {}
+
+    def describe(self) -> str:
+        if self.off:
+            return f"disabled (not tried: {self.off})"
+        if self.trial is None:
+            return "disabled (not tried: no batch ran between batch_started and batch_ended)"
+        text = self.trial.describe()
+        if self.switch_ms is not None and not self.trial.rechecked:
+            text += f"; a strategy switch cost {self.switch_ms:.1f} ms"
+        if self.trials > 1:
+            text += f"; {self.trials} trials (new input shapes)"
+        if self.held_left_out:
+            text += f"; held addresses not tried: {self.held_left_out}"
+        return text
+
+
+def _memory(module: Any) -> _Memory | None:
+    try:
+        return _REMEMBERED.get(module) if module is not None else None
+    except TypeError:
+        return None
+
+
+def shape_key(batch: Any) -> Any:
+    """A batch's input shapes, cheaply: a tensor, or the tensors of a list, tuple or dict (one level)."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if isinstance(batch, (list, tuple)):
+        return tuple(tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch)
+    if isinstance(batch, dict):
+        return tuple((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor))
+    return None

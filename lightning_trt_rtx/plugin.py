@@ -229,7 +229,7 @@ class TRTRuntimePrecision(Precision):
             return None
         if not session.looping:
             _predict_loop.upload_batches(trainer, session, self.upload_ahead)
-            session.loop_started(cuda=trainer.strategy.root_device.type == "cuda")
+            session.loop_started(trainer.strategy.root_device.type == "cuda", _predict_loop.loop_batches(trainer))
         return session
 
     @override

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -131,8 +132,11 @@ class ServingSession:
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
         self.looping = False  # between loop_started and loop_ended
+        self._loop_batches: int | None = None  # how many batches the loop runs, where its owner says
         # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
-        self.auto: _AutoGraphs | None = _AutoGraphs(self) if settings.cuda_graph_strategy == "auto" else None
+        self.auto: auto.AutoGraphs | None = None
+        if settings.cuda_graph_strategy == "auto":
+            self.auto = auto.AutoGraphs(self._run_candidate)
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
@@ -199,6 +203,8 @@ class ServingSession:
             if self.binding is not None:
                 self.binding.restore()
             self.binding = EngineBinding(module)
+            if self.auto is not None:  # a decision this process made for these engines is where they start
+                self.auto.bind(module, [id(e.obj) for e in engines])
         self.binding.apply(self.runtime_settings())
         self.figures.engines = len(self.binding.engines)
         self._hold_addresses()
@@ -244,6 +250,24 @@ class ServingSession:
         if self.auto is not None:
             return auto.engine_strategy(self.auto.candidate)
         return self.settings.cuda_graph_strategy
+
+    def _auto_options(self) -> auto.Options:
+        """The candidates an ``"auto"`` trial may try on the bound engines, or why it tries none."""
+        if self.binding is None or not self.binding.engines:
+            off = "not a TensorRT-RTX build" if self.figures.engines else "no TensorRT-RTX engines to time"
+            return auto.Options(off=off)
+        mode = addresses.mode()
+        if mode == "off":
+            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out=f"${addresses.ENABLED_ENV}=0")
+        if not self._stable_addresses(mode).holdable:
+            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out="no engine's addresses can be held")
+        return auto.Options(auto.CANDIDATES)
+
+    def _run_candidate(self, candidate: str) -> None:
+        """Put the engines under an ``"auto"`` candidate (its driver has made it the current one)."""
+        if self.binding is not None:
+            self.binding.apply(self.runtime_settings())  # a strategy change drops the execution contexts
+            self._hold_addresses()
 
     def runtime_settings(self, **overrides: Any) -> Any:
         """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle (and ``overrides``)."""
@@ -453,11 +477,14 @@ class ServingSession:
 
     # --- timing --------------------------------------------------------------------------------
 
-    def loop_started(self, cuda: bool | None = None) -> None:
+    def loop_started(self, cuda: bool | None = None, batches: int | float | None = None) -> None:
         """A loop's batches start: timing (and, on a GPU, the steps' GPU time) starts over.
-        ``cuda``: whether the loop runs on a GPU (default: whether one is available)."""
+        ``cuda``: whether the loop runs on a GPU (default: whether one is available). ``batches``: how many
+        it runs, where known (``"auto"`` tries graphs only where the loop is long enough to win back a
+        switch of strategy; unknown: as if endless)."""
         self._between_loops = False
         self.looping = True
+        self._loop_batches = int(batches) if batches is not None and math.isfinite(batches) else None
         if self.stable is not None:
             self.stable.resume()
         self._timer.start(cuda=torch.cuda.is_available() if cuda is None else cuda)
@@ -470,14 +497,15 @@ class ServingSession:
             if self.stable is not None and self.stable.engines is not self.binding.engines:
                 self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
         if self.auto is not None:
-            self.auto.batch_started(batch)
+            self.auto.batch_started(batch, self._auto_options)
         self._timer.batch_started()
 
     def batch_ended(self) -> None:
         """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
         self._timer.batch_ended()
-        if self.auto is not None and self.auto.trial is not None and self.auto.trial.decided is None:
-            self.auto.batch_ended()
+        if self.auto is not None:
+            left = math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
+            self.auto.batch_ended(left, self.figures.first_batch_ms)
 
     def loop_ended(self) -> None:
         self.looping = False
@@ -519,140 +547,6 @@ class ServingSession:
             if self.binding is not None:
                 self.binding.restore()
         return self.figures
-
-
-class _AutoGraphs:
-    """Drives ``cuda_graph_strategy="auto"`` (the decision is :mod:`lightning_trt_rtx.auto`'s): stamps the
-    ends of a window's batches with CUDA events on the current stream, synchronises once per window,
-    and switches the engines between candidates; after the decision nothing is timed."""
-
-    def __init__(self, session: ServingSession) -> None:
-        self.session = session
-        self.candidate = auto.DISABLED  # in force now: engines start without graphs
-        self.trial: auto.Trial | None = None  # the latest trial
-        self.trials = 0
-        self.shapes: set[Any] = set()  # the input shapes trials have seen
-        self.off = ""  # why nothing is tried (then "disabled" stays)
-        self.held_left_out = ""  # why held addresses are not a candidate
-        self._cuda = torch.cuda.is_available()
-        self._stamps: list[Any] = []  # this window's: CUDA events (reused), or perf_counter seconds
-        self._pool: list[Any] = []
-
-    # --- per batch ---------------------------------------------------------------------------------
-
-    def batch_started(self, batch: Any) -> None:
-        if self.off or len(self.shapes) >= auto.MAX_SHAPES:
-            return
-        key = _shape_key(batch)
-        if self.trial is None:
-            self.shapes.add(key)
-            self._start()
-        elif key not in self.shapes:
-            self.shapes.add(key)
-            if self.trial.decided is not None and key is not None:
-                self._start()  # a new input shape: try again, the kept candidate first
-
-    def batch_ended(self) -> None:
-        trial = self.trial
-        assert trial is not None
-        if trial.batch_ended():
-            self._stamp()
-        if trial.window_full:
-            self._switch(trial.record(self._window_ms()))
-            if trial.decided is not None:
-                log.debug("auto: %s", trial.describe())
-
-    def loop_ended(self) -> None:
-        """A window cut by the loop's end is timed again from its warm-up in the next loop."""
-        if self.trial is not None and self.trial.decided is None:
-            self.trial.restart_window()
-        self._stamps.clear()
-
-    def stop(self, why: str) -> None:
-        """Try nothing (any more): the engines run without graphs; the figures say ``why``."""
-        self.off = why
-        self.trial = None
-        self._stamps.clear()
-        self._switch(auto.DISABLED)
-
-    # --- trials ------------------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        session = self.session
-        if session.binding is None or not session.binding.engines:
-            self.off = "not a TensorRT-RTX build" if session.figures.engines else "no TensorRT-RTX engines to time"
-            return
-        candidates = [auto.DISABLED, auto.UPSTREAM]
-        mode = addresses.mode()
-        if mode == "off":
-            self.held_left_out = f"${addresses.ENABLED_ENV}=0"
-        elif not session._stable_addresses(mode).holdable:
-            self.held_left_out = "no engine's addresses can be held"
-        else:
-            candidates.append(auto.HELD)
-        # the candidate in force first: a shape that runs only a few batches switches nothing
-        ordered = [self.candidate] + [c for c in candidates if c != self.candidate]
-        self.trial = auto.Trial(ordered)
-        self.trials += 1
-        self._stamps.clear()
-
-    def _switch(self, candidate: str) -> None:
-        if candidate == self.candidate:
-            return
-        self.candidate = candidate
-        session = self.session
-        if session.binding is not None:
-            session.binding.apply(session.runtime_settings())  # a strategy change drops the execution context
-            session._hold_addresses()
-
-    # --- timing ------------------------------------------------------------------------------------
-
-    def _stamp(self) -> None:
-        if not self._cuda:
-            self._stamps.append(time.perf_counter())
-            return
-        if len(self._pool) <= len(self._stamps):
-            self._pool.append(torch.cuda.Event(enable_timing=True))
-        event = self._pool[len(self._stamps)]
-        event.record()  # on the current stream: where the batch's work was queued
-        self._stamps.append(event)
-
-    def _window_ms(self) -> list[float]:
-        stamps, self._stamps = self._stamps, []
-        if not stamps:
-            return []
-        if not self._cuda:
-            return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
-        stamps[-1].synchronize()  # the window's one synchronisation
-        return [a.elapsed_time(b) for a, b in zip(stamps, stamps[1:])]
-
-    # --- figures -----------------------------------------------------------------------------------
-
-    def medians_ms(self) -> dict[str, float]:
-        return self.trial.medians_ms if self.trial is not None else {}
-
-    def describe(self) -> str:
-        if self.off:
-            return f"disabled (not tried: {self.off})"
-        if self.trial is None:
-            return "disabled (not tried: no batch ran between batch_started and batch_ended)"
-        text = self.trial.describe()
-        if self.trials > 1:
-            text += f"; {self.trials} trials (new input shapes)"
-        if self.held_left_out:
-            text += f"; held addresses not tried: {self.held_left_out}"
-        return text
-
-
-def _shape_key(batch: Any) -> Any:
-    """A batch's input shapes, cheaply: a tensor, or the tensors of a list, tuple or dict (one level)."""
-    if isinstance(batch, torch.Tensor):
-        return tuple(batch.shape)
-    if isinstance(batch, (list, tuple)):
-        return tuple(tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch)
-    if isinstance(batch, dict):
-        return tuple((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor))
-    return None
 
 
 class _BatchTimer:

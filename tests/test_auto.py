@@ -26,8 +26,12 @@ GRAPHS_LOSE = {DISABLED: [3.40, 3.39, 3.38, 3.41, 5.0], UPSTREAM: [4.44, 4.40, 4
 
 @pytest.fixture(autouse=True)
 def _no_first_extra_warmup(monkeypatch):
-    """The windows these tests count start at the first batch (the extra warm-up has its own test)."""
+    """The windows these tests count start at the first batch (the extra warm-up has its own test); no
+    decision of another test is remembered."""
     monkeypatch.setattr(auto, "FIRST_EXTRA_WARMUP", 0)
+    auto.forget()
+    yield
+    auto.forget()
 
 
 def test_the_first_candidate_warms_up_longer_than_the_others(monkeypatch):
@@ -54,6 +58,44 @@ def test_disabled_is_kept_when_graphs_lose_or_win_by_less_than_the_margin():
     assert choose({DISABLED: [1.0], UPSTREAM: [0.96]}, margin=0.05) == DISABLED
     assert choose({}) == DISABLED
     assert choose({UPSTREAM: [0.5], HELD: [0.5]}) == UPSTREAM  # a tie: the candidate without a wrapper
+
+
+def test_a_switch_of_strategy_is_made_only_where_the_batches_left_win_it_back():
+    losing = {DISABLED: [1.0] * 3, UPSTREAM: [1.2] * 3, HELD: [1.1] * 3}
+    # graphs lose by 0.1 ms a batch: going back pays after 300 batches for a 30 ms switch
+    assert choose(losing, current=HELD, remaining=100, switch_ms=30.0) == HELD
+    assert choose(losing, current=HELD, remaining=1000, switch_ms=30.0) == DISABLED
+    assert choose(losing, current=HELD) == DISABLED  # an endless loop: always worth it
+    # capture faster than the default by less than the margin: already there, it stays
+    assert choose({DISABLED: [1.0], UPSTREAM: [0.99]}, current=UPSTREAM, switch_ms=5.0) == UPSTREAM
+    assert choose({DISABLED: [1.0], UPSTREAM: [0.99]}) == DISABLED
+    # no switch needed among candidates of one engine strategy
+    assert choose({UPSTREAM: [1.0], HELD: [0.5]}, current=UPSTREAM, remaining=1, switch_ms=1e9) == HELD
+    # before trying: a loop that cannot win back two switches at WIN_BOUND of a batch tries nothing else
+    assert auto.worth_switching(1.0, remaining=400, switch_ms=100.0)
+    assert not auto.worth_switching(1.0, remaining=300, switch_ms=100.0)
+    trial = Trial([DISABLED, UPSTREAM, HELD], timed=2)
+    assert trial.record([2.0, 2.0], remaining=150, switch_ms=190.0) == DISABLED and trial.decided == DISABLED
+    assert trial.describe().endswith(
+        "whole_graph_capture, whole_graph_capture, held addresses not tried: the 150 batches left could not"
+        " win back re-creating the execution contexts (about 190 ms)"
+    )
+
+
+def test_a_remembered_decision_is_checked_by_one_window_and_tried_again_when_slower():
+    then = auto.Decision(HELD, {DISABLED: 1.0, UPSTREAM: 0.8, HELD: 0.5})
+    kept = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)
+    assert kept.record([0.55, 0.6]) == HELD and kept.rechecked
+    assert kept.describe() == (
+        "kept whole_graph_capture, held addresses, decided earlier in this process (median ms per batch then:"
+        " disabled 1.000, whole_graph_capture 0.800, whole_graph_capture, held addresses 0.500; now"
+        " whole_graph_capture, held addresses 0.575)"
+    )
+    slower = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)
+    assert slower.record([0.9, 0.9]) == UPSTREAM and not slower.rechecked  # 80% slower: a whole trial
+    assert slower.record([0.8, 0.8]) == DISABLED
+    assert slower.record([0.7, 0.7]) == DISABLED  # what the runs say now, not what they said then
+    assert Trial([DISABLED], recheck=then).recheck is None  # only for the remembered candidate first
 
 
 def test_a_trial_times_each_candidate_after_its_warm_up_and_decides():
@@ -135,23 +177,28 @@ def paced(trt):
     faked at our boundary; settings, the binding, the addresses wrapper and the session are real."""
 
     class Paced(trt.dynamo.runtime.TorchTensorRTModule):
-        def __init__(self, pace: dict[str, float]) -> None:
+        """``setup_ms``: the first call after a change of strategy re-creates the execution context."""
+
+        def __init__(self, pace: dict[str, float], setup_ms: float = 0.0) -> None:
             super().__init__(name="paced")
             self.pace = pace
+            self.setup_ms = setup_ms
             self.strategies: list[str] = []
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             strategy = self.runtime_settings.cuda_graph_strategy
+            setup = self.setup_ms if not self.strategies or self.strategies[-1] != strategy else 0.0
             self.strategies.append(strategy)
-            time.sleep(self.pace[strategy] / 1e3)
+            time.sleep((self.pace[strategy] + setup) / 1e3)
             return x + 1
 
     return Paced
 
 
-def _serve(session: ServingSession, engine, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def _serve(session: ServingSession, engine, batches: list[torch.Tensor], known: bool = False) -> list[torch.Tensor]:
+    """``known``: the loop says how many batches it runs."""
     outputs = []
-    session.loop_started()
+    session.loop_started(batches=len(batches) if known else None)
     for x in batches:
         session.batch_started(x)
         outputs.append(engine(x))
@@ -289,3 +336,67 @@ def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, f
     assert engine.strategies[-4:] == ["whole_graph_capture"] * 4
     (summary,) = [r.getMessage() for r in messages.records if r.getMessage().startswith("TensorRT-RTX serving")]
     assert "auto graphs: kept whole_graph_capture" in summary, summary
+
+
+def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gpu):
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    served = torch.nn.Sequential(engine)
+    first = _session()
+    first.serve(served)
+    _serve(first, engine, [torch.zeros(4, 2)] * TRIAL)
+    kept = first.close().auto.removeprefix("kept ").split(" (")[0]
+    assert kept in (UPSTREAM, HELD)
+    before = len(engine.strategies)
+    second = _session()  # a new Trainer.predict over the same module, in the same process
+    second.serve(served)
+    outputs = _serve(second, engine, [torch.zeros(4, 2)] * (auto.WARMUP[kept] + auto.TIMED + 3))
+    assert all(torch.equal(y, torch.ones(4, 2)) for y in outputs)
+    assert engine.strategies[before:] == ["whole_graph_capture"] * len(outputs)  # no switch at all
+    figures = second.close()
+    assert figures.auto.startswith(f"kept {kept}, decided earlier in this process"), figures.auto
+    auto.forget(served)
+    third = _session()
+    third.serve(served)
+    _serve(third, engine, [torch.zeros(4, 2)] * 4)
+    assert third.close().auto.startswith("trial not finished, ran disabled")
+
+
+def test_a_short_loop_with_a_costly_switch_stays_with_the_default_and_says_why(paced, fake_gpu):
+    # each change of strategy costs 60 ms (the first call too): 40 batches of 1 ms cannot win 2 x 60 ms back
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    _serve(session, engine, [torch.zeros(4, 2)] * 40, known=True)
+    figures = session.close()
+    assert set(engine.strategies) == {"disabled"}
+    assert "not tried: the 30 batches left could not win back re-creating the execution contexts" in figures.auto
+    # a long loop tries, measures the switch, and keeps graphs
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    _serve(session, engine, [torch.zeros(4, 2)] * 400, known=True)
+    figures = session.close()
+    assert figures.auto.startswith(("kept whole_graph_capture", f"kept {HELD}")), figures.auto
+    cost = float(figures.auto.split("a strategy switch cost ")[1].split(" ms")[0])
+    assert 50.0 <= cost <= 120.0, figures.auto
+
+
+def test_the_callback_tells_auto_how_long_the_loop_is(paced, fake_gpu, tmp_path):
+    from lightning.pytorch import LightningModule
+
+    from tests.procs.lightning_models import make_trainer
+
+    class Served(LightningModule):
+        def __init__(self, engine) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def predict_step(self, batch, batch_idx):
+            return self.engine(batch)
+
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    callback = TRTRuntimeSettings(cuda_graph_strategy="auto", runtime_cache=None, print_table=False)
+    loader = torch.utils.data.DataLoader(torch.zeros(40, 2), batch_size=1)
+    make_trainer(tmp_path, callbacks=[callback]).predict(Served(engine), loader, return_predictions=False)
+    assert "not tried: the 30 batches left" in callback.figures[0].auto, callback.figures[0].auto
+    assert set(engine.strategies) == {"disabled"}
