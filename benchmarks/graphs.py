@@ -2,14 +2,21 @@
 
 Models (random weights, fp16 on the GPU): ``mlp`` (8 x 1024, batch 8), ``mlp-deep`` (32 x 256,
 batch 8), ``resnet18`` (torchvision, batch 1, 224x224) and ``encoder`` (4 transformer blocks, width
-256, 64 tokens, batch 1). For each, in one process, per batch in ``Trainer.predict`` over the same
-loader (a new batch tensor every step):
+256, 64 tokens, batch 1), compiled in the process; and two programs saved with ``torch_tensorrt.save``
+and served with ``load_program`` (the deployment path the README recommends): ``resnet50-b32-loaded``
+(torchvision ResNet-50, batch 32) and ``vit-b16-b8-loaded`` (ViT-B/16, batch 8), over the serving-efficiency
+step's CPU dataset. For each, in one process, per batch in ``Trainer.predict`` over the same loader
+(a new batch tensor every step, uploaded ahead of the engine):
 
 * ``default``: ``cuda_graph_strategy="disabled"``;
 * ``upstream``: ``"whole_graph_capture"`` with the addresses left to torch-tensorrt
   (``LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0``: how whole-graph capture behaved before this package held them);
 * ``stable``: ``"whole_graph_capture"`` as the package serves it (addresses held once they move);
-* ``auto``: ``cuda_graph_strategy="auto"``: the three above tried on the loop's first batches, the fastest kept;
+* ``auto``: ``cuda_graph_strategy="auto"`` as a later loop of the process runs it: it starts with the decision
+  an earlier loop made for the model (and checks it on one window);
+* ``auto-first``: ``"auto"`` with nothing remembered (:func:`lightning_trt_rtx.auto.forget` first): the
+  three above tried on the loop's first batches where the loop is long enough to win a switch back, the
+  fastest kept, the trial's cost in the per-batch time;
 * ``empty``: a LightningModule whose ``predict_step`` returns its batch (Lightning's own cost per batch);
 * ``default-kept``, ``upstream-kept``, ``stable-kept``, ``auto-kept``: the same with a callback that keeps every
   prediction on the GPU (as a writer batching its writes would), so an engine's outputs cannot land
@@ -20,21 +27,27 @@ interleaved (the order rotates every round, the first round a warm-up left out),
 on one fixed input, without and with graphs, and with graphs and the addresses wrapper; and the
 wrapper's own cost per steady call, on an engine faked at the package's boundary (Python only).
 Goals: ``auto`` at least as fast as ``default`` by the median of every model and no repetition under
-0.95x; ``auto`` at least 0.95x the fastest candidate of each model; per batch ``stable - empty <=
-1.25 x`` the bare engine with graphs; the wrapper's steady call within 5 us of the engine's own.
+0.95x; ``auto`` at least 0.95x the fastest candidate of each model; ``auto-first`` at least as fast as
+``default`` by the median of every model (the trial costs less than it wins over the loop); per batch
+``stable - empty <= 1.25 x`` the bare engine with graphs; the wrapper's steady call within 5 us of the
+engine's own.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 from unittest import mock
 
-from benchmarks import harness
+from benchmarks import harness, serving_efficiency
 
-MODELS = ("mlp", "mlp-deep", "resnet18", "encoder")
+LOADED = ("resnet50-b32-loaded", "vit-b16-b8-loaded")  # serving_efficiency's programs, served with load_program
+MODELS = ("mlp", "mlp-deep", "resnet18", "encoder", *LOADED)
 VARIANTS = (
-    "default", "upstream", "stable", "auto", "empty", "default-kept", "upstream-kept", "stable-kept", "auto-kept"
+    "default", "upstream", "stable", "auto", "empty", "auto-first",
+    "default-kept", "upstream-kept", "stable-kept", "auto-kept",
 )  # fmt: skip
+AUTO = ("auto", "auto-first", "auto-kept")
 CANDIDATES = ("default", "upstream", "stable")  # what auto chooses from
 
 
@@ -45,7 +58,7 @@ def _variant(name: str, template: str) -> tuple[list, dict[str, str]]:
     name = name.removesuffix("-kept")
     if name == "empty":
         return [], {}
-    strategy = {"default": "disabled", "auto": "auto"}.get(name, "whole_graph_capture")
+    strategy = {"default": "disabled", "auto": "auto", "auto-first": "auto"}.get(name, "whole_graph_capture")
     env = {addresses.ENABLED_ENV: "0" if name == "upstream" else "1"}  # not whatever the shell has
     return [TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)], env
 
@@ -57,12 +70,17 @@ def task(spec: dict) -> dict:
 
     from lightning_trt_rtx import TRTSettings
 
+    from lightning_trt_rtx import auto
+
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
-    model = CompiledPredictor(spec["model"], spec["batch_size"])
-    data = SyntheticDataModule(spec["model"], spec["batch_size"], spec["batches"])
+    if spec["model"] in LOADED:
+        model, data, x = _loaded(spec)
+    else:
+        model = CompiledPredictor(spec["model"], spec["batch_size"])
+        data = SyntheticDataModule(spec["model"], spec["batch_size"], spec["batches"])
     per_batch: dict[str, list[float]] = {v: [] for v in VARIANTS}
     capture: dict[str, str] = {}
-    kept: dict[str, list[str]] = {"auto": [], "auto-kept": []}  # what auto kept, each repetition
+    kept: dict[str, list[str]] = {v: [] for v in AUTO}  # what auto kept, each repetition
     for rep in range(spec["reps"] + 1):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for name in order:
@@ -70,6 +88,8 @@ def task(spec: dict) -> dict:
             timer = BatchTimer()
             if name.endswith("-kept"):
                 callbacks.append(KeepOnGPU())  # dropped with the variant's callbacks after the loop
+            if name == "auto-first":
+                auto.forget()  # the decisions earlier loops made: this loop runs a whole trial
             with mock.patch.dict(os.environ, env):  # set for this variant, put back after
                 harness.predict(EchoPredictor() if name == "empty" else model, data, [*callbacks, timer])
             if rep == 0:
@@ -79,19 +99,38 @@ def task(spec: dict) -> dict:
                 capture[name] = callbacks[0].figures[0].capture
             if name in kept:
                 kept[name].append(callbacks[0].figures[0].auto)
-    x = torch.randn(model.batch_size, *model_spec(spec["model"]).input_shape, device=harness.device())
+    if spec["model"] not in LOADED:
+        x = torch.randn(model.batch_size, *model_spec(spec["model"]).input_shape, device=harness.device())
+        x = x.to(model.input_dtype)
     bare = {
-        s: harness.bare_engine_ms(model.net, x.to(model.input_dtype),
+        s: harness.bare_engine_ms(model.net, x,
                                   TRTSettings(cuda_graph_strategy=s, runtime_cache=template), spec["batches"])
         for s in ("disabled", "whole_graph_capture")
     }  # fmt: skip
     wgc = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=template)
-    bare["whole_graph_capture_held"] = harness.bare_engine_ms(
-        model.net, x.to(model.input_dtype), wgc, spec["batches"], hold=True
-    )
+    bare["whole_graph_capture_held"] = harness.bare_engine_ms(model.net, x, wgc, spec["batches"], hold=True)
     return {"per_batch_ms": per_batch, "capture": capture, "auto": kept, "bare_ms": bare,
             "wrapper_us": wrapper_overhead_us(*((200, 2) if harness.dry_run() else ())),
-            "compile_s": model.compile_s}  # fmt: skip
+            "compile_s": getattr(model, "compile_s", 0.0)}  # fmt: skip
+
+
+def _loaded(spec: dict) -> tuple[Any, Any, Any]:
+    """A saved program served with ``load_program`` (the serving-efficiency step's), a DataModule over its
+    CPU samples, and one batch on the GPU for the bare engine."""
+    import torch
+    from lightning.pytorch import LightningDataModule
+    from torch.utils.data import DataLoader
+
+    from benchmarks import real_models
+
+    net, samples, batch = serving_efficiency._net_and_samples(spec["model"], spec["work"])
+    dataset = serving_efficiency._Samples(samples, spec["batches"] * batch)
+
+    class Data(LightningDataModule):
+        def predict_dataloader(self) -> DataLoader:
+            return DataLoader(dataset, batch_size=batch)  # type: ignore[arg-type]
+
+    return real_models._served(net), Data(), torch.stack(samples[:batch]).to(harness.device())
 
 
 def wrapper_overhead_us(calls: int = 20000, rounds: int = 15) -> dict[str, float]:
@@ -144,9 +183,10 @@ def wrapper_overhead_us(calls: int = 20000, rounds: int = 15) -> dict[str, float
 def _models() -> list[str]:
     import importlib.util
 
-    if importlib.util.find_spec("torchvision") is None:  # resnet18 is the only model that needs it
-        print("    resnet18 skipped: torchvision is not installed (pip install 'lightning-trt-rtx[bench]')", flush=True)
-        return [m for m in MODELS if m != "resnet18"]
+    if importlib.util.find_spec("torchvision") is None:  # resnet18 and the two programs need it
+        print("    resnet18 and the loaded programs skipped: torchvision is not installed"
+              " (pip install 'lightning-trt-rtx[bench]')", flush=True)  # fmt: skip
+        return [m for m in MODELS if m != "resnet18" and m not in LOADED]
     return list(MODELS)
 
 
@@ -159,7 +199,8 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     for name in _models():
         if cfg.get("models") and name not in cfg["models"]:
             continue
-        spec = {"model": name, "batch_size": model_spec(name).batch_size, "batches": cfg["batches"]}
+        batch_size = serving_efficiency.MODELS[name][1] if name in LOADED else model_spec(name).batch_size
+        spec = {"model": name, "batch_size": batch_size, "batches": cfg["batches"], "work": runner.work}
         spec.update(reps=cfg["reps"], cache_dir=os.path.join(runner.work, f"cache-graphs-{name}"))
         try:
             results[name] = runner.task("graphs", spec)
@@ -178,6 +219,8 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     worst = min(medians) if medians else None
     of_best = [t[f"auto{kept}_of_best"] for t in table.values() for kept in ("", "_kept")]
     worst_of_best = min(of_best) if of_best else None
+    first = {name: t["auto_first_speedup"] for name, t in table.items()}
+    worst_first = min(first.values()) if first else None
     overhead = max((r["wrapper_us"]["overhead_us"] for r in results.values()), default=None)
     over = {name: t["stable_minus_empty_over_bare_graphs"] for name, t in table.items()}
     worst_over = max(over.values()) if over else None
@@ -232,6 +275,21 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             + "; ".join(f"{n}: {t['auto'][0] if t['auto'] else '-'}" for n, t in table.items())
             + ")"
             if worst_of_best is not None
+            else "n/a",
+        }
+    )
+    rows.append(
+        {
+            "key": "graphs_auto_first_loop",
+            "measurement": "cuda_graph_strategy='auto' with nothing remembered (its trial in the per-batch time) vs"
+            " default, per-batch median of the worst model (default / auto)",
+            "value": worst_first,
+            "display": f"{worst_first:.2f}x ("
+            + ", ".join(f"{n} {v:.2f}x" for n, v in first.items())
+            + "; kept: "
+            + "; ".join(f"{n}: {t['auto_first'][0] if t['auto_first'] else '-'}" for n, t in table.items())
+            + ")"
+            if worst_first is not None
             else "n/a",
         }
     )
@@ -293,8 +351,10 @@ def _summary(result: dict) -> dict:
             )
             for kept in ("", "-kept")
         },
+        "auto_first_speedup": _ratio(median["default"], median["auto-first"]),
         "auto": result["auto"]["auto"],
         "auto_kept": result["auto"]["auto-kept"],
+        "auto_first": result["auto"]["auto-first"],
         "wrapper_us": result["wrapper_us"],
         "capture": result["capture"],
         "compile_s": result["compile_s"],

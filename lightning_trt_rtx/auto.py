@@ -23,8 +23,8 @@ trial pays that once to try graphs and, if they lose, once more to go back. So i
   :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win); until the first switch
   the cost is estimated by the loop's first batch, then it is the one measured;
 * it goes back only when what going back wins over the batches left exceeds the switch's cost;
-* the decision is remembered for the served module, its engines and the input shape, for the rest of
-  the process: a later loop (a new ``Trainer.predict``, a new session) starts with it and times one
+* the decision is remembered for the engines and the input shape, for the rest of the process (as long
+  as the engines live): a later loop (a new ``Trainer.predict``, a new session) starts with it and times one
   window to check it; only a candidate running :data:`RECHECK` slower than when it was chosen starts a
   new trial. :func:`forget` drops what was remembered.
 
@@ -238,12 +238,13 @@ _REMEMBERED: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary
 
 
 def forget(module: Any = None) -> None:
-    """Drop the decisions remembered for ``module`` (default: for every module): its next loop under
-    ``"auto"`` runs a whole trial again."""
+    """Drop the decisions remembered for the engines under ``module`` (default: every decision): their
+    next loop under ``"auto"`` runs a whole trial again."""
     if module is None:
         _REMEMBERED.clear()
-    else:
-        _REMEMBERED.pop(module, None)
+        return
+    for holder in [module, *module.modules()] if isinstance(module, torch.nn.Module) else [module]:
+        _REMEMBERED.pop(holder, None)
 
 
 @dataclass(frozen=True)
@@ -280,11 +281,12 @@ class AutoGraphs:
         self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
         self._last_stamp: Any = None  # the last window's last stamp
 
-    def bind(self, module: Any, engine_ids: Sequence[int]) -> None:
-        """The module served and its engines (before the settings are applied): they start under the
-        candidate decided last for them in this process, so a later loop does not switch at all."""
-        self._owner, self._engines = module, tuple(engine_ids)
-        memory = _memory(module)
+    def bind(self, owner: Any, engine_ids: Sequence[int]) -> None:
+        """The engines served (before the settings are applied) and a module that holds them (what is
+        decided is remembered on it, weakly): they start under the candidate decided last for them in this
+        process, so a later loop (even through another LightningModule) does not switch at all."""
+        self._owner, self._engines = owner, tuple(engine_ids)
+        memory = _memory(owner)
         latest = memory.latest.get(self._engines) if memory is not None else None
         if latest is not None and self.trial is None and not self.off:
             self.candidate = latest

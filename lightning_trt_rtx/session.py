@@ -204,7 +204,8 @@ class ServingSession:
                 self.binding.restore()
             self.binding = EngineBinding(module)
             if self.auto is not None:  # a decision this process made for these engines is where they start
-                self.auto.bind(module, [id(e.obj) for e in engines])
+                first = engines[0]  # remembered on the module holding it: it lives as long as the engines
+                self.auto.bind(first.obj if first.kind == "module" else first.owner, [id(e.obj) for e in engines])
         self.binding.apply(self.runtime_settings())
         self.figures.engines = len(self.binding.engines)
         self._hold_addresses()

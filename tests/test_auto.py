@@ -347,8 +347,8 @@ def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gp
     kept = first.close().auto.removeprefix("kept ").split(" (")[0]
     assert kept in (UPSTREAM, HELD)
     before = len(engine.strategies)
-    second = _session()  # a new Trainer.predict over the same module, in the same process
-    second.serve(served)
+    second = _session()  # a new Trainer.predict over the same engines (another wrapper), in the same process
+    second.serve(torch.nn.Sequential(engine))
     outputs = _serve(second, engine, [torch.zeros(4, 2)] * (auto.WARMUP[kept] + auto.TIMED + 3))
     assert all(torch.equal(y, torch.ones(4, 2)) for y in outputs)
     assert engine.strategies[before:] == ["whole_graph_capture"] * len(outputs)  # no switch at all

@@ -68,13 +68,25 @@ def _gpu_batches(example: torch.Tensor, batches: int) -> list[torch.Tensor]:
     return [torch.randn_like(example) for _ in range(batches)]
 
 
-def _loader(batches: list[torch.Tensor]) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(batches, batch_size=None)  # each tensor is a batch, as it is
+class Stream(torch.utils.data.IterableDataset):
+    """Batches of a length the loop does not know (a stream): ``"auto"`` treats the loop as long."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
-def _predict(compiled, batches, strategy: str, template: str, *extra) -> tuple[TRTRuntimeSettings, list]:
+def _loader(batches: list[torch.Tensor], known: bool = False) -> torch.utils.data.DataLoader:
+    # each tensor is a batch, as it is
+    return torch.utils.data.DataLoader(batches if known else Stream(batches), batch_size=None)
+
+
+def _predict(compiled, batches, strategy: str, template: str, *extra, known: bool = False):
     callback = TRTRuntimeSettings(cuda_graph_strategy=strategy, runtime_cache=template, print_table=False)
-    outputs = _trainer(callback, *extra).predict(Holder(compiled), _loader(batches), return_predictions=True)
+    loader = _loader(batches, known)
+    outputs = _trainer(callback, *extra).predict(Holder(compiled), loader, return_predictions=True)
     return callback, outputs
 
 
@@ -98,7 +110,25 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     assert set(medians) == {auto.DISABLED, auto.UPSTREAM, auto.HELD}, medians
     kept = figures.auto.removeprefix("kept ").split(" (")[0]
     assert medians[kept] < medians[auto.DISABLED] * (1 - auto.MARGIN), medians
+    assert "a strategy switch cost" in figures.auto, figures.auto  # measured at the trial's switch
     assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back
+    # a later loop over the same engines (another LightningModule) starts with the decision: one window checks it
+    writer = Kept()
+    callback, _ = _predict(compiled, batches[:40], "auto", template, writer)
+    again = callback.figures[0].auto
+    assert again.startswith(f"kept {kept}, decided earlier in this process"), again
+    with torch.no_grad():
+        for x_i, got in zip(batches, writer.written, strict=False):
+            torch.testing.assert_close(got, eager(x_i), atol=5e-2, rtol=5e-2)
+    # a loop too short to win back re-creating the execution contexts tries nothing (nothing remembered)
+    auto.forget(compiled)
+    callback, outputs = _predict(compiled, batches[:24], "auto", template, known=True)
+    short = callback.figures[0].auto
+    assert short.startswith("kept disabled") and "batches left could not win back" in short, short
+    print(f"launch-bound MLP: {figures.auto}\nlater loop: {again}\nshort loop: {short}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "auto-mlp.txt"), "a", encoding="utf-8") as f:
+            f.write(f"{figures.auto}\n{again}\n{short}\n")
 
 
 def convnet() -> torch.nn.Module:
