@@ -68,9 +68,7 @@ def task(spec: dict) -> dict:
     import torch
     from _model import BatchTimer, CompiledPredictor, EchoPredictor, KeepOnGPU, SyntheticDataModule, model_spec
 
-    from lightning_trt_rtx import TRTSettings
-
-    from lightning_trt_rtx import auto
+    from lightning_trt_rtx import TRTSettings, auto
 
     template = os.path.join(spec["cache_dir"], "gpu-{gpu}.bin")
     if spec["model"] in LOADED:

@@ -20,9 +20,8 @@ from unittest import mock
 
 import pytest
 
-from benchmarks import (
-    dynamic_shapes, graphs, harness, loop, overhead, real_models, run, serving_efficiency, two_gpu, warm_start,
-)  # fmt: skip
+from benchmarks import dynamic_shapes, graphs, harness, loop, overhead, real_models, run, two_gpu, warm_start
+from benchmarks import serving_efficiency as efficiency
 from tests import helpers
 
 RESULTS = os.path.join(helpers.ROOT, "benchmarks", "results")
@@ -381,7 +380,8 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path,
                                                     "stable-kept", "auto-kept")}  # fmt: skip
         # auto says what it kept (nothing to try without engines), each repetition
         assert model["auto"] == model["auto_first"] == ["disabled (not tried: no TensorRT-RTX engines to time)"]
-        assert model["auto_first_speedup"] == pytest.approx(model["median_ms"]["default"] / model["median_ms"]["auto-first"])
+        median = model["median_ms"]
+        assert model["auto_first_speedup"] == pytest.approx(median["default"] / median["auto-first"])
         for kept in ("", "-kept"):  # never slower: predictions dropped and kept
             ratios += [d / a for d, a in zip(per_rep["default" + kept], per_rep["auto" + kept])]
         median = model["median_ms"]
@@ -398,7 +398,8 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path,
     assert rows["graphs_never_slower_any_repetition"]["met"] == (min(ratios) >= 0.95)
     kept_medians = [m["auto_kept_speedup"] for m in table.values()]
     assert rows["graphs_never_slower"]["value"] == pytest.approx(min(medians + kept_medians))
-    assert rows["graphs_auto_first_loop"]["value"] == pytest.approx(min(m["auto_first_speedup"] for m in table.values()))
+    first = min(m["auto_first_speedup"] for m in table.values())
+    assert rows["graphs_auto_first_loop"]["value"] == pytest.approx(first)
     assert rows["graphs_auto_first_loop"]["goal"] == ">= 1.0x (median, every model)"
     assert rows["graphs_addresses_overhead"]["goal"] == "<= 5 us per call"
     assert rows["graphs_vs_bare"]["goal"] == "<= 1.25x"
@@ -413,8 +414,8 @@ def test_every_graphs_model_builds_and_serves_on_cpu():
     vision = importlib.util.find_spec("torchvision") is not None
     assert graphs._models() == [m for m in graphs.MODELS if vision or (m != "resnet18" and m not in graphs.LOADED)]
     # the loaded programs are the serving-efficiency step's (built and served on CPU in its own dry run)
-    assert set(graphs.LOADED) <= set(serving_efficiency.MODELS)
-    assert all(serving_efficiency.MODELS[m][2] == "loaded" for m in graphs.LOADED)
+    assert set(graphs.LOADED) <= set(efficiency.MODELS)
+    assert all(efficiency.MODELS[m][2] == "loaded" for m in graphs.LOADED)
     for name in (m for m in graphs._models() if m not in graphs.LOADED):
         data = SyntheticDataModule(name, 2, 1)
         model = CompiledPredictor(name, 2)
