@@ -145,7 +145,6 @@ class TRTRuntimeSettings(_LoopHooks):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self._serves_stage(stage):
             return
-        _check_agrees_with_plugin(trainer, self.settings)
         if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
             self.session.close()
         self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
@@ -268,16 +267,6 @@ def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
     """The TRTRuntimePrecision plugin's prewarm arguments: the callback's session serves its run."""
     plugin: Any = trainer.precision_plugin  # a TRTRuntimePrecision says so with serves_runs
     return plugin.prewarm_spec if getattr(plugin, "serves_runs", False) else None
-
-
-def _check_agrees_with_plugin(trainer: Trainer, settings: TRTSettings) -> None:
-    plugin: Any = trainer.precision_plugin
-    if getattr(plugin, "serves_runs", False) and plugin.settings != settings:
-        raise ValueError(
-            f"TRTRuntimeSettings and TRTRuntimePrecision configure different TensorRT-RTX settings for the same"
-            f" model ({settings} vs {plugin.settings}). Configure the settings in one place: either the"
-            " TRTRuntimeSettings callback or the TRTRuntimePrecision plugin."
-        )
 
 
 class TRTCudaGraphs(_LoopHooks):

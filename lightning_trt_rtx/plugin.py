@@ -175,6 +175,7 @@ class TRTRuntimePrecision(Precision):
         # DDP ignores the return value: the settings go onto the engines in place
         callback_session = trainer_session(trainer) if trainer is not None else None
         if callback_session is not None and callback_session is not self.session:
+            _check_agrees(callback_session.settings, self.settings)
             callback_session.serve(module)  # the callback's run: it saves and reports
             return converted
         if self.session is not None:
@@ -255,6 +256,16 @@ class TRTRuntimePrecision(Precision):
     def test_step_context(self) -> Generator[None, None, None]:
         with self._step(), super().test_step_context():
             yield
+
+
+def _check_agrees(callback: TRTSettings, plugin: TRTSettings) -> None:
+    """The callback's session serves the run with its settings: the plugin's must be the same."""
+    if callback != plugin:
+        raise ValueError(
+            f"TRTRuntimeSettings and TRTRuntimePrecision configure different TensorRT-RTX settings for the same"
+            f" model ({callback} vs {plugin}). Configure the settings in one place: either the"
+            " TRTRuntimeSettings callback or the TRTRuntimePrecision plugin."
+        )
 
 
 def _trainer_of(module: torch.nn.Module) -> Trainer | None:

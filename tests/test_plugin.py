@@ -217,7 +217,7 @@ def test_plugin_and_callback_with_different_settings_fail_clearly(tmp_path):
     prior = snapshot(model)
     plugin = TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
     callback = TRTRuntimeSettings(cuda_graph_strategy="disabled", runtime_cache=None)
-    # checked at the callback's setup, which names itself first
+    # checked where the plugin meets the callback's session (convert_module): no batch runs, engines restored
     with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure different") as excinfo:
         make_trainer(tmp_path, plugins=[plugin], callbacks=[callback]).predict(model, predict_loader())
     assert "either the TRTRuntimeSettings callback or the TRTRuntimePrecision plugin" in str(excinfo.value)
