@@ -330,3 +330,19 @@ def test_created_with_stashes_settings_before_upstream_setup(trt, monkeypatch):
     other = TorchTensorRTModule(name="e1")
     other.setup_engine()
     assert seen[-1].cuda_graph_strategy == "disabled"
+
+
+def test_refresh_without_mutable_modules_walks_nothing(monkeypatch, TTM):
+    """The per-batch refresh is fenced to models holding a MutableTorchTensorRTModule (unverified on GPU)."""
+    from lightning_trt_rtx import engines
+
+    root = nn.Module()
+    root.a = TTM(name="a")
+    binding = EngineBinding(root)
+    settings = TRTSettings().to_runtime_settings(_backend.new_cache_handle())
+    assert binding.apply(settings) == 1
+    walks: list[object] = []
+    monkeypatch.setattr(engines, "find_mutable_modules", lambda root: walks.append(root) or [])
+    root.b = TTM(name="b")  # a new engine: only apply (serve) finds it, not the per-batch refresh
+    assert [binding.refresh() for _ in range(3)] == [0, 0, 0]
+    assert walks == [] and root.b.runtime_settings is not settings
