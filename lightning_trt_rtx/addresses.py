@@ -136,7 +136,7 @@ class _Site:
         # inference mode)
         self._fast: tuple[tuple, list | None, tuple[int, ...], bool] | None = None
 
-    # --- the wrapped forward ---------------------------------------------------------------------
+    # --- the wrapped forward: the steady path, else the full one ---------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fast = self._fast
@@ -168,6 +168,10 @@ class _Site:
                     self.calls += 1
                     self._streak += 1
                 return _copy_tensors(outputs) if self.holding else outputs
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        """Every call that is not steady: decide whether to watch, hold the outputs, stage the inputs."""
         self._fast = None
         if self.failure or self.paused or not self._wanted():
             return self._pass_through(args, kwargs)
@@ -177,7 +181,7 @@ class _Site:
             self._give_up("a number input (a shape input: the engine reuses kept outputs by input shapes only)")
             return self._pass_through(args, kwargs)
         signature = _signature(args, kwargs)
-        if self.keep_outputs and not self._hold(True):
+        if self.keep_outputs and not self._hold():
             return self.original(*args, **kwargs)
         engine_args = self._stage(args, signature) if self.copy_inputs else args
         outputs = self.original(*engine_args, **kwargs)
@@ -208,7 +212,8 @@ class _Site:
 
     def let_go(self) -> None:
         """The engines' own output setting back; the next watched call is compared with nothing before it."""
-        self._hold(False)
+        if self.holding:
+            self._give_back()
         self.forget()
 
     def forget(self) -> None:
@@ -222,23 +227,18 @@ class _Site:
                 return True
         return False
 
-    def _hold(self, on: bool) -> bool:
-        """Have the engines keep their outputs (``on``) or give them their own setting back."""
-        if self.holding == on:
+    def _hold(self) -> bool:
+        """Have the engines keep their outputs (:meth:`_give_back` gives them their own setting back)."""
+        if self.holding:
             return True
-        self._fast = None
         try:
-            if on:
-                for engine in self.engines:
-                    self.fresh[id(engine.obj)] = _backend.kept_output_addresses(engine.obj)
-                    _backend.set_output_holding(engine.obj, _FRESH)
-            else:
-                self._give_back()
+            for engine in self.engines:
+                self.fresh[id(engine.obj)] = _backend.kept_output_addresses(engine.obj)
+                _backend.set_output_holding(engine.obj, _FRESH)
         except Exception as err:
             self._fail(err)
-            self._give_back()
             return False
-        self.holding = on
+        self.holding = True
         return True
 
     def _settle(self) -> None:
@@ -252,33 +252,31 @@ class _Site:
                     del self.fresh[id(engine.obj)]
         except Exception as err:
             self._fail(err)
-            self._give_back()
 
-    def _read_prior(self) -> list[tuple[bool, bool]]:
-        """The engines' own output setting, read at the first call (engines are set up by then). An engine
-        that already keeps its outputs hands every call the same tensors: the caller gets copies."""
-        if self.prior is None:
-            try:
-                self.prior = [_backend.output_holding(e.obj) for e in self.engines]
-            except Exception as err:
-                self._fail(err)
-                return []
-            self.keep_outputs = self.keep_outputs or _HELD in self.prior
-        return self.prior
+    def _read_prior(self) -> bool:
+        """Read the engines' own output setting at the first call (engines are set up by then); False if
+        it cannot be read. An engine that already keeps its outputs hands every call the same tensors:
+        the caller gets copies."""
+        try:
+            self.prior = [_backend.output_holding(e.obj) for e in self.engines]
+        except Exception as err:
+            self._fail(err)
+            return False
+        self.keep_outputs = self.keep_outputs or _HELD in self.prior
+        return True
 
     def _fail(self, err: Exception) -> None:
-        """An engine without the output setting."""
+        """An engine without the output setting: give up, the engines' own setting back."""
         self._give_up(f"the engine cannot keep its outputs ({type(err).__name__}: {err})")
+        self._give_back()
 
     def _give_up(self, why: str) -> None:
         """Pass through from now on, and say why in the figures."""
         self.failure = why
-        self._fast = None
         log.debug("Stable addresses off for %s: %s", type(self.module).__name__, why)
 
     def _give_back(self) -> None:
         self.holding = False
-        self._fast = None
         self.fresh.clear()
         for engine, prior in zip(self.engines, self.prior or []):
             try:
@@ -337,6 +335,7 @@ class _Site:
             del self.module.__dict__["forward"]
         self._give_back()
         self.buffers.clear()
+        self._fast = None
 
 
 class StableAddresses:
