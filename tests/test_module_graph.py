@@ -61,3 +61,7 @@ def test_cycles_layers_and_type_only_imports_are_read_from_the_source(module_gra
     out = capsys.readouterr().out
     assert "import cycles (1):\n  a <-> b" in out and "6 modules, 13 lines, 4 layers" in out
     assert module_graph.main([str(tmp_path)]) == 2  # not a package
+    # as a type checker sees it, c's type-only import of top (which imports c) is a cycle too
+    assert module_graph.build(package, types=True).cycles == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.top"]]
+    assert module_graph.main(["--types", str(package)]) == 0
+    assert "import cycles (2):\n  a <-> b\n  c <-> top" in capsys.readouterr().out

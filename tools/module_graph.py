@@ -1,13 +1,13 @@
 """Print the import graph of a package: lines per module, intra-package imports, layers and cycles.
 
-    python tools/module_graph.py [PACKAGE_DIR]      # default: lightning_trt_rtx/ next to this folder
+    python tools/module_graph.py [--types] [PACKAGE_DIR]   # default: lightning_trt_rtx/ next to this folder
 
 Read from the source with :mod:`ast` (nothing is imported). A module's layer is the length of the
 longest chain of intra-package imports below it (0: it imports no module of the package); modules
 on a cycle share one layer (the cycle's). Imports inside functions count (they run when called);
 imports under ``if TYPE_CHECKING:`` run never and are listed apart ("type-only"), outside the
-layers and cycles. ``from package import module`` is an import of ``module``, not of the package's
-``__init__``. Standard library only.
+layers and cycles (``--types``: counted as imports, as a type checker sees them). ``from package
+import module`` is an import of ``module``, not of the package's ``__init__``. Standard library only.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def _layers(imports: dict[str, set[str]], cycles: list[list[str]]) -> dict[str, 
     return {module: layer(group[module]) for module in imports}
 
 
-def build(package_dir: Path | str) -> Graph:
+def build(package_dir: Path | str, types: bool = False) -> Graph:
+    """The graph of the package at ``package_dir``; ``types``: type-only imports count as imports."""
     root = Path(package_dir).resolve()
     files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
     names = {p: _module_name(p, root) for p in files}
@@ -158,6 +159,9 @@ def build(package_dir: Path | str) -> Graph:
         lines[name] = len(source.splitlines())
         tree = ast.parse(source, filename=str(path))
         imports[name], type_only[name] = _imported(tree, name, path.name == "__init__.py", modules)
+    if types:
+        imports = {m: imports[m] | type_only[m] for m in imports}
+        type_only = {m: set() for m in imports}
     cycles = _cycles(imports)
     return Graph(lines, imports, type_only, cycles, _layers(imports, cycles))
 
@@ -184,7 +188,9 @@ def render(graph: Graph) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    types = "--types" in args
+    args = [a for a in args if a != "--types"]
     if len(args) > 1:
         print(__doc__, file=sys.stderr)
         return 2
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (package_dir / "__init__.py").is_file():
         print(f"{package_dir} is not a package directory (no __init__.py).", file=sys.stderr)
         return 2
-    print(render(build(package_dir)))
+    print(render(build(package_dir, types)))
     return 0
 
 
