@@ -157,7 +157,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if self.session is None or self.session.closed:  # a second loop of the same stage in this fit
             self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
         self.session.serve(pl_module)  # engines made in configure_model / reset by a checkpoint restore
-        prewarm = self.prewarm_spec or _plugin_prewarm(trainer)
+        prewarm = self.prewarm_spec or self.session.prewarm_spec
         if prewarm is not None:  # once per session, before the loop's timing starts
             prewarm.run(self.session, pl_module)
         if trainer.state.fn == TrainerFn.PREDICTING:
@@ -261,12 +261,6 @@ class TRTRuntimeSettings(_LoopHooks):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # what a checkpoint says it was served with; this callback's own arguments still decide
         self.checkpoint_settings = dict(state_dict.get("settings", {}))
-
-
-def _plugin_prewarm(trainer: Trainer) -> PrewarmSpec | None:
-    """The TRTRuntimePrecision plugin's prewarm arguments: the callback's session serves its run."""
-    plugin: Any = trainer.precision_plugin  # a TRTRuntimePrecision says so with serves_runs
-    return plugin.prewarm_spec if getattr(plugin, "serves_runs", False) else None
 
 
 class TRTCudaGraphs(_LoopHooks):

@@ -176,6 +176,7 @@ class TRTRuntimePrecision(Precision):
         callback_session = trainer_session(trainer) if trainer is not None else None
         if callback_session is not None and callback_session is not self.session:
             _check_agrees(callback_session.settings, self.settings)
+            callback_session.prewarm_spec = self.prewarm_spec  # the callback prewarms at its loop's start
             callback_session.serve(module)  # the callback's run: it saves and reports
             return converted
         if self.session is not None:

@@ -137,6 +137,9 @@ class ServingSession:
         self.auto: auto.AutoGraphs | None = None
         if settings.cuda_graph_strategy == "auto":
             self.auto = auto.AutoGraphs(self._run_candidate)
+        # prewarm arguments handed over by an adapter that meets this session through trainer_session (the
+        # plugin, when the callback's session serves the run): whoever starts the loops runs them once
+        self.prewarm_spec: prewarm.PrewarmSpec | None = None
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
