@@ -451,7 +451,8 @@ class ServingSession:
                     model(batch)
 
         ``device``: default, the current CUDA device. Without CUDA (or with a CPU ``device``) the batches
-        are returned as they are, and the figures say so.
+        are returned as they are, and the figures say so. Where CUDA graphs may be captured during the
+        loop (whole-graph capture, ``"auto"``, graph scopes) no thread of the uploads calls CUDA.
         """
         self._check_open()
         self._close_uploads()
@@ -460,9 +461,16 @@ class ServingSession:
         if reason is not None:
             self.uploads_off(reason)
             return batches
-        self.uploads = transfers.UploadsAhead(batches, "cuda" if device is None else device, depth)
+        target = "cuda" if device is None else device
+        self.uploads = transfers.UploadsAhead(batches, target, depth, may_capture=self._graphs_may_capture)
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
+
+    def _graphs_may_capture(self) -> bool:
+        """Whether a CUDA graph may be captured while the loop runs: TensorRT-RTX's whole-graph capture
+        (also as an ``"auto"`` candidate), or ``enable_cudagraphs`` scopes (ours or the user's)."""
+        graphs_open = self.graphs is not None and self.graphs.is_open
+        return self.settings.cuda_graph_strategy != "disabled" or graphs_open or _backend.cudagraphs_mode() != 0
 
     def uploads_off(self, reason: str) -> None:
         """Record why this run's batches are not uploaded ahead (for the figures)."""

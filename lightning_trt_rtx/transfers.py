@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -128,6 +128,11 @@ class UploadsAhead:
     H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way); smaller
     batches are read and staged by the consumer itself, ``depth`` batches ahead (a thread's hand-over
     costs more than their copy: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch).
+    ``may_capture()`` (asked at the first batch) says whether a CUDA graph may be captured while the
+    loop runs; then the consumer reads and stages every batch itself: TensorRT-RTX's whole-graph
+    capture and ``enable_cudagraphs`` capture in CUDA's global mode, where a CUDA call from another
+    thread breaks the capture (on H200 a loaded ResNet-50 under whole-graph capture failed with
+    "Event is not valid ... a graph capture that is no longer running" when a thread uploaded).
 
     ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned, and
     ``mode`` (``"thread"`` or ``"loop"``).
@@ -141,8 +146,10 @@ class UploadsAhead:
         device: torch.device | str | int,
         depth: int = DEFAULT_DEPTH,
         ops: CudaOps | None = None,
+        may_capture: Callable[[], bool] | None = None,
     ) -> None:
         self.depth = check_depth(depth)
+        self.may_capture = may_capture
         if not isinstance(source, Iterable):
             raise TypeError(f"UploadsAhead needs an iterable of batches, got {type(source).__name__}.")
         self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
@@ -206,7 +213,8 @@ class UploadsAhead:
             first = self._read(catch=Exception)
         self._ahead.append(first)
         staged = self.stats["staged_bytes"] + self.stats["pinned_bytes"]
-        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES:
+        capture = self.may_capture is not None and self.may_capture()
+        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES and not capture:
             self.stats["mode"] = "thread"
             self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
             self._thread.start()

@@ -136,6 +136,34 @@ def test_large_first_batches_get_a_thread_small_ones_the_loop():
     assert len(list(small)) == 3 and small.stats["mode"] == "loop"
 
 
+def test_where_a_graph_may_be_captured_no_thread_calls_cuda():
+    """TensorRT-RTX and enable_cudagraphs capture in CUDA's global mode: a thread's CUDA call breaks the capture."""
+    large = [torch.zeros(transfers.UploadsAhead.THREAD_MIN_BYTES // 4) for _ in range(3)]
+    asked: list[bool] = []
+
+    def may_capture() -> bool:
+        asked.append(True)
+        return True
+
+    ops = RecordingOps()
+    up = transfers.UploadsAhead(large, "cpu", ops=ops, may_capture=may_capture)
+    assert len(list(up)) == 3 and up.stats["mode"] == "loop" and asked == [True]  # asked once, at the first batch
+    assert {thread for _, thread, _ in ops.log} == {threading.current_thread().name}
+    up = transfers.UploadsAhead(large, "cpu", ops=RecordingOps(), may_capture=lambda: False)
+    assert len(list(up)) == 3 and up.stats["mode"] == "thread"
+
+
+@pytest.mark.parametrize("strategy, scopes, thread", [("disabled", False, True), ("whole_graph_capture", False, False),
+                                                      ("auto", False, False), ("disabled", True, False)])  # fmt: skip
+def test_the_session_says_when_graphs_may_be_captured(strategy, scopes, thread, monkeypatch):
+    from lightning_trt_rtx import ServingSession, TRTSettings, _backend
+
+    session = ServingSession(settings=TRTSettings(cuda_graph_strategy=strategy, runtime_cache=None))
+    if scopes:  # a user's own enable_cudagraphs scope is open: the process-wide mode is not "standard"
+        monkeypatch.setattr(_backend, "cudagraphs_mode", lambda: _backend.WHOLE_GRAPH)
+    assert session._graphs_may_capture() is not thread
+
+
 def test_pinned_sources_go_up_without_staging_and_stats_count_both():
     pinned_tensor, pageable = torch.ones(4), torch.zeros(8)
     ops = RecordingOps(pinned={id(pinned_tensor)})
@@ -291,9 +319,9 @@ class UploadsOnCpu:
         self.ops: list[RecordingOps] = []
         original = transfers.UploadsAhead.__init__
 
-        def init(up: Any, source: Any, device: Any, depth: int = 2, ops: Any = None) -> None:
+        def init(up: Any, source: Any, device: Any, depth: int = 2, ops: Any = None, may_capture: Any = None) -> None:
             self.ops.append(RecordingOps())
-            original(up, source, "cpu", depth, ops=self.ops[-1])
+            original(up, source, "cpu", depth, ops=self.ops[-1], may_capture=may_capture)
 
         monkeypatch.setattr(transfers.UploadsAhead, "__init__", init)
         monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
@@ -489,7 +517,9 @@ def test_uploads_that_fail_to_close_never_stop_the_session_closing(monkeypatch, 
     monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
     monkeypatch.setattr(
         transfers.UploadsAhead, "__init__",
-        lambda up, source, device, depth=2, ops=None: original(up, source, "cpu", depth, ops=FailsAtTheEnd()),
+        lambda up, source, device, depth=2, ops=None, may_capture=None: original(
+            up, source, "cpu", depth, ops=FailsAtTheEnd(), may_capture=may_capture
+        ),
     )  # fmt: skip
     from lightning_trt_rtx import ServingSession, TRTSettings
 
