@@ -23,10 +23,11 @@ trial pays that once to try graphs and, if they lose, once more to go back. So i
   :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win); until the first switch
   the cost is estimated by the loop's first batch, then it is the one measured;
 * it goes back only when what going back wins over the batches left exceeds the switch's cost;
-* the decision is remembered for the engines and the input shape, for the rest of the process (as long
-  as the engines live): a later loop (a new ``Trainer.predict``, a new session) starts with it and times one
-  window to check it; only a candidate running :data:`RECHECK` slower than when it was chosen starts a
-  new trial. :func:`forget` drops what was remembered.
+* the fastest candidate of a trial that timed them all (without the cost of getting there, which a
+  later loop does not pay) is remembered for the engines and the input shape, for the rest of the
+  process (as long as the engines live): a later loop (a new ``Trainer.predict``, a new session)
+  starts with it and times one window to check it; only a candidate running :data:`RECHECK` slower
+  than when it was chosen starts a new trial. :func:`forget` drops what was remembered.
 
 The decision (:func:`choose`, :class:`Trial`) is pure and testable on recorded timings;
 :class:`AutoGraphs` drives it for a :class:`~lightning_trt_rtx.session.ServingSession`: it stamps the
@@ -198,6 +199,17 @@ class Trial:
             )
         self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
         return self.decided
+
+    @property
+    def fastest(self) -> str | None:
+        """What a later loop should start with: the fastest of a trial that timed every candidate
+        (:func:`choose` without the cost of getting there: a later loop's engines start under it); None
+        for a trial that left candidates out (nothing is learnt)."""
+        if self.rechecked:
+            return self.decided
+        if self.decided is None or self.not_tried or len(self.per_batch_ms) < len(self.candidates):
+            return None
+        return choose(self.per_batch_ms)
 
     @property
     def medians_ms(self) -> dict[str, float]:
@@ -374,7 +386,8 @@ class AutoGraphs:
         self._apply(candidate)  # a strategy change drops the execution contexts
 
     def _remember(self, trial: Trial) -> None:
-        if self._owner is None:
+        fastest = trial.fastest
+        if self._owner is None or fastest is None:
             return
         try:
             memory = _REMEMBERED.setdefault(self._owner, _Memory())
@@ -383,8 +396,8 @@ class AutoGraphs:
         assert trial.decided is not None
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
         medians.update(trial.medians_ms)
-        memory.decisions[(self._engines, self._trial_key)] = Decision(trial.decided, medians, self.switch_ms or 0.0)
-        memory.latest[self._engines] = trial.decided
+        memory.decisions[(self._engines, self._trial_key)] = Decision(fastest, medians, self.switch_ms or 0.0)
+        memory.latest[self._engines] = fastest
 
     # --- timing ------------------------------------------------------------------------------------
 

@@ -82,6 +82,21 @@ def test_a_switch_of_strategy_is_made_only_where_the_batches_left_win_it_back():
     )
 
 
+def test_what_a_later_loop_starts_with_is_the_fastest_of_a_complete_trial():
+    # the loop kept disabled (going back to graphs did not pay over its last 50 batches); a later loop,
+    # whose engines start under what is remembered, pays no switch: it starts with held addresses
+    trial = Trial([HELD, UPSTREAM, DISABLED], timed=2)
+    trial.record([0.79, 0.79], remaining=100, switch_ms=30.0)
+    trial.record([0.89, 0.89], remaining=200, switch_ms=30.0)
+    assert trial.record([0.98, 0.98], remaining=50, switch_ms=30.0) == DISABLED
+    assert trial.fastest == HELD
+    # a trial that left candidates out (a short loop) teaches nothing
+    short = Trial([DISABLED, UPSTREAM, HELD], timed=2)
+    short.record([1.4, 1.4], remaining=20, switch_ms=70.0)
+    assert short.decided == DISABLED and short.fastest is None
+    assert Trial([DISABLED, UPSTREAM]).fastest is None  # nor one not finished
+
+
 def test_a_remembered_decision_is_checked_by_one_window_and_tried_again_when_slower():
     then = auto.Decision(HELD, {DISABLED: 1.0, UPSTREAM: 0.8, HELD: 0.5})
     kept = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)

@@ -16,7 +16,8 @@ from lightning_trt_rtx.engines import find_engines
 from tests.gpu.models import compile_trt, mlp
 from tests.helpers import run_if
 
-TRIAL = sum(auto.WARMUP.values()) + 3 * auto.TIMED  # batches of a first trial with held addresses
+# batches of a first trial with held addresses (the first candidate warms up longer)
+TRIAL = sum(auto.WARMUP.values()) + 3 * auto.TIMED + auto.FIRST_EXTRA_WARMUP
 
 
 class Holder(L.LightningModule):
