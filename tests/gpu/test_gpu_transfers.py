@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_trt_rtx import ServingSession, TRTHostPredictions, TRTRuntimeSettings, TRTSettings, transfers
+from lightning_trt_rtx import ServingSession, TRTHostPredictions, TRTRuntimeSettings, TRTSettings, addresses, transfers
 from tests.gpu.models import ConvNet, compile_trt
 from tests.helpers import run_if
 
@@ -105,6 +105,31 @@ def test_a_slow_step_never_sees_its_batch_overwritten(side, mode):
     got = _trainer(callback).predict(Slow(), DataLoader(batches, batch_size=None))
     assert [p.tolist() for p in got] == [[float(i)] * 8 for i in range(40)]
     assert callback.figures[0].uploads == f"ahead, depth 2{mode}: 40 batches"
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("held", ["0", "1"])
+def test_large_batches_under_whole_graph_capture_are_uploaded_by_the_loop_and_every_prediction_is_right(
+    held, monkeypatch
+):
+    """Regression (H200, a loaded ResNet-50 under whole-graph capture, batches of 9.6 MB): an uploads thread
+    calling CUDA while the engine captured broke the capture ("Event is not valid ... a graph capture that is
+    no longer running"). Where graphs may be captured, the loop stages every batch itself. With the addresses
+    left to torch-tensorrt (held "0") the engine captures again at every batch."""
+    monkeypatch.setenv(addresses.ENABLED_ENV, held)
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1),
+              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)]  # fmt: skip
+    eager = torch.nn.Sequential(*layers).cuda().eval()
+    compiled = compile_trt(eager, torch.randn(8, 3, 128, 128, device="cuda"))
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randn(8, 3, 128, 128, generator=generator) for _ in range(60)]  # 1.5 MiB each
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    got = _trainer(callback).predict(Served(compiled), DataLoader(batches, batch_size=None))
+    assert callback.figures[0].uploads == "ahead, depth 2: 60 batches"  # no ", own thread"
+    with torch.no_grad():
+        for x, y in zip(batches, got, strict=True):
+            torch.testing.assert_close(y.cuda(), eager(x.cuda()), atol=2e-2, rtol=2e-2)
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
