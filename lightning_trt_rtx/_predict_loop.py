@@ -61,7 +61,8 @@ def upload_batches(trainer: Any, session: Any, wanted: bool) -> None:
         log.debug("Batches are not uploaded ahead: %s.", reason)
         return
     device = trainer.strategy.root_device
-    wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device))
+    # the callbacks and the plugin call batch_started / batch_ended around every step
+    wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device, steps_marked=True))
 
 
 def wrap_batches(trainer: Any, wrap: Callable[[Any], Any]) -> None:

@@ -133,6 +133,7 @@ class ServingSession:
         self.uploads: transfers.UploadsAhead | None = None
         self.looping = False  # between loop_started and loop_ended
         self._loop_batches: int | None = None  # how many batches the loop runs, where its owner says
+        self._step_gate = transfers.StepGate()  # an uploads thread calls CUDA only between steps
         # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
         self.auto: auto.AutoGraphs | None = None
         if settings.cuda_graph_strategy == "auto":
@@ -442,6 +443,7 @@ class ServingSession:
         batches: Iterable[Any],
         device: torch.device | str | int | None = None,
         depth: int = transfers.DEFAULT_DEPTH,
+        steps_marked: bool = False,
     ) -> Iterable[Any]:
         """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
         :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
@@ -451,8 +453,12 @@ class ServingSession:
                     model(batch)
 
         ``device``: default, the current CUDA device. Without CUDA (or with a CPU ``device``) the batches
-        are returned as they are, and the figures say so. Where CUDA graphs may be captured during the
-        loop (whole-graph capture, ``"auto"``, graph scopes) no thread of the uploads calls CUDA.
+        are returned as they are, and the figures say so.
+
+        Where CUDA graphs may be captured during the loop (whole-graph capture, ``"auto"``, graph scopes),
+        a thread may call CUDA only between steps (:class:`~lightning_trt_rtx.transfers.StepGate`):
+        ``steps_marked=True`` says that :meth:`batch_started` and :meth:`batch_ended` bracket every
+        step (the callbacks and the plugin do); otherwise the loop's own thread reads and stages.
         """
         self._check_open()
         self._close_uploads()
@@ -462,7 +468,8 @@ class ServingSession:
             self.uploads_off(reason)
             return batches
         target = "cuda" if device is None else device
-        self.uploads = transfers.UploadsAhead(batches, target, depth, may_capture=self._graphs_may_capture)
+        gate = self._step_gate if steps_marked else None
+        self.uploads = transfers.UploadsAhead(batches, target, depth, may_capture=self._graphs_may_capture, gate=gate)
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
 
@@ -485,6 +492,7 @@ class ServingSession:
         staged = stats["staged_bytes"] + stats["pinned_bytes"]
         pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if stats["pinned_bytes"] else ""
         how = {"thread": ", own thread", "loop": ""}.get(stats["mode"], "")
+        how += " (CUDA calls between steps: graphs may be captured)" if uploads.gated else ""
         self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{pinned}"
 
     # --- timing --------------------------------------------------------------------------------
@@ -511,15 +519,18 @@ class ServingSession:
         if self.auto is not None:
             self.auto.batch_started(batch, self._auto_options)
         self._timer.batch_started()
+        self._step_gate.step_started()
 
     def batch_ended(self) -> None:
         """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
+        self._step_gate.step_ended()
         self._timer.batch_ended()
         if self.auto is not None:
             left = math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
             self.auto.batch_ended(left, self.figures.first_batch_ms)
 
     def loop_ended(self) -> None:
+        self._step_gate.step_ended()  # a step that raised never called batch_ended
         self.looping = False
         self._close_uploads()
         self._timer.end()
@@ -536,6 +547,7 @@ class ServingSession:
         if self.closed:
             return self.figures
         self.closed = True
+        self._step_gate.step_ended()  # an uploads thread waiting for a step that raised goes on closing
         try:  # nothing here may stop the save below
             if self.looping:  # a loop that no loop-end hook closed (the plugin's own run, an exception)
                 self.loop_ended()

@@ -23,6 +23,7 @@ Every CUDA call goes through :class:`CudaOps`, the boundary the CPU tests replac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -82,6 +83,47 @@ class CudaOps:
         torch._C._host_emptyCache()  # the pinned staging blocks (no public API in torch 2.14)
 
 
+class StepGate:
+    """Keeps the uploads' thread from calling CUDA while a step runs.
+
+    TensorRT-RTX's whole-graph capture and ``enable_cudagraphs`` capture inside the step, in CUDA's global
+    mode, where a CUDA call from another thread breaks the capture (on H200 a loaded ResNet-50 under
+    whole-graph capture failed with "Event is not valid ... a graph capture that is no longer running"
+    while a thread uploaded). The loop's thread calls :meth:`step_started` before each step and
+    :meth:`step_ended` after it; the uploads' thread makes its CUDA calls (pinned and device memory, the
+    copy, the event) inside :meth:`between_steps`, and reads and stages into pinned memory (host work)
+    while the step runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_step = False  # read and written by the loop's thread only
+
+    def step_started(self) -> None:
+        if not self._in_step:
+            self._lock.acquire()
+            self._in_step = True
+
+    def step_ended(self) -> None:
+        if self._in_step:
+            self._in_step = False
+            self._lock.release()
+
+    @contextmanager
+    def between_steps(self, stop: threading.Event) -> Iterator[None]:
+        """Wait until no step runs (giving up once ``stop`` is set: a step that never ended)."""
+        while not self._lock.acquire(timeout=_POLL_S):
+            if stop.is_set():
+                raise _Stopped
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+class _Stopped(Exception):
+    """The uploads closed while their thread waited for a step to end."""
+
+
 def _as_device(device: torch.device | str | int) -> torch.device:
     """``device`` as a torch.device (an int is a CUDA device number)."""
     return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -129,10 +171,8 @@ class UploadsAhead:
     batches are read and staged by the consumer itself, ``depth`` batches ahead (a thread's hand-over
     costs more than their copy: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch).
     ``may_capture()`` (asked at the first batch) says whether a CUDA graph may be captured while the
-    loop runs; then the consumer reads and stages every batch itself: TensorRT-RTX's whole-graph
-    capture and ``enable_cudagraphs`` capture in CUDA's global mode, where a CUDA call from another
-    thread breaks the capture (on H200 a loaded ResNet-50 under whole-graph capture failed with
-    "Event is not valid ... a graph capture that is no longer running" when a thread uploaded).
+    loop runs (see :class:`StepGate`): then the thread makes its CUDA calls only between steps, through
+    ``gate``; without a gate the consumer reads and stages every batch itself.
 
     ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned, and
     ``mode`` (``"thread"`` or ``"loop"``).
@@ -147,9 +187,13 @@ class UploadsAhead:
         depth: int = DEFAULT_DEPTH,
         ops: CudaOps | None = None,
         may_capture: Callable[[], bool] | None = None,
+        gate: StepGate | None = None,
     ) -> None:
         self.depth = check_depth(depth)
         self.may_capture = may_capture
+        self.gate = gate
+        self.gated = False  # the thread's CUDA calls wait for the gate (graphs may be captured)
+        self._producer: int | None = None  # the uploads' thread
         if not isinstance(source, Iterable):
             raise TypeError(f"UploadsAhead needs an iterable of batches, got {type(source).__name__}.")
         self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
@@ -214,8 +258,9 @@ class UploadsAhead:
         self._ahead.append(first)
         staged = self.stats["staged_bytes"] + self.stats["pinned_bytes"]
         capture = self.may_capture is not None and self.may_capture()
-        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES and not capture:
+        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES and (not capture or self.gate is not None):
             self.stats["mode"] = "thread"
+            self.gated = capture
             self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
             self._thread.start()
         else:
@@ -250,6 +295,7 @@ class UploadsAhead:
     # --- reading and uploading (the consumer, or the uploads' thread) ----------------------------
 
     def _produce(self) -> None:
+        self._producer = threading.get_ident()
         try:
             with self.ops.in_thread(self._stream):
                 while not self._stop.is_set():
@@ -257,6 +303,8 @@ class UploadsAhead:
                     self._put(item)
                     if _is_last(item):
                         return
+        except _Stopped:
+            return
         except BaseException as error:  # outside reading (the stream, the device): the consumer raises it
             self._put(_Failure(error))
 
@@ -275,25 +323,31 @@ class UploadsAhead:
             return self._upload(next(self._source))
         except StopIteration:
             return _END
+        except _Stopped:
+            raise
         except catch as error:
             return _Failure(error)
 
     def _upload(self, batch: Any) -> tuple[Any, Any, list[torch.Tensor]]:
         uploaded: list[torch.Tensor] = []
 
+        cuda = self._cuda_calls
+
         def up(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.device.type != "cpu":
                 return tensor  # already on a device: Lightning's own transfer decides
             nbytes = tensor.numel() * tensor.element_size()
-            if self.ops.is_pinned(tensor):
-                staged = tensor
+            with cuda():
+                pinned = self.ops.is_pinned(tensor)
+                staged = tensor if pinned else self.ops.pinned_like(tensor)
+            if pinned:
                 self.stats["pinned_bytes"] += nbytes
             else:
-                staged = self.ops.pinned_like(tensor)
-                staged.copy_(tensor)
+                staged.copy_(tensor)  # host memory to host memory: no CUDA call, also while a step runs
                 self.stats["staged_bytes"] += nbytes
-            on_gpu = self.ops.device_like(tensor)
-            on_gpu.copy_(staged, non_blocking=True)
+            with cuda():
+                on_gpu = self.ops.device_like(tensor)
+                on_gpu.copy_(staged, non_blocking=True)
             uploaded.append(on_gpu)
             return on_gpu
 
@@ -304,7 +358,14 @@ class UploadsAhead:
             return batch, None, []
         if not uploaded:
             return moved, None, uploaded
-        return moved, self.ops.record_event(), uploaded
+        with cuda():
+            return moved, self.ops.record_event(), uploaded
+
+    def _cuda_calls(self) -> Any:
+        """Where the uploads call CUDA: in a gated thread, only between steps."""
+        if self.gated and self.gate is not None and threading.get_ident() == self._producer:
+            return self.gate.between_steps(self._stop)
+        return contextlib.nullcontext()
 
 
 def _is_last(item: Any) -> bool:

@@ -146,11 +146,41 @@ def test_where_a_graph_may_be_captured_no_thread_calls_cuda():
         return True
 
     ops = RecordingOps()
-    up = transfers.UploadsAhead(large, "cpu", ops=ops, may_capture=may_capture)
+    up = transfers.UploadsAhead(large, "cpu", ops=ops, may_capture=may_capture)  # no gate: the loop stages
     assert len(list(up)) == 3 and up.stats["mode"] == "loop" and asked == [True]  # asked once, at the first batch
     assert {thread for _, thread, _ in ops.log} == {threading.current_thread().name}
     up = transfers.UploadsAhead(large, "cpu", ops=RecordingOps(), may_capture=lambda: False)
     assert len(list(up)) == 3 and up.stats["mode"] == "thread"
+
+
+def test_with_a_gate_the_thread_calls_cuda_only_between_steps_and_stages_meanwhile():
+    import time
+
+    batches = [torch.full((4,), float(i)) for i in range(6)]
+    ops, gate = RecordingOps(), transfers.StepGate()
+    up = transfers.UploadsAhead(batches, "cpu", ops=ops, may_capture=lambda: True, gate=gate)
+    up.THREAD_MIN_BYTES = 0
+    got = [next(up)]
+    assert up.stats["mode"] == "thread"
+    for _ in range(5):
+        gate.step_started()  # the step (where an engine may capture) runs: no CUDA call from the thread
+        calls = len(ops.log)
+        time.sleep(0.3)
+        assert [e for e in ops.log[calls:] if e[0] not in ("enter", "exit")] == []
+        gate.step_ended()
+        got.append(next(up))
+    assert [b.tolist() for b in got] == [b.tolist() for b in batches]
+    with pytest.raises(StopIteration):
+        next(up)
+    # a step that raised (the gate still held) never keeps the uploads from closing
+    up = transfers.UploadsAhead(batches, "cpu", ops=RecordingOps(), may_capture=lambda: True, gate=gate)
+    up.THREAD_MIN_BYTES = 0
+    next(up)
+    gate.step_started()
+    start = time.perf_counter()
+    up.close()
+    gate.step_ended()
+    assert time.perf_counter() - start < 2.0 and up._thread is None
 
 
 @pytest.mark.parametrize("strategy, scopes, thread", [("disabled", False, True), ("whole_graph_capture", False, False),
@@ -319,9 +349,9 @@ class UploadsOnCpu:
         self.ops: list[RecordingOps] = []
         original = transfers.UploadsAhead.__init__
 
-        def init(up: Any, source: Any, device: Any, depth: int = 2, ops: Any = None, may_capture: Any = None) -> None:
+        def init(up: Any, source: Any, device: Any, depth: int = 2, ops: Any = None, **options: Any) -> None:
             self.ops.append(RecordingOps())
-            original(up, source, "cpu", depth, ops=self.ops[-1], may_capture=may_capture)
+            original(up, source, "cpu", depth, ops=self.ops[-1], **options)
 
         monkeypatch.setattr(transfers.UploadsAhead, "__init__", init)
         monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
@@ -517,8 +547,8 @@ def test_uploads_that_fail_to_close_never_stop_the_session_closing(monkeypatch, 
     monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
     monkeypatch.setattr(
         transfers.UploadsAhead, "__init__",
-        lambda up, source, device, depth=2, ops=None, may_capture=None: original(
-            up, source, "cpu", depth, ops=FailsAtTheEnd(), may_capture=may_capture
+        lambda up, source, device, depth=2, ops=None, **options: original(
+            up, source, "cpu", depth, ops=FailsAtTheEnd(), **options
         ),
     )  # fmt: skip
     from lightning_trt_rtx import ServingSession, TRTSettings

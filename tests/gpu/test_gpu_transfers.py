@@ -109,13 +109,13 @@ def test_a_slow_step_never_sees_its_batch_overwritten(side, mode):
 
 @run_if(min_cuda_gpus=1, rtx=True)
 @pytest.mark.parametrize("held", ["0", "1"])
-def test_large_batches_under_whole_graph_capture_are_uploaded_by_the_loop_and_every_prediction_is_right(
+def test_large_batches_under_whole_graph_capture_are_uploaded_between_steps_and_every_prediction_is_right(
     held, monkeypatch
 ):
     """Regression (H200, a loaded ResNet-50 under whole-graph capture, batches of 9.6 MB): an uploads thread
     calling CUDA while the engine captured broke the capture ("Event is not valid ... a graph capture that is
-    no longer running"). Where graphs may be captured, the loop stages every batch itself. With the addresses
-    left to torch-tensorrt (held "0") the engine captures again at every batch."""
+    no longer running"). Where graphs may be captured, the thread calls CUDA only between steps. With the
+    addresses left to torch-tensorrt (held "0") the engine captures again at every batch."""
     monkeypatch.setenv(addresses.ENABLED_ENV, held)
     torch.manual_seed(0)
     layers = [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1),
@@ -126,7 +126,9 @@ def test_large_batches_under_whole_graph_capture_are_uploaded_by_the_loop_and_ev
     batches = [torch.randn(8, 3, 128, 128, generator=generator) for _ in range(60)]  # 1.5 MiB each
     callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
     got = _trainer(callback).predict(Served(compiled), DataLoader(batches, batch_size=None))
-    assert callback.figures[0].uploads == "ahead, depth 2: 60 batches"  # no ", own thread"
+    assert callback.figures[0].uploads == (
+        "ahead, depth 2, own thread (CUDA calls between steps: graphs may be captured): 60 batches"
+    )
     with torch.no_grad():
         for x, y in zip(batches, got, strict=True):
             torch.testing.assert_close(y.cuda(), eager(x.cuda()), atol=2e-2, rtol=2e-2)
