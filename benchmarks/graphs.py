@@ -79,6 +79,7 @@ def task(spec: dict) -> dict:
     per_batch: dict[str, list[float]] = {v: [] for v in VARIANTS}
     capture: dict[str, str] = {}
     kept: dict[str, list[str]] = {v: [] for v in AUTO}  # what auto kept, each repetition
+    first: dict[str, list[float]] = {v: [] for v in VARIANTS}  # each loop's first batch (ms), from the figures
     for rep in range(spec["reps"] + 1):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for name in order:
@@ -97,6 +98,8 @@ def task(spec: dict) -> dict:
                 capture[name] = callbacks[0].figures[0].capture
             if name in kept:
                 kept[name].append(callbacks[0].figures[0].auto)
+            if callbacks and callbacks[0].figures:
+                first[name].append(callbacks[0].figures[0].first_batch_ms)
     if spec["model"] not in LOADED:
         x = torch.randn(model.batch_size, *model_spec(spec["model"]).input_shape, device=harness.device())
         x = x.to(model.input_dtype)
@@ -107,7 +110,7 @@ def task(spec: dict) -> dict:
     }  # fmt: skip
     wgc = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=template)
     bare["whole_graph_capture_held"] = harness.bare_engine_ms(model.net, x, wgc, spec["batches"], hold=True)
-    return {"per_batch_ms": per_batch, "capture": capture, "auto": kept, "bare_ms": bare,
+    return {"per_batch_ms": per_batch, "capture": capture, "auto": kept, "bare_ms": bare, "first_batch_ms": first,
             "wrapper_us": wrapper_overhead_us(*((200, 2) if harness.dry_run() else ())),
             "compile_s": getattr(model, "compile_s", 0.0)}  # fmt: skip
 
@@ -353,6 +356,7 @@ def _summary(result: dict) -> dict:
         "auto": result["auto"]["auto"],
         "auto_kept": result["auto"]["auto-kept"],
         "auto_first": result["auto"]["auto-first"],
+        "first_batch_ms": result.get("first_batch_ms", {}),
         "wrapper_us": result["wrapper_us"],
         "capture": result["capture"],
         "compile_s": result["compile_s"],
