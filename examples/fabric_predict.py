@@ -121,7 +121,7 @@ def run_once(fabric: Any, args: argparse.Namespace, run: int, on_gpu: bool) -> d
             node_rank=fabric.node_rank, world_size=fabric.world_size,
         ) as session:  # fmt: skip
             fabric.barrier()  # every rank has compiled: the first batch waits for no peer still compiling
-            session.loop_started()
+            session.loop_started(batches=len(loader))  # "auto" tries graphs only where the loop is long enough
             for batch in loader:
                 session.batch_started(batch)  # under "auto", a new input shape starts a new trial
                 outputs += len(model(batch))

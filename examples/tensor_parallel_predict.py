@@ -248,7 +248,7 @@ def _serve(args: argparse.Namespace) -> list[dict] | None:
             # every rank has compiled: the first execute waits for no peer that is still compiling
             dist.barrier(device_ids=[local_rank])
             torch.cuda.synchronize()
-            session.loop_started()
+            session.loop_started(batches=1 + args.batches)
             for _ in range(1 + args.batches):
                 session.batch_started()
                 got = compiled(x)
