@@ -32,17 +32,18 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from lightning_trt_rtx import _backend
 from lightning_trt_rtx._messages import info, warn
-from lightning_trt_rtx.engines import find_engines
+from lightning_trt_rtx.engines import EngineBinding, find_engines
 
 if TYPE_CHECKING:
-    from lightning_trt_rtx.cache import Gpu
-    from lightning_trt_rtx.session import ServingSession
+    from lightning_trt_rtx.cache import Gpu, RunCache
+    from lightning_trt_rtx.graphs import GraphScopes
+    from lightning_trt_rtx.report import RankFigures
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,49 @@ def _tensor(dims: tuple[int, ...], dtype: torch.dtype, device: str | torch.devic
 # --- running ------------------------------------------------------------------------------------
 
 
+class _Rank(Protocol):
+    @property
+    def rank(self) -> int: ...
+
+
+class Session(Protocol):
+    """What prewarming needs of a session: :class:`~lightning_trt_rtx.session.ServingSession` is one (it
+    calls :func:`prewarm` from its own ``prewarm`` method; this module sits below it and imports it not)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def module(self) -> torch.nn.Module | None: ...
+
+    @property
+    def graphs(self) -> GraphScopes | None: ...
+
+    @property
+    def binding(self) -> EngineBinding | None: ...
+
+    @property
+    def cache(self) -> RunCache | None: ...
+
+    @property
+    def figures(self) -> RankFigures: ...
+
+    @property
+    def ranks(self) -> _Rank: ...
+
+    def serve(self, module: torch.nn.Module | None = None, warn_if_none: bool = True) -> int: ...
+
+    def runtime_settings(self, **overrides: Any) -> Any: ...
+
+    def prewarm(self, inputs: Sequence[Any], target: str | None = None) -> list[Any]: ...
+
+    def open_graphs(self, targets: Sequence[str] | None = None) -> None: ...
+
+    def close_graphs(self) -> None: ...
+
+
 def prewarm(
-    session: ServingSession, inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]], target: str | None = None
+    session: Session, inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]], target: str | None = None
 ) -> list[PrewarmedShape]:
     """Run the session's module (or its attribute ``target``) once per example, kernels compiled eagerly.
 
@@ -197,7 +239,7 @@ def prewarm(
             session.open_graphs(graphs.targets)
 
 
-def _run(session: ServingSession, examples: list[tuple[torch.Tensor, ...]], target: str | None) -> list[PrewarmedShape]:
+def _run(session: Session, examples: list[tuple[torch.Tensor, ...]], target: str | None) -> list[PrewarmedShape]:
     assert session.module is not None
     session.serve(session.module, warn_if_none=False)
     callee = _callee(session.module, target)
@@ -345,7 +387,7 @@ class PrewarmSpec:
             return None
         return cls(tuple(_shapes(shapes)), parsed_dtype, target)
 
-    def run(self, session: ServingSession, module: torch.nn.Module) -> list[PrewarmedShape]:
+    def run(self, session: Session, module: torch.nn.Module) -> list[PrewarmedShape]:
         """Prewarm ``session`` once (a session that prewarmed already is left alone) on ``module``'s device."""
         if session.closed or session.figures.prewarmed:
             return []
