@@ -54,8 +54,10 @@ CANDIDATES: tuple[str, ...] = (DISABLED, UPSTREAM, HELD)
 MARGIN = 0.03  # a capture candidate is kept over "disabled" only when its median is this much lower
 TIMED = 8  # timed batches per candidate
 # batches left out after switching to a candidate: the first re-creates the execution context, the next
-# captures; held addresses need two more (the first held call makes the engine's kept outputs)
-WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 5}
+# captures; held addresses take longer to settle (measured on H200 with 5: their window ran 25-40% slower
+# than their steady state on two MLPs, 0.94 vs 0.75 ms and 0.76 vs 0.57 ms, against a window after 13
+# batches that matched it; auto then kept a slower candidate)
+WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 12}
 # the first candidate of a trial also runs the loop's first batches, slower than steady ones (measured on
 # H200: a conv net's "disabled" looked 0.96 ms per batch in its window against 0.71 ms steady, so auto
 # kept a slower candidate): it warms up this many batches more
