@@ -270,13 +270,11 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             "measurement": "cuda_graph_strategy='auto' vs the fastest of default / upstream capture / held addresses,"
             " per-batch medians, worst model (fastest / auto)",
             "value": worst_of_best,
-            "display": f"{worst_of_best:.2f}x ("
-            + ", ".join(f"{n} {t['auto_of_best']:.2f}x / {t['auto_kept_of_best']:.2f}x" for n, t in table.items())
-            + "; kept: "
-            + "; ".join(f"{n}: {t['auto'][0] if t['auto'] else '-'}" for n, t in table.items())
-            + ")"
-            if worst_of_best is not None
-            else "n/a",
+            "display": _with_kept(
+                worst_of_best,
+                {n: f"{t['auto_of_best']:.2f}x / {t['auto_kept_of_best']:.2f}x" for n, t in table.items()},
+                {n: t["auto"] for n, t in table.items()},
+            ),
         }
     )
     rows.append(
@@ -285,13 +283,9 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             "measurement": "cuda_graph_strategy='auto' with nothing remembered (its trial in the per-batch time) vs"
             " default, per-batch median of the worst model (default / auto)",
             "value": worst_first,
-            "display": f"{worst_first:.2f}x ("
-            + ", ".join(f"{n} {v:.2f}x" for n, v in first.items())
-            + "; kept: "
-            + "; ".join(f"{n}: {t['auto_first'][0] if t['auto_first'] else '-'}" for n, t in table.items())
-            + ")"
-            if worst_first is not None
-            else "n/a",
+            "display": _with_kept(
+                worst_first, {n: f"{v:.2f}x" for n, v in first.items()}, {n: t["auto_first"] for n, t in table.items()}
+            ),
         }
     )
     rows.append(
@@ -321,6 +315,15 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
         }
     )
     return rows
+
+
+def _with_kept(worst: float | None, per_model: dict[str, str], kept: dict[str, list[str]]) -> str:
+    """A row's display: the worst figure, each model's, and what auto kept in each model's first repetition."""
+    if worst is None:
+        return "n/a"
+    figures = ", ".join(f"{name} {figure}" for name, figure in per_model.items())
+    kept_text = "; ".join(f"{name}: {reps[0] if reps else '-'}" for name, reps in kept.items())
+    return f"{worst:.2f}x ({figures}; kept: {kept_text})"
 
 
 def _summary(result: dict) -> dict:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 
 from lightning_trt_rtx import ServingSession, TRTRuntimePrecision, TRTRuntimeSettings, TRTSettings, addresses, auto
 from lightning_trt_rtx.auto import DISABLED, HELD, UPSTREAM, Trial, choose
@@ -228,6 +229,17 @@ def _session(**kwargs) -> ServingSession:
     return ServingSession.for_trainer(trainer, settings, loops_only=True)
 
 
+class Served(LightningModule):
+    """Runs one (paced) engine on each batch in ``predict_step``."""
+
+    def __init__(self, engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def predict_step(self, batch, batch_idx):
+        return self.engine(batch)
+
+
 TRIAL = sum(auto.WARMUP.values()) + 3 * auto.TIMED  # batches of a first trial with held addresses
 
 
@@ -331,17 +343,7 @@ def test_lightning_cli_accepts_auto_for_the_callback_and_the_plugin(tmp_path, mo
 
 
 def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, fake_gpu, tmp_path, messages):
-    from lightning.pytorch import LightningModule
-
     from tests.procs.lightning_models import make_trainer
-
-    class Served(LightningModule):
-        def __init__(self, engine) -> None:
-            super().__init__()
-            self.engine = engine
-
-        def predict_step(self, batch, batch_idx):
-            return self.engine(batch)
 
     engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
     plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
@@ -397,17 +399,7 @@ def test_a_short_loop_with_a_costly_switch_stays_with_the_default_and_says_why(p
 
 
 def test_the_callback_tells_auto_how_long_the_loop_is(paced, fake_gpu, tmp_path):
-    from lightning.pytorch import LightningModule
-
     from tests.procs.lightning_models import make_trainer
-
-    class Served(LightningModule):
-        def __init__(self, engine) -> None:
-            super().__init__()
-            self.engine = engine
-
-        def predict_step(self, batch, batch_idx):
-            return self.engine(batch)
 
     engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
     callback = TRTRuntimeSettings(cuda_graph_strategy="auto", runtime_cache=None, print_table=False)
