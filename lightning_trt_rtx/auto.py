@@ -362,6 +362,8 @@ class AutoGraphs:
         memory = _memory(self._owner)
         remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
         self._last_stamp = None  # a switch now is timed from nothing earlier
+        if self.candidate not in options.candidates:  # started under a candidate that does not apply now
+            self._switch(DISABLED)
         if remembered is not None and remembered.candidate in options.candidates:
             self._switch(remembered.candidate)
             if remembered.switch_ms and self.switch_ms is None:

@@ -407,3 +407,22 @@ def test_the_callback_tells_auto_how_long_the_loop_is(paced, fake_gpu, tmp_path)
     make_trainer(tmp_path, callbacks=[callback]).predict(Served(engine), loader, return_predictions=False)
     assert "not tried: the 30 batches left" in callback.figures[0].auto, callback.figures[0].auto
     assert set(engine.strategies) == {"disabled"}
+
+
+def test_a_remembered_candidate_that_no_longer_applies_is_not_tried(monkeypatch):
+    """The driver alone (its windows' times recorded): held addresses were kept, then cannot be held."""
+    per_batch = {DISABLED: 3.0, UPSTREAM: 2.0, HELD: 1.0}
+    monkeypatch.setattr(auto.AutoGraphs, "_window", lambda self: ([per_batch[self.candidate]] * auto.TIMED, None))
+    owner, x = torch.nn.Linear(1, 1), torch.zeros(2)
+    applied: list[str] = []
+    first = auto.AutoGraphs(applied.append)
+    first.bind(owner, [7])
+    while first.trial is None or first.trial.decided is None:
+        first.batch_started(x, lambda: auto.Options(auto.CANDIDATES))
+        first.batch_ended()
+    assert first.trial.decided == HELD and applied == [UPSTREAM, HELD]
+    second = auto.AutoGraphs(applied.append)
+    second.bind(owner, [7])
+    assert second.candidate == HELD  # where the engines start: what was decided
+    second.batch_started(x, lambda: auto.Options((DISABLED, UPSTREAM), held_left_out="off"))
+    assert applied[-1] == DISABLED and second.trial is not None and second.trial.candidates == (DISABLED, UPSTREAM)
