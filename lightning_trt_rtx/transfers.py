@@ -98,6 +98,11 @@ class StepGate:
         self._lock = threading.Lock()
         self._in_step = False  # read and written by the loop's thread only
 
+    @property
+    def in_step(self) -> bool:
+        """Whether the loop's thread is inside a step (ask it from the loop's thread)."""
+        return self._in_step
+
     def step_started(self) -> None:
         if not self._in_step:
             self._lock.acquire()
@@ -250,6 +255,14 @@ class UploadsAhead:
                 if self._thread is None or not self._thread.is_alive():
                     if self._queue.empty():
                         return _Failure(RuntimeError("The uploads' thread ended without handing over a batch."))
+                if self.gated and self.gate is not None and self.gate.in_step:  # it waits for this step to end
+                    return _Failure(
+                        RuntimeError(
+                            "A batch was taken from the uploads inside a step (between batch_started and"
+                            " batch_ended), while the uploads' thread waits for the step to end: take each"
+                            " batch before batch_started, as `for batch in uploads:` does."
+                        )
+                    )
 
     def _start(self) -> None:
         """Read the first batch here, and hand the rest to a thread if it is large."""

@@ -183,6 +183,22 @@ def test_with_a_gate_the_thread_calls_cuda_only_between_steps_and_stages_meanwhi
     assert time.perf_counter() - start < 2.0 and up._thread is None
 
 
+def test_a_batch_taken_inside_a_step_is_an_error_not_a_wait_forever():
+    import time
+
+    gate = transfers.StepGate()
+    up = transfers.UploadsAhead([torch.zeros(4)] * 4, "cpu", ops=RecordingOps(), may_capture=lambda: True, gate=gate)
+    up.THREAD_MIN_BYTES = 0
+    next(up)  # the first batch: read by the consumer
+    gate.step_started()
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="take each batch before batch_started"):
+        next(up)
+        next(up)  # the thread may have handed one over before the step started
+    gate.step_ended()
+    assert time.perf_counter() - start < 2.0 and up._thread is None  # closed
+
+
 @pytest.mark.parametrize("strategy, scopes, thread", [("disabled", False, True), ("whole_graph_capture", False, False),
                                                       ("auto", False, False), ("disabled", True, False)])  # fmt: skip
 def test_the_session_says_when_graphs_may_be_captured(strategy, scopes, thread, monkeypatch):
