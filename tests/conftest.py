@@ -21,6 +21,15 @@ def trt():
     return _backend.torch_tensorrt()
 
 
+@pytest.fixture
+def settings(trt):
+    """Upstream ``RuntimeSettings`` without a cache, by ``cuda_graph_strategy`` (the addresses' and programs' tests)."""
+    return {
+        s: trt.runtime.RuntimeSettings(cuda_graph_strategy=s, runtime_cache=None)
+        for s in ("disabled", "whole_graph_capture")
+    }
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path, monkeypatch):
     """Each test gets its own default cache dir and forgets which one-time messages were given."""

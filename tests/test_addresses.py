@@ -64,14 +64,6 @@ class RuntimeLikeEngine(nn.Module):
 
 
 @pytest.fixture
-def settings(trt):
-    return {
-        s: trt.runtime.RuntimeSettings(cuda_graph_strategy=s, runtime_cache=None)
-        for s in ("disabled", "whole_graph_capture")
-    }
-
-
-@pytest.fixture
 def refused_holding(monkeypatch):
     """Engines that cannot be told to keep their outputs (``_backend.set_output_holding`` raises)."""
 

@@ -104,14 +104,6 @@ def served(module: nn.Module, settings) -> StableAddresses:
     return stable
 
 
-@pytest.fixture
-def settings(trt):
-    return {
-        s: trt.runtime.RuntimeSettings(cuda_graph_strategy=s, runtime_cache=None)
-        for s in ("disabled", "whole_graph_capture")
-    }
-
-
 @pytest.fixture(autouse=True)
 def exportable_engines_are_bare_engines(trt, monkeypatch):
     recognise = _backend.is_bare_engine

@@ -1,9 +1,10 @@
-"""Small models and compile helpers shared by the GPU tests."""
+"""Small models, compile helpers and a prediction writer shared by the GPU tests."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 
 
@@ -84,3 +85,15 @@ def compile_trt(model: torch.nn.Module, example: Any, graph_break: bool = False,
     if graph_break:
         kwargs["torch_executed_ops"] = {"torch.ops.aten.sigmoid.default"}
     return torch_tensorrt.compile(model.cuda().eval(), ir="dynamo", inputs=[example], min_block_size=1, **kwargs)
+
+
+class KeptPredictions(L.pytorch.callbacks.BasePredictionWriter):
+    """Keeps every prediction it is handed on the GPU (as a writer batching its writes would): an engine's
+    outputs cannot land where the last ones were, the case held addresses are for."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.written: list[torch.Tensor] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.written.append(prediction)

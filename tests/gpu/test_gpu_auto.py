@@ -13,7 +13,7 @@ import torch
 
 from lightning_trt_rtx import TRTRuntimeSettings, addresses, auto
 from lightning_trt_rtx.engines import find_engines
-from tests.gpu.models import compile_trt, mlp
+from tests.gpu.models import KeptPredictions, compile_trt, mlp
 from tests.helpers import run_if
 
 # batches of a first trial with held addresses (the first candidate warms up longer)
@@ -27,17 +27,6 @@ class Holder(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         return self.model(batch)
-
-
-class Kept(L.pytorch.callbacks.BasePredictionWriter):
-    """Keeps every prediction on the GPU (so an engine's outputs move: the case held addresses are for)."""
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="batch")
-        self.written: list[torch.Tensor] = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.written.append(prediction)
 
 
 class SteadyAfter(L.Callback):
@@ -98,7 +87,7 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     eager = mlp(256, 32).cuda().eval().half()
     compiled = compile_trt(eager, x)
     batches = _gpu_batches(x, TRIAL + 60)
-    writer = Kept()
+    writer = KeptPredictions()
     template = str(tmp_path / "gpu-{gpu}.bin")
     _predict(compiled, batches[:4], "disabled", template)  # fill the kernel cache: switches re-JIT warm
     callback, _ = _predict(compiled, batches, "auto", template, writer)
@@ -114,7 +103,7 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     assert "a strategy switch cost" in figures.auto, figures.auto  # measured at the trial's switch
     assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back
     # a later loop over the same engines (another LightningModule) starts with the decision: one window checks it
-    writer = Kept()
+    writer = KeptPredictions()
     callback, _ = _predict(compiled, batches[:40], "auto", template, writer)
     again = callback.figures[0].auto
     assert again.startswith(f"kept {kept}, decided earlier in this process"), again

@@ -14,7 +14,7 @@ import torch
 
 from lightning_trt_rtx import TRTCudaGraphs, TRTRuntimePrecision, TRTRuntimeSettings, _backend
 from lightning_trt_rtx.engines import find_engines
-from tests.gpu.models import TwoBlocks, compile_trt, mlp
+from tests.gpu.models import KeptPredictions, TwoBlocks, compile_trt, mlp
 from tests.helpers import run_if
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -363,17 +363,6 @@ def test_a_cache_applies_only_under_the_device_number_that_filled_it(tmp_path):
 # --- whole-graph capture with stable addresses --------------------------------------------------------
 
 
-class _Kept(L.pytorch.callbacks.BasePredictionWriter):
-    """A prediction writer that keeps every prediction it is handed (as one writing to disk later would)."""
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="batch")
-        self.written: list[torch.Tensor] = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.written.append(prediction)
-
-
 class _Watched(Holder):
     """Also records the output buffers each TorchTensorRTModule keeps after every step."""
 
@@ -400,7 +389,7 @@ def test_whole_graph_capture_holds_addresses_and_never_overwrites_predictions(gr
     compiled = compile_trt(eager, batch, graph_break=graph_break)
     data = [torch.randn(64) for _ in range(8 * 6 + 3)]  # a new tensor every batch, and a smaller last batch
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    holder, writer = _Watched(compiled), _Kept()
+    holder, writer = _Watched(compiled), KeptPredictions()
     callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
     outputs = _trainer(callback, writer).predict(holder, loader)
     with torch.no_grad():
@@ -446,7 +435,7 @@ def test_a_loaded_resnet_style_program_is_held_under_whole_graph_capture(tmp_pat
     assert engines and all(e.kind == "bare" and e.runner is program for e in engines), engines
     assert _inputs_written(program) == [], program.graph  # provably writes into no input: inputs held too
     loader = _loader(x, 12)
-    writer = _Kept() if kept else _Copied()
+    writer = KeptPredictions() if kept else _Copied()
     callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
     outputs = _trainer(callback, writer).predict(Holder(program), loader, return_predictions=not kept)
     with torch.no_grad():
@@ -516,7 +505,7 @@ def test_a_second_predict_holding_from_its_first_batch_reads_only_outputs_the_en
         expected = [eager(batch.cuda()).cpu() for batch in loader]
     for run in range(2):
         callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
-        writer = _Kept()
+        writer = KeptPredictions()
         _trainer(callback, writer).predict(Holder(compiled), loader, return_predictions=False)
         for written, want in zip(writer.written, expected, strict=True):
             torch.testing.assert_close(written.cpu(), want, atol=1e-2, rtol=1e-2)
