@@ -209,7 +209,7 @@ class Trial:
         for a trial that left candidates out (nothing is learnt)."""
         if self.rechecked:
             return self.decided
-        if self.decided is None or self.not_tried or len(self.per_batch_ms) < len(self.candidates):
+        if self.decided is None or len(self.per_batch_ms) < len(self.candidates):  # e.g. some not tried
             return None
         return choose(self.per_batch_ms)
 
