@@ -43,7 +43,7 @@ from lightning_trt_rtx._messages import warn
 from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.graphs import GraphScopes
 from lightning_trt_rtx.report import RankFigures
-from lightning_trt_rtx.settings import CudaGraphStrategy, TRTSettings
+from lightning_trt_rtx.settings import CudaGraphStrategy, TRTSettings, check_flag
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,7 @@ class ServingSession:
         step (the callbacks and the plugin do); otherwise the loop's own thread reads and stages.
         """
         self._check_open()
+        check_flag("steps_marked", steps_marked)
         self._close_uploads()
         transfers.check_depth(depth)
         reason = transfers.why_not_on_cuda(device)
@@ -502,6 +503,9 @@ class ServingSession:
         ``cuda``: whether the loop runs on a GPU (default: whether one is available). ``batches``: how many
         it runs, where known (``"auto"`` tries graphs only where the loop is long enough to win back a
         switch of strategy; unknown: as if endless)."""
+        count = isinstance(batches, (int, float)) and not isinstance(batches, bool) and batches >= 0  # NaN: no
+        if batches is not None and not count:
+            raise ValueError(f"batches must be a number >= 0 (inf: a loop of unknown length) or None; got {batches!r}.")
         self._between_loops = False
         self.looping = True
         self._loop_batches = int(batches) if batches is not None and math.isfinite(batches) else None

@@ -426,3 +426,17 @@ def test_a_remembered_candidate_that_no_longer_applies_is_not_tried(monkeypatch)
     assert second.candidate == HELD  # where the engines start: what was decided
     second.batch_started(x, lambda: auto.Options((DISABLED, UPSTREAM), held_left_out="off"))
     assert applied[-1] == DISABLED and second.trial is not None and second.trial.candidates == (DISABLED, UPSTREAM)
+
+
+@pytest.mark.parametrize("batches", [-1, "200", True, float("nan")])
+def test_a_loop_length_that_is_not_a_count_is_refused(batches):
+    session = _session()
+    with pytest.raises(ValueError, match="batches must be a number >= 0"):
+        session.loop_started(batches=batches)
+    session.loop_started(batches=float("inf"))  # a loop of unknown length
+    session.loop_ended()
+
+
+def test_steps_marked_must_be_true_or_false():
+    with pytest.raises(TypeError, match="steps_marked must be True or False"):
+        _session().upload_ahead([torch.zeros(2)], "cpu", steps_marked="yes")
