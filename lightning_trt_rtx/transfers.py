@@ -92,7 +92,10 @@ class StepGate:
     while a thread uploaded). The loop's thread calls :meth:`step_started` before each step and
     :meth:`step_ended` after it; the uploads' thread makes its CUDA calls (pinned and device memory, the
     copy, the event) inside :meth:`between_steps`, and reads and stages into pinned memory (host work)
-    while the step runs."""
+    while the step runs.
+
+    Only a step that may capture holds the thread back: ``step_started(capture=False)`` (e.g. ``"auto"``
+    while its engines run without graphs) lets the thread copy while the step runs, as without a gate."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -100,11 +103,14 @@ class StepGate:
 
     @property
     def in_step(self) -> bool:
-        """Whether the loop's thread is inside a step (ask it from the loop's thread)."""
+        """Whether the loop's thread is inside a step that holds the uploads' CUDA calls back (ask it
+        from the loop's thread)."""
         return self._in_step
 
-    def step_started(self) -> None:
-        if not self._in_step:
+    def step_started(self, capture: bool = True) -> None:
+        """A step starts; ``capture``: whether a CUDA graph may be captured in it (then the thread's CUDA
+        call in flight, if any, ends first, and the next waits for :meth:`step_ended`)."""
+        if capture and not self._in_step:
             self._lock.acquire()
             self._in_step = True
 

@@ -279,6 +279,26 @@ def test_auto_keeps_the_default_where_graphs_lose_and_switches_back_once(paced, 
     assert "auto" in table([figures]).splitlines()[0] and "kept disabled" in table([figures])
 
 
+def test_only_steps_whose_engines_capture_hold_the_uploads_thread_back(paced, fake_gpu):
+    """Under ``"auto"`` an uploads thread copies while the engines run without graphs (its overlap is the
+    default's), and waits for the end of every step in which they may capture."""
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 5.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    held = []
+    session.loop_started()
+    for x in [torch.zeros(4, 2)] * (TRIAL + 5):
+        session.batch_started(x)
+        held.append(session._step_gate.in_step)
+        engine(x)
+        session.batch_ended()
+    session.loop_ended()
+    session.close()
+    assert held == [strategy == "whole_graph_capture" for strategy in engine.strategies]
+    assert held[-5:] == [False] * 5 and any(held)  # kept "disabled" after trying graphs
+    assert not session._step_gate.in_step
+
+
 def test_a_new_input_shape_tries_again_starting_with_what_was_kept(paced, fake_gpu):
     engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
     session = _session()

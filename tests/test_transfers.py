@@ -183,6 +183,24 @@ def test_with_a_gate_the_thread_calls_cuda_only_between_steps_and_stages_meanwhi
     assert time.perf_counter() - start < 2.0 and up._thread is None
 
 
+def test_a_step_that_cannot_capture_lets_the_gated_thread_copy_while_it_runs():
+    import time
+
+    batches = [torch.full((4,), float(i)) for i in range(4)]
+    ops, gate = RecordingOps(), transfers.StepGate()
+    up = transfers.UploadsAhead(batches, "cpu", ops=ops, may_capture=lambda: True, gate=gate, depth=3)
+    up.THREAD_MIN_BYTES = 0
+    got = [next(up)]
+    gate.step_started(capture=False)  # e.g. "auto" while its engines run without graphs
+    deadline = time.monotonic() + 5.0
+    while sum(e[0] == "event" for e in ops.log) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not gate.in_step and sum(e[0] == "event" for e in ops.log) == 4  # the other 3 went up in the step
+    got += [next(up) for _ in range(3)]  # taken inside the step: nothing waits for its end
+    gate.step_ended()
+    assert [b.tolist() for b in got] == [b.tolist() for b in batches]
+
+
 def test_a_batch_taken_inside_a_step_is_an_error_not_a_wait_forever():
     import time
 
