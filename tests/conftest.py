@@ -13,6 +13,15 @@ FAKE_GPU = cache.Gpu(uuid="3b6d1a2c-5e2f-4a1b-9c3d-0123456789ab", name="NVIDIA H
 OTHER_GPU = cache.Gpu(uuid="9f8e7d6c-1a2b-4c3d-8e9f-ba9876543210", name="NVIDIA H100 80GB HBM3", sm="sm90")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``--numprocesses auto`` (tox.ini, ``--dist loadfile``: a file's tests in one worker, so module
+    fixtures such as a gloo group of ranks start once): where a GPU is visible the tests run in this
+    process, one at a time, as GPU tests must (some time the GPU); elsewhere xdist picks (one per core)."""
+    import torch
+
+    return 0 if torch.cuda.is_available() else None
+
+
 @pytest.fixture(scope="session")
 def trt():
     """The real ``torch_tensorrt`` module, imported through the package's backend (works on CPU)."""
