@@ -19,9 +19,13 @@ switches for a shape that runs only a few batches), up to :data:`MAX_SHAPES` sha
 kernels, from the runtime cache): about what the loop's first batch took, 10 ms to 200 ms on H200. A
 trial pays that once to try graphs and, if they lose, once more to go back. So it is cost-aware:
 
-* it leaves the engines' strategy only when the batches left in the loop could win that back twice at
+* it leaves the engines' strategy only when the batches to come could win that back twice at
   :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win); until the first switch
-  the cost is estimated by the loop's first batch, then it is the one measured;
+  the cost is estimated by the loop's first batch, then it is the one measured. The batches to come:
+  those left in the loop, or, where more, as many as these engines served under ``"auto"`` in earlier
+  loops of this process (a process that has served N batches is taken to serve about N more: short
+  loops in a long-running server), if the loop's batches left can still finish the trial (what a
+  complete trial decides, later loops start with);
 * it goes back only when what going back wins over the batches left exceeds the switch's cost;
 * the fastest candidate of a trial that timed them all (without the cost of getting there, which a
   later loop does not pay) is remembered for the engines and the input shape, for the rest of the
@@ -111,6 +115,13 @@ def worth_switching(median_ms: float, remaining: float, switch_ms: float) -> boo
     return remaining * median_ms * WIN_BOUND >= 2.0 * switch_ms
 
 
+def batches_to_come(remaining: float, served_before: int, trial_left: int) -> float:
+    """The batches a switch of strategy can pay off over: the loop's ``remaining`` ones, or, where more, as
+    many as were ``served_before`` (earlier loops of this process), if ``remaining`` can still run the
+    ``trial_left`` batches of the trial (a trial cut by the loop's end is lost with its session)."""
+    return max(remaining, served_before) if remaining >= trial_left else remaining
+
+
 @dataclass
 class Decision:
     """What a trial kept, the medians that decided it, and what a switch of strategy cost then."""
@@ -170,14 +181,25 @@ class Trial:
         self._batches += 1
         return self._batches >= self.warmup_batches()
 
+    def batches_left(self) -> int:
+        """Batches the candidates after the current one need (warm-up and window)."""
+        return sum(max(1, self.warmup.get(c, 1)) + self.timed for c in self.candidates[self._index + 1 :])
+
     def restart_window(self) -> None:
         """Warm up and time the current candidate again (e.g. a loop ended in the middle of its window)."""
         self._batches = 0
 
-    def record(self, per_batch_ms: Sequence[float], remaining: float = math.inf, switch_ms: float = 0.0) -> str:
+    def record(
+        self,
+        per_batch_ms: Sequence[float],
+        remaining: float = math.inf,
+        switch_ms: float = 0.0,
+        served_before: int = 0,
+    ) -> str:
         """The current candidate's timed per-batch times; returns the candidate to run next (after the
         last one: the one kept). ``remaining``: batches left in the loop; ``switch_ms``: what changing
-        the engines' strategy costs (measured, or estimated)."""
+        the engines' strategy costs (measured, or estimated); ``served_before``: batches these engines
+        served in earlier loops of this process (see :func:`batches_to_come`)."""
         if self.decided is not None:
             raise RuntimeError("This trial has decided already: nothing more to record.")
         current = self.candidate
@@ -191,13 +213,15 @@ class Trial:
                 return current
         if self._index + 1 < len(self.candidates):
             upcoming = self.candidates[self._index + 1]
-            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(median, remaining, switch_ms):
+            to_come = batches_to_come(remaining, served_before, self.batches_left())
+            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(median, to_come, switch_ms):
                 self._index += 1
                 return self.candidate
             left = ", ".join(self.candidates[self._index + 1 :])
+            earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
             self.not_tried = (
-                f"{left} not tried: the {remaining:.0f} batches left could not win back re-creating the"
-                f" execution contexts (about {switch_ms:.0f} ms)"
+                f"{left} not tried: the {remaining:.0f} batches left{earlier} could not win back re-creating"
+                f" the execution contexts (about {switch_ms:.0f} ms)"
             )
         self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
         return self.decided
@@ -246,6 +270,7 @@ class _Memory:
 
     decisions: dict[tuple, Decision] = field(default_factory=dict)
     latest: dict[tuple[int, ...], str] = field(default_factory=dict)
+    served: dict[tuple[int, ...], int] = field(default_factory=dict)  # batches served under "auto", by engines
 
 
 _REMEMBERED: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
@@ -294,6 +319,7 @@ class AutoGraphs:
         self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
         self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
         self._last_stamp: Any = None  # the last window's last stamp
+        self._loop_batches = 0  # this loop's batches (what later loops count as served before them)
 
     def bind(self, owner: Any, engine_ids: Sequence[int]) -> None:
         """The engines served (before the settings are applied) and a module that holds them (what is
@@ -322,6 +348,7 @@ class AutoGraphs:
     def batch_ended(self, remaining: float = math.inf, first_batch_ms: float = 0.0) -> None:
         """After each batch: ``remaining`` batches in the loop (``inf``: unknown), and the loop's first
         batch's time (what a switch is estimated to cost until one is measured)."""
+        self._loop_batches += 1
         trial = self.trial
         if trial is None or trial.decided is not None:
             return
@@ -334,7 +361,9 @@ class AutoGraphs:
         if since_switch is not None and times:  # the switch: the warm-up's time beyond steady batches
             self.switch_ms = max(0.0, since_switch - warmup * statistics.median(times))
         estimate = self.switch_ms if self.switch_ms is not None else first_batch_ms
-        self._switch(trial.record(times, remaining, estimate))
+        memory = _memory(self._owner)
+        served = memory.served.get(self._engines, 0) if memory is not None else 0
+        self._switch(trial.record(times, remaining, estimate, served))
         if trial.decided is not None:
             self._remember(trial)
 
@@ -342,6 +371,10 @@ class AutoGraphs:
         """A window cut by the loop's end is timed again from its warm-up in the next loop."""
         if self.trial is not None and self.trial.decided is None:
             self.trial.restart_window()
+        memory = self._own_memory()
+        if memory is not None and self._loop_batches:
+            memory.served[self._engines] = memory.served.get(self._engines, 0) + self._loop_batches
+        self._loop_batches = 0
         self._stamps.clear()
         self._switched_at = self._last_stamp = None
 
@@ -391,17 +424,23 @@ class AutoGraphs:
 
     def _remember(self, trial: Trial) -> None:
         fastest = trial.fastest
-        if self._owner is None or fastest is None:
-            return
-        try:
-            memory = _REMEMBERED.setdefault(self._owner, _Memory())
-        except TypeError:  # a module that cannot be referenced weakly: nothing is remembered
+        memory = self._own_memory() if fastest is not None else None
+        if memory is None or fastest is None:
             return
         assert trial.decided is not None
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
         medians.update(trial.medians_ms)
         memory.decisions[(self._engines, self._trial_key)] = Decision(fastest, medians, self.switch_ms or 0.0)
         memory.latest[self._engines] = fastest
+
+    def _own_memory(self) -> _Memory | None:
+        """What this process remembers for the served module (made on first use; None: nothing can be)."""
+        if self._owner is None:
+            return None
+        try:
+            return _REMEMBERED.setdefault(self._owner, _Memory())
+        except TypeError:  # a module that cannot be referenced weakly: nothing is remembered
+            return None
 
     # --- timing ------------------------------------------------------------------------------------
 

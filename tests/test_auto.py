@@ -149,6 +149,20 @@ def test_a_window_cut_short_is_timed_again_from_its_warm_up():
     assert trial.describe() == "trial not finished, ran whole_graph_capture"
 
 
+def test_batches_served_before_count_only_where_the_loop_can_still_finish_the_trial():
+    assert auto.batches_to_come(40, served_before=1000, trial_left=31) == 1000
+    assert auto.batches_to_come(20, served_before=1000, trial_left=31) == 20  # the trial would be cut
+    assert auto.batches_to_come(500, served_before=100, trial_left=31) == 500
+    after_the_first = sum(auto.WARMUP[c] + auto.TIMED for c in (UPSTREAM, HELD))
+    assert Trial([DISABLED, UPSTREAM, HELD]).batches_left() == after_the_first
+    # 40 batches of 1 ms left cannot win 2 x 60 ms back; 1000 served before can
+    trial = Trial([DISABLED, UPSTREAM, HELD])
+    assert trial.record([1.0] * 8, remaining=40, switch_ms=60.0, served_before=1000) == UPSTREAM
+    trial = Trial([DISABLED, UPSTREAM, HELD])
+    assert trial.record([1.0] * 8, remaining=40, switch_ms=60.0, served_before=100) == DISABLED
+    assert "the 40 batches left (and the 100 served in earlier loops) could not win back" in trial.describe()
+
+
 def test_a_trial_refuses_unknown_candidates_naming_the_valid_ones():
     valid = "Valid choices: \\['disabled', 'whole_graph_capture', 'whole_graph_capture, held addresses'\\]"
     with pytest.raises(ValueError, match=valid):
@@ -416,6 +430,32 @@ def test_a_short_loop_with_a_costly_switch_stays_with_the_default_and_says_why(p
     assert figures.auto.startswith(("kept whole_graph_capture", f"kept {HELD}")), figures.auto
     cost = float(figures.auto.split("a strategy switch cost ")[1].split(" ms")[0])
     assert 50.0 <= cost <= 120.0, figures.auto
+
+
+def test_short_loops_of_a_long_running_process_try_graphs_once_enough_batches_were_served(paced, fake_gpu):
+    """A server's short loops: each alone too short to win a switch back, together long enough."""
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    model = torch.nn.Sequential(engine)
+    said = []
+    for _ in range(6):  # a session each, as each Trainer.predict has
+        session = _session()
+        session.serve(model)
+        session.loop_started(batches=80)
+        for i in range(80):
+            x = torch.zeros(4, 2)
+            session.batch_started(x)
+            time.sleep(0.06 if i == 0 else 0.0)  # a loop's first batch: what a switch is estimated to cost
+            engine(x)
+            session.batch_ended()
+        session.loop_ended()
+        said.append(session.close().auto)
+    assert "not tried: the 70 batches left could not win back" in said[0], said[0]
+    assert "(and the 80 served in earlier loops)" in said[1], said[1]
+    tried = next(i for i, text in enumerate(said) if "not tried" not in text)
+    assert tried in (2, 3), said  # 160 x 1 ms or 240 x 1 ms at half a batch >= 2 x 60 ms, by the host's pace
+    assert said[tried].startswith(("kept whole_graph_capture", f"kept {HELD}")), said[tried]
+    assert all("decided earlier in this process" in text for text in said[tried + 1 :]), said
+    assert not any("not tried" in text for text in said[tried:])
 
 
 def test_the_callback_tells_auto_how_long_the_loop_is(paced, fake_gpu, tmp_path):
