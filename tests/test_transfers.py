@@ -205,14 +205,16 @@ def test_a_batch_taken_inside_a_step_is_an_error_not_a_wait_forever():
     import time
 
     gate = transfers.StepGate()
-    up = transfers.UploadsAhead([torch.zeros(4)] * 4, "cpu", ops=RecordingOps(), may_capture=lambda: True, gate=gate)
+    up = transfers.UploadsAhead(
+        [torch.zeros(4)] * 8, "cpu", ops=RecordingOps(), may_capture=lambda: True, gate=gate, depth=1
+    )
     up.THREAD_MIN_BYTES = 0
     next(up)  # the first batch: read by the consumer
     gate.step_started()
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match="take each batch before batch_started"):
-        next(up)
-        next(up)  # the thread may have handed one over before the step started
+        for _ in range(5):  # before the step started, the thread may have queued one and readied the next
+            next(up)
     gate.step_ended()
     assert time.perf_counter() - start < 2.0 and up._thread is None  # closed
 
