@@ -474,18 +474,14 @@ class ServingSession:
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
 
-    def _graphs_may_capture(self) -> bool:
+    def _graphs_may_capture(self, now: bool = False) -> bool:
         """Whether a CUDA graph may be captured while the loop runs: TensorRT-RTX's whole-graph capture
-        (also as an ``"auto"`` candidate), or ``enable_cudagraphs`` scopes (ours or the user's)."""
+        (also as an ``"auto"`` candidate), or ``enable_cudagraphs`` scopes (ours or the user's). ``now``:
+        in the coming step, where ``"auto"`` counts only while its candidate captures (so an uploads
+        thread copies during the steps whose engines run without graphs)."""
+        strategy = self.engine_strategy() if now else self.settings.cuda_graph_strategy
         graphs_open = self.graphs is not None and self.graphs.is_open
-        return self.settings.cuda_graph_strategy != "disabled" or graphs_open or _backend.cudagraphs_mode() != 0
-
-    def _capture_in_step(self) -> bool:
-        """Whether the coming step may capture a CUDA graph: its engines capture themselves (under
-        ``"auto"``: its candidate now), or ``enable_cudagraphs`` scopes are open (ours or the user's).
-        Under ``"auto"`` running without graphs, an uploads thread copies while the step runs."""
-        graphs_open = self.graphs is not None and self.graphs.is_open
-        return self.engine_strategy() != "disabled" or graphs_open or _backend.cudagraphs_mode() != 0
+        return strategy != "disabled" or graphs_open or _backend.cudagraphs_mode() != 0
 
     def uploads_off(self, reason: str) -> None:
         """Record why this run's batches are not uploaded ahead (for the figures)."""
@@ -530,7 +526,7 @@ class ServingSession:
         if self.auto is not None:
             self.auto.batch_started(batch, self._auto_options)
         self._timer.batch_started()
-        self._step_gate.step_started(capture=self._capture_in_step())
+        self._step_gate.step_started(capture=self._graphs_may_capture(now=True))
 
     def batch_ended(self) -> None:
         """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
