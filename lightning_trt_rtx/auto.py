@@ -171,7 +171,10 @@ class Trial:
     def warmup_batches(self) -> int:
         """Batches the current candidate runs before it is timed."""
         first = FIRST_EXTRA_WARMUP if self._index == 0 and not self.per_batch_ms else 0
-        return max(1, self.warmup.get(self.candidate, 1)) + first  # at least one: its end is the first stamp
+        return self._warmup_of(self.candidate) + first
+
+    def _warmup_of(self, candidate: str) -> int:
+        return max(1, self.warmup.get(candidate, 1))  # at least one: its end is the window's first stamp
 
     def batch_ended(self) -> bool:
         """Count a batch of the current candidate; whether its end is to be stamped (the window's
@@ -183,7 +186,7 @@ class Trial:
 
     def batches_left(self) -> int:
         """Batches the candidates after the current one need (warm-up and window)."""
-        return sum(max(1, self.warmup.get(c, 1)) + self.timed for c in self.candidates[self._index + 1 :])
+        return sum(self._warmup_of(c) + self.timed for c in self.candidates[self._index + 1 :])
 
     def restart_window(self) -> None:
         """Warm up and time the current candidate again (e.g. a loop ended in the middle of its window)."""
@@ -319,7 +322,6 @@ class AutoGraphs:
         self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
         self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
         self._last_stamp: Any = None  # the last window's last stamp
-        self._loop_batches = 0  # this loop's batches (what later loops count as served before them)
 
     def bind(self, owner: Any, engine_ids: Sequence[int]) -> None:
         """The engines served (before the settings are applied) and a module that holds them (what is
@@ -348,7 +350,6 @@ class AutoGraphs:
     def batch_ended(self, remaining: float = math.inf, first_batch_ms: float = 0.0) -> None:
         """After each batch: ``remaining`` batches in the loop (``inf``: unknown), and the loop's first
         batch's time (what a switch is estimated to cost until one is measured)."""
-        self._loop_batches += 1
         trial = self.trial
         if trial is None or trial.decided is not None:
             return
@@ -367,14 +368,14 @@ class AutoGraphs:
         if trial.decided is not None:
             self._remember(trial)
 
-    def loop_ended(self) -> None:
-        """A window cut by the loop's end is timed again from its warm-up in the next loop."""
+    def loop_ended(self, batches: int = 0) -> None:
+        """A window cut by the loop's end is timed again from its warm-up in the next loop. ``batches``: the
+        loop's batches (later loops count them as served before them)."""
         if self.trial is not None and self.trial.decided is None:
             self.trial.restart_window()
-        memory = self._own_memory()
-        if memory is not None and self._loop_batches:
-            memory.served[self._engines] = memory.served.get(self._engines, 0) + self._loop_batches
-        self._loop_batches = 0
+        memory = self._own_memory() if batches else None
+        if memory is not None:
+            memory.served[self._engines] = memory.served.get(self._engines, 0) + batches
         self._stamps.clear()
         self._switched_at = self._last_stamp = None
 

@@ -26,6 +26,7 @@ one run: each run opens its own and so reads what is on disk now.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -133,7 +134,8 @@ class ServingSession:
         self.uploads: transfers.UploadsAhead | None = None
         self.looping = False  # between loop_started and loop_ended
         self._loop_batches: int | None = None  # how many batches the loop runs, where its owner says
-        self._step_gate = transfers.StepGate()  # an uploads thread calls CUDA only between steps
+        # an uploads thread calls CUDA only between the steps that may capture a graph
+        self._step_gate = transfers.StepGate(capture=functools.partial(self._graphs_may_capture, now=True))
         # cuda_graph_strategy="auto": the candidates' trial, driven by batch_started / batch_ended
         self.auto: auto.AutoGraphs | None = None
         if settings.cuda_graph_strategy == "auto":
@@ -526,7 +528,7 @@ class ServingSession:
         if self.auto is not None:
             self.auto.batch_started(batch, self._auto_options)
         self._timer.batch_started()
-        self._step_gate.step_started(capture=self._graphs_may_capture(now=True))
+        self._step_gate.step_started()
 
     def batch_ended(self) -> None:
         """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
@@ -542,7 +544,7 @@ class ServingSession:
         self._close_uploads()
         self._timer.end()
         if self.auto is not None:
-            self.auto.loop_ended()
+            self.auto.loop_ended(self.figures.batches)
         self._between_loops = True
         if self.stable is not None:
             self.stable.pause()  # inside fit, training runs until the next validation loop

@@ -94,12 +94,16 @@ class StepGate:
     copy, the event) inside :meth:`between_steps`, and reads and stages into pinned memory (host work)
     while the step runs.
 
-    Only a step that may capture holds the thread back: ``step_started(capture=False)`` (e.g. ``"auto"``
-    while its engines run without graphs) lets the thread copy while the step runs, as without a gate."""
+    Only a step that may capture holds the thread back, and only while a gated thread is attached (the
+    rest cost nothing): ``capture()``, asked at each such step's start, says whether a graph may be
+    captured in it (e.g. not under ``"auto"`` while its engines run without graphs, where the thread
+    copies while the step runs, as without a gate)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Callable[[], bool] = lambda: True) -> None:
+        self._capture = capture
         self._lock = threading.Lock()
         self._in_step = False  # read and written by the loop's thread only
+        self.attached = False  # a gated uploads thread waits on this gate (set by UploadsAhead)
 
     @property
     def in_step(self) -> bool:
@@ -107,10 +111,10 @@ class StepGate:
         from the loop's thread)."""
         return self._in_step
 
-    def step_started(self, capture: bool = True) -> None:
-        """A step starts; ``capture``: whether a CUDA graph may be captured in it (then the thread's CUDA
-        call in flight, if any, ends first, and the next waits for :meth:`step_ended`)."""
-        if capture and not self._in_step:
+    def step_started(self) -> None:
+        """A step starts: where it may capture, the thread's CUDA call in flight (if any) ends first, and
+        the next waits for :meth:`step_ended`."""
+        if self.attached and not self._in_step and self._capture():
             self._lock.acquire()
             self._in_step = True
 
@@ -280,6 +284,8 @@ class UploadsAhead:
         if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES and (not capture or self.gate is not None):
             self.stats["mode"] = "thread"
             self.gated = capture
+            if capture and self.gate is not None:
+                self.gate.attached = True
             self._thread = threading.Thread(target=self._produce, name="lightning-trt-rtx-uploads", daemon=True)
             self._thread.start()
         else:
@@ -299,6 +305,8 @@ class UploadsAhead:
             except queue.Empty:
                 pass
             thread.join(timeout=_POLL_S)
+        if self.gated and self.gate is not None:
+            self.gate.attached = False  # no thread waits on it any more: steps take no lock
         self._queue = queue.Queue(maxsize=self.depth)
         self._ahead.clear()
         if self._stream is not None:  # copies in flight finish with their staging, which is given back

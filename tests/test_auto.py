@@ -299,6 +299,7 @@ def test_only_steps_whose_engines_capture_hold_the_uploads_thread_back(paced, fa
     engine = paced({"disabled": 1.0, "whole_graph_capture": 5.0})
     session = _session()
     session.serve(torch.nn.Sequential(engine))
+    session._step_gate.attached = True  # as a gated uploads thread sets it (no CUDA here for a real one)
     held = []
     session.loop_started()
     for x in [torch.zeros(4, 2)] * (TRIAL + 5):

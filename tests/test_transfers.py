@@ -187,11 +187,12 @@ def test_a_step_that_cannot_capture_lets_the_gated_thread_copy_while_it_runs():
     import time
 
     batches = [torch.full((4,), float(i)) for i in range(4)]
-    ops, gate = RecordingOps(), transfers.StepGate()
+    ops, gate = RecordingOps(), transfers.StepGate(capture=lambda: False)  # e.g. "auto" running without graphs
     up = transfers.UploadsAhead(batches, "cpu", ops=ops, may_capture=lambda: True, gate=gate, depth=3)
     up.THREAD_MIN_BYTES = 0
     got = [next(up)]
-    gate.step_started(capture=False)  # e.g. "auto" while its engines run without graphs
+    assert gate.attached
+    gate.step_started()
     deadline = time.monotonic() + 5.0
     while sum(e[0] == "event" for e in ops.log) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -199,6 +200,21 @@ def test_a_step_that_cannot_capture_lets_the_gated_thread_copy_while_it_runs():
     got += [next(up) for _ in range(3)]  # taken inside the step: nothing waits for its end
     gate.step_ended()
     assert [b.tolist() for b in got] == [b.tolist() for b in batches]
+
+
+def test_a_gate_without_a_gated_thread_holds_no_step():
+    gate = transfers.StepGate()
+    gate.step_started()  # nothing attached: no lock, whatever the step may capture
+    assert not gate.in_step
+    gate.step_ended()
+    up = transfers.UploadsAhead([torch.zeros(4)] * 3, "cpu", ops=RecordingOps(), may_capture=lambda: True, gate=gate)
+    up.THREAD_MIN_BYTES = 0
+    next(up)
+    assert gate.attached
+    up.close()  # the thread is gone: steps take no lock again
+    assert not gate.attached
+    gate.step_started()
+    assert not gate.in_step
 
 
 def test_a_batch_taken_inside_a_step_is_an_error_not_a_wait_forever():
