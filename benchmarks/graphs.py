@@ -13,17 +13,19 @@ step's CPU dataset. For each, in one process, per batch in ``Trainer.predict`` o
   (``LIGHTNING_TRT_RTX_STABLE_ADDRESSES=0``: how whole-graph capture behaved before this package held them);
 * ``stable``: ``"whole_graph_capture"`` as the package serves it (addresses held once they move);
 * ``auto``: ``cuda_graph_strategy="auto"`` as a later loop of the process runs it: it starts with the decision
-  an earlier loop made for the model (and checks it on one window);
-* ``auto-first``: ``"auto"`` with nothing remembered (:func:`lightning_trt_rtx.auto.forget` first): the
-  three above tried on the loop's first batches where the loop is long enough to win a switch back, the
-  fastest kept, the trial's cost in the per-batch time;
+  its earlier loops made for the model (and checks it on one window);
+* ``auto-first``: ``"auto"`` with nothing remembered, as a process's first loop: the three above tried on
+  the loop's first batches where the loop is long enough to win a switch back, the fastest kept, the
+  trial's cost in the per-batch time. Each auto variant remembers apart from the others
+  (:func:`lightning_trt_rtx.auto.separate_memory`), so ``auto-first`` never wipes what ``auto`` learnt;
 * ``empty``: a LightningModule whose ``predict_step`` returns its batch (Lightning's own cost per batch);
 * ``default-kept``, ``upstream-kept``, ``stable-kept``, ``auto-kept``: the same with a callback that keeps every
   prediction on the GPU (as a writer batching its writes would), so an engine's outputs cannot land
   where the last ones were: the case holding the addresses is for. (``return_predictions=True`` is not
   that case: Lightning copies each prediction to the host, and the GPU tensor is freed.)
 
-interleaved (the order rotates every round, the first round a warm-up left out), then the bare engine
+interleaved (the order rotates every round, the first round a warm-up left out; each auto variant runs
+right after the default it is compared with), then the bare engine
 on one fixed input, without and with graphs, and with graphs and the addresses wrapper; and the
 wrapper's own cost per steady call, on an engine faked at the package's boundary (Python only).
 Goals: ``auto`` at least as fast as ``default`` by the median of every model and no repetition under
@@ -35,7 +37,9 @@ engine's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from typing import Any
 from unittest import mock
 
@@ -43,9 +47,11 @@ from benchmarks import harness, serving_efficiency
 
 LOADED = ("resnet50-b32-loaded", "vit-b16-b8-loaded")  # serving_efficiency's programs, served with load_program
 MODELS = ("mlp", "mlp-deep", "resnet18", "encoder", *LOADED)
+# each auto variant runs right after the default it is compared with, so a repetition's ratio is of two loops
+# seconds apart (the host's speed drifts by up to 2x between loops of one round on a shared host)
 VARIANTS = (
-    "default", "upstream", "stable", "auto", "empty", "auto-first",
-    "default-kept", "upstream-kept", "stable-kept", "auto-kept",
+    "default", "auto", "auto-first", "upstream", "stable", "empty",
+    "default-kept", "auto-kept", "upstream-kept", "stable-kept",
 )  # fmt: skip
 AUTO = ("auto", "auto-first", "auto-kept")
 CANDIDATES = ("default", "upstream", "stable")  # what auto chooses from
@@ -80,6 +86,9 @@ def task(spec: dict) -> dict:
     capture: dict[str, str] = {}
     kept: dict[str, list[str]] = {v: [] for v in AUTO}  # what auto kept, each repetition
     first: dict[str, list[float]] = {v: [] for v in VARIANTS}  # each loop's first batch (ms), from the figures
+    # what "auto" and "auto-kept" decided, each apart (the other's workload decides nothing for it); "auto-first"
+    # starts each loop with nothing remembered, as a process's first loop
+    memories = {name: weakref.WeakKeyDictionary() for name in ("auto", "auto-kept")}
     for rep in range(spec["reps"] + 1):
         order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
         for name in order:
@@ -87,9 +96,8 @@ def task(spec: dict) -> dict:
             timer = BatchTimer()
             if name.endswith("-kept"):
                 callbacks.append(KeepOnGPU())  # dropped with the variant's callbacks after the loop
-            if name == "auto-first":
-                auto.forget()  # the decisions earlier loops made: this loop runs a whole trial
-            with mock.patch.dict(os.environ, env):  # set for this variant, put back after
+            memory = auto.separate_memory(memories.get(name)) if name in AUTO else contextlib.nullcontext()
+            with memory, mock.patch.dict(os.environ, env):  # set for this variant, put back after
                 harness.predict(EchoPredictor() if name == "empty" else model, data, [*callbacks, timer])
             if rep == 0:
                 continue  # warm-up round: compile, JIT, first captures

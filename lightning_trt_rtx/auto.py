@@ -31,7 +31,8 @@ trial pays that once to try graphs and, if they lose, once more to go back. So i
   later loop does not pay) is remembered for the engines and the input shape, for the rest of the
   process (as long as the engines live): a later loop (a new ``Trainer.predict``, a new session)
   starts with it and times one window to check it; only a candidate running :data:`RECHECK` slower
-  than when it was chosen starts a new trial. :func:`forget` drops what was remembered.
+  than when it was chosen starts a new trial. :func:`forget` drops what was remembered;
+  :func:`separate_memory` keeps what runs inside a block apart from the rest of the process.
 
 The decision (:func:`choose`, :class:`Trial`) is pure and testable on recorded timings;
 :class:`AutoGraphs` drives it for a :class:`~lightning_trt_rtx.session.ServingSession`: it stamps the
@@ -44,7 +45,8 @@ import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -287,6 +289,24 @@ def forget(module: Any = None) -> None:
         return
     for holder in [module, *module.modules()] if isinstance(module, torch.nn.Module) else [module]:
         _REMEMBERED.pop(holder, None)
+
+
+@contextmanager
+def separate_memory(store: weakref.WeakKeyDictionary | None = None) -> Iterator[weakref.WeakKeyDictionary]:
+    """Inside the block, ``"auto"`` remembers decisions in ``store`` and recalls them from it alone (a new
+    store: nothing is remembered, as in a new process); afterwards what the process remembered before is back
+    and ``store`` holds what was decided inside. For comparing ways of serving in one process, e.g. a
+    process's first loop and its later ones (``benchmarks/graphs.py``), without one run deciding for another."""
+    global _REMEMBERED
+    if store is None:
+        store = weakref.WeakKeyDictionary()
+    elif not isinstance(store, weakref.WeakKeyDictionary):
+        raise TypeError(f"store must be a weakref.WeakKeyDictionary (from an earlier block) or None; got {store!r}.")
+    outer, _REMEMBERED = _REMEMBERED, store
+    try:
+        yield store
+    finally:
+        _REMEMBERED = outer
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ long as its strategy says), its figures, and bad values. ``tests/gpu`` runs it o
 from __future__ import annotations
 
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -503,3 +504,29 @@ def test_a_loop_length_that_is_not_a_count_is_refused(batches):
 def test_steps_marked_must_be_true_or_false():
     with pytest.raises(TypeError, match="steps_marked must be True or False"):
         _session().upload_ahead([torch.zeros(2)], "cpu", steps_marked="yes")
+
+
+def test_a_separate_memory_keeps_a_first_loop_from_wiping_a_later_loops_decision(paced, fake_gpu):
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    served = torch.nn.Sequential(engine)
+
+    def loop(batches: int) -> str:
+        session = _session()
+        session.serve(served)
+        _serve(session, engine, [torch.zeros(4, 2)] * batches)
+        return session.close().auto
+
+    later = weakref.WeakKeyDictionary()
+    with auto.separate_memory(later) as store:
+        assert store is later
+        kept = loop(TRIAL).removeprefix("kept ").split(" (")[0]
+    assert kept in (UPSTREAM, HELD) and len(later) == 1
+    assert loop(4).startswith("trial not finished, ran disabled")  # outside: the process remembered nothing
+    with auto.separate_memory():  # a first loop: nothing remembered, and what it decides stays inside
+        assert loop(TRIAL).startswith("kept ")
+    assert loop(4).startswith("trial not finished, ran disabled")
+    with auto.separate_memory(later):  # the later loop still starts with its own decision
+        assert loop(auto.WARMUP[kept] + auto.TIMED + 1).startswith(f"kept {kept}, decided earlier in this process")
+    with pytest.raises(TypeError, match="WeakKeyDictionary"):
+        with auto.separate_memory({}):  # type: ignore[arg-type]
+            pass
