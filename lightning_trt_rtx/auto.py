@@ -20,8 +20,11 @@ kernels, from the runtime cache): about what the loop's first batch took, 10 ms 
 trial pays that once to try graphs and, if they lose, once more to go back. So it is cost-aware:
 
 * it leaves the engines' strategy only when the batches to come could win that back twice at
-  :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win); until the first switch
-  the cost is estimated by the loop's first batch, then it is the one measured. The batches to come:
+  :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win), and, leaving
+  ``"disabled"``, at no more than the steps' own host time: graphs save the host's launch work, so a
+  step that spends 0.3 ms on the host of a 2.6 ms batch (the GPU or the data path is what takes the
+  time) gains at most 0.3 ms. Until the first switch the cost is estimated by the loop's first batch,
+  then it is the one measured. The batches to come:
   those left in the loop, or, where more, as many as these engines served under ``"auto"`` in earlier
   loops of this process (a process that has served N batches is taken to serve about N more: short
   loops in a long-running server), if the loop's batches left can still finish the trial (what a
@@ -111,10 +114,16 @@ def choose(
     return best
 
 
-def worth_switching(median_ms: float, remaining: float, switch_ms: float) -> bool:
+def win_bound_ms(median_ms: float, host_ms: float = math.inf) -> float:
+    """The most a batch of ``median_ms`` can win from graphs: :data:`WIN_BOUND` of it, and no more than
+    ``host_ms``, the steps' own host time without graphs (the launch work graphs save)."""
+    return min(median_ms * WIN_BOUND, host_ms)
+
+
+def worth_switching(median_ms: float, remaining: float, switch_ms: float, host_ms: float = math.inf) -> bool:
     """Whether a trial should change the engines' strategy (a switch of about ``switch_ms``, and maybe one
-    back): only if the ``remaining`` batches could win twice that at :data:`WIN_BOUND` of ``median_ms``."""
-    return remaining * median_ms * WIN_BOUND >= 2.0 * switch_ms
+    back): only if the ``remaining`` batches could win twice that at :func:`win_bound_ms` a batch."""
+    return remaining * win_bound_ms(median_ms, host_ms) >= 2.0 * switch_ms
 
 
 def batches_to_come(remaining: float, served_before: int, trial_left: int) -> float:
@@ -155,6 +164,7 @@ class Trial:
         self.warmup = dict(warmup)
         self.recheck = recheck if recheck is not None and recheck.candidate == self.candidates[0] else None
         self.per_batch_ms: dict[str, list[float]] = {}
+        self.host_ms: dict[str, float] = {}  # each candidate's median host time of a step (where measured)
         self.decided: str | None = None
         self.rechecked = False  # decided by checking a remembered decision
         self.not_tried = ""  # candidates left out because switching could not pay, and why
@@ -200,17 +210,23 @@ class Trial:
         remaining: float = math.inf,
         switch_ms: float = 0.0,
         served_before: int = 0,
+        host_ms: Sequence[float] = (),
     ) -> str:
         """The current candidate's timed per-batch times; returns the candidate to run next (after the
         last one: the one kept). ``remaining``: batches left in the loop; ``switch_ms``: what changing
         the engines' strategy costs (measured, or estimated); ``served_before``: batches these engines
-        served in earlier loops of this process (see :func:`batches_to_come`)."""
+        served in earlier loops of this process (see :func:`batches_to_come`); ``host_ms``: the host time
+        of the same steps (from the step's start to its end, not waiting for the GPU), where measured."""
         if self.decided is not None:
             raise RuntimeError("This trial has decided already: nothing more to record.")
         current = self.candidate
         self.per_batch_ms[current] = [float(t) for t in per_batch_ms]
+        if host_ms:
+            self.host_ms[current] = statistics.median(host_ms)
         self._batches = 0
         median = statistics.median(self.per_batch_ms[current]) if per_batch_ms else math.inf
+        # leaving "disabled", graphs can win at most the launch work its steps do on the host
+        host = self.host_ms.get(current, math.inf) if engine_strategy(current) == DISABLED else math.inf
         if self.recheck is not None and len(self.per_batch_ms) == 1:
             then = self.recheck.medians_ms.get(current)
             if then is not None and median <= then * (1.0 + RECHECK):
@@ -219,14 +235,18 @@ class Trial:
         if self._index + 1 < len(self.candidates):
             upcoming = self.candidates[self._index + 1]
             to_come = batches_to_come(remaining, served_before, self.batches_left())
-            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(median, to_come, switch_ms):
+            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(
+                median, to_come, switch_ms, host
+            ):
                 self._index += 1
                 return self.candidate
             left = ", ".join(self.candidates[self._index + 1 :])
             earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
+            bound = win_bound_ms(median, host)
+            why = "the steps' host time" if bound == host else f"{WIN_BOUND:.0%} of a batch"
             self.not_tried = (
                 f"{left} not tried: the {remaining:.0f} batches left{earlier} could not win back re-creating"
-                f" the execution contexts (about {switch_ms:.0f} ms)"
+                f" the execution contexts (about {switch_ms:.0f} ms), winning at most {bound:.3f} ms a batch ({why})"
             )
         self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
         return self.decided
@@ -340,6 +360,8 @@ class AutoGraphs:
         self._trial_key: Any = None  # the input shapes of the latest trial
         self._cuda = torch.cuda.is_available()
         self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
+        self._host_ms: list[float] = []  # this window's timed steps' host time (start to end, no GPU wait)
+        self._step_started = 0.0  # perf_counter at the current step's start
         self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
         self._last_stamp: Any = None  # the last window's last stamp
 
@@ -356,6 +378,7 @@ class AutoGraphs:
     # --- per batch ---------------------------------------------------------------------------------
 
     def batch_started(self, batch: Any, options: Callable[[], Options]) -> None:
+        self._step_started = time.perf_counter()
         if self.off or len(self.shapes) >= MAX_SHAPES:
             return
         key = shape_key(batch)
@@ -374,17 +397,21 @@ class AutoGraphs:
         if trial is None or trial.decided is not None:
             return
         if trial.batch_ended():
+            host_ms = (time.perf_counter() - self._step_started) * 1e3
             self._stamp()
+            if len(self._stamps) > 1:  # a timed batch (the window's first stamp ends its warm-up)
+                self._host_ms.append(host_ms)
         if not trial.window_full:
             return
         warmup = trial.warmup_batches()
+        host_ms = self._host_ms
         times, since_switch = self._window()
         if since_switch is not None and times:  # the switch: the warm-up's time beyond steady batches
             self.switch_ms = max(0.0, since_switch - warmup * statistics.median(times))
         estimate = self.switch_ms if self.switch_ms is not None else first_batch_ms
         memory = _memory(self._owner)
         served = memory.served.get(self._engines, 0) if memory is not None else 0
-        self._switch(trial.record(times, remaining, estimate, served))
+        self._switch(trial.record(times, remaining, estimate, served, host_ms))
         if trial.decided is not None:
             self._remember(trial)
 
@@ -396,14 +423,14 @@ class AutoGraphs:
         memory = self._own_memory() if batches else None
         if memory is not None:
             memory.served[self._engines] = memory.served.get(self._engines, 0) + batches
-        self._stamps.clear()
+        self._clear_window()
         self._switched_at = self._last_stamp = None
 
     def stop(self, why: str) -> None:
         """Try nothing (any more): the engines run without graphs; the figures say ``why``."""
         self.off = why
         self.trial = None
-        self._stamps.clear()
+        self._clear_window()
         self._switch(DISABLED)
 
     # --- trials ------------------------------------------------------------------------------------
@@ -431,7 +458,7 @@ class AutoGraphs:
         self.trial = Trial(ordered, recheck=remembered)
         self._trial_key = key
         self.trials += 1
-        self._stamps.clear()
+        self._clear_window()
         self._switched_at = None
 
     def _switch(self, candidate: str) -> None:
@@ -439,7 +466,7 @@ class AutoGraphs:
             return
         if engine_strategy(candidate) != engine_strategy(self.candidate):
             self._switched_at = self._last_stamp  # the end of the window just timed (None: none was)
-        self._stamps.clear()
+        self._clear_window()
         self.candidate = candidate
         self._apply(candidate)  # a strategy change drops the execution contexts
 
@@ -465,6 +492,9 @@ class AutoGraphs:
 
     # --- timing ------------------------------------------------------------------------------------
 
+    def _clear_window(self) -> None:
+        self._stamps, self._host_ms = [], []
+
     def _stamp(self) -> None:
         if not self._cuda:
             self._stamps.append(time.perf_counter())
@@ -476,7 +506,8 @@ class AutoGraphs:
     def _window(self) -> tuple[list[float], float | None]:
         """The window's per-batch ms, and the ms from the last stamp before a strategy switch to the
         window's first stamp (None without a switch): one synchronisation."""
-        stamps, self._stamps = self._stamps, []
+        stamps = self._stamps
+        self._clear_window()
         switched_at, self._switched_at = self._switched_at, None
         if not stamps:
             return [], None

@@ -80,8 +80,30 @@ def test_a_switch_of_strategy_is_made_only_where_the_batches_left_win_it_back():
     assert trial.record([2.0, 2.0], remaining=150, switch_ms=190.0) == DISABLED and trial.decided == DISABLED
     assert trial.describe().endswith(
         "whole_graph_capture, whole_graph_capture, held addresses not tried: the 150 batches left could not"
-        " win back re-creating the execution contexts (about 190 ms)"
+        " win back re-creating the execution contexts (about 190 ms), winning at most 1.000 ms a batch"
+        " (50% of a batch)"
     )
+
+
+def test_leaving_disabled_wins_at_most_the_steps_host_time():
+    # graphs save launch work: a 2.6 ms batch whose step spends 0.3 ms on the host (the GPU or the data path
+    # takes the rest; a ResNet-50 program at batch 32) can win 0.3 ms, not half of 2.6 ms
+    assert auto.win_bound_ms(2.6) == pytest.approx(1.3)
+    assert auto.win_bound_ms(2.6, host_ms=0.3) == pytest.approx(0.3)
+    assert auto.win_bound_ms(0.7, host_ms=0.6) == pytest.approx(0.35)  # launch bound: half a batch still
+    assert auto.worth_switching(2.6, remaining=200, switch_ms=100.0)
+    assert not auto.worth_switching(2.6, remaining=200, switch_ms=100.0, host_ms=0.3)
+    trial = Trial([DISABLED, UPSTREAM, HELD], timed=2)
+    decided = trial.record([2.6, 2.6], remaining=200, switch_ms=100.0, host_ms=[0.3, 0.31, 0.29])
+    assert decided == DISABLED and trial.host_ms == {DISABLED: pytest.approx(0.3)}
+    assert trial.describe().endswith(
+        "could not win back re-creating the execution contexts (about 100 ms), winning at most 0.300 ms a batch"
+        " (the steps' host time)"
+    ), trial.describe()
+    # under a capture strategy its host time says nothing of what "disabled" would win: half a batch counts
+    trial = Trial([HELD, DISABLED], timed=2)
+    assert trial.record([2.6, 2.6], remaining=200, switch_ms=100.0, host_ms=[0.05, 0.05]) == DISABLED
+    assert not trial.not_tried and trial.decided is None
 
 
 def test_what_a_later_loop_starts_with_is_the_fastest_of_a_complete_trial():
@@ -530,3 +552,28 @@ def test_a_separate_memory_keeps_a_first_loop_from_wiping_a_later_loops_decision
     with pytest.raises(TypeError, match="WeakKeyDictionary"):
         with auto.separate_memory({}):  # type: ignore[arg-type]
             pass
+
+
+def test_a_loop_bound_by_its_data_path_does_not_try_graphs_that_cannot_win(paced, fake_gpu):
+    # the engine's step takes 0.2 ms on the host (about 0.5 with the session's hooks and sleep's overshoot), the
+    # loader 4 ms between steps: graphs could win that much a batch at most, and 190 batches cannot win back
+    # 2 x 120 ms (at half a batch they could); an engine whose step is the batch's time tries
+    def loop(engine, between_s: float) -> str:
+        session = _session()
+        session.serve(torch.nn.Sequential(engine))
+        session.loop_started(batches=200)
+        for _ in range(200):
+            time.sleep(between_s)  # the data path (a loader, collation) outside the step
+            x = torch.zeros(4, 2)
+            session.batch_started(x)
+            engine(x)
+            session.batch_ended()
+            if session.auto is not None and session.auto.trial is not None and session.auto.trial.decided:
+                break
+        session.loop_ended()
+        return session.close().auto
+
+    data_bound = loop(paced({"disabled": 0.2, "whole_graph_capture": 0.1}, setup_ms=120.0), between_s=0.004)
+    assert data_bound.startswith("kept disabled") and "(the steps' host time)" in data_bound, data_bound
+    step_bound = loop(paced({"disabled": 4.0, "whole_graph_capture": 0.1}, setup_ms=120.0), between_s=0.0)
+    assert step_bound.startswith(("kept whole_graph_capture", f"kept {HELD}")), step_bound
