@@ -123,6 +123,8 @@ def win_bound_ms(median_ms: float, host_ms: float = math.inf) -> float:
 def worth_switching(median_ms: float, remaining: float, switch_ms: float, host_ms: float = math.inf) -> bool:
     """Whether a trial should change the engines' strategy (a switch of about ``switch_ms``, and maybe one
     back): only if the ``remaining`` batches could win twice that at :func:`win_bound_ms` a batch."""
+    if math.isinf(remaining):  # an endless loop wins back any switch (and 0 x inf is no number)
+        return True
     return remaining * win_bound_ms(median_ms, host_ms) >= 2.0 * switch_ms
 
 

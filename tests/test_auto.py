@@ -4,6 +4,7 @@ long as its strategy says), its figures, and bad values. ``tests/gpu`` runs it o
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from types import SimpleNamespace
@@ -93,6 +94,7 @@ def test_leaving_disabled_wins_at_most_the_steps_host_time():
     assert auto.win_bound_ms(0.7, host_ms=0.6) == pytest.approx(0.35)  # launch bound: half a batch still
     assert auto.worth_switching(2.6, remaining=200, switch_ms=100.0)
     assert not auto.worth_switching(2.6, remaining=200, switch_ms=100.0, host_ms=0.3)
+    assert auto.worth_switching(2.6, remaining=math.inf, switch_ms=100.0, host_ms=0.0)  # a stream: always
     trial = Trial([DISABLED, UPSTREAM, HELD], timed=2)
     decided = trial.record([2.6, 2.6], remaining=200, switch_ms=100.0, host_ms=[0.3, 0.31, 0.29])
     assert decided == DISABLED and trial.host_ms == {DISABLED: pytest.approx(0.3)}
