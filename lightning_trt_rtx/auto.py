@@ -399,14 +399,14 @@ class AutoGraphs:
         if trial is None or trial.decided is not None:
             return
         if trial.batch_ended():
-            host_ms = (time.perf_counter() - self._step_started) * 1e3
+            step_ms = (time.perf_counter() - self._step_started) * 1e3
             self._stamp()
             if len(self._stamps) > 1:  # a timed batch (the window's first stamp ends its warm-up)
-                self._host_ms.append(host_ms)
+                self._host_ms.append(step_ms)
         if not trial.window_full:
             return
         warmup = trial.warmup_batches()
-        host_ms = self._host_ms
+        host_ms = self._host_ms  # the window's (cleared below)
         times, since_switch = self._window()
         if since_switch is not None and times:  # the switch: the warm-up's time beyond steady batches
             self.switch_ms = max(0.0, since_switch - warmup * statistics.median(times))
