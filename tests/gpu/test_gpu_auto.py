@@ -92,6 +92,7 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     _predict(compiled, batches[:4], "disabled", template)  # fill the kernel cache: switches re-JIT warm
     callback, _ = _predict(compiled, batches, "auto", template, writer)
     figures = callback.figures[0]
+    _note("auto-mlp.txt", f"first loop: {figures.auto}")  # before the checks: a failure says what ran
     with torch.no_grad():
         for x_i, got in zip(batches, writer.written, strict=True):  # through every switch of the trial
             torch.testing.assert_close(got, eager(x_i), atol=5e-2, rtol=5e-2)
@@ -106,6 +107,7 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     writer = KeptPredictions()
     callback, _ = _predict(compiled, batches[:40], "auto", template, writer)
     again = callback.figures[0].auto
+    _note("auto-mlp.txt", f"later loop: {again}")
     assert again.startswith(f"kept {kept}, decided earlier in this process"), again
     with torch.no_grad():
         for x_i, got in zip(batches, writer.written, strict=False):
@@ -114,11 +116,17 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     auto.forget(compiled)
     callback, outputs = _predict(compiled, batches[:24], "auto", template, known=True)
     short = callback.figures[0].auto
+    _note("auto-mlp.txt", f"short loop: {short}")
     assert short.startswith("kept disabled") and "batches left could not win back" in short, short
     print(f"launch-bound MLP: {figures.auto}\nlater loop: {again}\nshort loop: {short}")
+
+
+def _note(name: str, text: str) -> None:
+    """Append ``text`` to ``$OUT/name`` where the GPU host collects files (``device`` runs): written before
+    the checks, so a failed or cut run still says what auto kept and why."""
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "auto-mlp.txt"), "a", encoding="utf-8") as f:
-            f.write(f"{figures.auto}\n{again}\n{short}\n")
+        with open(os.path.join(os.environ["OUT"], name), "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def convnet() -> torch.nn.Module:
@@ -152,9 +160,7 @@ def test_auto_on_a_big_kernel_model_is_within_5_percent_of_the_best_strategy(tmp
                 for x_i, got in zip(batches[::9], outputs[::9]):
                     torch.testing.assert_close(got.cuda(), eager(x_i), atol=5e-2, rtol=5e-2)
     print(f"big-kernel conv net, ms per batch after the trial: {steady}; auto {figures.auto}")
-    if os.environ.get("OUT"):  # before the checks: a run cut short by a timeout still says what happened
-        with open(os.path.join(os.environ["OUT"], "auto-convnet.txt"), "a", encoding="utf-8") as f:
-            f.write(f"{steady}\n{figures.auto}\n")
+    _note("auto-convnet.txt", f"{steady}\n{figures.auto}")  # before the checks
     best = min(steady[n] for n in ("disabled", "upstream", "held"))
     assert steady["auto"] <= best * 1.05, (steady, figures.auto)
     assert figures.auto.startswith("kept "), figures.auto
