@@ -474,8 +474,10 @@ class AutoGraphs:
 
     def _remember(self, trial: Trial) -> None:
         fastest = trial.fastest
-        memory = self._own_memory() if fastest is not None else None
-        if memory is None or fastest is None:
+        if fastest is None:  # a trial that left candidates out teaches nothing
+            return
+        memory = self._own_memory()
+        if memory is None:
             return
         assert trial.decided is not None
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
