@@ -34,7 +34,9 @@ trial pays that once to try graphs and, if they lose, once more to go back. So i
   later loop does not pay) is remembered for the engines and the input shape, for the rest of the
   process (as long as the engines live): a later loop (a new ``Trainer.predict``, a new session)
   starts with it and times one window to check it; only a candidate running :data:`RECHECK` slower
-  than when it was chosen starts a new trial. :func:`forget` drops what was remembered;
+  than when it was chosen starts a new trial, of the candidates that ran as much faster then than it
+  runs now (a slower host slows them all: one that lost by more then cannot win now; a change in the job,
+  e.g. predictions now kept on the GPU, can make one win). :func:`forget` drops what was remembered;
   :func:`separate_memory` keeps what runs inside a block apart from the rest of the process.
 
 The decision (:func:`choose`, :class:`Trial`) is pure and testable on recorded timings;
@@ -169,6 +171,7 @@ class Trial:
         self.host_ms: dict[str, float] = {}  # each candidate's median host time of a step (where measured)
         self.decided: str | None = None
         self.rechecked = False  # decided by checking a remembered decision
+        self.slower_than_then = False  # rechecked, over RECHECK slower than then, and nothing else ran as fast then
         self.not_tried = ""  # candidates left out because switching could not pay, and why
         self._index = 0
         self._batches = 0  # batches of the current candidate since it started (or its window restarted)
@@ -229,11 +232,17 @@ class Trial:
         median = statistics.median(self.per_batch_ms[current]) if per_batch_ms else math.inf
         # leaving "disabled", graphs can win at most the launch work its steps do on the host
         host = self.host_ms.get(current, math.inf) if engine_strategy(current) == DISABLED else math.inf
-        if self.recheck is not None and len(self.per_batch_ms) == 1:
-            then = self.recheck.medians_ms.get(current)
-            if then is not None and median <= then * (1.0 + RECHECK):
+        if self.recheck is not None and len(self.per_batch_ms) == 1 and current in self.recheck.medians_ms:
+            then = self.recheck.medians_ms
+            # slower than then: only what ran faster then, by as much, than this runs now is tried again (a
+            # slower host slows every candidate, so what lost then by more cannot win now; a change in the job
+            # can make it win)
+            faster = [c for c in self.candidates[1:] if then.get(c, 0.0) * (1.0 + RECHECK) < median]
+            if median <= then[current] * (1.0 + RECHECK) or not faster:
                 self.decided, self.rechecked = current, True
+                self.slower_than_then = median > then[current] * (1.0 + RECHECK)
                 return current
+            self.candidates = (current, *faster)
         if self._index + 1 < len(self.candidates):
             upcoming = self.candidates[self._index + 1]
             to_come = batches_to_come(remaining, served_before, self.batches_left())
@@ -276,15 +285,18 @@ class Trial:
             return f"trial not finished, ran {self.candidate}{tried}"
         if self.rechecked and self.recheck is not None:
             then = ", ".join(f"{name} {ms:.3f}" for name, ms in self.recheck.medians_ms.items())
+            slower = f"; over {RECHECK:.0%} slower, but none other ran as much faster then" if self.slower_than_then else ""
             return (
                 f"kept {self.decided}, decided earlier in this process (median ms per batch then: {then};"
-                f" now {medians})"
+                f" now {medians}{slower})"
             )
         counts = {len(t) for t in self.per_batch_ms.values()}
         each = f"{counts.pop()} batches each" if len(counts) == 1 else "batches: " + ", ".join(
             f"{name} {len(t)}" for name, t in self.per_batch_ms.items()
         )
-        text = f"kept {self.decided} (median ms per batch: {medians}; {each})"
+        host = ", ".join(f"{name} {ms:.3f}" for name, ms in self.host_ms.items())
+        host = f"; the steps' median host ms: {host}" if host else ""
+        text = f"kept {self.decided} (median ms per batch: {medians}; {each}{host})"
         return f"{text}; {self.not_tried}" if self.not_tried else text
 
 
@@ -481,7 +493,8 @@ class AutoGraphs:
             return
         assert trial.decided is not None
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
-        medians.update(trial.medians_ms)
+        if not trial.slower_than_then:  # a slow window of its own is no yardstick for the next check
+            medians.update(trial.medians_ms)
         memory.decisions[(self._engines, self._trial_key)] = Decision(fastest, medians, self.switch_ms or 0.0)
         memory.latest[self._engines] = fastest
 

@@ -123,7 +123,7 @@ def test_what_a_later_loop_starts_with_is_the_fastest_of_a_complete_trial():
     assert Trial([DISABLED, UPSTREAM]).fastest is None  # nor one not finished
 
 
-def test_a_remembered_decision_is_checked_by_one_window_and_tried_again_when_slower():
+def test_a_remembered_decision_is_checked_by_one_window_and_what_ran_faster_then_tried_again_when_slower():
     then = auto.Decision(HELD, {DISABLED: 1.0, UPSTREAM: 0.8, HELD: 0.5})
     kept = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)
     assert kept.record([0.55, 0.6]) == HELD and kept.rechecked
@@ -132,10 +132,20 @@ def test_a_remembered_decision_is_checked_by_one_window_and_tried_again_when_slo
         " disabled 1.000, whole_graph_capture 0.800, whole_graph_capture, held addresses 0.500; now"
         " whole_graph_capture, held addresses 0.575)"
     )
+    # 120% slower: a new trial of what ran 25% faster then than this runs now (upstream's 0.8 then; not
+    # disabled's 1.0, whose switch of strategy costs most)
     slower = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)
-    assert slower.record([0.9, 0.9]) == UPSTREAM and not slower.rechecked  # 80% slower: a whole trial
-    assert slower.record([0.8, 0.8]) == DISABLED
-    assert slower.record([0.7, 0.7]) == DISABLED  # what the runs say now, not what they said then
+    assert slower.record([1.1, 1.1]) == UPSTREAM and not slower.rechecked
+    assert slower.candidates == (HELD, UPSTREAM)
+    assert slower.record([0.7, 0.7]) == UPSTREAM  # what the runs say now, not what they said then
+    assert slower.fastest == UPSTREAM
+    # 80% slower (e.g. a slower host): the others lost by more then, so nothing else is tried
+    host = Trial([HELD, UPSTREAM, DISABLED], timed=2, recheck=then)
+    assert host.record([0.9, 0.9]) == HELD and host.rechecked and host.slower_than_then
+    assert host.fastest == HELD
+    assert host.describe().endswith(
+        "now whole_graph_capture, held addresses 0.900; over 25% slower, but none other ran as much faster then)"
+    )
     assert Trial([DISABLED], recheck=then).recheck is None  # only for the remembered candidate first
 
 
@@ -436,6 +446,24 @@ def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gp
     third.serve(served)
     _serve(third, engine, [torch.zeros(4, 2)] * 4)
     assert third.close().auto.startswith("trial not finished, ran disabled")
+
+
+def test_a_later_loop_on_a_slower_host_does_not_switch_back_to_what_lost_by_more(paced, fake_gpu):
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    served = torch.nn.Sequential(engine)
+    first = _session()
+    first.serve(served)
+    _serve(first, engine, [torch.zeros(4, 2)] * TRIAL)
+    first.close()
+    engine.pace = {"disabled": 15.0, "whole_graph_capture": 3.0}  # everything three times slower
+    before = len(engine.strategies)
+    second = _session()
+    second.serve(served)
+    _serve(second, engine, [torch.zeros(4, 2)] * TRIAL)
+    figures = second.close()
+    # the other capture candidate (1 ms then) is tried again, under the same engine strategy; not disabled (5 ms)
+    assert engine.strategies[before:] == ["whole_graph_capture"] * TRIAL, figures.auto
+    assert DISABLED not in figures.auto_ms and set(figures.auto_ms) == {UPSTREAM, HELD}, figures.auto
 
 
 def test_a_short_loop_with_a_costly_switch_stays_with_the_default_and_says_why(paced, fake_gpu):
