@@ -23,8 +23,10 @@ trial pays that once to try graphs and, if they lose, once more to go back. So i
   :data:`WIN_BOUND` of a batch's time (the most graphs were measured to win), and, leaving
   ``"disabled"``, at no more than the steps' own host time: graphs save the host's launch work, so a
   step that spends 0.3 ms on the host of a 2.6 ms batch (the GPU or the data path is what takes the
-  time) gains at most 0.3 ms. Until the first switch the cost is estimated by the loop's first batch,
-  then it is the one measured. The batches to come:
+  time) gains at most 0.3 ms; and it wins nothing where the loop waits :data:`DATA_BOUND` of a batch or
+  more for its data (uploads ahead, whose thread reads and stages the batches: the data path sets the
+  pace, and a faster step only waits longer). Until the first switch the cost is estimated by the loop's
+  first batch, then it is the one measured. The batches to come:
   those left in the loop, or, where more, as many as these engines served under ``"auto"`` in earlier
   loops of this process (a process that has served N batches is taken to serve about N more: short
   loops in a long-running server), if the loop's batches left can still finish the trial (what a
@@ -77,6 +79,10 @@ MAX_SHAPES = 8  # new input shapes that start a new trial; beyond, the last deci
 # the largest share of a batch's time graphs were measured to win (H200, a 32x256 MLP: 0.73 -> 0.35 ms)
 WIN_BOUND = 0.5
 RECHECK = 0.25  # a remembered decision is tried again when its window is this much slower than when chosen
+# a loop that waits this share of a batch for its data (uploads ahead, from their thread) is bound by its data
+# path: no strategy wins there (measured on H200: a loaded ResNet-50 at batch 32 waited about 0.9 ms of its
+# 3.1 ms batches, and ran 3.20 / 3.93 / 3.23 ms per batch without graphs / upstream capture / held addresses)
+DATA_BOUND = 0.1
 
 
 def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"]:
@@ -116,18 +122,24 @@ def choose(
     return best
 
 
-def win_bound_ms(median_ms: float, host_ms: float = math.inf) -> float:
-    """The most a batch of ``median_ms`` can win from graphs: :data:`WIN_BOUND` of it, and no more than
-    ``host_ms``, the steps' own host time without graphs (the launch work graphs save)."""
+def win_bound_ms(median_ms: float, host_ms: float = math.inf, waited_ms: float = 0.0) -> float:
+    """The most a batch of ``median_ms`` can win from another strategy: :data:`WIN_BOUND` of it, and no more
+    than ``host_ms``, the steps' own host time without graphs (the launch work graphs save); nothing where
+    the loop waited ``waited_ms`` a batch for its data, :data:`DATA_BOUND` of a batch or more (the data
+    path sets the pace: a faster step only waits longer)."""
+    if waited_ms >= DATA_BOUND * median_ms:
+        return 0.0
     return min(median_ms * WIN_BOUND, host_ms)
 
 
-def worth_switching(median_ms: float, remaining: float, switch_ms: float, host_ms: float = math.inf) -> bool:
+def worth_switching(
+    median_ms: float, remaining: float, switch_ms: float, host_ms: float = math.inf, waited_ms: float = 0.0
+) -> bool:
     """Whether a trial should change the engines' strategy (a switch of about ``switch_ms``, and maybe one
     back): only if the ``remaining`` batches could win twice that at :func:`win_bound_ms` a batch."""
     if math.isinf(remaining):  # an endless loop wins back any switch (and 0 x inf is no number)
         return True
-    return remaining * win_bound_ms(median_ms, host_ms) >= 2.0 * switch_ms
+    return remaining * win_bound_ms(median_ms, host_ms, waited_ms) >= 2.0 * switch_ms
 
 
 def batches_to_come(remaining: float, served_before: int, trial_left: int) -> float:
@@ -169,6 +181,7 @@ class Trial:
         self.recheck = recheck if recheck is not None and recheck.candidate == self.candidates[0] else None
         self.per_batch_ms: dict[str, list[float]] = {}
         self.host_ms: dict[str, float] = {}  # each candidate's median host time of a step (where measured)
+        self.waited_ms: dict[str, float] = {}  # each candidate's median wait for its batch (where measured)
         self.decided: str | None = None
         self.rechecked = False  # decided by checking a remembered decision
         self.slower_than_then = False  # rechecked, over RECHECK slower than then, and nothing else ran as fast then
@@ -216,22 +229,27 @@ class Trial:
         switch_ms: float = 0.0,
         served_before: int = 0,
         host_ms: Sequence[float] = (),
+        waited_ms: Sequence[float] = (),
     ) -> str:
         """The current candidate's timed per-batch times; returns the candidate to run next (after the
         last one: the one kept). ``remaining``: batches left in the loop; ``switch_ms``: what changing
         the engines' strategy costs (measured, or estimated); ``served_before``: batches these engines
         served in earlier loops of this process (see :func:`batches_to_come`); ``host_ms``: the host time
-        of the same steps (from the step's start to its end, not waiting for the GPU), where measured."""
+        of the same steps (from the step's start to its end, not waiting for the GPU), and ``waited_ms``: how
+        long the loop waited for each of those batches (uploads ahead), where measured."""
         if self.decided is not None:
             raise RuntimeError("This trial has decided already: nothing more to record.")
         current = self.candidate
         self.per_batch_ms[current] = [float(t) for t in per_batch_ms]
         if host_ms:
             self.host_ms[current] = statistics.median(host_ms)
+        if waited_ms:
+            self.waited_ms[current] = statistics.median(waited_ms)
         self._batches = 0
         median = statistics.median(self.per_batch_ms[current]) if per_batch_ms else math.inf
         # leaving "disabled", graphs can win at most the launch work its steps do on the host
         host = self.host_ms.get(current, math.inf) if engine_strategy(current) == DISABLED else math.inf
+        waited = self.waited_ms.get(current, 0.0)
         if self.recheck is not None and len(self.per_batch_ms) == 1 and current in self.recheck.medians_ms:
             then = self.recheck.medians_ms
             # slower than then: only what ran faster then, by as much, than this runs now is tried again (a
@@ -247,14 +265,18 @@ class Trial:
             upcoming = self.candidates[self._index + 1]
             to_come = batches_to_come(remaining, served_before, self.batches_left())
             if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(
-                median, to_come, switch_ms, host
+                median, to_come, switch_ms, host, waited
             ):
                 self._index += 1
                 return self.candidate
             left = ", ".join(self.candidates[self._index + 1 :])
             earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
-            bound = win_bound_ms(median, host)
-            why = "the steps' host time" if bound == host else f"{WIN_BOUND:.0%} of a batch"
+            bound = win_bound_ms(median, host, waited)
+            why = (
+                f"the loop waited {waited:.3f} ms a batch for its data" if waited >= DATA_BOUND * median
+                else "the steps' host time" if bound == host
+                else f"{WIN_BOUND:.0%} of a batch"
+            )  # fmt: skip
             self.not_tried = (
                 f"{left} not tried: the {remaining:.0f} batches left{earlier} could not win back re-creating"
                 f" the execution contexts (about {switch_ms:.0f} ms), winning at most {bound:.3f} ms a batch ({why})"
@@ -285,7 +307,8 @@ class Trial:
             return f"trial not finished, ran {self.candidate}{tried}"
         if self.rechecked and self.recheck is not None:
             then = ", ".join(f"{name} {ms:.3f}" for name, ms in self.recheck.medians_ms.items())
-            slower = f"; over {RECHECK:.0%} slower, but none other ran as much faster then" if self.slower_than_then else ""
+            slower = f"; over {RECHECK:.0%} slower, but none other ran as much faster then"
+            slower = slower if self.slower_than_then else ""
             return (
                 f"kept {self.decided}, decided earlier in this process (median ms per batch then: {then};"
                 f" now {medians}{slower})"
@@ -296,6 +319,8 @@ class Trial:
         )
         host = ", ".join(f"{name} {ms:.3f}" for name, ms in self.host_ms.items())
         host = f"; the steps' median host ms: {host}" if host else ""
+        if any(self.waited_ms.values()):
+            host += "; waited for data, median ms: " + ", ".join(f"{n} {ms:.3f}" for n, ms in self.waited_ms.items())
         text = f"kept {self.decided} (median ms per batch: {medians}; {each}{host})"
         return f"{text}; {self.not_tried}" if self.not_tried else text
 
@@ -375,7 +400,10 @@ class AutoGraphs:
         self._cuda = torch.cuda.is_available()
         self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
         self._host_ms: list[float] = []  # this window's timed steps' host time (start to end, no GPU wait)
+        self._waited_ms: list[float] = []  # this window's timed batches' wait for their data
         self._step_started = 0.0  # perf_counter at the current step's start
+        # the loop's total wait for data at the last batch's start, and at the one before (None: not measured)
+        self._waited_s: tuple[float | None, float | None] = (None, None)
         self._switched_at: Any = None  # the stamp before the engines' strategy changed (its cost is measured)
         self._last_stamp: Any = None  # the last window's last stamp
 
@@ -391,8 +419,11 @@ class AutoGraphs:
 
     # --- per batch ---------------------------------------------------------------------------------
 
-    def batch_started(self, batch: Any, options: Callable[[], Options]) -> None:
+    def batch_started(self, batch: Any, options: Callable[[], Options], waited_s: float | None = None) -> None:
+        """Before each batch: ``waited_s``, how long the loop has waited for its data so far (uploads ahead;
+        None: not measured)."""
         self._step_started = time.perf_counter()
+        self._waited_s = (waited_s, self._waited_s[0])
         if self.off or len(self.shapes) >= MAX_SHAPES:
             return
         key = shape_key(batch)
@@ -415,17 +446,20 @@ class AutoGraphs:
             self._stamp()
             if len(self._stamps) > 1:  # a timed batch (the window's first stamp ends its warm-up)
                 self._host_ms.append(step_ms)
+                now, before = self._waited_s
+                if now is not None:  # a new loop's uploads count from 0
+                    self._waited_ms.append(max(0.0, now - (before or 0.0)) * 1e3)
         if not trial.window_full:
             return
         warmup = trial.warmup_batches()
-        host_ms = self._host_ms  # the window's (cleared below)
+        host_ms, waited_ms = self._host_ms, self._waited_ms  # the window's (cleared below)
         times, since_switch = self._window()
         if since_switch is not None and times:  # the switch: the warm-up's time beyond steady batches
             self.switch_ms = max(0.0, since_switch - warmup * statistics.median(times))
         estimate = self.switch_ms if self.switch_ms is not None else first_batch_ms
         memory = _memory(self._owner)
         served = memory.served.get(self._engines, 0) if memory is not None else 0
-        self._switch(trial.record(times, remaining, estimate, served, host_ms))
+        self._switch(trial.record(times, remaining, estimate, served, host_ms, waited_ms))
         if trial.decided is not None:
             self._remember(trial)
 
@@ -439,6 +473,7 @@ class AutoGraphs:
             memory.served[self._engines] = memory.served.get(self._engines, 0) + batches
         self._clear_window()
         self._switched_at = self._last_stamp = None
+        self._waited_s = (None, None)
 
     def stop(self, why: str) -> None:
         """Try nothing (any more): the engines run without graphs; the figures say ``why``."""
@@ -510,7 +545,7 @@ class AutoGraphs:
     # --- timing ------------------------------------------------------------------------------------
 
     def _clear_window(self) -> None:
-        self._stamps, self._host_ms = [], []
+        self._stamps, self._host_ms, self._waited_ms = [], [], []
 
     def _stamp(self) -> None:
         if not self._cuda:

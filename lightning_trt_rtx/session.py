@@ -526,7 +526,8 @@ class ServingSession:
             if self.stable is not None and self.stable.engines is not self.binding.engines:
                 self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
         if self.auto is not None:
-            self.auto.batch_started(batch, self._auto_options)
+            waited = self.uploads.stats["waited_s"] if self.uploads is not None else None
+            self.auto.batch_started(batch, self._auto_options, waited_s=waited)
         self._timer.batch_started()
         self._step_gate.step_started()
 

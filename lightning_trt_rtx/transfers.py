@@ -27,6 +27,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -189,8 +190,9 @@ class UploadsAhead:
     loop runs (see :class:`StepGate`): then the thread makes its CUDA calls only between steps, through
     ``gate``; without a gate the consumer reads and stages every batch itself.
 
-    ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned, and
-    ``mode`` (``"thread"`` or ``"loop"``).
+    ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned,
+    ``mode`` (``"thread"`` or ``"loop"``), and ``waited_s``: how long the consumer waited for the thread's
+    batches (where it waits, the data path, not the step, sets the loop's pace).
     """
 
     THREAD_MIN_BYTES = 1 << 20
@@ -214,7 +216,7 @@ class UploadsAhead:
         self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
         self.ops = ops if ops is not None else CudaOps(self.device)
         self.source = source
-        self.stats: dict[str, Any] = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0, "mode": ""}
+        self.stats: dict[str, Any] = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0, "mode": "", "waited_s": 0.0}
         self._source: Iterator[Any] | None = None
         self._ahead: deque[Any] = deque()  # read and uploaded, not handed over (the consumer's side)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.depth)  # the thread's side
@@ -243,7 +245,12 @@ class UploadsAhead:
             while len(self._ahead) <= self.depth and not (self._ahead and _is_last(self._ahead[-1])):
                 with self.ops.in_thread(self._stream):
                     self._ahead.append(self._read(catch=Exception))
-        item = self._ahead.popleft() if self._ahead else self._take()
+        if self._ahead:
+            item = self._ahead.popleft()
+        else:
+            began = time.perf_counter()
+            item = self._take()
+            self.stats["waited_s"] += time.perf_counter() - began
         if item is _END:
             self.close()
             raise StopIteration

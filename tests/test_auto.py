@@ -13,7 +13,15 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_trt_rtx import ServingSession, TRTRuntimePrecision, TRTRuntimeSettings, TRTSettings, addresses, auto
+from lightning_trt_rtx import (
+    ServingSession,
+    TRTRuntimePrecision,
+    TRTRuntimeSettings,
+    TRTSettings,
+    addresses,
+    auto,
+    transfers,
+)
 from lightning_trt_rtx.auto import DISABLED, HELD, UPSTREAM, Trial, choose
 from lightning_trt_rtx.report import RankFigures, table
 
@@ -95,6 +103,10 @@ def test_leaving_disabled_wins_at_most_the_steps_host_time():
     assert auto.worth_switching(2.6, remaining=200, switch_ms=100.0)
     assert not auto.worth_switching(2.6, remaining=200, switch_ms=100.0, host_ms=0.3)
     assert auto.worth_switching(2.6, remaining=math.inf, switch_ms=100.0, host_ms=0.0)  # a stream: always
+    # a loop that waits for its data a tenth of a batch or more is paced by its data path: nothing to win
+    assert auto.win_bound_ms(3.1, host_ms=1.9, waited_ms=0.9) == 0.0
+    assert auto.win_bound_ms(3.1, host_ms=1.9, waited_ms=0.05) == pytest.approx(1.55)  # a jitter's wait
+    assert not auto.worth_switching(3.1, remaining=400, switch_ms=1.0, waited_ms=0.9)
     trial = Trial([DISABLED, UPSTREAM, HELD], timed=2)
     decided = trial.record([2.6, 2.6], remaining=200, switch_ms=100.0, host_ms=[0.3, 0.31, 0.29])
     assert decided == DISABLED and trial.host_ms == {DISABLED: pytest.approx(0.3)}
@@ -607,3 +619,37 @@ def test_a_loop_bound_by_its_data_path_does_not_try_graphs_that_cannot_win(paced
     assert data_bound.startswith("kept disabled") and "(the steps' host time)" in data_bound, data_bound
     step_bound = loop(paced({"disabled": 4.0, "whole_graph_capture": 0.1}, setup_ms=120.0), between_s=0.0)
     assert step_bound.startswith(("kept whole_graph_capture", f"kept {HELD}")), step_bound
+
+
+def test_a_loop_waiting_for_its_uploads_does_not_try_graphs_and_says_why(paced, fake_gpu):
+    # uploads ahead from a data path that takes 6 ms a batch, a step of 3 ms: the loop waits about 3 ms a
+    # batch for its data, so no strategy can win (without the wait, 190 batches at half a 3 ms batch could
+    # win back 2 x 120 ms); the same loop fed at once tries
+    from tests.test_transfers import RecordingOps
+
+    def loop(read_s: float) -> str:
+        def source():
+            for _ in range(200):
+                time.sleep(read_s)
+                yield torch.zeros(4, 2)
+
+        engine = paced({"disabled": 3.0, "whole_graph_capture": 0.1}, setup_ms=120.0)
+        session = _session()
+        session.serve(torch.nn.Sequential(engine))
+        session.loop_started(batches=200)
+        session.uploads = transfers.UploadsAhead(source(), "cpu", ops=RecordingOps())
+        session.uploads.THREAD_MIN_BYTES = 0  # read by its thread, as batches of 1 MiB and more are
+        for x in session.uploads:
+            session.batch_started(x)
+            engine(x)
+            session.batch_ended()
+            if session.auto is not None and session.auto.trial is not None and session.auto.trial.decided:
+                break
+        session.loop_ended()
+        return session.close().auto
+
+    waiting = loop(read_s=0.006)
+    assert waiting.startswith("kept disabled") and "the loop waited" in waiting, waiting
+    assert "waited for data, median ms: disabled" in waiting, waiting
+    fed = loop(read_s=0.0)
+    assert fed.startswith(("kept whole_graph_capture", f"kept {HELD}")), fed

@@ -252,7 +252,23 @@ def test_pinned_sources_go_up_without_staging_and_stats_count_both():
     up = uploads([pinned_tensor, pageable], ops=ops)
     assert [t.tolist() for t in up] == [pinned_tensor.tolist(), pageable.tolist()]
     assert [d for what, _, d in ops.log if what == "stage"] == [(8,)]
+    waited = up.stats.pop("waited_s")
     assert up.stats == {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4, "mode": "thread"}
+    assert 0.0 <= waited < 1.0
+
+
+def test_the_consumers_wait_for_a_slow_data_path_is_counted_and_a_ready_batch_costs_none():
+    def slow(n: int, seconds: float):
+        for i in range(n):
+            time.sleep(seconds)
+            yield torch.full((4,), float(i))
+
+    up = uploads(slow(4, 0.05))
+    assert [t[0].item() for t in up] == [0.0, 1.0, 2.0, 3.0]
+    assert up.stats["waited_s"] >= 3 * 0.04  # each batch after the first took the thread 50 ms to read
+    # read by the loop itself: nothing to wait for (its reading is the loop's own work)
+    looped = uploads(slow(3, 0.02), mode="loop")
+    assert len(list(looped)) == 3 and looped.stats["waited_s"] == 0.0
 
 
 def test_every_structure_lightning_moves_keeps_its_shape_and_non_tensor_leaves():
