@@ -82,7 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=os.path.join(harness.ROOT, "benchmarks", "results"), help="results folder")
-    parser.add_argument("--quick", action="store_true", help="2 repetitions, 200 batches (about 2 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 repetitions, 200 batches (on H200, about 4 minutes with --models mlp)"
+    )
     parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 5, quick 2)")
     parser.add_argument(
         "--batches", type=int, default=None, help="batches for per-batch latency (default 1000, quick 200)"
