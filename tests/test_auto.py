@@ -437,13 +437,19 @@ def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, f
     assert "auto graphs: kept whole_graph_capture" in summary, summary
 
 
-def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gpu):
-    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+def _decided_once(engine) -> tuple[torch.nn.Module, str]:
+    """A first loop over ``engine`` that runs a whole trial: the served module, and what its figures say."""
     served = torch.nn.Sequential(engine)
     first = _session()
     first.serve(served)
     _serve(first, engine, [torch.zeros(4, 2)] * TRIAL)
-    kept = first.close().auto.removeprefix("kept ").split(" (")[0]
+    return served, first.close().auto
+
+
+def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gpu):
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    served, decided = _decided_once(engine)
+    kept = decided.removeprefix("kept ").split(" (")[0]
     assert kept in (UPSTREAM, HELD)
     before = len(engine.strategies)
     second = _session()  # a new Trainer.predict over the same engines (another wrapper), in the same process
@@ -462,11 +468,7 @@ def test_a_later_loop_starts_with_the_decision_and_only_checks_it(paced, fake_gp
 
 def test_a_later_loop_on_a_slower_host_does_not_switch_back_to_what_lost_by_more(paced, fake_gpu):
     engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
-    served = torch.nn.Sequential(engine)
-    first = _session()
-    first.serve(served)
-    _serve(first, engine, [torch.zeros(4, 2)] * TRIAL)
-    first.close()
+    served, _ = _decided_once(engine)
     engine.pace = {"disabled": 15.0, "whole_graph_capture": 3.0}  # everything three times slower
     before = len(engine.strategies)
     second = _session()
@@ -596,24 +598,32 @@ def test_a_separate_memory_keeps_a_first_loop_from_wiping_a_later_loops_decision
             pass
 
 
+def _until_decided(session: ServingSession, engine, batches) -> str:
+    """Serves ``batches`` until ``"auto"`` decides, ends the loop and the session: the figures' text."""
+    for x in batches:
+        session.batch_started(x)
+        engine(x)
+        session.batch_ended()
+        if session.auto is not None and session.auto.trial is not None and session.auto.trial.decided:
+            break
+    session.loop_ended()
+    return session.close().auto
+
+
 def test_a_loop_bound_by_its_data_path_does_not_try_graphs_that_cannot_win(paced, fake_gpu):
     # the engine's step takes 0.2 ms on the host (about 0.5 with the session's hooks and sleep's overshoot), the
     # loader 4 ms between steps: graphs could win that much a batch at most, and 190 batches cannot win back
     # 2 x 120 ms (at half a batch they could); an engine whose step is the batch's time tries
     def loop(engine, between_s: float) -> str:
+        def batches():
+            for _ in range(200):
+                time.sleep(between_s)  # the data path (a loader, collation) outside the step
+                yield torch.zeros(4, 2)
+
         session = _session()
         session.serve(torch.nn.Sequential(engine))
         session.loop_started(batches=200)
-        for _ in range(200):
-            time.sleep(between_s)  # the data path (a loader, collation) outside the step
-            x = torch.zeros(4, 2)
-            session.batch_started(x)
-            engine(x)
-            session.batch_ended()
-            if session.auto is not None and session.auto.trial is not None and session.auto.trial.decided:
-                break
-        session.loop_ended()
-        return session.close().auto
+        return _until_decided(session, engine, batches())
 
     data_bound = loop(paced({"disabled": 0.2, "whole_graph_capture": 0.1}, setup_ms=120.0), between_s=0.004)
     assert data_bound.startswith("kept disabled") and "(the steps' host time)" in data_bound, data_bound
@@ -639,14 +649,7 @@ def test_a_loop_waiting_for_its_uploads_does_not_try_graphs_and_says_why(paced, 
         session.loop_started(batches=200)
         session.uploads = transfers.UploadsAhead(source(), "cpu", ops=RecordingOps())
         session.uploads.THREAD_MIN_BYTES = 0  # read by its thread, as batches of 1 MiB and more are
-        for x in session.uploads:
-            session.batch_started(x)
-            engine(x)
-            session.batch_ended()
-            if session.auto is not None and session.auto.trial is not None and session.auto.trial.decided:
-                break
-        session.loop_ended()
-        return session.close().auto
+        return _until_decided(session, engine, session.uploads)
 
     waiting = loop(read_s=0.006)
     assert waiting.startswith("kept disabled") and "the loop waited" in waiting, waiting
