@@ -122,12 +122,17 @@ def choose(
     return best
 
 
+def paced_by_data(median_ms: float, waited_ms: float) -> bool:
+    """Whether a loop of ``median_ms`` batches that waited ``waited_ms`` a batch for its data is paced by its
+    data path (:data:`DATA_BOUND` of a batch or more): a faster step only waits longer."""
+    return waited_ms >= DATA_BOUND * median_ms
+
+
 def win_bound_ms(median_ms: float, host_ms: float = math.inf, waited_ms: float = 0.0) -> float:
     """The most a batch of ``median_ms`` can win from another strategy: :data:`WIN_BOUND` of it, and no more
     than ``host_ms``, the steps' own host time without graphs (the launch work graphs save); nothing where
-    the loop waited ``waited_ms`` a batch for its data, :data:`DATA_BOUND` of a batch or more (the data
-    path sets the pace: a faster step only waits longer)."""
-    if waited_ms >= DATA_BOUND * median_ms:
+    the loop is :func:`paced_by_data`."""
+    if paced_by_data(median_ms, waited_ms):
         return 0.0
     return min(median_ms * WIN_BOUND, host_ms)
 
@@ -256,9 +261,9 @@ class Trial:
             # slower host slows every candidate, so what lost then by more cannot win now; a change in the job
             # can make it win)
             faster = [c for c in self.candidates[1:] if then.get(c, 0.0) * (1.0 + RECHECK) < median]
-            if median <= then[current] * (1.0 + RECHECK) or not faster:
-                self.decided, self.rechecked = current, True
-                self.slower_than_then = median > then[current] * (1.0 + RECHECK)
+            slower = median > then[current] * (1.0 + RECHECK)
+            if not slower or not faster:
+                self.decided, self.rechecked, self.slower_than_then = current, True, slower
                 return current
             self.candidates = (current, *faster)
         if self._index + 1 < len(self.candidates):
@@ -273,7 +278,7 @@ class Trial:
             earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
             bound = win_bound_ms(median, host, waited)
             why = (
-                f"the loop waited {waited:.3f} ms a batch for its data" if waited >= DATA_BOUND * median
+                f"the loop waited {waited:.3f} ms a batch for its data" if paced_by_data(median, waited)
                 else "the steps' host time" if bound == host
                 else f"{WIN_BOUND:.0%} of a batch"
             )  # fmt: skip
@@ -318,10 +323,10 @@ class Trial:
             f"{name} {len(t)}" for name, t in self.per_batch_ms.items()
         )
         host = ", ".join(f"{name} {ms:.3f}" for name, ms in self.host_ms.items())
-        host = f"; the steps' median host ms: {host}" if host else ""
+        also = f"; the steps' median host ms: {host}" if host else ""
         if any(self.waited_ms.values()):
-            host += "; waited for data, median ms: " + ", ".join(f"{n} {ms:.3f}" for n, ms in self.waited_ms.items())
-        text = f"kept {self.decided} (median ms per batch: {medians}; {each}{host})"
+            also += "; waited for data, median ms: " + ", ".join(f"{n} {ms:.3f}" for n, ms in self.waited_ms.items())
+        text = f"kept {self.decided} (median ms per batch: {medians}; {each}{also})"
         return f"{text}; {self.not_tried}" if self.not_tried else text
 
 
