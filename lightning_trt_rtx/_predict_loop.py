@@ -61,8 +61,11 @@ def upload_batches(trainer: Any, session: Any, wanted: bool) -> None:
         log.debug("Batches are not uploaded ahead: %s.", reason)
         return
     device = trainer.strategy.root_device
-    # the callbacks and the plugin call batch_started / batch_ended around every step
-    wrap_batches(trainer, lambda batches: session.upload_ahead(batches, device, steps_marked=True))
+    # the callbacks and the plugin call batch_started / batch_ended around every step; Lightning's
+    # batch_to_device moves a small batch, staged in pinned memory, inside its step without waiting
+    wrap_batches(
+        trainer, lambda batches: session.upload_ahead(batches, device, steps_marked=True, small_on_host=True)
+    )
 
 
 def wrap_batches(trainer: Any, wrap: Callable[[Any], Any]) -> None:

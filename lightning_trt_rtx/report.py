@@ -48,7 +48,7 @@ class RankFigures:
     # added later, so positional construction keeps working:
     prewarmed: int = 0  # shape entries prewarmed before the first batch
     capture: str = ""  # whole-graph capture: whether addresses were held still, and any new captures
-    step_gpu_ms: float = 0.0  # GPU time from a steady batch's start to its end (CUDA events), mean
+    step_gpu_ms: float = 0.0  # GPU time from a steady batch's start to its end (CUDA events), mean of one in 8
     uploads: str = ""  # batches uploaded ahead of the engine, or why not
     failed: bool = False  # the rank's run ended with an exception: its figures are up to it
     auto: str = ""  # cuda_graph_strategy="auto": what it kept and the median per-batch times that decided

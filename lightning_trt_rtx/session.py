@@ -446,6 +446,7 @@ class ServingSession:
         device: torch.device | str | int | None = None,
         depth: int = transfers.DEFAULT_DEPTH,
         steps_marked: bool = False,
+        small_on_host: bool = False,
     ) -> Iterable[Any]:
         """``batches`` with every CPU tensor already on the GPU, ``depth`` batches ahead (see
         :class:`lightning_trt_rtx.transfers.UploadsAhead`); closed with the loop or the session::
@@ -461,6 +462,9 @@ class ServingSession:
         a thread may call CUDA only between steps (:class:`~lightning_trt_rtx.transfers.StepGate`):
         ``steps_marked=True`` says that :meth:`batch_started` and :meth:`batch_ended` bracket every
         step (the callbacks and the plugin do); otherwise the loop's own thread reads and stages.
+        ``small_on_host=True``: batches under 1 MiB come back staged in pinned host memory, for a loop that
+        moves each to the GPU itself with ``non_blocking=True`` (Lightning's ``batch_to_device`` does; the
+        callbacks and the plugin pass it): one batch on the GPU at a time keeps an engine's input address.
         """
         self._check_open()
         check_flag("steps_marked", steps_marked)
@@ -472,7 +476,9 @@ class ServingSession:
             return batches
         target = "cuda" if device is None else device
         gate = self._step_gate if steps_marked else None
-        self.uploads = transfers.UploadsAhead(batches, target, depth, may_capture=self._graphs_may_capture, gate=gate)
+        self.uploads = transfers.UploadsAhead(
+            batches, target, depth, may_capture=self._graphs_may_capture, gate=gate, small_on_host=small_on_host
+        )
         self.figures.uploads = f"ahead, depth {depth}"
         return self.uploads
 
@@ -585,9 +591,12 @@ class ServingSession:
 
 class _BatchTimer:
     """First-batch and steady per-batch time, synchronised with the GPU only at the two edges; on a
-    GPU also the GPU time of each steady step (CUDA events at its start and end, read in arrears)."""
+    GPU also the GPU time of the steady steps (CUDA events at a step's start and end, read in arrears),
+    sampled: one steady step in ``GPU_EVERY`` (two events a step cost the host more than the rest of
+    this package's per-batch work)."""
 
-    _FOLD_AFTER = 64  # pairs of events kept before the oldest (long finished) are read and dropped
+    _FOLD_AFTER = 8  # pairs of events kept before the oldest (long finished) are read and dropped
+    GPU_EVERY = 8  # steady steps 1, 1 + GPU_EVERY, ... are timed on the GPU
 
     def __init__(self, figures: RankFigures) -> None:
         self.figures = figures
@@ -608,7 +617,7 @@ class _BatchTimer:
 
     def batch_started(self) -> None:
         self._batch_start = time.perf_counter()
-        if self._cuda and self.figures.batches >= 1:  # steady batches only
+        if self._cuda and self.figures.batches % self.GPU_EVERY == 1:  # steady batches only, sampled
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._start_event.record()
 

@@ -7,7 +7,9 @@ engine's own speed). :class:`UploadsAhead` keeps ``depth`` batches in flight ins
 the source, stages each CPU tensor into pinned memory (tensors already pinned, as from a DataLoader
 with ``pin_memory=True``, go up as they are), copies it to the GPU on a stream of its own and records
 an event; the consumer's stream waits on exactly that event when the batch is handed over. Nothing
-waits for the whole device.
+waits for the whole device. Small batches (under ``UploadsAhead.THREAD_MIN_BYTES``) are staged by the
+loop itself and copied on its own stream, behind the step before them: there a side stream's calls
+cost the host more per batch than the copy costs the GPU.
 
 Buffers come from PyTorch's caching allocators, so nothing is overwritten while it is still read:
 a pinned staging block is reused only after its copy has finished (the host allocator records an
@@ -35,6 +37,8 @@ from typing import Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
+
+from lightning_trt_rtx.settings import check_flag
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,10 @@ class CudaOps:
 
     def device_like(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(tensor, device=self.device)
+
+    def upload_here(self, staged: torch.Tensor) -> torch.Tensor:
+        """``staged`` (pinned) copied to the device on the caller's current stream, without waiting."""
+        return staged.to(self.device, non_blocking=True)
 
     def record_event(self) -> Any:
         event = torch.cuda.Event()
@@ -183,9 +191,18 @@ class UploadsAhead:
 
     Who reads and stages: where the first batch holds at least ``THREAD_MIN_BYTES`` of CPU tensors, a
     thread of its own (the copy into pinned memory and the reading run beside the loop: measured on
-    H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way); smaller
-    batches are read and staged by the consumer itself, ``depth`` batches ahead (a thread's hand-over
-    costs more than their copy: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch).
+    H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way), ``depth``
+    batches ahead; smaller batches are read and staged by the consumer itself when it takes them, and
+    copied on its own current stream, queued behind the step before (no side stream, event or
+    hand-over: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch, and on H100 the
+    side stream's per-batch calls cost 0.13-0.25 ms per batch on the small compiled models; the copy of
+    under 1 MiB costs the GPU some tens of microseconds at most). From pinned memory that copy never
+    waits for the GPU, as a pageable one on the engine's stream would.
+    ``small_on_host=True`` hands those small batches over staged in pinned host memory instead, for a
+    consumer that moves them itself with ``non_blocking=True`` inside its step (Lightning's
+    ``batch_to_device`` does): one batch is then on the GPU at a time, at the address the last one
+    freed, so an engine's captured graph replays without a copy of its input (on H100, the 32x256 MLP
+    at batch 8 under whole-graph capture: see the graphs benchmark).
     ``may_capture()`` (asked at the first batch) says whether a CUDA graph may be captured while the
     loop runs (see :class:`StepGate`): then the thread makes its CUDA calls only between steps, through
     ``gate``; without a gate the consumer reads and stages every batch itself.
@@ -205,8 +222,10 @@ class UploadsAhead:
         ops: CudaOps | None = None,
         may_capture: Callable[[], bool] | None = None,
         gate: StepGate | None = None,
+        small_on_host: bool = False,
     ) -> None:
         self.depth = check_depth(depth)
+        self.small_on_host = check_flag("small_on_host", small_on_host)
         self.may_capture = may_capture
         self.gate = gate
         self.gated = False  # the thread's CUDA calls wait for the gate (graphs may be captured)
@@ -241,12 +260,10 @@ class UploadsAhead:
             iter(self)
         if not self.stats["mode"]:
             self._start()
-        if self.stats["mode"] == "loop":
-            while len(self._ahead) <= self.depth and not (self._ahead and _is_last(self._ahead[-1])):
-                with self.ops.in_thread(self._stream):
-                    self._ahead.append(self._read(catch=Exception))
         if self._ahead:
             item = self._ahead.popleft()
+        elif self.stats["mode"] == "loop":
+            item = self._read(catch=Exception, here=True)
         else:
             began = time.perf_counter()
             item = self._take()
@@ -350,11 +367,12 @@ class UploadsAhead:
             except queue.Full:
                 continue
 
-    def _read(self, catch: type[BaseException]) -> Any:
-        """The next batch uploaded, ``_END``, or the error reading it (raised at its turn)."""
+    def _read(self, catch: type[BaseException], here: bool = False) -> Any:
+        """The next batch uploaded, ``_END``, or the error reading it (raised at its turn). ``here``: on
+        the consumer's current stream (else on the uploads' stream, with an event to wait on)."""
         assert self._source is not None
         try:
-            return self._upload(next(self._source))
+            return self._upload(next(self._source), here)
         except StopIteration:
             return _END
         except _Stopped:
@@ -362,7 +380,7 @@ class UploadsAhead:
         except catch as error:
             return _Failure(error)
 
-    def _upload(self, batch: Any) -> tuple[Any, Any, list[torch.Tensor]]:
+    def _upload(self, batch: Any, here: bool = False) -> tuple[Any, Any, list[torch.Tensor]]:
         uploaded: list[torch.Tensor] = []
 
         cuda = self._cuda_calls
@@ -379,9 +397,14 @@ class UploadsAhead:
             else:
                 staged.copy_(tensor)  # host memory to host memory: no CUDA call, also while a step runs
                 self.stats["staged_bytes"] += nbytes
-            with cuda():
-                on_gpu = self.ops.device_like(tensor)
-                on_gpu.copy_(staged, non_blocking=True)
+            if here and self.small_on_host:
+                on_gpu = staged  # pinned: the consumer's own copy does not wait for the GPU
+            elif here:
+                on_gpu = self.ops.upload_here(staged)
+            else:
+                with cuda():
+                    on_gpu = self.ops.device_like(tensor)
+                    on_gpu.copy_(staged, non_blocking=True)
             uploaded.append(on_gpu)
             return on_gpu
 
@@ -390,7 +413,7 @@ class UploadsAhead:
         except (ValueError, TypeError) as err:  # e.g. a frozen dataclass: Lightning's own transfer decides
             log.debug("A batch was left for Lightning to move: %s", err)
             return batch, None, []
-        if not uploaded:
+        if not uploaded or here:  # on the consumer's stream: its step comes after the copy
             return moved, None, uploaded
         with cuda():
             return moved, self.ops.record_event(), uploaded

@@ -232,6 +232,47 @@ def test_loop_timing_fills_the_figures(TTM, fake_gpu):
     assert figures.batches == 3 and figures.first_batch_ms >= 10 and figures.mean_batch_ms >= 10
 
 
+def test_the_steps_gpu_time_is_sampled_one_steady_step_in_eight(TTM, fake_gpu, monkeypatch):
+    """Two CUDA events a step cost the host more than the rest of the package's per-batch work: one
+    steady step in ``GPU_EVERY`` is timed, and the figure is their mean. CUDA's events and
+    synchronize are faked (no GPU here); the timing logic is the package's own."""
+    import torch
+
+    from lightning_trt_rtx import session as session_module
+
+    recorded: list[int] = []  # the batch each start event was recorded at
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = -1
+
+        def record(self) -> None:
+            self.at = len(recorded)
+            recorded.append(session.figures.batches)  # batches ended so far: this one's index
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: Event) -> float:
+            return float(recorded[self.at])  # this step's "GPU time": its batch index, in ms
+
+    model, _ = engine_tree(TTM)
+    with ServingSession(model, TRTSettings(runtime_cache=None)) as session, monkeypatch.context() as cuda:
+        cuda.setattr(torch.cuda, "Event", Event)
+        cuda.setattr(torch.cuda, "is_available", lambda: True)
+        cuda.setattr(torch.cuda, "synchronize", lambda *a: None)
+        session.loop_started(cuda=True)
+        for _ in range(20):
+            session.batch_started()
+            session.batch_ended()
+        session.loop_ended()
+    assert session_module._BatchTimer.GPU_EVERY == 8
+    starts = recorded[::2]  # start and end events alternate
+    assert starts == [1, 9, 17]  # the first batch (context creation, JIT) is never timed
+    assert session.figures.step_gpu_ms == pytest.approx((1 + 9 + 17) / 3)
+
+
 # --- engines set up inside the block ----------------------------------------------------------------
 
 

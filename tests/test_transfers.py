@@ -73,6 +73,10 @@ class RecordingOps:
         self._note("alloc", tuple(tensor.shape))
         return torch.empty_like(tensor)
 
+    def upload_here(self, staged: torch.Tensor) -> torch.Tensor:
+        self._note("copy_here", tuple(staged.shape))
+        return staged.clone()
+
     def record_event(self) -> int:
         self.events += 1
         self._note("event", self.events)
@@ -87,9 +91,11 @@ class RecordingOps:
         self._note("finish", stream)
 
 
-def uploads(source: Any, depth: int = 2, ops: RecordingOps | None = None, mode: str = "thread") -> Any:
+def uploads(
+    source: Any, depth: int = 2, ops: RecordingOps | None = None, mode: str = "thread", **options: Any
+) -> Any:
     """``mode``: "thread" (every batch counts as large) or "loop" (every batch counts as small)."""
-    up = transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps())
+    up = transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps(), **options)
     up.THREAD_MIN_BYTES = 0 if mode == "thread" else 1 << 62
     return up
 
@@ -101,13 +107,12 @@ def consumer_steps(ops: RecordingOps) -> list[tuple[str, Any]]:
 # --- the protocol ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["thread", "loop"])
-def test_each_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order(mode):
+def test_each_large_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order():
     batches = [torch.full((2, 3), float(i)) for i in range(5)]
     ops = RecordingOps()
-    up = uploads(batches, ops=ops, mode=mode)
+    up = uploads(batches, ops=ops, mode="thread")
     got = list(up)
-    assert up.stats["mode"] == mode
+    assert up.stats["mode"] == "thread"
     assert [b.tolist() for b in got] == [b.tolist() for b in batches]
     assert all(g is not b for g, b in zip(got, batches))  # copies, not the sources
     # the consumer waited for event k at batch k and marked that batch's tensor as used, nothing else
@@ -116,16 +121,42 @@ def test_each_batch_is_staged_copied_and_waited_for_by_its_own_event_in_order(mo
         ("finish", "uploads-stream")
     ]
     # per batch: pinned staging, then the device buffer, then the event that covers the copy, all on
-    # the uploads' stream; the first batch is read by the consumer, the rest by the thread in "thread" mode
-    copies = [(what, d) for what, _, d in ops.log if what in ("stage", "alloc", "event")]
+    # the uploads' stream; the first batch is read by the consumer, the rest by the thread
+    copies = [(what, d) for what, _, d in ops.log if what in ("stage", "alloc", "event", "copy_here")]
     assert copies == [s for k in range(1, 6) for s in (("stage", (2, 3)), ("alloc", (2, 3)), ("event", k))]
     threads = {thread for what, thread, _ in ops.log if what == "stage"}
-    me = threading.current_thread().name
-    assert threads == ({me, "lightning-trt-rtx-uploads"} if mode == "thread" else {me})
+    assert threads == {threading.current_thread().name, "lightning-trt-rtx-uploads"}
     scopes = [what for what, _, _ in ops.log if what in ("enter", "exit", "stage")]
     for i, what in enumerate(scopes):  # every staging inside an enter/exit of the uploads' stream
         if what == "stage":
             assert "enter" in scopes[:i] and scopes[:i].count("enter") > scopes[:i].count("exit")
+
+
+def test_each_small_batch_is_staged_and_copied_on_the_consumers_stream_when_taken():
+    """No side stream, event or hand-over per batch (their calls cost the host more than the copy costs
+    the GPU): the copy is queued on the consumer's stream, so its next step comes after it."""
+    read: list[int] = []
+
+    def source():
+        for i in range(5):
+            read.append(i)
+            yield torch.full((2, 3), float(i))
+
+    ops = RecordingOps()
+    up = uploads(source(), ops=ops, mode="loop")
+    got = []
+    for batch in up:
+        got.append(batch)
+        assert len(read) == len(got)  # read when taken, not ahead
+    assert up.stats["mode"] == "loop"
+    assert [b.tolist() for b in got] == [[[float(i)] * 3] * 2 for i in range(5)]
+    assert {thread for _, thread, _ in ops.log} == {threading.current_thread().name}
+    # the first batch, read before the mode is known, goes up on the uploads' stream with its event; the
+    # others are staged and copied here, with nothing to wait on
+    steps = [(what, d) for what, _, d in ops.log if what not in ("enter", "exit")]
+    first = [("stage", (2, 3)), ("alloc", (2, 3)), ("event", 1)]
+    here = [("stage", (2, 3)), ("copy_here", (2, 3))]
+    assert steps == first + [("wait", 1), ("record_stream", (2, 3))] + here * 4 + [("finish", "uploads-stream")]
 
 
 def test_large_first_batches_get_a_thread_small_ones_the_loop():
@@ -308,10 +339,26 @@ def test_shape_changes_and_a_smaller_last_batch_each_get_their_own_buffer():
     assert [d for what, _, d in ops.log if what == "alloc"] == [(4, 3), (4, 5), (1, 5)]
 
 
-@pytest.mark.parametrize("mode, extra", [("thread", 2), ("loop", 0)])
-def test_memory_is_bounded_the_source_is_read_at_most_depth_ahead(mode, extra):
-    """Batches read but not handed over: ``depth`` in the loop; in a thread, ``depth`` queued, one
-    waiting for room and the first batch, read by the consumer."""
+def test_small_on_host_hands_small_batches_over_staged_for_the_consumer_to_move():
+    """For Lightning's own non-blocking transfer inside the step: one batch on the GPU at a time."""
+    source = [torch.full((2, 3), float(i)) for i in range(4)]
+    pinned = torch.full((2, 3), 9.0)
+    ops = RecordingOps(pinned={id(pinned)})
+    got = list(uploads([*source, pinned], ops=ops, mode="loop", small_on_host=True))
+    assert [b.tolist() for b in got] == [b.tolist() for b in [*source, pinned]]
+    assert all(g is not b for g, b in zip(got[1:4], source[1:4]))  # staged copies (pinned, on the host)
+    assert got[4] is pinned  # came pinned: handed over as it is
+    # the first batch went up before the mode was known; the rest only staged, never copied here
+    steps = [what for what, _, _ in ops.log if what in ("stage", "alloc", "copy_here", "wait")]
+    assert steps == ["stage", "alloc", "wait"] + ["stage"] * 3
+    with pytest.raises(TypeError, match="small_on_host must be True or False"):
+        transfers.UploadsAhead([], "cpu", ops=RecordingOps(), small_on_host=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode, ahead, extra", [("thread", 3, 2), ("loop", 0, 0)])
+def test_memory_is_bounded_the_source_is_read_at_most_depth_ahead(mode, ahead, extra):
+    """Batches read but not handed over: none in the loop (read when taken); in a thread, ``depth``
+    queued, one waiting for room and the first batch, read by the consumer."""
     read = []
 
     def source():
@@ -324,7 +371,7 @@ def test_memory_is_bounded_the_source_is_read_at_most_depth_ahead(mode, extra):
     for consumed in range(1, 10):
         next(it)
         time.sleep(0.05)  # let the thread run as far ahead as it may
-        assert consumed + 3 <= len(read) <= consumed + 3 + extra, (consumed, len(read))
+        assert consumed + ahead <= len(read) <= consumed + ahead + extra, (consumed, len(read))
     up.close()
 
 
@@ -425,6 +472,13 @@ class UploadsOnCpu:
         monkeypatch.setattr(_predict_loop, "why_not_upload", _predict_loop.why_not_wrap)
         monkeypatch.setattr(transfers, "why_not_on_cuda", lambda device: None)
 
+    def staged(self) -> int:
+        """Tensors the uploads staged in pinned memory (the seam's small batches: only that, Lightning's
+        transfer moves them; never copied on the loop's stream by the uploads)."""
+        log = [what for ops in self.ops for what, _, _ in ops.log]
+        assert "copy_here" not in log
+        return log.count("stage")
+
 
 def cpu_trainer(**kwargs: Any) -> Trainer:
     return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -439,9 +493,8 @@ def test_trainer_predict_through_the_seam_gives_the_same_predictions_for_several
     got = cpu_trainer(callbacks=[callback]).predict(Doubler(), [first, second])
     expected = cpu_trainer().predict(Doubler(), [first, second])
     assert [[p.tolist() for p in loader] for loader in got] == [[p.tolist() for p in loader] for loader in expected]
-    # the batches went through the uploads (every batch waited for by the loop's thread)
-    waits = [d for ops in seam.ops for what, _, d in ops.log if what == "wait"]
-    assert len(waits) == 4 + 2
+    # the batches went through the uploads (each batch's one tensor, staged)
+    assert seam.staged() == 4 + 2
     assert callback.figures[0].uploads.startswith("ahead, depth 2: 6 batches")
 
 
@@ -454,7 +507,7 @@ def test_the_precision_plugin_alone_uploads_from_the_second_batch_and_times_the_
     got = cpu_trainer(plugins=[plugin]).predict(Doubler(), loader)
     assert [p.flatten().tolist() for p in got] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0], [12.0, 14.0]]
     # the first batch was fetched before the plugin's first step: the other three came through the uploads
-    assert len([d for ops in seam.ops for what, _, d in ops.log if what == "wait"]) == 3
+    assert seam.staged() == 3
     summary = [m for m in messages.infos if m.startswith("TensorRT-RTX serving")]
     assert summary and "uploads: ahead, depth 2: 3 batches" in summary[-1]
     with pytest.raises(TypeError, match="upload_ahead must be True or False"):

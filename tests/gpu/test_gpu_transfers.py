@@ -108,6 +108,31 @@ def test_a_slow_step_never_sees_its_batch_overwritten(side, mode):
 
 
 @run_if(min_cuda_gpus=1, rtx=True)
+def test_small_batches_land_where_the_last_one_was_and_whole_graph_capture_copies_nothing(conv, monkeypatch):
+    """Small batches are handed to Lightning staged in pinned memory and moved inside the step: one batch
+    on the GPU at a time, so the engine's input stays at one address and held addresses copy nothing."""
+    compiled, _ = conv
+    monkeypatch.setenv(addresses.ENABLED_ENV, "1")
+    seen: list[int] = []
+
+    class Addresses(Served):
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(batch.data_ptr())
+            return super().predict_step(batch, batch_idx)
+
+    loader = DataLoader(Samples(8 * 40), batch_size=8)
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False)
+    got = _trainer(callback).predict(Addresses(compiled), loader)
+    expected = [compiled(x.cuda()).cpu() for x in loader]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert len(set(seen[1:])) == 1, f"{len(set(seen[1:]))} input addresses over 39 batches"
+    figures = callback.figures[0]
+    assert figures.uploads == "ahead, depth 2: 40 batches"
+    assert "inputs copied in" not in figures.capture, figures.capture
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
 @pytest.mark.parametrize("held", ["0", "1"])
 def test_large_batches_under_whole_graph_capture_are_uploaded_between_steps_and_every_prediction_is_right(
     held, monkeypatch
