@@ -8,8 +8,8 @@ the source, stages each CPU tensor into pinned memory (tensors already pinned, a
 with ``pin_memory=True``, go up as they are), copies it to the GPU on a stream of its own and records
 an event; the consumer's stream waits on exactly that event when the batch is handed over. Nothing
 waits for the whole device. Small batches (under ``UploadsAhead.THREAD_MIN_BYTES``) are staged by the
-loop itself and copied on its own stream, behind the step before them: there a side stream's calls
-cost the host more per batch than the copy costs the GPU.
+loop itself and copied on its own stream (or by Lightning, in its step), behind the step before them:
+there a side stream's calls cost the host more per batch than the copy costs the GPU.
 
 Buffers come from PyTorch's caching allocators, so nothing is overwritten while it is still read:
 a pinned staging block is reused only after its copy has finished (the host allocator records an
@@ -26,6 +26,7 @@ Every CUDA call goes through :class:`CudaOps`, the boundary the CPU tests replac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -189,23 +190,22 @@ class UploadsAhead:
             for batch in batches:
                 model(batch)
 
-    Who reads and stages: where the first batch holds at least ``THREAD_MIN_BYTES`` of CPU tensors, a
-    thread of its own (the copy into pinned memory and the reading run beside the loop: measured on
-    H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way), ``depth``
-    batches ahead; smaller batches are read and staged by the consumer itself when it takes them, and
-    copied on its own current stream, queued behind the step before (no side stream, event or
-    hand-over: on the 32x256 MLP at batch 8 a thread added about 0.25 ms per batch, and on H100 the
-    side stream's per-batch calls cost 0.13-0.25 ms per batch on the small compiled models; the copy of
-    under 1 MiB costs the GPU some tens of microseconds at most). From pinned memory that copy never
-    waits for the GPU, as a pageable one on the engine's stream would.
-    ``small_on_host=True`` hands those small batches over staged in pinned host memory instead, for a
-    consumer that moves them itself with ``non_blocking=True`` inside its step (Lightning's
-    ``batch_to_device`` does): one batch is then on the GPU at a time, at the address the last one
-    freed, so an engine's captured graph replays without a copy of its input (on H100, the 32x256 MLP
-    at batch 8 under whole-graph capture: see the graphs benchmark).
+    Who reads and stages, decided by the first batch: where it holds at least ``THREAD_MIN_BYTES`` of CPU
+    tensors, a thread of its own (the copy into pinned memory and the reading run beside the loop:
+    measured on H200, ResNet-50 batch 32 from a CPU dataset ran at 0.95 of the bare engine this way),
+    ``depth`` batches ahead. Smaller batches are read and staged by the consumer itself when it takes
+    them, and copied on its own current stream, queued behind the step before: no side stream, event or
+    hand-over, whose calls cost the host more than such a copy costs the GPU (H200, the small compiled
+    models of the graphs benchmark: our per-batch cost in ``Trainer.predict`` fell from 0.14-0.35 ms to
+    0.04-0.06 ms). From pinned memory that copy never waits for the GPU, as a pageable one on the
+    engine's stream would. ``small_on_host=True`` hands those small batches over staged in pinned host
+    memory instead, for a consumer that moves them itself with ``non_blocking=True`` inside its step
+    (Lightning's ``batch_to_device`` does): one batch is then on the GPU at a time, at the address the
+    last one freed, so an engine's captured graph replays without a copy of its input.
     ``may_capture()`` (asked at the first batch) says whether a CUDA graph may be captured while the
     loop runs (see :class:`StepGate`): then the thread makes its CUDA calls only between steps, through
-    ``gate``; without a gate the consumer reads and stages every batch itself.
+    ``gate``; without a gate the consumer reads and stages every batch itself (large ones still go up on
+    the uploads' stream, each with its event).
 
     ``stats``: batches handed over, bytes staged through pinned memory, bytes that came pinned,
     ``mode`` (``"thread"`` or ``"loop"``), and ``waited_s``: how long the consumer waited for the thread's
@@ -243,6 +243,7 @@ class UploadsAhead:
         self._thread: threading.Thread | None = None
         self._stream: Any = None
         self._closed = False
+        self._small = True  # the first batch's CPU tensors are under THREAD_MIN_BYTES (set at the first batch)
 
     # --- the consumer's side (the loop's thread) ---------------------------------------------
 
@@ -262,8 +263,11 @@ class UploadsAhead:
             self._start()
         if self._ahead:
             item = self._ahead.popleft()
-        elif self.stats["mode"] == "loop":
+        elif self.stats["mode"] == "loop" and self._small:
             item = self._read(catch=Exception, here=True)
+        elif self.stats["mode"] == "loop":  # large batches where no thread may call CUDA: a side stream still
+            with self.ops.in_thread(self._stream):
+                item = self._read(catch=Exception)
         else:
             began = time.perf_counter()
             item = self._take()
@@ -299,13 +303,23 @@ class UploadsAhead:
                     )
 
     def _start(self) -> None:
-        """Read the first batch here, and hand the rest to a thread if it is large."""
-        with self.ops.in_thread(self._stream):
-            first = self._read(catch=Exception)
-        self._ahead.append(first)
-        staged = self.stats["staged_bytes"] + self.stats["pinned_bytes"]
+        """Look at the first batch: a thread of its own reads and uploads if its CPU tensors are large,
+        else the consumer does, every batch from this first one."""
+        assert self._source is not None
+        try:
+            first = next(self._source)
+        except StopIteration:
+            first = _END
+        except Exception as error:  # raised at its turn, as any batch's
+            first = _Failure(error)
         capture = self.may_capture is not None and self.may_capture()
-        if isinstance(first, tuple) and staged >= self.THREAD_MIN_BYTES and (not capture or self.gate is not None):
+        large = not _is_last(first) and _cpu_bytes(first) >= self.THREAD_MIN_BYTES
+        self._small = not large
+        if _is_last(first):
+            self._ahead.append(first)
+        else:
+            self._source = itertools.chain([first], self._source)
+        if large and (not capture or self.gate is not None):
             self.stats["mode"] = "thread"
             self.gated = capture
             if capture and self.gate is not None:
@@ -423,6 +437,22 @@ class UploadsAhead:
         if self.gated and self.gate is not None and threading.get_ident() == self._producer:
             return self.gate.between_steps(self._stop)
         return contextlib.nullcontext()
+
+
+def _cpu_bytes(batch: Any) -> int:
+    """Bytes of the CPU tensors in ``batch`` (0 where its structure cannot be walked)."""
+    sizes: list[int] = []
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu":
+            sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    try:
+        apply_to_collection(batch, torch.Tensor, count)
+    except (ValueError, TypeError):  # e.g. a frozen dataclass: Lightning's own transfer moves it
+        return 0
+    return sum(sizes)
 
 
 def _is_last(item: Any) -> bool:
