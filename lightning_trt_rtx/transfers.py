@@ -305,20 +305,14 @@ class UploadsAhead:
     def _start(self) -> None:
         """Look at the first batch: a thread of its own reads and uploads if its CPU tensors are large,
         else the consumer does, every batch from this first one."""
-        assert self._source is not None
-        try:
-            first = next(self._source)
-        except StopIteration:
-            first = _END
-        except Exception as error:  # raised at its turn, as any batch's
-            first = _Failure(error)
+        first = self._next(catch=Exception)
         capture = self.may_capture is not None and self.may_capture()
         large = not _is_last(first) and _cpu_bytes(first) >= self.THREAD_MIN_BYTES
         self._small = not large
         if _is_last(first):
             self._ahead.append(first)
         else:
-            self._source = itertools.chain([first], self._source)
+            self._source = itertools.chain([first], self._source or ())
         if large and (not capture or self.gate is not None):
             self.stats["mode"] = "thread"
             self.gated = capture
@@ -384,13 +378,23 @@ class UploadsAhead:
     def _read(self, catch: type[BaseException], here: bool = False) -> Any:
         """The next batch uploaded, ``_END``, or the error reading it (raised at its turn). ``here``: on
         the consumer's current stream (else on the uploads' stream, with an event to wait on)."""
-        assert self._source is not None
+        batch = self._next(catch)
+        if _is_last(batch):
+            return batch
         try:
-            return self._upload(next(self._source), here)
-        except StopIteration:
-            return _END
+            return self._upload(batch, here)
         except _Stopped:
             raise
+        except catch as error:
+            return _Failure(error)
+
+    def _next(self, catch: type[BaseException]) -> Any:
+        """The source's next batch as it is, ``_END``, or the error reading it."""
+        assert self._source is not None
+        try:
+            return next(self._source)
+        except StopIteration:
+            return _END
         except catch as error:
             return _Failure(error)
 
