@@ -200,7 +200,8 @@ def _models() -> list[str]:
 
 
 def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
-    """Three rows: the 32x256 MLP's speedup (the first goal), never slower, and the cost over the bare engine."""
+    """The rows: the 32x256 MLP's speedup (the first goal), auto against the default and the fastest candidate,
+    the wrapper's cost, the cost over the bare engine, and the host's noise (no goal: how to read the others)."""
     from _model import model_spec
 
     results: dict[str, dict] = {}
@@ -233,6 +234,8 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
     overhead = max((r["wrapper_us"]["overhead_us"] for r in results.values()), default=None)
     over = {name: t["stable_minus_empty_over_bare_graphs"] for name, t in table.items()}
     worst_over = max(over.values()) if over else None
+    noise = {name: t["host_noise"] for name, t in table.items()}
+    worst_noise = max((max(n.values()) for n in noise.values()), default=None)
     deep = table.get("mlp-deep")
     rows = failed
     if deep is not None:
@@ -322,6 +325,20 @@ def measure(runner: harness.Runner, cfg: dict) -> list[dict]:
             "details": {name: {"median_ms": t["median_ms"], "bare_ms": t["bare_ms"]} for name, t in table.items()},
         }
     )
+    rows.append(
+        {
+            "key": "graphs_host_noise",
+            "measurement": "host noise: the same loop's slowest over its fastest repetition, worst model (empty loop"
+            " / default); a ratio between variants within this spread may be the host's own",
+            "value": worst_noise,
+            "display": f"{worst_noise:.2f}x ("
+            + ", ".join(f"{n} {v['empty']:.2f}x / {v['default']:.2f}x" for n, v in noise.items())
+            + ")"
+            if worst_noise is not None
+            else "n/a",
+            "details": noise,
+        }
+    )
     return rows
 
 
@@ -364,6 +381,11 @@ def _summary(result: dict) -> dict:
             for kept in ("", "-kept")
         },
         "auto_first_speedup": _ratio(median["default"], median["auto-first"]),
+        # the same loop run again: how far apart the host puts its repetitions
+        "host_noise": {
+            v: _ratio(max(per_batch[v]), min(per_batch[v])) if per_batch[v] else float("nan")
+            for v in ("empty", "default")
+        },
         "auto": result["auto"]["auto"],
         "auto_kept": result["auto"]["auto-kept"],
         "auto_first": result["auto"]["auto-first"],

@@ -362,7 +362,8 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path,
     assert run.main(argv) == 0
     rows = {row["key"]: row for row in json.loads((out / "results.json").read_text())["measurements"]}
     assert set(rows) == {"graphs", "graphs_never_slower", "graphs_vs_bare", "graphs_never_slower_any_repetition",
-                         "graphs_auto_vs_best", "graphs_auto_first_loop", "graphs_addresses_overhead"}  # fmt: skip
+                         "graphs_auto_vs_best", "graphs_auto_first_loop", "graphs_addresses_overhead",
+                         "graphs_host_noise"}  # fmt: skip
     table = rows["graphs_never_slower"]["details"]
     assert list(table) == ["mlp-deep"] and dry_run_in_process == ["prep", "graphs"]
     ratios: list[float] = []
@@ -403,6 +404,21 @@ def test_graphs_benchmark_dry_run_reports_every_variant_and_both_goals(tmp_path,
     assert rows["graphs_auto_first_loop"]["goal"] == ">= 1.0x (median, every model)"
     assert rows["graphs_addresses_overhead"]["goal"] == "<= 5 us per call"
     assert rows["graphs_vs_bare"]["goal"] == "<= 1.25x"
+    # the host's noise: the empty loop's and the default's slowest over fastest repetition, worst model; no goal
+    noise = {v: max(m["per_rep_ms"][v]) / min(m["per_rep_ms"][v]) for m in table.values() for v in ("empty", "default")}
+    assert rows["graphs_host_noise"]["value"] == pytest.approx(max(noise.values()))
+    assert rows["graphs_host_noise"]["goal"] == "" and rows["graphs_host_noise"]["met"] is None
+
+
+def test_graphs_host_noise_is_each_fixed_loops_slowest_over_fastest_repetition():
+    """Recorded timings: the default's repetitions 1.0, 1.5, 1.2 ms (1.5x apart), the empty loop's 0.2, 0.5, 0.25
+    (2.5x): the row shows both per model and the worst of all."""
+    per_rep = {v: [1.0, 1.0, 1.0] for v in graphs.VARIANTS}
+    per_rep["default"], per_rep["empty"] = [1.0, 1.5, 1.2], [0.2, 0.5, 0.25]
+    result = {"per_batch_ms": per_rep, "bare_ms": {"whole_graph_capture": 0.1}, "auto": {v: [] for v in graphs.AUTO},
+              "wrapper_us": {}, "capture": {}, "compile_s": 0.0}  # fmt: skip
+    summary = graphs._summary(result)
+    assert summary["host_noise"] == {"empty": pytest.approx(2.5), "default": pytest.approx(1.5)}
 
 
 def test_every_graphs_model_builds_and_serves_on_cpu():
