@@ -6,7 +6,7 @@
                                                              remove our cache files (only GPU ID's, with --gpu)
     lightning-trt-rtx prewarm PROGRAM --shape 8x128 [--shape 8x128,8x128 ...] [--dtype D] [--cache TEMPLATE]
                       [--device N]                           fill this GPU's cache for a saved program's shapes
-    lightning-trt-rtx --version                              this package's, torch's and torch-tensorrt's versions
+    lightning-trt-rtx --version                              this package's, torch's, torch-tensorrt's and Lightning's versions
 
 ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
 A file under ROOT is listed if it is named ``*.bin``, has a record (``<file>.json``) beside it, or
@@ -383,7 +383,7 @@ class _VersionAction(argparse.Action):
     """``--version``: the versions are looked up only when asked for."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        kwargs.update(nargs=0, help="print the versions of this package, torch and torch-tensorrt")
+        kwargs.update(nargs=0, help="print the versions of this package, torch, torch-tensorrt and Lightning")
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
