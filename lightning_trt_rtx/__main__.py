@@ -6,7 +6,7 @@
                                                              remove our cache files (only GPU ID's, with --gpu)
     lightning-trt-rtx prewarm PROGRAM --shape 8x128 [--shape 8x128,8x128 ...] [--dtype D] [--cache TEMPLATE]
                       [--device N]                           fill this GPU's cache for a saved program's shapes
-    lightning-trt-rtx --version                              this package's, torch's, torch-tensorrt's and Lightning's versions
+    lightning-trt-rtx --version                              versions of this package, torch, torch-tensorrt, Lightning
 
 ROOT defaults to the package's cache directory; while no run has saved there yet, it holds no caches.
 A file under ROOT is listed if it is named ``*.bin``, has a record (``<file>.json``) beside it, or

@@ -4,7 +4,9 @@
 to a logger that prints nothing unless the user configured logging: every warning of a real run
 would vanish. So, as Lightning does for its own logger, messages go through ``logging`` and a
 handler on the package logger writes them to stderr, but only while the user has configured no
-logging of their own (then their handlers get the records, once, through propagation)::
+logging of their own (then their handlers get the records, once, through propagation; warnings also
+when ``logging.config.dictConfig`` disabled the package logger, as its ``disable_existing_loggers``
+default does)::
 
     from lightning_trt_rtx._messages import warn
     warn("Kernel cache ... is unusable", rank=rank)          # every rank: the message names the rank's file
@@ -48,7 +50,13 @@ def _emit(level: int, message: str, rank: int, rank_zero: bool, once: bool, logg
         if message in _said:
             return
         _said.add(message)
-    logging.getLogger(logger).log(level, message)
+    log = logging.getLogger(logger)
+    if log.disabled and level >= logging.WARNING and log.getEffectiveLevel() <= level:
+        # logging.config.dictConfig() disables the loggers made before it (disable_existing_loggers, its
+        # default): a warning about the user's caches still reaches their handlers; infos stay off
+        log.callHandlers(log.makeRecord(log.name, level, "(unknown file)", 0, message, (), None))
+        return
+    log.log(level, message)
 
 
 def warn(message: str, *, rank: int = 0, rank_zero: bool = False, once: bool = False, logger: str = LOGGER) -> None:

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 import string
@@ -314,7 +315,10 @@ class Record:
         return Gpu(uuid=self.gpu_uuid, ordinal=self.ordinal).id
 
     def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_unix))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_unix))
+        except (OverflowError, OSError, ValueError):  # a time the platform cannot show (e.g. 1e20)
+            when = "an unknown time"
         where = f"GPU {self.gpu_id} ({self.gpu_name or 'unknown model'}, as cuda:{self.ordinal})"
         return f"{where} on {self.host}, rank {self.rank}, pid {self.pid}, at {when}"
 
@@ -333,7 +337,7 @@ def read_record(path: str, data: bytes | None = None) -> Record | None:
         values = json.loads(fs.cat_file(inner + RECORD_SUFFIX))
         known = {f.name for f in dataclasses.fields(Record)}  # a later version may add fields
         record = Record(**{k: v for k, v in values.items() if k in known})
-        if record.format != RECORD_FORMAT:
+        if record.format != RECORD_FORMAT or not _well_typed(record):
             return None
         if data is None:
             data = fs.cat_file(inner)
@@ -342,6 +346,18 @@ def read_record(path: str, data: bytes | None = None) -> Record | None:
     if record.bytes != len(data) or record.sha256 != _digest(data):
         return None  # a stale record (the file was replaced without it): it vouches for nothing
     return record
+
+
+def _well_typed(record: Record) -> bool:
+    """Whether every field holds the type it is declared with (another tool or version may write others)."""
+    numbers = (record.pid, record.bytes, record.ordinal, record.rank)
+    texts = (record.gpu_uuid, record.gpu_name, record.sm, record.trt, record.cuda, record.host, record.sha256)
+    return (
+        all(type(n) is int for n in numbers)
+        and all(isinstance(t, str) for t in texts)
+        and type(record.saved_unix) in (int, float)
+        and math.isfinite(record.saved_unix)
+    )
 
 
 def _new_record(data: bytes, placement: Placement) -> Record:
@@ -379,6 +395,7 @@ class CacheStats:
     saved: bool = False
     save_error: str = ""
     disk_state: tuple = ()  # the own file's _disk_state() when loaded: () absent, for "changed since"
+    unreadable: str = ""  # why the own file could not be read when loaded ("" if it was read, or absent)
 
     def __post_init__(self) -> None:
         self.disk_state = tuple(self.disk_state)  # a list after a JSON round trip (figures gathered as dicts)
@@ -517,6 +534,7 @@ def _read_checked(path: str, stats: CacheStats, rank: int) -> bytes | None:
     try:
         data = _read(path)
     except Exception as err:  # any backend's failure (OSError, a missing fsspec backend, ...) reads as no file
+        stats.unreadable = f"{type(err).__name__}: {err}"
         warn(f"Kernel cache {path} could not be read ({err}); running with a cold cache.", rank=rank)
         return None
     if data is None:
@@ -576,7 +594,9 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
     (the store shows the old or the new object, never a mix); other fsspec URLs are written to
     ``<path>.tmp`` and moved. If the file changed since ``stats`` loaded it (another process saved
     meanwhile), this save still replaces it (caches cannot be merged) and names the other writer
-    from its record. Failures warn once and are recorded in the returned stats.
+    from its record. A file the run could not read when it loaded (``stats.unreadable``) is not replaced
+    while it is still there: its kernels may be better than a cold run's. Failures warn once and are
+    recorded in the returned stats; an interrupt (Ctrl-C) warns what it left on disk and goes on up.
     """
     loaded = stats is not None  # only a run that loaded the file can say whether it changed since
     stats = stats if stats is not None else CacheStats(path=path)
@@ -592,6 +612,15 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
     try:
         fs, inner, local = _fs(path)
         with _locked(path):
+            if loaded and stats.unreadable and _disk_state(path):
+                stats.save_error = f"not replacing a file this run could not read ({stats.unreadable})"
+                warn(
+                    f"Not saving the kernel cache over {path}: it could not be read when this run started"
+                    f" ({stats.unreadable}), so the run went cold and its kernels may be fewer than the file's."
+                    " Make the file readable (or remove it) and the next run loads or replaces it.",
+                    rank=placement.rank,
+                )
+                return stats
             if loaded:
                 _warn_if_changed(path, stats, placement.rank)
             _write(fs, inner, local, data)
@@ -611,6 +640,15 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
                 " the previous cache file, if any, is untouched.",
                 rank=placement.rank,
             )
+    except BaseException as err:  # Ctrl-C or SystemExit mid-save: say what is on disk, then let it go on up
+        stats.save_error = f"interrupted ({type(err).__name__})"
+        left = (
+            "the new kernels are saved, without their record (the next run loads them as unverified)"
+            if stats.saved
+            else "the previous cache file, if any, is untouched"
+        )
+        warn(f"Saving the kernel cache to {path} was interrupted ({type(err).__name__}): {left}.", rank=placement.rank)
+        raise
     if stats.saved:
         stats.disk_state = _disk_state(path)
     stats.save_ms = (time.perf_counter() - start) * 1e3

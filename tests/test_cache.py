@@ -688,7 +688,9 @@ def test_parent_is_a_file(tmp_path, real_cache_bytes, messages):
     assert read(blocker) == b"not a directory"
 
 
-def test_keyboard_interrupt_during_write_removes_tmp_and_propagates(tmp_path, real_cache_bytes, monkeypatch):
+def test_keyboard_interrupt_during_write_removes_tmp_says_so_and_propagates(
+    tmp_path, real_cache_bytes, monkeypatch, messages
+):
     path = saved(str(tmp_path / "rank0.bin"), real_cache_bytes)
 
     def interrupted(fd):
@@ -699,6 +701,76 @@ def test_keyboard_interrupt_during_write_removes_tmp_and_propagates(tmp_path, re
         cache.save(path, make_payload(real_cache_bytes, 0, 1))
     assert read(path) == real_cache_bytes
     assert leftovers(tmp_path) == []
+    assert messages.warnings == [
+        f"Saving the kernel cache to {path} was interrupted (KeyboardInterrupt): the previous cache file, if any,"
+        " is untouched."
+    ]
+
+
+def test_an_interrupt_between_the_kernels_and_their_record_says_the_kernels_are_saved(
+    tmp_path, real_cache_bytes, monkeypatch, messages
+):
+    path = str(tmp_path / "rank0.bin")
+    write = cache._write
+
+    def record_interrupted(fs, inner, local, data):
+        if inner.endswith(cache.RECORD_SUFFIX):
+            raise KeyboardInterrupt
+        write(fs, inner, local, data)
+
+    monkeypatch.setattr(cache, "_write", record_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save(path, real_cache_bytes)
+    assert read(path) == real_cache_bytes and not os.path.exists(path + cache.RECORD_SUFFIX)
+    (told,) = messages.warnings
+    assert "was interrupted (KeyboardInterrupt): the new kernels are saved, without their record" in told
+
+
+def test_a_file_the_run_could_not_read_is_not_replaced_by_its_save(tmp_path, real_cache_bytes, monkeypatch, messages):
+    """A read that fails (EIO, EACCES, a store's blip) starts the run cold; its few kernels must not replace
+    a file that may hold many. Once the file is gone, the run's save goes ahead."""
+    path = saved(str(tmp_path / "gpu.bin"), real_cache_bytes)
+    read_file = cache._read
+
+    def failing(p):
+        raise OSError(errno.EIO, "Input/output error", p)
+
+    monkeypatch.setattr(cache, "_read", failing)
+    data, stats = cache.load(path, cache.Placement())
+    monkeypatch.setattr(cache, "_read", read_file)
+    assert data is None and stats.source == "cold" and stats.unreadable.startswith("OSError: [Errno 5]")
+    cold = make_payload(real_cache_bytes, 7, 7)
+    stats = cache.save(path, cold, stats)
+    assert not stats.saved and stats.save_error.startswith("not replacing a file this run could not read")
+    assert read(path) == real_cache_bytes and cache.read_record(path) is not None
+    assert len(messages.matching(f"Not saving the kernel cache over {path}: it could not be read")) == 1
+    os.remove(path)
+    assert cache.save(path, cold, stats).saved and read(path) == cold
+
+
+@pytest.mark.parametrize("saved_unix", ["2025-01-01T00:00:00", None, True, float("nan")])
+def test_a_record_with_fields_of_other_types_is_no_record(tmp_path, real_cache_bytes, saved_unix, messages):
+    path = saved(str(tmp_path / "gpu.bin"), real_cache_bytes)
+    values = json.loads(read(path + cache.RECORD_SUFFIX))
+    values["saved_unix"] = saved_unix
+    with open(path + cache.RECORD_SUFFIX, "w") as f:
+        f.write(json.dumps(values))
+    assert cache.read_record(path) is None
+    data, stats = cache.load(path, cache.Placement())
+    assert data == real_cache_bytes and stats.source == "unverified" and stats.filled_on == ""
+    assert cache.save(path, real_cache_bytes, stats).saved and cache.read_record(path) is not None
+
+
+def test_a_record_whose_time_cannot_be_shown_still_describes_its_writer(tmp_path, real_cache_bytes, messages):
+    path = saved(str(tmp_path / "gpu.bin"), real_cache_bytes)
+    values = json.loads(read(path + cache.RECORD_SUFFIX))
+    values["saved_unix"] = 1e20  # a number, but past what the platform's clock can show
+    with open(path + cache.RECORD_SUFFIX, "w") as f:
+        f.write(json.dumps(values))
+    record = cache.read_record(path)
+    assert record is not None and record.describe().endswith("at an unknown time")
+    data, stats = cache.load(path, cache.Placement())
+    assert data == real_cache_bytes and stats.filled_on.endswith("at an unknown time")
 
 
 # --- fsspec URLs -----------------------------------------------------------------------------------

@@ -113,6 +113,49 @@ def test_with_the_users_basic_config_each_message_is_printed_once(tmp_path, real
     assert len(info_lines) == 1 and info_lines[0].startswith("USER INFO")
 
 
+DICT_CONFIG = textwrap.dedent(
+    """
+    import logging, logging.config, sys
+
+    from lightning_trt_rtx import _backend, _messages, cache
+
+    _backend.torch_tensorrt()
+    # the user's logging, set up after the package's logger exists: disable_existing_loggers (the default)
+    # switches that logger off
+    logging.config.dictConfig({
+        "version": 1,
+        "handlers": {"out": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                             "formatter": "user"}},
+        "formatters": {"user": {"format": "USER %(levelname)s %(name)s | %(message)s"}},
+        "root": {"handlers": ["out"], "level": "INFO"},
+    })
+    logging.getLogger("myapp").warning("THE-USERS-OWN")
+    cache.save(sys.argv[1] + "/sub/gpu.bin", open(sys.argv[2], "rb").read())  # a save that cannot make its directory
+    _messages.info("AN-INFO-LINE")
+    print("disabled=" + str(logging.getLogger("lightning_trt_rtx").disabled))
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_warnings_reach_handlers_set_up_by_dict_config_that_disabled_the_package_logger(tmp_path, real_cache_bytes):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"a file, not a directory")
+    good = tmp_path / "good.bin"
+    good.write_bytes(real_cache_bytes)
+    result = subprocess.run(
+        [sys.executable, "-c", DICT_CONFIG, str(blocker), str(good)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "disabled=True" in result.stdout  # the premise: dictConfig switched the package logger off
+    assert "USER WARNING myapp | THE-USERS-OWN" in result.stdout
+    failed = lines_with(result.stdout, "Could not save the kernel cache to")
+    assert len(failed) == 1 and failed[0].startswith("USER WARNING lightning_trt_rtx | "), result.stdout
+    assert lines_with(result.stderr, "Could not save") == []  # through the user's handler, not printed twice
+    assert lines_with(result.stdout + result.stderr, "AN-INFO-LINE") == []  # infos follow the user's config
+
+
 def test_rank_zero_messages_are_silent_on_other_ranks(messages):
     warn("said by rank zero only", rank=1, rank_zero=True)
     info("an info by rank zero only", rank=3, rank_zero=True)
