@@ -187,6 +187,12 @@ def template_fields(template: str) -> list[str]:
                 f" Valid placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}."
             )
         fields.append(name)
+    local = fsspec.core.split_protocol(template)[0] in (None, "file")
+    if template.endswith(("/", os.sep)) or (local and not fields and os.path.isdir(os.path.expanduser(template))):
+        raise ValueError(
+            f"Cache path template {template!r} names a directory: it must name a file, e.g."
+            f" {os.path.join(template.rstrip('/' + os.sep) or '.', 'gpu-{gpu}.bin')!r}."
+        )
     protocol = fsspec.core.split_protocol(template)[0]
     if protocol is not None and any(p not in fsspec.available_protocols() for p in protocol.split("::")):
         # else every load and save of the job would fail on it, far from where it was configured

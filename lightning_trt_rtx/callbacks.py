@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_trt_rtx import _predict_loop, report, transfers
 from lightning_trt_rtx._messages import info
-from lightning_trt_rtx.graphs import GraphScopes
+from lightning_trt_rtx.graphs import GraphScopes, check_targets
 from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession, trainer_session
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings, check_flag
@@ -148,6 +148,8 @@ class TRTRuntimeSettings(_LoopHooks):
         if self.session is not None:  # a run that ended without teardown (an exception before our hooks)
             self.session.close()
         self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
+        # what the plugin, meeting this session in the same Trainer, checks its own arguments against
+        self.session.prewarm_spec, self.session.upload_ahead_wanted = self.prewarm_spec, self.upload_ahead
         report.open_run(trainer.global_rank)  # before any rank can end this run and post its figures
         # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
@@ -286,15 +288,7 @@ class TRTCudaGraphs(_LoopHooks):
     """
 
     def __init__(self, targets: list[str] | None = None, loops: Sequence[Loop] = ("predict",)) -> None:
-        if targets is not None and not isinstance(targets, (str, bytes)) and isinstance(targets, Iterable):
-            targets = list(targets)  # an iterator would be consumed by the check below
-        if targets is not None and (
-            not isinstance(targets, list) or not all(isinstance(t, str) and t.isidentifier() for t in targets)
-        ):
-            raise TypeError(f"targets must be a list of attribute names (identifiers) or None; got {targets!r}.")
-        if targets == []:
-            raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
-        self.targets = list(targets) if targets is not None else None
+        self.targets = check_targets(targets)
         self.loops = _check_loops(loops)
         self.graphs = ""  # what each target ran in the last loop, read at its first call (as figures.graphs)
         self._scopes: GraphScopes | None = None  # graphs alone, without a settings session

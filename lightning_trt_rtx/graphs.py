@@ -35,7 +35,7 @@ attributes put back and torch_tensorrt's process-global CUDA-graphs mode restore
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -47,6 +47,20 @@ from lightning_trt_rtx.engines import EngineBinding, find_engines
 from lightning_trt_rtx.settings import TRTSettings
 
 log = logging.getLogger(__name__)
+
+
+def check_targets(targets: Any) -> list[str] | None:
+    """``targets`` as a list of attribute names, or None (every compiled attribute); TypeError or ValueError
+    saying what is valid for anything else (a bare string, non-identifiers, an empty list)."""
+    if targets is None:
+        return None
+    if not isinstance(targets, (str, bytes)) and isinstance(targets, Iterable):
+        targets = list(targets)  # an iterator would be consumed by the check below
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t.isidentifier() for t in targets):
+        raise TypeError(f"targets must be a list of attribute names (identifiers) or None; got {targets!r}.")
+    if not targets:
+        raise ValueError("targets is empty: name the attributes to capture, or pass None for every compiled one.")
+    return targets
 
 
 def compiled_attributes(module: torch.nn.Module) -> list[str]:
@@ -68,7 +82,7 @@ class GraphScopes:
         rank: int = 0,
     ) -> None:
         self.module = module
-        self.targets = list(targets) if targets else None
+        self.targets = check_targets(targets)
         self.settings = settings
         self.cache_handle = cache_handle
         self.rank = rank
@@ -127,9 +141,10 @@ class GraphScopes:
         """Enter ``name``'s scope; returns its whole-module wrapper (None: its engines capture themselves)."""
         module = self.module
         original = getattr(module, name, None)
-        if original is None:
+        if not isinstance(original, torch.nn.Module):
+            what = "no attribute" if original is None else f"a {type(original).__name__}, not a module, as attribute"
             raise AttributeError(
-                f"{type(module).__name__} has no attribute {name!r} to capture in CUDA graphs."
+                f"{type(module).__name__} has {what} {name!r} to capture in CUDA graphs."
                 f" Compiled attributes found: {compiled_attributes(module)}."
             )
         inner_strategy = strategy

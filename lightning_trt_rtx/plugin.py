@@ -175,8 +175,9 @@ class TRTRuntimePrecision(Precision):
         # DDP ignores the return value: the settings go onto the engines in place
         callback_session = trainer_session(trainer) if trainer is not None else None
         if callback_session is not None and callback_session is not self.session:
-            _check_agrees(callback_session.settings, self.settings)
-            callback_session.prewarm_spec = self.prewarm_spec  # the callback prewarms at its loop's start
+            _check_agrees(callback_session, self)
+            if self.prewarm_spec is not None:  # the callback prewarms at its loop's start
+                callback_session.prewarm_spec = self.prewarm_spec
             callback_session.serve(module)  # the callback's run: it saves and reports
             return converted
         if self.session is not None:
@@ -259,13 +260,22 @@ class TRTRuntimePrecision(Precision):
             yield
 
 
-def _check_agrees(callback: TRTSettings, plugin: TRTSettings) -> None:
-    """The callback's session serves the run with its settings: the plugin's must be the same."""
-    if callback != plugin:
+def _check_agrees(callback: ServingSession, plugin: TRTRuntimePrecision) -> None:
+    """The callback's session serves the run with its settings, prewarm and uploads: the plugin's must be the
+    same (prewarm and uploads where both were given)."""
+    differ = []
+    if callback.settings != plugin.settings:
+        differ.append(f"settings {callback.settings} vs {plugin.settings}")
+    if None not in (callback.prewarm_spec, plugin.prewarm_spec) and callback.prewarm_spec != plugin.prewarm_spec:
+        differ.append(f"prewarm {callback.prewarm_spec} vs {plugin.prewarm_spec}")
+    if callback.upload_ahead_wanted is not None and callback.upload_ahead_wanted != plugin.upload_ahead:
+        differ.append(f"upload_ahead {callback.upload_ahead_wanted} vs {plugin.upload_ahead}")
+    if differ:
         raise ValueError(
-            f"TRTRuntimeSettings and TRTRuntimePrecision configure different TensorRT-RTX settings for the same"
-            f" model ({callback} vs {plugin}). Configure the settings in one place: either the"
-            " TRTRuntimeSettings callback or the TRTRuntimePrecision plugin."
+            "TRTRuntimeSettings and TRTRuntimePrecision configure the same model differently ("
+            + "; ".join(differ)
+            + "). Configure it in one place: either the TRTRuntimeSettings callback or the TRTRuntimePrecision"
+            " plugin."
         )
 
 

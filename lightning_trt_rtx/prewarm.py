@@ -28,6 +28,7 @@ shape ran within 2x of that shape's steady time.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -126,15 +127,26 @@ def _shapes(shapes: Iterable[Shape | str]) -> list[Shape]:
     if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
         raise TypeError(f"shapes must be a list of shapes, each like {SHAPE_FORM}; got {shapes!r}.")
     try:
-        parsed = [
-            parse_shape(s) if isinstance(s, str) else tuple(tuple(int(d) for d in dims) for dims in s)
-            for s in shapes
-        ]
+        parsed = [parse_shape(s) if isinstance(s, str) else _shape_of_numbers(s) for s in shapes]
     except TypeError:  # e.g. [8, 128]: a shape given as numbers, not one entry per call
         raise TypeError(f"shapes must be a list of shapes, each like {SHAPE_FORM}; got {shapes!r}.") from None
     if not parsed:
         raise ValueError(f"No prewarm shapes given: give one or more, each like {SHAPE_FORM}.")
     return parsed
+
+
+def _shape_of_numbers(entry: Iterable[Iterable[int]]) -> Shape:
+    """One entry given as numbers, ``((8, 128),)``: every dimension a positive int, like :func:`parse_shape`."""
+    shape = tuple(tuple(dims) for dims in entry)
+    if not shape or not all(
+        dims and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in dims)
+        for dims in shape
+    ):
+        raise ValueError(
+            f"Invalid prewarm shape {entry!r}: every dimension must be a positive int. Valid forms: {SHAPE_FORM},"
+            " or per input a tuple of ints, e.g. ((8, 128),)."
+        )
+    return tuple(tuple(int(d) for d in dims) for dims in shape)
 
 
 def example_inputs(
@@ -147,8 +159,10 @@ def example_inputs(
     entries = _shapes(shapes)
     if isinstance(dtype, (str, torch.dtype)):
         dtypes = [parse_dtype(dtype)] * max(len(entry) for entry in entries)
-    else:
+    elif isinstance(dtype, Sequence):
         dtypes = [parse_dtype(d) for d in dtype]
+    else:  # None, a number: parse_dtype names the valid ones
+        dtypes = [parse_dtype(dtype)]
     examples = []
     for entry in entries:
         if len(entry) > len(dtypes):

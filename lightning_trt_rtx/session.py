@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import os
 import time
 from collections import deque
@@ -143,6 +144,8 @@ class ServingSession:
         # prewarm arguments handed over by an adapter that meets this session through trainer_session (the
         # plugin, when the callback's session serves the run): whoever starts the loops runs them once
         self.prewarm_spec: prewarm.PrewarmSpec | None = None
+        # the run owner's upload_ahead (the callback's): an adapter that meets this session checks its own against it
+        self.upload_ahead_wanted: bool | None = None
 
     @classmethod
     def for_trainer(cls, trainer: Any, settings: TRTSettings, loops_only: bool = False) -> ServingSession:
@@ -173,6 +176,9 @@ class ServingSession:
         engines may still appear later.
         """
         self._check_open()
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (or None: the session's), got {type(module).__name__}.")
+        check_flag("warn_if_none", warn_if_none)
         module = self.module = module if module is not None else self.module
         if module is None:
             raise ValueError("ServingSession.serve needs a module: pass it here or to ServingSession(module, ...).")
@@ -468,6 +474,9 @@ class ServingSession:
         """
         self._check_open()
         check_flag("steps_marked", steps_marked)
+        check_flag("small_on_host", small_on_host)
+        if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+            raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list); got {batches!r}.")
         self._close_uploads()
         transfers.check_depth(depth)
         reason = transfers.why_not_on_cuda(device)
@@ -514,9 +523,16 @@ class ServingSession:
         ``cuda``: whether the loop runs on a GPU (default: whether one is available). ``batches``: how many
         it runs, where known (``"auto"`` tries graphs only where the loop is long enough to win back a
         switch of strategy; unknown: as if endless)."""
-        count = isinstance(batches, (int, float)) and not isinstance(batches, bool) and batches >= 0  # NaN: no
-        if batches is not None and not count:
-            raise ValueError(f"batches must be a number >= 0 (inf: a loop of unknown length) or None; got {batches!r}.")
+        if cuda is not None:
+            check_flag("cuda", cuda)
+        whole = False  # a count of batches, or inf
+        if isinstance(batches, numbers.Real) and not isinstance(batches, bool):
+            value = float(batches)
+            whole = value >= 0 and (value == math.inf or value.is_integer())
+        if batches is not None and not whole:
+            raise ValueError(
+                f"batches must be a whole number >= 0 (inf: a loop of unknown length) or None; got {batches!r}."
+            )
         self._between_loops = False
         self.looping = True
         self._loop_batches = int(batches) if batches is not None and math.isfinite(batches) else None

@@ -139,6 +139,11 @@ class TRTSettings:
             raise ValueError(
                 f"No YAML file {values!r}: pass YAML text or an existing file. Valid keys: {list(cls.keys())}."
             )
+        if not isinstance(values, Mapping):  # e.g. a missing file's name, or "key=value"
+            raise TypeError(
+                f"TRTSettings YAML must hold a mapping (e.g. 'cuda_graph_strategy: auto') or name an existing file;"
+                f" got {source!r}. Valid keys: {list(cls.keys())}."
+            )
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -558,18 +558,26 @@ def test_a_remembered_candidate_that_no_longer_applies_is_not_tried(monkeypatch)
     assert applied[-1] == DISABLED and second.trial is not None and second.trial.candidates == (DISABLED, UPSTREAM)
 
 
-@pytest.mark.parametrize("batches", [-1, "200", True, float("nan")])
+@pytest.mark.parametrize("batches", [-1, "200", True, float("nan"), 2.5])
 def test_a_loop_length_that_is_not_a_count_is_refused(batches):
     session = _session()
-    with pytest.raises(ValueError, match="batches must be a number >= 0"):
+    with pytest.raises(ValueError, match="batches must be a whole number >= 0"):
         session.loop_started(batches=batches)
+    with pytest.raises(TypeError, match="cuda must be True or False"):
+        session.loop_started(cuda="no", batches=10)
     session.loop_started(batches=float("inf"))  # a loop of unknown length
+    session.loop_ended()
+    session.loop_started(batches=200.0)  # a count given as a float (Lightning's batch counts can be)
     session.loop_ended()
 
 
-def test_steps_marked_must_be_true_or_false():
-    with pytest.raises(TypeError, match="steps_marked must be True or False"):
-        _session().upload_ahead([torch.zeros(2)], "cpu", steps_marked="yes")
+def test_upload_ahead_arguments_are_checked_on_every_host():
+    for kwargs in (dict(steps_marked="yes"), dict(small_on_host="yes")):
+        with pytest.raises(TypeError, match="must be True or False"):
+            _session().upload_ahead([torch.zeros(2)], "cpu", **kwargs)
+    for batches in (None, 5, "batches"):
+        with pytest.raises(TypeError, match="batches must be an iterable of batches"):
+            _session().upload_ahead(batches, "cpu")
 
 
 def test_a_separate_memory_keeps_a_first_loop_from_wiping_a_later_loops_decision(paced, fake_gpu):

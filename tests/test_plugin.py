@@ -212,17 +212,45 @@ def test_plugin_and_callback_with_equal_settings_apply_and_save_once(
     assert report.startswith(f"{REPORT} (whole_graph_capture):")
 
 
-def test_plugin_and_callback_with_different_settings_fail_clearly(tmp_path):
+@pytest.mark.parametrize(
+    "plugin_args, callback_args, differ",
+    [
+        (dict(cuda_graph_strategy="whole_graph_capture"), dict(cuda_graph_strategy="disabled"), "settings "),
+        (dict(prewarm_shapes=["32x128"]), dict(prewarm_shapes=["8x128"]), "prewarm "),
+        (dict(prewarm_shapes=["8x128"], prewarm_dtype="float32"), dict(prewarm_shapes=["8x128"]), "prewarm "),
+        (dict(upload_ahead=False), dict(), "upload_ahead True vs False"),
+    ],
+)
+def test_plugin_and_callback_that_configure_the_model_differently_fail_clearly(
+    tmp_path, plugin_args, callback_args, differ
+):
     model = EngineModel()
     prior = snapshot(model)
-    plugin = TRTRuntimePrecision(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)
-    callback = TRTRuntimeSettings(cuda_graph_strategy="disabled", runtime_cache=None)
+    plugin = TRTRuntimePrecision(runtime_cache=None, **plugin_args)
+    callback = TRTRuntimeSettings(runtime_cache=None, **callback_args)
     # checked where the plugin meets the callback's session (convert_module): no batch runs, engines restored
-    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure different") as excinfo:
-        make_trainer(tmp_path, plugins=[plugin], callbacks=[callback]).predict(model, predict_loader())
+    trainer = make_trainer(tmp_path, plugins=[plugin], callbacks=[callback])
+    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure the same") as excinfo:
+        trainer.predict(model, predict_loader())
+    assert differ in str(excinfo.value)
     assert "either the TRTRuntimeSettings callback or the TRTRuntimePrecision plugin" in str(excinfo.value)
     assert model.seen == []
     assert_restored(model, prior)
+
+
+def test_prewarm_given_to_one_of_plugin_and_callback_is_run_once(tmp_path, monkeypatch):
+    """Given to the plugin alone or the callback alone, the prewarm shapes are prewarmed (by the callback's
+    session), whichever adapter had them."""
+    from lightning_trt_rtx import prewarm
+
+    ran: list[prewarm.PrewarmSpec] = []
+    monkeypatch.setattr(prewarm.PrewarmSpec, "run", lambda self, session, module: ran.append(self) or [])
+    for plugin_args, callback_args in ((dict(prewarm_shapes=["8x4"]), {}), ({}, dict(prewarm_shapes=["8x4"]))):
+        ran.clear()
+        plugin = TRTRuntimePrecision(runtime_cache=None, **plugin_args)
+        callback = TRTRuntimeSettings(runtime_cache=None, print_table=False, **callback_args)
+        make_trainer(tmp_path, plugins=[plugin], callbacks=[callback]).predict(EngineModel(), predict_loader(batches=1))
+        assert [spec.shapes for spec in ran] == [(((8, 4),),)]
 
 
 def test_plugin_repeated_predict(tmp_path):

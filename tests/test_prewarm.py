@@ -380,6 +380,12 @@ def test_callback_with_several_compiled_attributes_asks_for_a_target(tmp_path, f
         ({"prewarm_shapes": ["8x4"], "prewarm_dtype": "fp16"}, ValueError, "Valid names: float16, half"),
         ({"prewarm_dtype": "fp16"}, ValueError, "Valid names"),  # checked even without shapes
         ({"prewarm_shapes": ["8x4"], "prewarm_target": "not a name"}, TypeError, "identifier"),
+        # shapes given as numbers are held to what the text form allows: positive integer dimensions
+        ({"prewarm_shapes": [((-8, 128),)]}, ValueError, "every dimension must be a positive int"),
+        ({"prewarm_shapes": [((0, 128),)]}, ValueError, "every dimension must be a positive int"),
+        ({"prewarm_shapes": [((8.9, 128),)]}, ValueError, "every dimension must be a positive int"),
+        ({"prewarm_shapes": [((True, 128),)]}, ValueError, "every dimension must be a positive int"),
+        ({"prewarm_shapes": [()]}, ValueError, "every dimension must be a positive int"),
     ],
 )
 @pytest.mark.parametrize("component", [TRTRuntimeSettings, TRTRuntimePrecision])
@@ -408,6 +414,16 @@ def test_plugin_prewarm_with_the_callback_runs_at_the_callbacks_loop_start(tmp_p
     make_trainer(tmp_path, [cb], plugins=[plugin]).predict(Served(log), predict_loader(batches=2))
     assert [entry["shape"] for entry in log] == [((5, 4),), ((5, 4),), ((2, 4),), ((2, 4),)]
     assert cb.figures[0].prewarmed == 1 and cb.figures[0].batches == 2
+
+
+def test_example_inputs_takes_shapes_as_numbers_and_names_the_dtypes_for_a_bad_one():
+    import numpy as np
+
+    (example,) = example_inputs([((np.int64(2), 3), (2, 4))], ["float32", "int64"])
+    assert [tuple(t.shape) for t in example] == [(2, 3), (2, 4)] and example[1].dtype == torch.int64
+    for dtype in (None, 5):
+        with pytest.raises(ValueError, match="Valid names: float16, half, bfloat16, float32, int64, int32"):
+            example_inputs(["8x4"], dtype)
 
 
 def test_prewarm_spec_is_none_without_shapes():

@@ -397,6 +397,21 @@ def test_bad_arguments_say_what_is_valid(TTM, kwargs, error, message):
     assert message in str(raised.value)
 
 
+def test_serve_and_open_graphs_reject_what_is_not_a_module_or_a_list_of_names(TTM):
+    model = nn.Sequential(TTM(name="e"))
+    with ServingSession(model, TRTSettings(runtime_cache=None)) as session:
+        with pytest.raises(TypeError, match="module must be a torch.nn.Module .* got str"):
+            session.serve("model")
+        with pytest.raises(TypeError, match="warn_if_none must be True or False"):
+            session.serve(model, warn_if_none="no")
+        with pytest.raises(TypeError, match="targets must be a list of attribute names"):
+            session.open_graphs(targets="net")  # not one target per letter
+        model.lr = 0.1  # an attribute, but no module
+        with pytest.raises(AttributeError, match=r"has a float, not a module, as attribute 'lr'.*Compiled attributes"):
+            session.open_graphs(targets=["lr"])
+        assert session.module is model
+
+
 def test_serve_and_open_graphs_without_a_module_say_where_to_pass_it():
     with ServingSession(settings=TRTSettings(runtime_cache=None)) as session:
         with pytest.raises(ValueError, match=r"serve needs a module: pass it here or to ServingSession\(module"):

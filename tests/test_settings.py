@@ -135,13 +135,19 @@ def test_dict_and_yaml_roundtrip(s):
 )
 def test_yaml_roundtrip_property(graphs, kernels, parts):
     template = "".join(parts)
-    if not template.strip():
-        return
+    if not template.strip() or template.endswith("/") or os.path.isdir(template):
+        return  # rejected: no path, or a directory's
     s = TRTSettings(
         cuda_graph_strategy=graphs, dynamic_shapes_kernel_specialization_strategy=kernels, runtime_cache=template
     )
     assert TRTSettings.from_yaml(s.to_yaml()) == s
     assert TRTSettings.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/settings", "cuda_graph_strategy=auto", "- a list"])
+def test_yaml_that_holds_no_mapping_names_the_form_and_the_keys(source):
+    with pytest.raises(TypeError, match=r"must hold a mapping \(e\.g\. 'cuda_graph_strategy: auto'\).*Valid keys"):
+        TRTSettings.from_yaml(source)
 
 
 def test_equality_hash_repr():
