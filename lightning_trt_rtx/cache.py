@@ -187,18 +187,19 @@ def template_fields(template: str) -> list[str]:
                 f" Valid placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}."
             )
         fields.append(name)
-    local = fsspec.core.split_protocol(template)[0] in (None, "file")
-    if template.endswith(("/", os.sep)) or (local and not fields and os.path.isdir(os.path.expanduser(template))):
-        raise ValueError(
-            f"Cache path template {template!r} names a directory: it must name a file, e.g."
-            f" {os.path.join(template.rstrip('/' + os.sep) or '.', 'gpu-{gpu}.bin')!r}."
-        )
     protocol = fsspec.core.split_protocol(template)[0]
     if protocol is not None and any(p not in fsspec.available_protocols() for p in protocol.split("::")):
         # else every load and save of the job would fail on it, far from where it was configured
         raise ValueError(
             f"Unknown filesystem protocol {protocol!r} in cache path template {template!r}."
             f" Valid protocols (fsspec): {', '.join(sorted(fsspec.available_protocols()))}."
+        )
+    # a directory: the run would load nothing and fail to save at its end
+    local_dir = protocol in (None, "file") and not fields and os.path.isdir(os.path.expanduser(template.format()))
+    if template.endswith(("/", os.sep)) or local_dir:
+        raise ValueError(
+            f"Cache path template {template!r} names a directory: it must name a file, e.g."
+            f" {os.path.join(template.rstrip('/' + os.sep) or '.', 'gpu-{gpu}.bin')!r}."
         )
     return fields
 

@@ -144,7 +144,29 @@ def oracle_fields(template: str):
         fields.append(name)
     if unknown_protocol(template):
         return None
+    if names_a_directory(template, fields):
+        return None
     return fields
+
+
+def names_a_directory(template: str, fields: list[str]) -> bool:
+    """A template ending in a separator, or a local one without placeholders that is an existing directory."""
+    import fsspec
+
+    if template.endswith("/"):
+        return True
+    literal = template.replace("{{", "{").replace("}}", "}")
+    local = fsspec.core.split_protocol(template)[0] in (None, "file")
+    return local and not fields and os.path.isdir(os.path.expanduser(literal))
+
+
+def _placeholders_valid(template: str) -> bool:
+    """Every brace of ``template`` a known placeholder or an escape (what is wrong is elsewhere)."""
+    for match in _TOKEN.finditer(template):
+        token = match.group(0)
+        if token in ("{", "}") or (token not in ("{{", "}}") and match.group(1).rstrip(":") not in PLACEHOLDER_NAMES):
+            return False
+    return True
 
 
 def oracle_resolve(template: str, values: dict) -> str:
@@ -193,8 +215,12 @@ def expect_runtime_cache(value):
             return ValueError, ["must not be empty", "None"]
         if "\x00" in value:
             return ValueError, ["NUL"]
-        if oracle_fields(value.replace("://", "")) is not None and unknown_protocol(value):
+        if unknown_protocol(value) and oracle_fields(value.replace("://", "")) is not None:
             return ValueError, ["Unknown filesystem protocol", " s3,", " file,"]
+        if _placeholders_valid(value):  # then what is wrong is the protocol, else the directory
+            if unknown_protocol(value):
+                return ValueError, ["Unknown filesystem protocol"]
+            return ValueError, ["names a directory", "must name a file"]
         return ValueError, ["{" + p + "}" for p in PLACEHOLDER_NAMES]
     return None
 

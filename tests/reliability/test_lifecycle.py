@@ -217,7 +217,7 @@ def test_conflicting_callback_and_plugin_fail_cleanly(tmp_path, real_cache_bytes
         plugins=[TRTRuntimePrecision(runtime_cache=None)],
     )
     # checked at the callback's setup, which names itself first
-    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure different"):
+    with pytest.raises(ValueError, match="TRTRuntimeSettings and TRTRuntimePrecision configure the same model"):
         trainer.predict(model, loader(2))
     assert model.seen == []
     assert engine_state(model) == initial
