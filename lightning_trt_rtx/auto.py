@@ -351,6 +351,10 @@ def forget(module: Any = None) -> None:
     if module is None:
         _REMEMBERED.clear()
         return
+    try:
+        weakref.ref(module)
+    except TypeError:  # nothing that cannot be referenced weakly is ever remembered: a str, a number
+        raise TypeError(f"forget takes the served module (or None for every decision); got {module!r}.") from None
     for holder in [module, *module.modules()] if isinstance(module, torch.nn.Module) else [module]:
         _REMEMBERED.pop(holder, None)
 

@@ -571,6 +571,12 @@ def test_a_loop_length_that_is_not_a_count_is_refused(batches):
     session.loop_ended()
 
 
+def test_forget_names_what_it_takes():
+    with pytest.raises(TypeError, match=r"forget takes the served module \(or None for every decision\); got 'model'"):
+        auto.forget("model")
+    auto.forget(torch.nn.Linear(2, 2))  # a module nothing was remembered for: nothing to drop
+
+
 def test_upload_ahead_arguments_are_checked_on_every_host():
     for kwargs in (dict(steps_marked="yes"), dict(small_on_host="yes")):
         with pytest.raises(TypeError, match="must be True or False"):
