@@ -134,6 +134,7 @@ class ServingSession:
         self._timer = _BatchTimer(self.figures)
         self.uploads: transfers.UploadsAhead | None = None
         self.looping = False  # between loop_started and loop_ended
+        self._in_batch = False  # between batch_started and batch_ended
         self._loop_batches: int | None = None  # how many batches the loop runs, where its owner says
         # an uploads thread calls CUDA only between the steps that may capture a graph
         self._step_gate = transfers.StepGate(capture=functools.partial(self._graphs_may_capture, now=True))
@@ -552,9 +553,13 @@ class ServingSession:
             self.auto.batch_started(batch, self._auto_options, waited_s=waited)
         self._timer.batch_started()
         self._step_gate.step_started()
+        self._in_batch = True
 
     def batch_ended(self) -> None:
         """Call after each batch (the callbacks do): times the batches of an ``"auto"`` trial."""
+        if not self._in_batch:  # its time would count from nothing: a first batch of hours
+            raise RuntimeError("batch_ended() without batch_started(): call batch_started(batch) before each batch.")
+        self._in_batch = False
         self._step_gate.step_ended()
         self._timer.batch_ended()
         if self.auto is not None:
@@ -563,6 +568,7 @@ class ServingSession:
 
     def loop_ended(self) -> None:
         self._step_gate.step_ended()  # a step that raised never called batch_ended
+        self._in_batch = False
         self.looping = False
         self._close_uploads()
         self._timer.end()

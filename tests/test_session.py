@@ -412,6 +412,21 @@ def test_serve_and_open_graphs_reject_what_is_not_a_module_or_a_list_of_names(TT
         assert session.module is model
 
 
+def test_batch_ended_without_batch_started_is_an_error_not_a_first_batch_of_hours(TTM):
+    with ServingSession(nn.Sequential(TTM(name="e")), TRTSettings(runtime_cache=None)) as session:
+        session.loop_started(cuda=False, batches=2)
+        with pytest.raises(RuntimeError, match=r"batch_ended\(\) without batch_started\(\)"):
+            session.batch_ended()
+        for _ in range(2):
+            session.batch_started()
+            session.batch_ended()
+        with pytest.raises(RuntimeError, match="without batch_started"):
+            session.batch_ended()  # each batch ends once
+        session.batch_started()  # a step that raised: the loop's end closes it
+        session.loop_ended()
+        assert session.figures.batches == 2 and session.figures.first_batch_ms < 60_000
+
+
 def test_serve_and_open_graphs_without_a_module_say_where_to_pass_it():
     with ServingSession(settings=TRTSettings(runtime_cache=None)) as session:
         with pytest.raises(ValueError, match=r"serve needs a module: pass it here or to ServingSession\(module"):
