@@ -85,6 +85,11 @@ class Ranks:
             raise ValueError(f"rank must be in [0, world_size): got rank {self.rank}, world_size {self.world_size}.")
 
 
+def _check_module(module: Any) -> None:
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module (or None), got {type(module).__name__}.")
+
+
 class ServingSession:
     """Serve a module's TensorRT-RTX engines with runtime settings and this GPU's kernel cache.
 
@@ -106,8 +111,7 @@ class ServingSession:
         node_rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module (or None), got {type(module).__name__}.")
+        _check_module(module)
         if settings is None:
             settings = TRTSettings()
         if not isinstance(settings, TRTSettings):
@@ -177,8 +181,7 @@ class ServingSession:
         engines may still appear later.
         """
         self._check_open()
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module (or None: the session's), got {type(module).__name__}.")
+        _check_module(module)
         check_flag("warn_if_none", warn_if_none)
         module = self.module = module if module is not None else self.module
         if module is None:
@@ -475,9 +478,8 @@ class ServingSession:
         """
         self._check_open()
         check_flag("steps_marked", steps_marked)
-        check_flag("small_on_host", small_on_host)
-        if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-            raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list); got {batches!r}.")
+        check_flag("small_on_host", small_on_host)  # also where no uploads run (CPU): one answer on every host
+        transfers.check_source(batches)
         self._close_uploads()
         transfers.check_depth(depth)
         reason = transfers.why_not_on_cuda(device)

@@ -178,6 +178,12 @@ def check_depth(depth: Any) -> int:
     return depth
 
 
+def check_source(source: Any) -> None:
+    """An iterable of batches (a string is not one: it would be read as characters)."""
+    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+        raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list); got {source!r}.")
+
+
 class UploadsAhead:
     """Iterate ``source`` with every CPU tensor of each batch already on ``device``.
 
@@ -230,8 +236,7 @@ class UploadsAhead:
         self.gate = gate
         self.gated = False  # the thread's CUDA calls wait for the gate (graphs may be captured)
         self._producer: int | None = None  # the uploads' thread
-        if not isinstance(source, Iterable):
-            raise TypeError(f"UploadsAhead needs an iterable of batches, got {type(source).__name__}.")
+        check_source(source)
         self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
         self.ops = ops if ops is not None else CudaOps(self.device)
         self.source = source

@@ -125,10 +125,8 @@ def unknown_protocol(template: str) -> bool:
     return protocol is not None and any(p not in fsspec.available_protocols() for p in protocol.split("::"))
 
 
-def oracle_fields(template: str):
-    """Independent reading of a template: the placeholder list, or None where it must be rejected."""
-    if not template.strip() or "\x00" in template:
-        return None
+def oracle_placeholders(template: str):
+    """The placeholders of ``template`` in order, or None if a brace is neither an escape nor a known one."""
     fields = []
     for match in _TOKEN.finditer(template):
         token = match.group(0)
@@ -142,7 +140,15 @@ def oracle_fields(template: str):
         if name not in PLACEHOLDER_NAMES:
             return None
         fields.append(name)
-    if unknown_protocol(template):
+    return fields
+
+
+def oracle_fields(template: str):
+    """Independent reading of a template: the placeholder list, or None where it must be rejected."""
+    if not template.strip() or "\x00" in template:
+        return None
+    fields = oracle_placeholders(template)
+    if fields is None or unknown_protocol(template):
         return None
     if names_a_directory(template, fields):
         return None
@@ -158,15 +164,6 @@ def names_a_directory(template: str, fields: list[str]) -> bool:
     literal = template.replace("{{", "{").replace("}}", "}")
     local = fsspec.core.split_protocol(template)[0] in (None, "file")
     return local and not fields and os.path.isdir(os.path.expanduser(literal))
-
-
-def _placeholders_valid(template: str) -> bool:
-    """Every brace of ``template`` a known placeholder or an escape (what is wrong is elsewhere)."""
-    for match in _TOKEN.finditer(template):
-        token = match.group(0)
-        if token in ("{", "}") or (token not in ("{{", "}}") and match.group(1).rstrip(":") not in PLACEHOLDER_NAMES):
-            return False
-    return True
 
 
 def oracle_resolve(template: str, values: dict) -> str:
@@ -217,7 +214,7 @@ def expect_runtime_cache(value):
             return ValueError, ["NUL"]
         if unknown_protocol(value) and oracle_fields(value.replace("://", "")) is not None:
             return ValueError, ["Unknown filesystem protocol", " s3,", " file,"]
-        if _placeholders_valid(value):  # then what is wrong is the protocol, else the directory
+        if oracle_placeholders(value) is not None:  # then what is wrong is the protocol, else the directory
             if unknown_protocol(value):
                 return ValueError, ["Unknown filesystem protocol"]
             return ValueError, ["names a directory", "must name a file"]
