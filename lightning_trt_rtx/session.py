@@ -81,8 +81,12 @@ class Ranks:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
         if self.world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {self.world_size}.")
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in [0, world_size): got rank {self.rank}, world_size {self.world_size}.")
+        # a node's processes and a job's nodes are at most world_size; a single process (world_size 1, e.g.
+        # before torchrun's process group is initialised) keeps the launcher's LOCAL_RANK / NODE_RANK
+        for name in ("rank", "local_rank", "node_rank") if self.world_size > 1 else ("rank",):
+            value = getattr(self, name)
+            if value >= self.world_size:
+                raise ValueError(f"{name} must be in [0, world_size): got {name} {value}, world_size {self.world_size}")
 
 
 def _check_module(module: Any) -> None:
@@ -122,6 +126,8 @@ class ServingSession:
         given = dict(rank=rank, local_rank=local_rank, node_rank=node_rank, world_size=world_size)
         base = Ranks.from_environment()
         self.ranks = Ranks(**{k: getattr(base, k) if v is None else v for k, v in given.items()})
+        if settings.cuda_graph_strategy in ("whole_graph_capture", "auto"):
+            addresses.mode()  # a bad $LIGHTNING_TRT_RTX_STABLE_ADDRESSES is named here, not at the first engine
         self.settings = settings
         self.module = module
         self.figures = RankFigures(rank=self.ranks.rank)

@@ -151,6 +151,10 @@ class _Stopped(Exception):
 
 def _as_device(device: torch.device | str | int) -> torch.device:
     """``device`` as a torch.device (an int is a CUDA device number)."""
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(
+            f"device must be a torch.device, a str such as 'cuda:0' or a CUDA device number, got {device!r}."
+        )
     return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 

@@ -304,6 +304,10 @@ def test_a_session_refuses_a_bad_mode_before_serving_and_gives_every_engine_back
         with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)):
             pass
     assert not any("forward" in vars(e) for e in engines)
+    for strategy in ("whole_graph_capture", "auto"):  # named where the session is made, before any engine
+        with pytest.raises(ValueError, match=f"{addresses.ENABLED_ENV}='yes' is not a valid choice"):
+            ServingSession(settings=TRTSettings(cuda_graph_strategy=strategy, runtime_cache=None))
+    ServingSession(settings=TRTSettings(runtime_cache=None)).close()  # without graphs nothing reads it
     monkeypatch.setenv(addresses.ENABLED_ENV, "always")
     with ServingSession(model, TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None)) as session:
         assert session.stable is not None and session.stable.from_first_call

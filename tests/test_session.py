@@ -376,6 +376,11 @@ def test_ranks_default_to_a_single_process(TTM, fake_gpu, monkeypatch):
     assert session.figures.rank == 0
 
 
+def test_a_single_process_keeps_its_launchers_local_and_node_rank(TTM):
+    session = ServingSession(nn.Sequential(TTM(name="e")), rank=0, local_rank=3, node_rank=1, world_size=1)
+    assert session.ranks == Ranks(0, 3, 1, 1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -387,6 +392,8 @@ def test_ranks_default_to_a_single_process(TTM, fake_gpu, monkeypatch):
         ({"local_rank": True}, ValueError, "local_rank must be a non-negative int, got True"),
         ({"rank": 2, "world_size": 2}, ValueError, "rank must be in [0, world_size): got rank 2, world_size 2"),
         ({"rank": 0, "world_size": 0}, ValueError, "world_size must be at least 1, got 0"),
+        ({"local_rank": 5, "world_size": 2}, ValueError, "local_rank must be in [0, world_size): got local_rank 5"),
+        ({"node_rank": 2, "world_size": 2}, ValueError, "node_rank must be in [0, world_size): got node_rank 2"),
     ],
 )
 def test_bad_arguments_say_what_is_valid(TTM, kwargs, error, message):

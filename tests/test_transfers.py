@@ -439,6 +439,9 @@ def test_iterates_once_and_rejects_bad_arguments():
     with pytest.raises(ValueError, match="CUDA device"):
         transfers.UploadsAhead([], "cpu")  # the real ops need a GPU
     assert transfers.HostCopies("cpu").device.type == "cpu"  # a CPU loop keeps its predictions as they are
+    for bad in (None, True, 1.5):
+        with pytest.raises(TypeError, match="device must be a torch.device, a str such as 'cuda:0' or a CUDA"):
+            transfers.HostCopies(bad)
 
 
 # --- Lightning's predict loop (the one private seam) ---------------------------------------------------
