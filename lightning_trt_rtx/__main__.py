@@ -45,7 +45,8 @@ from lightning_trt_rtx import cache
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 QUARANTINED = ".corrupt"
-_GPU_ID = re.compile(r"(?:gpu-)?([0-9a-f]{8})(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}|([0-9a-f]{8})")
+# a full UUID (any device number it was seen as), or the gpu column: 8 hex digits, -N for cuda:N above 0
+_GPU_ID = re.compile(r"(?:gpu-)?([0-9a-f]{8})(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}|([0-9a-f]{8}(?:-[1-9][0-9]{0,3})?)")
 
 
 # --- which files are ours ---------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def _clear(root: str | None, gpu: str | None, dry_run: bool) -> int:
         if gpu is not None:
             record = cache.read_record(os.path.join(directory, base))
             seen.add(record.gpu_id if record else "")
-            if record is None or record.gpu_id != gpu:
+            if record is None or not _same_gpu(record, gpu):
                 continue
         for name in members:
             path = os.path.join(directory, name)
@@ -274,14 +275,23 @@ def _remove_if_empty(directory: str, root: str) -> None:
 
 
 def _gpu_id(text: str) -> str:
-    """``--gpu``: the 8-hex id of ``cache list``'s gpu column, or a full UUID (``nvidia-smi -L``'s too)."""
+    """``--gpu``: the gpu column of ``cache list`` (8 hex digits, ``-N`` where the GPU was ``cuda:N``), or
+    a full UUID (``nvidia-smi -L``'s too)."""
     match = _GPU_ID.fullmatch(text.strip().lower())
     if not match:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a GPU id: give the 8 hex digits of the gpu column of 'cache list'"
-            " (e.g. 3b6d1a2c) or the GPU's UUID (e.g. GPU-3b6d1a2c-5e2f-4a1b-9c3d-0123456789ab)"
+            f"{text!r} is not a GPU id: give the gpu column of 'cache list' (8 hex digits, e.g. 3b6d1a2c, with -N"
+            " for the files filled as cuda:N, e.g. 3b6d1a2c-1) or the GPU's UUID"
+            " (e.g. GPU-3b6d1a2c-5e2f-4a1b-9c3d-0123456789ab)"
         )
     return match.group(1) or match.group(2)
+
+
+def _same_gpu(record: cache.Record, gpu: str) -> bool:
+    """Whether ``record``'s GPU is ``--gpu``'s: ``3b6d1a2c-1`` that GPU as cuda:1 only, ``3b6d1a2c`` (or its
+    UUID) that GPU as any device number."""
+    short, _, number = gpu.partition("-")
+    return record.gpu_id.split("-")[0] == short and (not number or record.ordinal == int(number))
 
 
 # --- prewarm ---------------------------------------------------------------------------------------
@@ -419,7 +429,13 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("files", nargs="+")
     clear = actions.add_parser("clear", formatter_class=raw, help="remove cache files and their records, locks")
     clear.add_argument("root", nargs="?", help=root_help)
-    clear.add_argument("--gpu", type=_gpu_id, metavar="ID", help="only files a record says GPU ID filled")
+    clear.add_argument(
+        "--gpu",
+        type=_gpu_id,
+        metavar="ID",
+        help="only files a record says GPU ID filled: the gpu column of 'cache list' (3b6d1a2c-1: as cuda:1 only),"
+        " or its 8 hex digits or UUID (as any device number)",
+    )
     clear.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     for action in (listing, verify, clear):
         action.set_defaults(parser=action)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -302,6 +303,21 @@ def test_clear_one_gpu(gpu_root, capsys):
     assert files_under(gpu_root) == {"README", f"{KEY}/notes.txt", f"{KEY}/rank0.bin"}
 
 
+def test_clear_a_gpu_seen_under_other_device_numbers(tmp_path, real_cache_bytes, capsys):
+    """A DDP host's files of cuda:1, cuda:2 show as 3b6d1a2c-1, 3b6d1a2c-2: each id clears its own, the GPU's
+    8 hex digits or UUID clear all of them."""
+    root = tmp_path / "g"
+    paths = {
+        n: save(root / KEY / f"gpu-{n}.bin", real_cache_bytes, dataclasses.replace(H100, ordinal=n)) for n in (0, 1, 2)
+    }
+    code, by_file = listing(root, capsys)
+    assert code == EXIT_OK and sorted(e["gpu"] for e in by_file.values()) == ["3b6d1a2c", "3b6d1a2c-1", "3b6d1a2c-2"]
+    assert main(["cache", "clear", str(root), "--gpu", "3b6d1a2c-1"]) == EXIT_OK
+    assert [os.path.exists(paths[n]) for n in (0, 1, 2)] == [True, False, True]
+    assert main(["cache", "clear", str(root), "--gpu", "GPU-" + H100.uuid]) == EXIT_OK
+    assert not any(os.path.exists(p) for p in paths.values())
+
+
 def test_clear_a_gpu_with_no_files_says_which_gpus_have_some(gpu_root, capsys):
     before = files_under(gpu_root)
     assert main(["cache", "clear", str(gpu_root), "--gpu", "deadbeef"]) == EXIT_OK
@@ -391,23 +407,27 @@ def test_clear_on_a_read_only_root_reports_the_failure_not_no_files(gpu_root, ca
 def test_clear_on_a_real_read_only_mount(gpu_root):
     """``cache clear`` in a mount namespace where the root is bind-mounted read-only (unshare, no root needed)."""
     root = str(gpu_root)
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False) if os.path.exists(
-        "/usr/bin/unshare") else None
+    probe = (
+        subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+        if os.path.exists("/usr/bin/unshare")
+        else None
+    )
     if probe is None or probe.returncode != 0:
         pytest.skip("no unshare -rm (user and mount namespaces) on this host")
     before = files_under(gpu_root)
     clear = f'"{sys.executable}" -m lightning_trt_rtx cache clear "{root}"'
     script = f'mount --bind -o ro "{root}" "{root}" && exec {clear}'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert proc.returncode == EXIT_INVALID, proc.stderr
     assert "Read-only file system" in proc.stderr and "no cache files" not in proc.stdout
     assert f"error: could not remove 8 file(s) under {root}" in proc.stderr
     assert files_under(gpu_root) == before
 
 
-@pytest.mark.parametrize("gpu", ["3b6d1a2", "3b6d1a2cz", "xyz", "", "GPU-", "3b6d1a2c-0000"])
+@pytest.mark.parametrize("gpu", ["3b6d1a2", "3b6d1a2cz", "xyz", "", "GPU-", "3b6d1a2c-0000", "3b6d1a2c-0", "3b6d1a2c-"])
 def test_clear_bad_gpu_id(gpu, gpu_root, capsys):
     before = files_under(gpu_root)
     assert main(["cache", "clear", str(gpu_root), "--gpu", gpu]) == EXIT_USAGE
@@ -503,8 +523,13 @@ def test_version(capsys):
         f" lightning {metadata.version('lightning')})"
     )
     assert torch.__version__.split("+")[0] in out
-    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, json.dumps(["--version"])], capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, json.dumps(["--version"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert json.loads(proc.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}  # read without importing them
     assert proc.stdout.splitlines()[0] == out
 
@@ -615,7 +640,10 @@ def test_prewarm_missing_program_exits_2_before_importing_torch(tmp_path):
     missing = str(tmp_path / "nope.ep")
     proc = subprocess.run(
         [sys.executable, "-c", IMPORTS_PROBE, json.dumps(["prewarm", missing, "--shape", "8x16"])],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1]) == {"code": EXIT_USAGE, "heavy": []}
