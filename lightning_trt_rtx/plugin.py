@@ -214,11 +214,16 @@ class TRTRuntimePrecision(Precision):
     @contextmanager
     def _step(self) -> Generator[None, None, None]:
         """Prewarm before the first step; under ``"auto"``, each validation or test step is a batch of its
-        trial (predict steps are timed by :meth:`_own_predict_step`'s loop; with the callback, the
-        callback's session times the batches)."""
+        loop's trial, the loop started at its first step with Lightning's batch count (predict steps are
+        timed by :meth:`_own_predict_step`'s loop; with the callback, the callback's session times the
+        batches). A loop ends at the next training step (:meth:`train_step_context`) or at teardown."""
         self._prewarm()
         session = self.session if self.session is not None and self.session.auto is not None else None
         if session is not None:
+            if not session.looping:
+                trainer = self._trainer
+                cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else None
+                session.loop_started(cuda, _predict_loop.loop_batches(trainer) if trainer is not None else None)
             session.batch_started()
         yield
         if session is not None:
@@ -246,6 +251,15 @@ class TRTRuntimePrecision(Precision):
             yield
         if session is not None:
             session.batch_ended()
+
+    @override
+    @contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        # inside fit, a validation loop has ended once training steps again: its trial's window closes
+        if self.session is not None and self.session.looping:
+            self.session.loop_ended()
+        with super().train_step_context():
+            yield
 
     @override
     @contextmanager

@@ -464,6 +464,59 @@ def test_the_plugin_alone_times_its_predict_steps_and_keeps_the_fastest(paced, f
     assert "auto graphs: kept whole_graph_capture" in summary, summary
 
 
+class ServedEval(Served):
+    """Runs its engine in validation, test and (an engine-free) training steps too."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def validation_step(self, batch, batch_idx):
+        self.engine(batch)
+
+    def test_step(self, batch, batch_idx):
+        self.engine(batch)
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch.sum()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_the_plugin_alone_tells_auto_how_long_a_validation_or_test_loop_is(paced, fake_gpu, tmp_path, stage):
+    from tests.procs.lightning_models import make_trainer
+
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
+    loader = torch.utils.data.DataLoader(torch.zeros(40, 2), batch_size=1)
+    trainer = make_trainer(tmp_path, plugins=[plugin])
+    getattr(trainer, stage)(ServedEval(engine), loader, verbose=False)
+    assert set(engine.strategies) == {"disabled"}  # 40 batches cannot win back a 60 ms switch twice
+    assert plugin.session is None  # closed at teardown
+
+
+def test_the_plugin_alone_ends_a_validation_loop_when_training_steps_again(paced, fake_gpu, tmp_path, monkeypatch):
+    from tests.procs.lightning_models import make_trainer
+
+    ended: list[int] = []
+    real_loop_ended = ServingSession.loop_ended
+
+    def loop_ended(self):
+        ended.append(self.figures.batches)
+        real_loop_ended(self)
+
+    monkeypatch.setattr(ServingSession, "loop_ended", loop_ended)
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
+    data = torch.utils.data.DataLoader(torch.zeros(6, 2), batch_size=1)
+    trainer = make_trainer(tmp_path, plugins=[plugin], max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(ServedEval(engine), data, data)
+    # each epoch's validation loop (6 batches) ended: the first at the next training step, the last at teardown
+    assert ended == [6, 6], ended
+
+
 def _decided_once(engine) -> tuple[torch.nn.Module, str]:
     """A first loop over ``engine`` that runs a whole trial: the served module, and what its figures say."""
     served = torch.nn.Sequential(engine)
