@@ -25,6 +25,7 @@ file another writer saved since this run loaded it still goes through and names 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import io
@@ -195,7 +196,11 @@ def template_fields(template: str) -> list[str]:
             f" Valid protocols (fsspec): {', '.join(sorted(fsspec.available_protocols()))}."
         )
     # a directory: the run would load nothing and fail to save at its end
-    local_dir = protocol in (None, "file") and not fields and os.path.isdir(os.path.expanduser(template.format()))
+    local_dir = (
+        protocol in (None, "file")
+        and not fields
+        and os.path.isdir(os.path.expanduser(fsspec.core.split_protocol(template.format())[1]))
+    )
     if template.endswith(("/", os.sep)) or local_dir:
         raise ValueError(
             f"Cache path template {template!r} names a directory: it must name a file, e.g."
@@ -433,6 +438,8 @@ def _read(path: str) -> bytes | None:
         if not fs.isfile(inner):
             if not local:  # isfile() is False also for a store it cannot reach: info() raises why
                 fs.info(inner)  # FileNotFoundError where there is no such object
+            elif os.path.isdir(inner):  # a template whose placeholders resolved to a directory: no save either
+                raise IsADirectoryError(errno.EISDIR, "a directory, not a file: name a file in the template", inner)
             return None
         return fs.cat_file(inner)
     except FileNotFoundError:

@@ -593,6 +593,20 @@ def test_empty_or_invalid_data_never_overwrites(tmp_path, real_cache_bytes, mess
     assert not os.path.exists(tmp_path / "new.bin") and not os.path.exists(tmp_path / "new.bin.json")
 
 
+def test_a_template_resolving_to_a_directory_is_said_at_load_and_nothing_is_written_into_it(
+    tmp_path, real_cache_bytes, messages
+):
+    """Placeholders that resolve to an existing directory (refused at construction only without them)."""
+    (tmp_path / "kernels" / "sm90").mkdir(parents=True)
+    template = str(tmp_path / "kernels" / "{sm}")
+    data, stats = cache.load(template, PLACEMENT)
+    assert data is None and "IsADirectoryError" in stats.unreadable
+    assert messages.matching("a directory, not a file: name a file in the template")
+    stats = cache.save(PLACEMENT.resolve(template), make_payload(real_cache_bytes, 0, 1), stats, PLACEMENT)
+    assert not stats.saved and "not replacing a file this run could not read" in stats.save_error
+    assert os.path.isdir(tmp_path / "kernels" / "sm90") and os.listdir(tmp_path / "kernels" / "sm90") == []
+
+
 def test_read_only_directory(tmp_path, real_cache_bytes, messages):
     directory = tmp_path / "ro"
     path = write(directory / "rank0.bin", real_cache_bytes)

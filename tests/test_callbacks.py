@@ -277,6 +277,7 @@ def test_state_dict_records_settings():
         (dict(runtime_cache="kdir/{gpu}/"), ValueError, r"names a directory"),
         (dict(runtime_cache="s3://bucket/kernels/"), ValueError, r"names a directory"),
         (dict(runtime_cache=os.path.dirname(os.path.abspath(__file__))), ValueError, r"names a directory"),
+        (dict(runtime_cache="file://" + os.path.dirname(os.path.abspath(__file__))), ValueError, r"names a directory"),
         (dict(print_table="yes"), TypeError, r"print_table must be True or False; got str 'yes'"),
         (dict(print_table=1), TypeError, r"print_table must be True or False; got int 1"),
         (dict(print_table=None), TypeError, r"print_table must be True or False"),
