@@ -155,7 +155,10 @@ def _as_device(device: torch.device | str | int) -> torch.device:
         raise TypeError(
             f"device must be a torch.device, a str such as 'cuda:0' or a CUDA device number, got {device!r}."
         )
-    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    try:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError) as err:  # e.g. "gpu", "cuda:x", a negative number
+        raise ValueError(f"device {device!r} is not a device: use e.g. 'cuda', 'cuda:1', 1 or 'cpu' ({err}).") from None
 
 
 def _cuda_device(device: torch.device | str | int, what: str) -> torch.device:
@@ -241,7 +244,7 @@ class UploadsAhead:
         self.gated = False  # the thread's CUDA calls wait for the gate (graphs may be captured)
         self._producer: int | None = None  # the uploads' thread
         check_source(source)
-        self.device = _cuda_device(device, "UploadsAhead") if ops is None else torch.device(device)
+        self.device = _cuda_device(device, "UploadsAhead") if ops is None else _as_device(device)
         self.ops = ops if ops is not None else CudaOps(self.device)
         self.source = source
         self.stats: dict[str, Any] = {"batches": 0, "staged_bytes": 0, "pinned_bytes": 0, "mode": "", "waited_s": 0.0}

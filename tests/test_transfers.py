@@ -442,6 +442,11 @@ def test_iterates_once_and_rejects_bad_arguments():
     for bad in (None, True, 1.5):
         with pytest.raises(TypeError, match="device must be a torch.device, a str such as 'cuda:0' or a CUDA"):
             transfers.HostCopies(bad)
+    for bad in ("gpu", "cuda:x", -1):
+        with pytest.raises(ValueError, match=f"device {bad!r} is not a device: use e.g. 'cuda', 'cuda:1', 1 or 'cpu'"):
+            transfers.HostCopies(bad)
+        with pytest.raises(ValueError, match="is not a device"):
+            transfers.UploadsAhead([], bad, ops=RecordingOps())
 
 
 # --- Lightning's predict loop (the one private seam) ---------------------------------------------------
