@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import string
 import struct
 import time
@@ -431,19 +432,37 @@ def _is_object_store(fs: Any) -> bool:
 
 
 def _read(path: str) -> bytes | None:
+    """The file's bytes; None where nothing is there. Any other failure raises: the file may be there."""
     fs, inner, local = _fs(path)
     try:
-        if not local:
-            fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
-        if not fs.isfile(inner):
-            if not local:  # isfile() is False also for a store it cannot reach: info() raises why
-                fs.info(inner)  # FileNotFoundError where there is no such object
-            elif os.path.isdir(inner):  # a template whose placeholders resolved to a directory: no save either
+        if local:  # os.stat, not isfile(): an I/O error (EIO, ESTALE) is not an absent file
+            mode = os.stat(inner).st_mode
+            if stat.S_ISDIR(mode):  # a template whose placeholders resolved to a directory: no save either
                 raise IsADirectoryError(errno.EISDIR, "a directory, not a file: name a file in the template", inner)
+            return fs.cat_file(inner) if stat.S_ISREG(mode) else None
+        fs.invalidate_cache(inner)  # a listing cached by this process predates other writers' saves
+        if not fs.isfile(inner):  # False also for a store it cannot reach: info() raises why
+            fs.info(inner)  # FileNotFoundError where there is no such object
             return None
         return fs.cat_file(inner)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _absent(path: str) -> bool:
+    """Whether nothing is at ``path``; False where asking failed otherwise (something may be there)."""
+    try:
+        fs, inner, local = _fs(path)
+        if local:
+            os.stat(inner)
+        else:
+            fs.invalidate_cache(inner)
+            fs.info(inner)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except Exception:
+        return False
 
 
 # what identifies one stored version of an object, in the order fsspec backends give it
@@ -626,7 +645,7 @@ def save(path: str, data: bytes, stats: CacheStats | None = None, placement: Pla
     try:
         fs, inner, local = _fs(path)
         with _locked(path):
-            if loaded and stats.unreadable and _disk_state(path):
+            if loaded and stats.unreadable and not _absent(path):
                 stats.save_error = f"not replacing a file this run could not read ({stats.unreadable})"
                 warn(
                     f"Not saving the kernel cache over {path}: it could not be read when this run started"

@@ -762,6 +762,32 @@ def test_a_file_the_run_could_not_read_is_not_replaced_by_its_save(tmp_path, rea
     assert cache.save(path, cold, stats).saved and read(path) == cold
 
 
+@pytest.mark.parametrize("stat_fails_at_save", [False, True])
+def test_a_file_whose_stat_fails_at_load_is_unreadable_not_absent(
+    tmp_path, real_cache_bytes, monkeypatch, messages, stat_fails_at_save
+):
+    """A flaky disk or NFS (EIO, ESTALE) failing the stat at load: the file may be there, so the cold run
+    says so and does not replace it, also when the stat fails at the save again."""
+    path = saved(str(tmp_path / "gpu.bin"), real_cache_bytes)
+    real_stat = os.stat
+
+    def flaky(p, *args, **kwargs):
+        if os.fspath(p) == path:
+            raise OSError(errno.ESTALE, "Stale file handle", p)
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", flaky)
+    data, stats = cache.load(path, cache.Placement())
+    if not stat_fails_at_save:
+        monkeypatch.setattr(os, "stat", real_stat)
+    assert data is None and stats.unreadable.startswith("OSError: [Errno 116]"), stats
+    assert messages.matching(f"Kernel cache {path} could not be read")
+    stats = cache.save(path, make_payload(real_cache_bytes, 7, 7), stats)
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert not stats.saved and stats.save_error.startswith("not replacing a file this run could not read")
+    assert read(path) == real_cache_bytes
+
+
 @pytest.mark.parametrize("saved_unix", ["2025-01-01T00:00:00", None, True, float("nan")])
 def test_a_record_with_fields_of_other_types_is_no_record(tmp_path, real_cache_bytes, saved_unix, messages):
     path = saved(str(tmp_path / "gpu.bin"), real_cache_bytes)
