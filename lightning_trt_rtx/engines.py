@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_trt_rtx import _backend
+from lightning_trt_rtx._messages import warn
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,6 @@ class EngineBinding:
                 if engine.get() != prior:
                     engine.set(prior)
             except Exception as err:  # one engine's failure must not stop the others' restore
-                log.warning("Could not restore the runtime settings of engine %s: %s", engine.name, err)
+                warn(f"Could not restore the runtime settings of engine {engine.name}: {err}", logger=log.name)
         self._prior.clear()
         self._settings = None

@@ -198,7 +198,7 @@ class TRTRuntimePrecision(Precision):
                 figures = session.close()
                 info(figures.summary(), rank=session.ranks.rank, rank_zero=True)
         except Exception as err:  # teardown also runs after the user's exception: never mask it
-            log.warning("Closing the TensorRT-RTX serving session failed: %s", err)
+            warn(f"Closing the TensorRT-RTX serving session failed: {err}", logger=log.name)
         finally:
             super().teardown()
 

@@ -599,7 +599,7 @@ class ServingSession:
                 self.loop_ended()
             self._close_uploads()  # uploads opened without a loop (ServingSession.upload_ahead)
         except Exception as err:  # e.g. a CUDA error the user's step left: never over it
-            log.warning("Ending the loop (its figures or its uploads) failed: %s", err)
+            warn(f"Ending the loop (its figures or its uploads) failed: {err}", rank=self.ranks.rank, logger=log.name)
         self.close_graphs()
         if self.auto is not None:
             self.figures.auto = self.auto.describe()

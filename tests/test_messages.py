@@ -117,7 +117,9 @@ DICT_CONFIG = textwrap.dedent(
     """
     import logging, logging.config, sys
 
-    from lightning_trt_rtx import _backend, _messages, cache
+    import torch.nn as nn
+
+    from lightning_trt_rtx import ServingSession, TRTSettings, _backend, _messages, cache
 
     _backend.torch_tensorrt()
     # the user's logging, set up after the package's logger exists: disable_existing_loggers (the default)
@@ -133,6 +135,11 @@ DICT_CONFIG = textwrap.dedent(
     cache.save(sys.argv[1] + "/sub/gpu.bin", open(sys.argv[2], "rb").read())  # a save that cannot make its directory
     _messages.info("AN-INFO-LINE")
     print("disabled=" + str(logging.getLogger("lightning_trt_rtx").disabled))
+    # a failure path's warning from a child logger: an engine's settings cannot be put back
+    TTM = _backend.torch_tensorrt().dynamo.runtime.TorchTensorRTModule
+    graphs = TRTSettings(runtime_cache=None, cuda_graph_strategy="whole_graph_capture")
+    with ServingSession(nn.Sequential(TTM(name="e0")), graphs):
+        _backend.set_trt_module_settings = lambda *a: (_ for _ in ()).throw(RuntimeError("ENGINE-GONE"))
     """
 )
 
@@ -154,6 +161,9 @@ def test_warnings_reach_handlers_set_up_by_dict_config_that_disabled_the_package
     assert len(failed) == 1 and failed[0].startswith("USER WARNING lightning_trt_rtx | "), result.stdout
     assert lines_with(result.stderr, "Could not save") == []  # through the user's handler, not printed twice
     assert lines_with(result.stdout + result.stderr, "AN-INFO-LINE") == []  # infos follow the user's config
+    restore = lines_with(result.stdout, "Could not restore the runtime settings of engine")
+    assert len(restore) == 1 and restore[0].startswith("USER WARNING lightning_trt_rtx.engines | "), result.stdout
+    assert "ENGINE-GONE" in restore[0]
 
 
 def test_rank_zero_messages_are_silent_on_other_ranks(messages):
