@@ -150,7 +150,8 @@ class TRTRuntimeSettings(_LoopHooks):
         self.session = ServingSession.for_trainer(trainer, self.settings, loops_only=True)
         # what the plugin, meeting this session in the same Trainer, checks its own arguments against
         self.session.prewarm_spec, self.session.upload_ahead_wanted = self.prewarm_spec, self.upload_ahead
-        report.open_run(trainer.global_rank)  # before any rank can end this run and post its figures
+        # before any rank can end this run and post its figures
+        report.open_run(trainer.global_rank, trainer.world_size)
         # engines that exist now get their settings before any context is created; no warning yet:
         # configure_model (which runs after this hook) may still create them
         self.session.serve(pl_module, warn_if_none=False)
@@ -234,7 +235,7 @@ class TRTRuntimeSettings(_LoopHooks):
         if session is not None:
             figures = session.close()
             figures.failed = True
-            report.post(figures)  # rank zero's report gets this rank's row; nobody is waited for here
+            report.post(figures, trainer.world_size)  # rank zero's report gets this rank's row; nobody is waited for
             self.figures = [figures]
 
     @override
@@ -245,8 +246,8 @@ class TRTRuntimeSettings(_LoopHooks):
         figures = session.close()  # a loop with zero batches runs no on_*_end hook
         # no collective (a rank that raised never gets here): the others leave their figures for rank zero,
         # which waits a bounded time for them
-        report.post(figures)
-        self.figures = report.collect(figures)
+        report.post(figures, trainer.world_size)
+        self.figures = report.collect(figures, world_size=trainer.world_size)
         if trainer.logger is not None:
             for row in self.figures:
                 trainer.logger.log_metrics(row.metrics(prefix=f"trt_rtx/rank{row.rank}"), step=trainer.global_step)

@@ -6,9 +6,14 @@ figures in the process group's store when its run ends, also after an exception 
 waits for nobody); rank zero reads them, waiting at most ``$LIGHTNING_TRT_RTX_FIGURES_TIMEOUT_S``
 (default 60) for ranks still running, then reports without the ones missing and says which::
 
-    report.open_run(rank)              # rank zero numbers the run (where every rank starts it: setup)
-    report.post(figures)               # every rank when its run ends, also after an exception
-    rows = report.collect(figures)     # rank zero: every rank's rows; elsewhere its own
+    report.open_run(rank, world_size)                      # rank zero numbers the run (where every rank starts it)
+    report.post(figures, world_size)                       # every rank when its run ends, also after an exception
+    rows = report.collect(figures, world_size=world_size)  # rank zero: every rank's rows; elsewhere its own
+
+``world_size`` is the run's (a Trainer's): where it is not the process group's (a single-device
+Trainer inside a larger group, e.g. ``predict`` on rank zero after a DDP ``fit``) each process reports
+alone. A store that does not answer (rank zero frozen, its node gone without a reset) holds
+:func:`post` no longer than the figures' timeout.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -121,12 +127,14 @@ class RankFigures:
         return cls(**values, cache=CacheStats(**stats) if stats is not None else None)
 
 
-def _store() -> Any | None:
-    """The store of the initialised process group (a TCP or file store every rank reaches), None without one."""
+def _store(world_size: int | None = None) -> Any | None:
+    """The store of the initialised process group (a TCP or file store every rank reaches), None without one
+    or where the run's ``world_size`` (None: the group's) is not the group's: then each process reports alone."""
     try:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
-        if torch.distributed.get_world_size() == 1:
+        group_world = torch.distributed.get_world_size()
+        if group_world == 1 or (world_size is not None and world_size != group_world):
             return None
         return torch.distributed.distributed_c10d._get_default_store()
     except Exception as err:  # a process group without a store: each rank reports alone
@@ -134,27 +142,43 @@ def _store() -> Any | None:
         return None
 
 
-def open_run(rank: int) -> None:
+def _bounded(what: str, call: Callable[[], None]) -> None:
+    """``call`` (store calls) in a daemon thread, waited for at most :func:`figures_timeout_s`: a store call
+    to a rank zero that does not answer blocks without a limit of its own. Never raises."""
+
+    def run() -> None:
+        try:
+            call()
+        except Exception as err:  # rank zero's store may be gone (it failed): its report is not ours to give
+            log.debug("Could not %s: %s", what, err)
+
+    thread = threading.Thread(target=run, name="lightning-trt-rtx-figures", daemon=True)
+    thread.start()
+    thread.join(figures_timeout_s())
+    if thread.is_alive():
+        log.debug("Gave up waiting to %s: the process group's store did not answer", what)
+
+
+def open_run(rank: int, world_size: int | None = None) -> None:
     """Rank zero numbers a new run, before any rank can end it (call where every rank starts one)."""
-    store = _store()
+    store = _store(world_size)
     if rank != 0 or store is None:
         return
-    try:
-        store.add(f"{_KEY}/run", 1)
-    except Exception as err:
-        log.debug("Could not number this run in the process group's store: %s", err)
+    _bounded("number this run in the process group's store", lambda: store.add(f"{_KEY}/run", 1))
 
 
-def post(figures: RankFigures) -> None:
-    """A rank other than zero leaves its figures for rank zero; waits for nobody, never raises."""
-    store = _store()
+def post(figures: RankFigures, world_size: int | None = None) -> None:
+    """A rank other than zero leaves its figures for rank zero; waits for nobody (a store that does not answer:
+    at most the figures' timeout), never raises."""
+    store = _store(world_size)
     if figures.rank == 0 or store is None:
         return
-    try:
+
+    def leave() -> None:
         run = store.add(f"{_KEY}/run", 0)  # rank zero's current run number; 0 if it numbered none
         store.set(f"{_KEY}/{figures.rank}", json.dumps({"run": run, "figures": asdict(figures)}))
-    except Exception as err:  # rank zero's store may be gone (it failed): its report is not ours to give
-        log.debug("Could not leave rank %d's serving figures for rank zero: %s", figures.rank, err)
+
+    _bounded(f"leave rank {figures.rank}'s serving figures for rank zero", leave)
 
 
 def figures_timeout_s() -> float:
@@ -167,10 +191,12 @@ def figures_timeout_s() -> float:
         return FIGURES_TIMEOUT_S
 
 
-def collect(figures: RankFigures, timeout_s: float | None = None) -> list[RankFigures]:
+def collect(
+    figures: RankFigures, timeout_s: float | None = None, *, world_size: int | None = None
+) -> list[RankFigures]:
     """On rank zero, every rank's figures in rank order: the ones posted for this run within ``timeout_s``
     (default :func:`figures_timeout_s`); missing ranks are named in a warning. Elsewhere ``[figures]``."""
-    store = _store()
+    store = _store(world_size)
     if figures.rank != 0 or store is None:
         return [figures]
     timeout_s = figures_timeout_s() if timeout_s is None else timeout_s

@@ -35,6 +35,7 @@ CASE_LIMIT_S = 8.0  # a case that took this long waited on something
 CASES = (
     "session_same_gpu", "session_two_gpus",
     "rank0_only", "rank1_no_engines", "rank1_not_rtx", "figures_missing_rank", "figures_failed_and_stale",
+    "single_device_trainers",
 )  # fmt: skip
 
 
@@ -102,6 +103,23 @@ def _sessions(rank: int, gpus: str, out_dir: str) -> list[dict]:
     return served
 
 
+def _single_device_trainer(out_dir: str, rank: int) -> list[list[int]]:
+    """A single-device ``Trainer.predict`` with the callback in a process of the 2-rank group (e.g. predict on
+    rank zero after a DDP fit): its Trainer's world is 1, so it reports alone (a figures timeout of 10 s,
+    over the case's limit, would show a wait for a rank 1 that this run does not have)."""
+    from lightning_trt_rtx import TRTRuntimeSettings
+    from tests.procs.lightning_models import EngineModel, make_trainer, predict_loader
+
+    os.environ[report.FIGURES_TIMEOUT_ENV] = "10"
+    try:
+        callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+        trainer = make_trainer(os.path.join(out_dir, f"trainer{rank}"), [callback])
+        trainer.predict(EngineModel(engines_in="none"), predict_loader(), return_predictions=False)
+    finally:
+        del os.environ[report.FIGURES_TIMEOUT_ENV]
+    return [[row.rank, row.batches] for row in callback.figures]
+
+
 def rank_worker(rank_: str, out_dir: str) -> None:
     """One rank (run as ``python -c``): every case of ``CASES`` in one gloo group, a barrier between cases."""
     import torch.distributed as dist
@@ -157,6 +175,8 @@ def rank_worker(rank_: str, out_dir: str) -> None:
                 report.post(RankFigures(rank=rank, engines=3, failed=True))  # ended with an exception
                 rows = report.collect(RankFigures(rank=rank, engines=2), timeout_s=GROUP_TIMEOUT_S)
                 result["rows"] = [(r.rank, r.engines, r.failed) for r in rows]
+            elif case == "single_device_trainers":  # each process its own Trainer(devices=1) inside the group
+                result["rows"] = _single_device_trainer(out_dir, rank)
         except Exception as err:  # noqa: BLE001 - reported to the test
             result["error"] = f"{type(err).__name__}: {err}"
         result["seconds"] = time.monotonic() - start
@@ -242,6 +262,41 @@ def test_a_failed_ranks_figures_reach_rank_zero_and_an_earlier_runs_do_not(pair)
     assert any(w.startswith("Waited 0.5 s for the serving figures of rank(s) 1") for w in zero["warnings"])
     assert "Rank(s) 1 ended with an exception: their figures go up to it." in zero["warnings"]
     assert pair[1]["figures_failed_and_stale"]["rows"] == [[1, 2, False]]
+
+
+def test_a_single_device_trainer_inside_a_larger_group_reports_alone_without_waiting(pair):
+    for rank in (0, 1):
+        result = pair[rank]["single_device_trainers"]
+        assert result["rows"] == [[0, 3]], result  # each its own run's rank 0, three batches
+        assert not [w for w in result["warnings"] if w.startswith("Waited")], result["warnings"]
+
+
+FROZEN_STORE = """
+import sys, torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_rank_posting_to_a_rank_zero_that_does_not_answer_gives_up_after_the_figures_timeout(monkeypatch):
+    """Rank zero frozen (SIGSTOP) or its node gone without a reset: a real TCP store that accepts and never
+    answers. Its client's own timeout is long (the group's); the post waits at most the figures' timeout."""
+    import torch.distributed as dist
+
+    server = subprocess.Popen([sys.executable, "-c", FROZEN_STORE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        port = int(server.stdout.readline())
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=120))
+        os.kill(server.pid, signal.SIGSTOP)
+        monkeypatch.setattr(report, "_store", lambda world_size=None: client)
+        monkeypatch.setenv(report.FIGURES_TIMEOUT_ENV, "1")
+        start = time.monotonic()
+        report.post(RankFigures(rank=1), world_size=2)
+        assert time.monotonic() - start < 10
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 # --- two sessions per rank, ranks from torch.distributed then from arguments ----------------------------
