@@ -399,8 +399,8 @@ class PrewarmSpec:
             raise TypeError(f"prewarm_target must be an attribute name (an identifier) or None; got {target!r}.")
         parsed_dtype = parse_dtype(dtype)
         if shapes is None:
-            given = [f"prewarm_dtype={dtype!r}"] if dtype != DEFAULT_DTYPE else []
-            given += [f"prewarm_target={target!r}"] if target is not None else []
+            given = [f"{name}={value!r}" for name, value, default in (("prewarm_dtype", dtype, DEFAULT_DTYPE),
+                     ("prewarm_target", target, None)) if value != default]  # fmt: skip
             if given:  # what they describe would silently never run
                 raise ValueError(
                     f"{' and '.join(given)} describe the prewarm's inputs, but no prewarm_shapes were given:"
