@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_trt_rtx import _predict_loop, report, transfers
 from lightning_trt_rtx._messages import info
 from lightning_trt_rtx.graphs import GraphScopes, check_targets
-from lightning_trt_rtx.prewarm import DEFAULT_DTYPE, PrewarmSpec
+from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession, trainer_session
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings, check_flag
 
@@ -123,7 +123,7 @@ class TRTRuntimeSettings(_LoopHooks):
         loops: Sequence[Loop] = ("predict",),
         print_table: bool = True,
         prewarm_shapes: list[str] | None = None,
-        prewarm_dtype: str = DEFAULT_DTYPE,
+        prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
         upload_ahead: bool = True,
     ) -> None:

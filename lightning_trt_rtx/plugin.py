@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_trt_rtx import _predict_loop
 from lightning_trt_rtx._messages import info, warn
-from lightning_trt_rtx.prewarm import DEFAULT_DTYPE, PrewarmSpec
+from lightning_trt_rtx.prewarm import PrewarmSpec
 from lightning_trt_rtx.session import ServingSession, trainer_session
 from lightning_trt_rtx.settings import DEFAULT_CACHE, CudaGraphStrategy, KernelStrategy, TRTSettings, check_flag
 
@@ -116,7 +116,7 @@ class TRTRuntimePrecision(Precision):
         dynamic_shapes_kernel_specialization_strategy: KernelStrategy = "lazy",
         runtime_cache: str | None = DEFAULT_CACHE,
         prewarm_shapes: list[str] | None = None,
-        prewarm_dtype: str = DEFAULT_DTYPE,
+        prewarm_dtype: str = "float16",
         prewarm_target: str | None = None,
         upload_ahead: bool = True,
     ) -> None:

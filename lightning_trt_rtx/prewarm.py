@@ -52,7 +52,6 @@ Shape = tuple[tuple[int, ...], ...]  # one entry: the shape of each input of one
 SHAPE_FORM = (
     "'8x128' (one input of shape 8x128) or '8x128,8x128' (two inputs, one call); dimensions are positive integers"
 )
-DEFAULT_DTYPE = "float16"  # the callback's and the plugin's prewarm_dtype
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,
@@ -399,13 +398,6 @@ class PrewarmSpec:
             raise TypeError(f"prewarm_target must be an attribute name (an identifier) or None; got {target!r}.")
         parsed_dtype = parse_dtype(dtype)
         if shapes is None:
-            given = [f"{name}={value!r}" for name, value, default in (("prewarm_dtype", dtype, DEFAULT_DTYPE),
-                     ("prewarm_target", target, None)) if value != default]  # fmt: skip
-            if given:  # what they describe would silently never run
-                raise ValueError(
-                    f"{' and '.join(given)} describe the prewarm's inputs, but no prewarm_shapes were given:"
-                    " give prewarm_shapes too (e.g. ['8x128']), or leave them out."
-                )
             return None
         return cls(tuple(_shapes(shapes)), parsed_dtype, target)
 

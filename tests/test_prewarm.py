@@ -379,9 +379,6 @@ def test_callback_with_several_compiled_attributes_asks_for_a_target(tmp_path, f
         ({"prewarm_shapes": []}, ValueError, "No prewarm shapes"),
         ({"prewarm_shapes": ["8x4"], "prewarm_dtype": "fp16"}, ValueError, "Valid names: float16, half"),
         ({"prewarm_dtype": "fp16"}, ValueError, "Valid names"),  # checked even without shapes
-        # what describes the prewarm's inputs without shapes would never run
-        ({"prewarm_dtype": "int64"}, ValueError, r"prewarm_dtype='int64' describe .* no prewarm_shapes were given"),
-        ({"prewarm_target": "head"}, ValueError, r"prewarm_target='head' describe .* give prewarm_shapes too"),
         ({"prewarm_shapes": ["8x4"], "prewarm_target": "not a name"}, TypeError, "identifier"),
         # shapes given as numbers are held to what the text form allows: positive integer dimensions
         ({"prewarm_shapes": [((-8, 128),)]}, ValueError, "every dimension must be a positive int"),
@@ -395,11 +392,6 @@ def test_callback_with_several_compiled_attributes_asks_for_a_target(tmp_path, f
 def test_prewarm_arguments_are_checked_at_construction(component, kwargs, error, match):
     with pytest.raises(error, match=match):
         component(**kwargs)
-
-
-def test_no_prewarm_with_the_default_dtype_given_is_no_prewarm():
-    for component in (TRTRuntimeSettings, TRTRuntimePrecision):
-        assert component(prewarm_dtype="float16", prewarm_target=None).prewarm_spec is None
 
 
 def test_plugin_prewarms_as_the_first_step_starts_once(tmp_path, fake_gpu, messages):
