@@ -12,8 +12,10 @@ program at batch 32 3.39 / 4.44). So the session times the candidates on the bat
 Each candidate runs a few warm-up batches, then :data:`TIMED` batches are timed; :func:`choose` keeps
 the one with the lowest median per-batch time, and ``"disabled"`` unless a capture candidate beats it
 by :data:`MARGIN` (noise never makes ``"auto"`` slower than the default). Nothing is timed after the
-decision. A batch of a shape not seen before starts a new trial (the kept candidate first, so nothing
-switches for a shape that runs only a few batches), up to :data:`MAX_SHAPES` shapes.
+decision. A batch of a shape not seen before starts a new trial once the running one has decided (the
+kept candidate first, so nothing switches for a shape that runs only a few batches), up to
+:data:`MAX_SHAPES` shapes, where the loop has batches enough left to time one candidate; a trial of a new
+shape that has not decided at the loop's end is dropped (:meth:`AutoGraphs.loop_ended`).
 
 **What a trial costs.** Changing the engines' strategy re-creates their execution contexts (and their
 kernels, from the runtime cache): about what the loop's first batch took, 10 ms to 200 ms on H200. A
@@ -399,7 +401,8 @@ class AutoGraphs:
         self.candidate = DISABLED  # in force now: engines start without graphs
         self.trial: Trial | None = None  # the latest trial
         self.trials = 0
-        self.shapes: set[Any] = set()  # the input shapes trials have seen
+        self.shapes: set[Any] = set()  # the input shapes trials were started for
+        self._decided: tuple[Trial, Any] | None = None  # the latest trial that decided, and its input shapes
         self.off = ""  # why nothing is tried (then "disabled" stays)
         self.held_left_out = ""  # why held addresses are not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
@@ -428,9 +431,16 @@ class AutoGraphs:
 
     # --- per batch ---------------------------------------------------------------------------------
 
-    def batch_started(self, batch: Any, options: Callable[[], Options], waited_s: float | None = None) -> None:
+    def batch_started(
+        self, batch: Any, options: Callable[[], Options], waited_s: float | None = None, left: float = math.inf
+    ) -> None:
         """Before each batch: ``waited_s``, how long the loop has waited for its data so far (uploads ahead;
-        None: not measured)."""
+        None: not measured); ``left``: the loop's batches from this one on (``inf``: unknown).
+
+        A batch of an input shape no trial was started for starts one once the running trial has decided
+        (seen during an undecided trial, it waits for its next batch after the decision), the kept candidate
+        first, where the loop has batches enough left to time that candidate once: a loop's last, smaller
+        batch starts none."""
         self._step_started = time.perf_counter()
         self._waited_s = (waited_s, self._waited_s[0])
         if self.off or len(self.shapes) >= MAX_SHAPES:
@@ -439,9 +449,10 @@ class AutoGraphs:
         if self.trial is None:
             self.shapes.add(key)
             self._start(key, options())
-        elif key not in self.shapes:
-            self.shapes.add(key)
-            if self.trial.decided is not None and key is not None:
+        elif key not in self.shapes and key is not None and self.trial.decided is not None:
+            window = max(1, WARMUP.get(self.candidate, 1)) + FIRST_EXTRA_WARMUP + TIMED
+            if left >= window:
+                self.shapes.add(key)
                 self._start(key, options())  # a new input shape: try again, the kept candidate first
 
     def batch_ended(self, remaining: float = math.inf, first_batch_ms: float = 0.0) -> None:
@@ -470,13 +481,22 @@ class AutoGraphs:
         served = memory.served.get(self._engines, 0) if memory is not None else 0
         self._switch(trial.record(times, remaining, estimate, served, host_ms, waited_ms))
         if trial.decided is not None:
+            self._decided = (trial, self._trial_key)
             self._remember(trial)
 
     def loop_ended(self, batches: int = 0) -> None:
-        """A window cut by the loop's end is timed again from its warm-up in the next loop. ``batches``: the
-        loop's batches (later loops count them as served before them)."""
+        """A window cut by the loop's end is timed again from its warm-up in the next loop; but a trial of a
+        new input shape that did not decide is dropped, and the decision before it stands (the next loop's
+        batches may be of the decided shape: they would time the wrong trial); its shape can start one again.
+        ``batches``: the loop's batches (later loops count them as served before them)."""
         if self.trial is not None and self.trial.decided is None:
-            self.trial.restart_window()
+            if self._decided is not None:
+                self.shapes.discard(self._trial_key)
+                self.trial, self._trial_key = self._decided
+                assert self.trial.decided is not None
+                self._switch(self.trial.decided)  # where the dropped trial had switched
+            else:
+                self.trial.restart_window()
         memory = self._own_memory() if batches else None
         if memory is not None:
             memory.served[self._engines] = memory.served.get(self._engines, 0) + batches
@@ -582,16 +602,27 @@ class AutoGraphs:
 
     # --- figures -----------------------------------------------------------------------------------
 
+    def _reported(self) -> Trial | None:
+        """The trial the figures report: the latest, or, while a trial of a new input shape runs, the
+        latest that decided (what runs for the shapes served most)."""
+        if self.trial is not None and self.trial.decided is None and self._decided is not None:
+            return self._decided[0]
+        return self.trial
+
     def medians_ms(self) -> dict[str, float]:
-        return self.trial.medians_ms if self.trial is not None else {}
+        trial = self._reported()
+        return trial.medians_ms if trial is not None else {}
 
     def describe(self) -> str:
         if self.off:
             return f"disabled (not tried: {self.off})"
-        if self.trial is None:
+        trial = self._reported()
+        if trial is None:
             return "disabled (not tried: no batch ran between batch_started and batch_ended)"
-        text = self.trial.describe()
-        if self.switch_ms is not None and not self.trial.rechecked:
+        text = trial.describe()
+        if trial is not self.trial and self.trial is not None:
+            text += f"; a trial of a new input shape not finished ({self.trial.describe()})"
+        if self.switch_ms is not None and not trial.rechecked:
             text += f"; a strategy switch cost {self.switch_ms:.1f} ms"
         if self.trials > 1:
             text += f"; {self.trials} trials (new input shapes)"

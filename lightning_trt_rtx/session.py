@@ -558,7 +558,8 @@ class ServingSession:
                 self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
         if self.auto is not None:
             waited = self.uploads.stats["waited_s"] if self.uploads is not None else None
-            self.auto.batch_started(batch, self._auto_options, waited_s=waited)
+            left = math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
+            self.auto.batch_started(batch, self._auto_options, waited_s=waited, left=left)
         self._timer.batch_started()
         self._step_gate.step_started()
         self._in_batch = True

@@ -399,11 +399,80 @@ def test_a_new_input_shape_tries_again_starting_with_what_was_kept(paced, fake_g
     assert kept in (UPSTREAM, HELD)
     # a loop later: a new shape starts a trial whose first candidate is the one in force (no switch)
     before = len(engine.strategies)
-    _serve(session, engine, [torch.zeros(2, 2)] * 3)
-    assert engine.strategies[before:] == ["whole_graph_capture"] * 3
-    assert session.auto.trial.decided is None and session.auto.trial.candidates[0] == kept
+    seen = []
+    session.loop_started()
+    for x in [torch.zeros(2, 2)] * 3:
+        session.batch_started(x)
+        engine(x)
+        session.batch_ended()
+        seen.append((session.auto.trial.decided, session.auto.trial.candidates[0]))
+    assert seen == [(None, kept)] * 3 and engine.strategies[before:] == ["whole_graph_capture"] * 3
+    assert session.auto.describe().startswith(f"kept {kept} (median ms per batch: ")  # the decision that ran
+    assert f"; a trial of a new input shape not finished (trial not finished, ran {kept}" in session.auto.describe()
+    session.loop_ended()  # undecided at the loop's end: dropped, the decision before it stands
+    assert session.auto.trial.decided == kept
     figures = session.close()
-    assert "2 trials (new input shapes)" in figures.auto and figures.auto.startswith("trial not finished")
+    assert figures.auto.startswith(f"kept {kept} (") and "2 trials (new input shapes)" in figures.auto
+    assert set(figures.auto_ms) == {DISABLED, UPSTREAM, HELD}
+
+
+def test_a_loops_last_smaller_batch_keeps_the_decision_in_the_figures(paced, fake_gpu, tmp_path):
+    from tests.procs.lightning_models import make_trainer
+
+    engine = paced({"disabled": 6.0, "whole_graph_capture": 1.0})
+    callback = TRTRuntimeSettings(cuda_graph_strategy="auto", runtime_cache=None, print_table=False)
+    loader = torch.utils.data.DataLoader(torch.zeros(4 * 100 + 2, 2), batch_size=4)
+    make_trainer(tmp_path, callbacks=[callback]).predict(Served(engine), loader, return_predictions=False)
+    (figures,) = callback.figures
+    assert figures.auto.startswith(("kept whole_graph_capture", f"kept {HELD}")), figures.auto
+    assert "trials" not in figures.auto and set(figures.auto_ms) == {DISABLED, UPSTREAM, HELD}
+
+
+def test_a_trial_of_a_last_batch_does_not_time_the_next_loops_batches(paced, fake_gpu):
+    """One session over several loops (loops=["validate"] inside fit): a stray shape at a loop's end (its
+    length unknown) starts a trial that must not go on over the next loop's batches of the decided shape."""
+    engine = paced({"disabled": 6.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    loop = [torch.zeros(4, 2)] * 100 + [torch.zeros(2, 2)]
+    _serve(session, engine, loop)
+    before = len(engine.strategies)
+    _serve(session, engine, loop)
+    assert set(engine.strategies[before:]) == {"whole_graph_capture"}  # no switch to try "disabled" again
+    assert session.close().auto.startswith(("kept whole_graph_capture", f"kept {HELD}"))
+
+
+def test_a_shape_first_seen_during_a_trial_gets_its_own_trial_after_the_decision(trt, fake_gpu, monkeypatch):
+    """Batches of 4 win from graphs, batches of 64 lose: a batch of 64 that came during the first trial
+    starts its own trial when batches of 64 come again, which keeps "disabled" for them."""
+    from lightning_trt_rtx import session as session_module
+
+    clock = EngineClock()
+    monkeypatch.setattr(auto, "time", clock)
+    monkeypatch.setattr(session_module, "time", clock)
+    pace = {(4, "disabled"): 6.0, (4, "whole_graph_capture"): 1.0, (64, "disabled"): 1.0,
+            (64, "whole_graph_capture"): 5.0}  # fmt: skip
+
+    class ByShape(trt.dynamo.runtime.TorchTensorRTModule):
+        def __init__(self) -> None:
+            super().__init__(name="by-shape")
+            self.ran: list[tuple[int, str]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ran = (x.shape[0], self.runtime_settings.cuda_graph_strategy)
+            self.ran.append(ran)
+            clock.advance(pace[ran] / 1e3)
+            return x + 1
+
+    engine = ByShape()
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    a, b = torch.zeros(4, 2), torch.zeros(64, 2)
+    _serve(session, engine, [a] * 20 + [b] + [a] * (TRIAL + 20) + [b] * 200)
+    assert [strategy for _, strategy in engine.ran[-50:]] == ["disabled"] * 50
+    session.close()
+
+
 
 
 def test_auto_without_held_addresses_tries_two_candidates_and_says_why(paced, fake_gpu, monkeypatch):
