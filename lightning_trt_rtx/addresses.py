@@ -183,11 +183,11 @@ class _Site:
         signature = _signature(args, kwargs)
         if self.keep_outputs and not self._hold():
             return self.original(*args, **kwargs)
-        engine_args = self._stage(args, signature) if self.copy_inputs else args
-        outputs = self.original(*engine_args, **kwargs)
+        engine_args, engine_kwargs = self._stage(args, kwargs, signature) if self.copy_inputs else (args, kwargs)
+        outputs = self.original(*engine_args, **engine_kwargs)
         if self.fresh:
             self._settle()
-        self._watch(signature, (*engine_args, *kwargs.values()), outputs)
+        self._watch(signature, (*engine_args, *engine_kwargs.values()), outputs)
         if self._streak >= 3 and not kwargs and not self.fresh:
             self._fast = self._steady(args, signature)
         # kept outputs are the engine's own: the next batch is written into them
@@ -284,18 +284,23 @@ class _Site:
             except Exception as err:
                 log.debug("Could not give engine %s its output setting back: %s", engine.name, err)
 
-    def _stage(self, args: tuple, signature: tuple) -> tuple:
+    def _stage(self, args: tuple, kwargs: dict, signature: tuple) -> tuple[tuple, dict]:
+        """``args`` and ``kwargs`` (a program's keyword inputs, in the signature's order) copied into the
+        signature's buffers: positional inputs first, then keyword inputs by name."""
         if not signature:
-            return args
+            return args, kwargs
+        names = sorted(kwargs)
+        values = (*args, *(kwargs[name] for name in names))
         buffers = self.buffers.get(signature)
         if buffers is None:
-            buffers = [torch.empty(a.shape, dtype=a.dtype, device=a.device) if _stageable(a) else None for a in args]
+            buffers = [torch.empty(v.shape, dtype=v.dtype, device=v.device) if _stageable(v) else None for v in values]
             self.buffers[signature] = buffers
             while len(self.buffers) > MAX_SHAPES:
                 self.buffers.popitem(last=False)
         else:
             self.buffers.move_to_end(signature)
-        return _copy_in(args, buffers)
+        staged = _copy_in(values, buffers)
+        return staged[: len(args)], {**kwargs, **dict(zip(names, staged[len(args) :]))}
 
     def _watch(self, signature: tuple, engine_args: tuple, outputs: Any) -> None:
         """Compare this call's addresses with the last call's; start copying what moved."""

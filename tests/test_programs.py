@@ -138,6 +138,22 @@ def test_a_program_that_writes_into_no_input_holds_its_inputs_and_outputs(settin
     assert "forward" not in vars(module)
 
 
+def test_a_program_called_with_keyword_inputs_copies_them_in_too(settings):
+    """A program exported with keyword inputs (input_ids=, attention_mask=): they are its engine's inputs
+    as much as positional ones, and are copied into buffers once their addresses moved."""
+    program = torch.export.export(Compiled(), (), {"x": torch.randn(8, 4), "scale": torch.ones(1)}, strict=False)
+    module = program.module()
+    stable = served(module, settings)
+    (engine,) = [e.obj for e in find_engines(module)]
+    inputs = batches(8, 8, 8, 8, 8, 8)
+    kept = [module(x=x, scale=torch.ones(1)) for x in inputs]  # every input and output kept alive: both move
+    for x, y in zip(inputs, kept):
+        torch.testing.assert_close(y, 2 * x + 1)
+    assert len(set(engine.bound_inputs[2:])) == 1  # copied into one buffer from the third call
+    assert "inputs copied in at 1 of 1 call site(s)" in stable.describe()
+    stable.uninstall()
+
+
 @pytest.mark.parametrize(
     ("writes", "functional", "op"),
     [
