@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import namedtuple
+from collections import UserDict, namedtuple
 from typing import Any
 
 import pytest
@@ -410,6 +410,128 @@ def test_close_stops_an_endless_source_promptly_and_releases_the_staging():
     with pytest.raises(StopIteration):
         next(it)
     up.close()  # idempotent
+
+
+def test_at_most_depth_plus_one_batches_are_uploaded_ahead_of_the_one_handed_over():
+    ops = RecordingOps()
+    up = uploads([torch.zeros(4)] * 10, depth=2, ops=ops)
+    next(iter(up))
+    time.sleep(0.5)  # let the thread run as far ahead as it may
+    assert sum(what == "alloc" for what, _, _ in ops.log) - 1 == 3  # two queued, one waiting for room
+    up.close()
+
+
+def test_close_leaves_a_thread_blocked_in_a_read_behind_and_uploads_nothing_after_it(messages):
+    """A source whose next read blocks (a stream waiting for its next request) while the loop ends (its step
+    raised, Ctrl-C): close() returns after CLOSE_WAIT_S, and the read, when it returns, uploads nothing."""
+    arrived = threading.Event()
+
+    def requests():
+        yield torch.zeros(2)
+        arrived.wait(30)  # the next request is not here yet
+        yield torch.ones(2)
+
+    ops = RecordingOps()
+    up = uploads(requests(), ops=ops)
+    it = iter(up)
+    next(it)
+    time.sleep(0.2)  # the thread is now blocked in the source
+    thread = up._thread
+    start = time.perf_counter()
+    up.close()
+    assert time.perf_counter() - start < transfers.CLOSE_WAIT_S + 1.0
+    assert messages.matching("still reading the source")
+    allocs = sum(what == "alloc" for what, _, _ in ops.log)
+    arrived.set()
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive() and sum(what == "alloc" for what, _, _ in ops.log) == allocs
+    assert "finish" not in [what for what, _, _ in ops.log]  # not while a thread may still use the stream
+
+
+def test_a_failing_step_with_a_blocked_source_reaches_the_user_without_waiting_for_the_source(monkeypatch):
+    arrived = threading.Event()
+
+    class Requests(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(3):
+                yield torch.full((4,), float(i))
+            arrived.wait(30)  # the next request is not here yet
+            yield torch.full((4,), 3.0)
+
+    class Fails(Doubler):
+        def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+            time.sleep(0.3)
+            raise ValueError("bad request")
+
+    UploadsOnCpu(monkeypatch)
+    monkeypatch.setattr(transfers.UploadsAhead, "THREAD_MIN_BYTES", 0)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match="bad request"):
+            callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+            cpu_trainer(callbacks=[callback]).predict(Fails(), DataLoader(Requests(), batch_size=None))
+        assert time.perf_counter() - start < transfers.CLOSE_WAIT_S + 3.0
+    finally:
+        arrived.set()
+
+
+def test_batches_that_move_themselves_and_tensor_subclasses_are_left_for_lightning(monkeypatch):
+    """A tokenizer's BatchEncoding (a mapping with its own .to() and state) and a tensor subclass carrying
+    metadata (torchvision's tv_tensors): Lightning moves them with .to(), which keeps what they carry."""
+
+    class Encoding(UserDict):
+        def __init__(self, data: Any = None, encodings: Any = None) -> None:
+            super().__init__(data)
+            self._encodings = encodings
+
+        def word_ids(self, i: int = 0) -> Any:
+            if not self._encodings:
+                raise ValueError("word_ids() is not available")
+            return self._encodings[i]
+
+        def to(self, device: Any) -> Encoding:
+            self.data = {k: v.to(device) for k, v in self.data.items()}
+            return self
+
+    class Boxes(torch.Tensor):
+        format = "XYXY"
+
+    ops = RecordingOps()
+    boxes = torch.zeros(2, 4).as_subclass(Boxes)
+    batch = {"text": Encoding({"input_ids": torch.ones(2, 4, dtype=torch.long)}, [[None, 0, 0, 1]] * 2),
+             "boxes": boxes, "image": torch.zeros(2, 3)}  # fmt: skip
+    (got,) = list(uploads([batch], ops=ops))
+    assert got["text"] is batch["text"] and got["text"].word_ids(0) == [None, 0, 0, 1]
+    assert got["boxes"] is boxes and type(got["boxes"]) is Boxes
+    assert got["image"] is not batch["image"]  # a plain tensor: uploaded
+    assert [detail for what, _, detail in ops.log if what == "stage"] == [(2, 3)]
+
+    class Tagger(LightningModule):
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return batch.word_ids(0)
+
+    UploadsOnCpu(monkeypatch)
+    monkeypatch.setattr(transfers.UploadsAhead, "THREAD_MIN_BYTES", 0)
+    tok = lambda texts: Encoding({"input_ids": torch.ones(len(texts), 4, dtype=torch.long)}, [[None, 0]] * len(texts))  # noqa: E731
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Tagger(), DataLoader(["a b"] * 4, batch_size=2, collate_fn=tok))
+    assert got == [[None, 0], [None, 0]]
+
+
+def test_device_tensors_the_source_makes_in_the_thread_are_waited_for_and_marked_used():
+    """A source doing GPU work itself (a lookup into a GPU table) runs on the uploads' stream in the thread:
+    the consumer waits for it and marks its tensors used on its own stream, like the uploaded ones."""
+    ops = RecordingOps()
+    up = transfers.UploadsAhead(
+        [{"image": torch.zeros(4), "ids": torch.zeros(3, device="meta")}, {"ids": torch.zeros(5, device="meta")}],
+        "meta", ops=ops,
+    )  # fmt: skip
+    up.THREAD_MIN_BYTES = 0
+    assert len(list(up)) == 2
+    steps = consumer_steps(ops)
+    assert [what for what, _ in steps].count("wait") == 2
+    assert sorted(detail for what, detail in steps if what == "record_stream") == [(3,), (4,), (5,)]
 
 
 def test_a_thread_that_fails_outside_reading_is_an_error_for_the_consumer_not_a_hang():
