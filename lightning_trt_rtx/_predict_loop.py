@@ -92,7 +92,12 @@ class _Remaining:
                 return
 
 
-_BATCH_COUNTS = {"predict": "num_predict_batches", "validate": "num_val_batches", "test": "num_test_batches"}
+_BATCH_COUNTS = {
+    "predict": "num_predict_batches",
+    "validate": "num_val_batches",
+    "test": "num_test_batches",
+    "sanity_check": "num_sanity_val_batches",
+}
 
 
 def loop_batches(trainer: Any) -> float:

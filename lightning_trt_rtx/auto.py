@@ -15,7 +15,7 @@ by :data:`MARGIN` (noise never makes ``"auto"`` slower than the default). Nothin
 decision. A batch of a shape not seen before starts a new trial once the running one has decided (the
 kept candidate first, so nothing switches for a shape that runs only a few batches), up to
 :data:`MAX_SHAPES` shapes, where the loop has batches enough left to time one candidate; a trial of a new
-shape that has not decided at the loop's end is dropped (:meth:`AutoGraphs.loop_ended`).
+shape times only batches of that shape.
 
 **What a trial costs.** Changing the engines' strategy re-creates their execution contexts (and their
 kernels, from the runtime cache): about what the loop's first batch took, 10 ms to 200 ms on H200. A
@@ -403,6 +403,7 @@ class AutoGraphs:
         self.trials = 0
         self.shapes: set[Any] = set()  # the input shapes trials were started for
         self._decided: tuple[Trial, Any] | None = None  # the latest trial that decided, and its input shapes
+        self._batch_key: Any = None  # the input shapes of the current batch
         self.off = ""  # why nothing is tried (then "disabled" stays)
         self.held_left_out = ""  # why held addresses are not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
@@ -439,27 +440,31 @@ class AutoGraphs:
 
         A batch of an input shape no trial was started for starts one once the running trial has decided
         (seen during an undecided trial, it waits for its next batch after the decision), the kept candidate
-        first, where the loop has batches enough left to time that candidate once: a loop's last, smaller
-        batch starts none."""
+        (or the one remembered for the shape) first, where the loop has batches enough left to time that
+        candidate once: a loop's last, smaller batch starts none. Such a trial times only batches of its
+        own shape."""
         self._step_started = time.perf_counter()
         self._waited_s = (waited_s, self._waited_s[0])
+        self._batch_key = key = shape_key(batch)
         if self.off or len(self.shapes) >= MAX_SHAPES:
             return
-        key = shape_key(batch)
         if self.trial is None:
             self.shapes.add(key)
             self._start(key, options())
         elif key not in self.shapes and key is not None and self.trial.decided is not None:
-            window = max(1, WARMUP.get(self.candidate, 1)) + FIRST_EXTRA_WARMUP + TIMED
-            if left >= window:
+            if self._start(key, options(), left):  # a new input shape: try again, the kept candidate first
                 self.shapes.add(key)
-                self._start(key, options())  # a new input shape: try again, the kept candidate first
 
     def batch_ended(self, remaining: float = math.inf, first_batch_ms: float = 0.0) -> None:
         """After each batch: ``remaining`` batches in the loop (``inf``: unknown), and the loop's first
         batch's time (what a switch is estimated to cost until one is measured)."""
         trial = self.trial
         if trial is None or trial.decided is not None:
+            return
+        if self._decided is not None and self._batch_key != self._trial_key:
+            # a new shape's trial times its own batches only (and contiguous ones: its window starts again)
+            trial.restart_window()
+            self._clear_window()
             return
         if trial.batch_ended():
             step_ms = (time.perf_counter() - self._step_started) * 1e3
@@ -485,18 +490,11 @@ class AutoGraphs:
             self._remember(trial)
 
     def loop_ended(self, batches: int = 0) -> None:
-        """A window cut by the loop's end is timed again from its warm-up in the next loop; but a trial of a
-        new input shape that did not decide is dropped, and the decision before it stands (the next loop's
-        batches may be of the decided shape: they would time the wrong trial); its shape can start one again.
-        ``batches``: the loop's batches (later loops count them as served before them)."""
+        """A window cut by the loop's end is timed again from its warm-up in the next loop (a trial of a new
+        input shape goes on with that shape's batches only). ``batches``: the loop's batches (later loops
+        count them as served before them)."""
         if self.trial is not None and self.trial.decided is None:
-            if self._decided is not None:
-                self.shapes.discard(self._trial_key)
-                self.trial, self._trial_key = self._decided
-                assert self.trial.decided is not None
-                self._switch(self.trial.decided)  # where the dropped trial had switched
-            else:
-                self.trial.restart_window()
+            self.trial.restart_window()
         memory = self._own_memory() if batches else None
         if memory is not None:
             memory.served[self._engines] = memory.served.get(self._engines, 0) + batches
@@ -513,13 +511,20 @@ class AutoGraphs:
 
     # --- trials ------------------------------------------------------------------------------------
 
-    def _start(self, key: Any, options: Options) -> None:
+    def _start(self, key: Any, options: Options, left: float = math.inf) -> bool:
+        """Start a trial for input shapes ``key``; whether it started: not where the loop's ``left`` batches
+        cannot time its first candidate once (nor where ``options`` say nothing applies)."""
         if options.off:
             self.off = options.off
-            return
-        self.held_left_out = options.held_left_out
+            return False
         memory = _memory(self._owner)
         remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
+        first = remembered.candidate if remembered is not None and remembered.candidate in options.candidates else (
+            self.candidate if self.candidate in options.candidates else DISABLED
+        )
+        if left < max(1, WARMUP.get(first, 1)) + FIRST_EXTRA_WARMUP + TIMED:
+            return False
+        self.held_left_out = options.held_left_out
         self._last_stamp = None  # a switch now is timed from nothing earlier
         if self.candidate not in options.candidates:  # started under a candidate that does not apply now
             self._switch(DISABLED)
@@ -538,6 +543,7 @@ class AutoGraphs:
         self.trials += 1
         self._clear_window()
         self._switched_at = None
+        return True
 
     def _switch(self, candidate: str) -> None:
         if candidate == self.candidate:

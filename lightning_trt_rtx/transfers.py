@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import itertools
 import logging
+import math
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -48,9 +51,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DEPTH = 2
 _END = object()  # the source is exhausted
 _POLL_S = 0.1  # how often a blocked thread looks whether it should stop
-# how long close() waits for a thread still reading the source (a read that blocks, e.g. a stream waiting
-# for its next request): then the thread is left behind (a daemon; it stops after that read) and the user's
-# error or Ctrl-C goes on
+# how long close() waits, while an error or Ctrl-C is raised, for a thread still reading the source (a read
+# that blocks, e.g. a stream waiting for its next request): then the thread is left behind (a daemon; it
+# stops after that read) and the error goes on. Otherwise close() waits for the read: the source (e.g. a
+# DataLoader with persistent workers) may be read again next
 CLOSE_WAIT_S = 2.0
 
 
@@ -206,7 +210,8 @@ class UploadsAhead:
     uploaded, to be handed over, and the thread may hold one more it has uploaded until there is room:
     ``depth + 1`` batches ahead of the one handed over at most (measured so: 0.95 of the bare engine).
     Iterate once; :meth:`close` (also on exhaustion or on leaving a ``with`` block) stops the reading and
-    gives the pinned memory back (a thread blocked in a read is left behind after ``CLOSE_WAIT_S``)::
+    gives the pinned memory back (while an error is raised, a thread blocked in a read is left behind after
+    ``CLOSE_WAIT_S``)::
 
         with UploadsAhead(loader, torch.device("cuda", 0)) as batches:
             for batch in batches:
@@ -351,7 +356,8 @@ class UploadsAhead:
         self._closed = True
         self._stop.set()
         thread, self._thread = self._thread, None
-        deadline = time.monotonic() + CLOSE_WAIT_S
+        raising = sys.exc_info()[0] is not None  # closed from a handler: the loop's error or Ctrl-C goes on
+        deadline = time.monotonic() + CLOSE_WAIT_S if raising else math.inf
         while thread is not None and thread.is_alive() and time.monotonic() < deadline:
             try:  # unblock a producer waiting for room
                 while True:
@@ -362,7 +368,7 @@ class UploadsAhead:
         left_reading = thread is not None and thread.is_alive()
         if left_reading:
             warn(
-                f"The uploads' thread was still reading the source {CLOSE_WAIT_S:g} s after the loop ended (a read"
+                f"The uploads' thread was still reading the source {CLOSE_WAIT_S:g} s after the loop raised (a read"
                 " that blocks): it is left behind and stops after that read, uploading nothing more."
             )
         if self.gated and self.gate is not None:
@@ -478,12 +484,14 @@ class UploadsAhead:
 
 
 class _MovesItself(abc.ABC):  # noqa: B024 - a structural test, nothing to implement
-    """Anything with a ``.to()`` (a tensor, a tokenizer's ``BatchEncoding``, a TensorDict): the leaves
-    Lightning moves by calling it (its ``_TransferableDataType``), so the uploads walk no further into them."""
+    """Anything with a ``.to()`` (a tensor, a tokenizer's ``BatchEncoding``, a TensorDict), but a dataclass:
+    the leaves Lightning moves by calling it (its ``_TransferableDataType``), so the uploads walk no further
+    into them."""
 
     @classmethod
     def __subclasshook__(cls, subclass: Any) -> bool:
-        return callable(getattr(subclass, "to", None))
+        # a dataclass is walked and rebuilt field by field (as Lightning's own walk does), its .to() or not
+        return callable(getattr(subclass, "to", None)) and not dataclasses.is_dataclass(subclass)
 
 
 def _cpu_bytes(batch: Any) -> int:

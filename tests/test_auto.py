@@ -409,10 +409,11 @@ def test_a_new_input_shape_tries_again_starting_with_what_was_kept(paced, fake_g
     assert seen == [(None, kept)] * 3 and engine.strategies[before:] == ["whole_graph_capture"] * 3
     assert session.auto.describe().startswith(f"kept {kept} (median ms per batch: ")  # the decision that ran
     assert f"; a trial of a new input shape not finished (trial not finished, ran {kept}" in session.auto.describe()
-    session.loop_ended()  # undecided at the loop's end: dropped, the decision before it stands
-    assert session.auto.trial.decided == kept
+    session.loop_ended()  # undecided at the loop's end: it goes on with batches of its shape in a later loop
+    assert session.auto.trial.decided is None and session.auto.trial.candidates[0] == kept
     figures = session.close()
     assert figures.auto.startswith(f"kept {kept} (") and "2 trials (new input shapes)" in figures.auto
+    assert "a trial of a new input shape not finished" in figures.auto
     assert set(figures.auto_ms) == {DISABLED, UPSTREAM, HELD}
 
 
@@ -440,6 +441,41 @@ def test_a_trial_of_a_last_batch_does_not_time_the_next_loops_batches(paced, fak
     _serve(session, engine, loop)
     assert set(engine.strategies[before:]) == {"whole_graph_capture"}  # no switch to try "disabled" again
     assert session.close().auto.startswith(("kept whole_graph_capture", f"kept {HELD}"))
+
+
+def test_a_second_shape_in_short_loops_of_unknown_length_decides_without_switching_every_loop(paced, fake_gpu):
+    """A server's loops of unknown length (iterable data): a shape served 25 batches a loop goes on with its
+    trial over the loops (its own batches only), so it decides, instead of starting over every loop."""
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    a, b = torch.zeros(4, 2), torch.zeros(2, 2)
+    _serve(session, engine, [a] * TRIAL)
+    for _ in range(6):
+        _serve(session, engine, [a] * 10 + [b] * 25)
+    assert session.auto.trial.decided is not None and session.auto.trials == 2, session.auto.describe()
+    switches = sum(1 for x, y in zip(engine.strategies, engine.strategies[1:]) if x != y)
+    assert switches <= 4, engine.strategies
+    session.close()
+
+
+def test_a_remembered_candidate_that_the_loop_cannot_time_starts_no_trial(paced, fake_gpu):
+    """A shape remembered with held addresses (12 warm-up batches and 8 timed) and 15 batches of it left: no
+    switch to try what cannot be timed."""
+    engine = paced({"disabled": 5.0, "whole_graph_capture": 1.0})
+    served = torch.nn.Sequential(engine)
+    session = _session()
+    session.serve(served)
+    _serve(session, engine, [torch.zeros(4, 2)] * TRIAL)
+    memory = auto._memory(session.auto._owner)
+    assert memory is not None
+    memory.decisions[(session.auto._engines, (16, 2))] = auto.Decision(HELD, {HELD: 1.0, DISABLED: 5.0})
+    applied = len(engine.strategies)
+    kept = session.auto.candidate
+    _serve(session, engine, [torch.zeros(4, 2)] * 200 + [torch.zeros(16, 2)] * 15, known=True)
+    assert session.auto.candidate == kept and session.auto.trials == 1
+    assert len(set(engine.strategies[applied:])) == 1
+    session.close()
 
 
 def test_a_shape_first_seen_during_a_trial_gets_its_own_trial_after_the_decision(trt, fake_gpu, monkeypatch):
@@ -564,6 +600,18 @@ def test_the_plugin_alone_tells_auto_how_long_a_validation_or_test_loop_is(paced
     getattr(trainer, stage)(ServedEval(engine), loader, verbose=False)
     assert set(engine.strategies) == {"disabled"}  # 40 batches cannot win back a 60 ms switch twice
     assert plugin.session is None  # closed at teardown
+
+
+def test_the_plugin_alone_tells_auto_how_long_the_sanity_check_is(paced, fake_gpu, tmp_path):
+    from tests.procs.lightning_models import make_trainer
+
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 0.2}, setup_ms=60.0)
+    plugin = TRTRuntimePrecision(cuda_graph_strategy="auto", runtime_cache=None)
+    loader = torch.utils.data.DataLoader(torch.zeros(40, 2), batch_size=1)
+    trainer = make_trainer(tmp_path, plugins=[plugin], max_epochs=1, num_sanity_val_steps=-1, limit_train_batches=1)
+    trainer.fit(ServedEval(engine), loader, loader)
+    # the 40 sanity batches (then the epoch's 40) cannot win back a 60 ms switch twice
+    assert len(engine.strategies) == 80 and set(engine.strategies) == {"disabled"}
 
 
 def test_the_plugin_alone_ends_a_validation_loop_when_training_steps_again(paced, fake_gpu, tmp_path, monkeypatch):

@@ -421,9 +421,32 @@ def test_at_most_depth_plus_one_batches_are_uploaded_ahead_of_the_one_handed_ove
     up.close()
 
 
+def test_close_waits_for_a_read_in_flight_when_nothing_is_raised(messages):
+    """A loop that stops early (limit_predict_batches, a break): the source (a DataLoader with persistent
+    workers) may be read again next, so close() waits for the thread's read to end."""
+    arrived = threading.Event()
+
+    def requests():
+        yield torch.zeros(2)
+        arrived.wait(30)
+        yield torch.ones(2)
+
+    up = uploads(requests())
+    it = iter(up)
+    next(it)
+    time.sleep(0.2)  # the thread is now blocked in the source
+    thread = up._thread
+    threading.Timer(transfers.CLOSE_WAIT_S + 0.5, arrived.set).start()  # longer than an error's close waits
+    start = time.perf_counter()
+    up.close()
+    assert time.perf_counter() - start >= transfers.CLOSE_WAIT_S + 0.4 and thread is not None
+    assert not thread.is_alive()
+    assert not messages.matching("still reading the source")
+
+
 def test_close_leaves_a_thread_blocked_in_a_read_behind_and_uploads_nothing_after_it(messages):
-    """A source whose next read blocks (a stream waiting for its next request) while the loop ends (its step
-    raised, Ctrl-C): close() returns after CLOSE_WAIT_S, and the read, when it returns, uploads nothing."""
+    """A source whose next read blocks (a stream waiting for its next request) while the loop raises (its
+    step failed, Ctrl-C): close() returns after CLOSE_WAIT_S, and the read, when it returns, uploads nothing."""
     arrived = threading.Event()
 
     def requests():
@@ -438,7 +461,10 @@ def test_close_leaves_a_thread_blocked_in_a_read_behind_and_uploads_nothing_afte
     time.sleep(0.2)  # the thread is now blocked in the source
     thread = up._thread
     start = time.perf_counter()
-    up.close()
+    try:
+        raise RuntimeError("the step failed")
+    except RuntimeError:
+        up.close()  # as the callback's on_exception closes it
     assert time.perf_counter() - start < transfers.CLOSE_WAIT_S + 1.0
     assert messages.matching("still reading the source")
     allocs = sum(what == "alloc" for what, _, _ in ops.log)
@@ -517,6 +543,23 @@ def test_batches_that_move_themselves_and_tensor_subclasses_are_left_for_lightni
     callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
     got = cpu_trainer(callbacks=[callback]).predict(Tagger(), DataLoader(["a b"] * 4, batch_size=2, collate_fn=tok))
     assert got == [[None, 0], [None, 0]]
+
+
+def test_a_dataclass_batch_with_its_own_to_is_still_uploaded_ahead():
+    """A dataclass is walked and rebuilt field by field (as Lightning's walk does), its .to() or not."""
+
+    @dataclasses.dataclass
+    class Batch:
+        images: torch.Tensor
+        labels: torch.Tensor
+
+        def to(self, device: Any) -> Any:
+            return Batch(self.images.to(device), self.labels.to(device))
+
+    ops = RecordingOps()
+    got = list(uploads([Batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))] * 2, ops=ops))
+    assert all(isinstance(b, Batch) for b in got)
+    assert [detail for what, _, detail in ops.log if what == "stage"] == [(4, 3), (4,)] * 2
 
 
 def test_device_tensors_the_source_makes_in_the_thread_are_waited_for_and_marked_used():
