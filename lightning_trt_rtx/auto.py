@@ -16,7 +16,7 @@ decision. A batch of a shape not seen before starts a new trial once the running
 kept candidate first, so nothing switches for a shape that runs only a few batches), up to
 :data:`MAX_SHAPES` shapes, where the loop has batches enough left to time one candidate; a trial of a new
 shape times only batches of that shape, and is given up after :data:`ABANDON_AFTER` batches of other
-shapes in a row (the decision before it stands again).
+shapes before its next window (the decision before it stands again).
 
 **What a trial costs.** Changing the engines' strategy re-creates their execution contexts (and their
 kernels, from the runtime cache): about what the loop's first batch took, 10 ms to 200 ms on H200. A
@@ -79,8 +79,9 @@ WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 12}
 # kept a slower candidate): it warms up this many batches more
 FIRST_EXTRA_WARMUP = 8
 MAX_SHAPES = 8  # new input shapes that start a new trial; beyond, the last decision stands
-# a new shape's trial that this many batches of other shapes in a row interrupt is given up: the decision
-# before it (and its candidate) stands again (the shape came in a burst, then the traffic went back)
+# a new shape's trial that this many batches of other shapes interrupt before it times its next window is
+# given up: the decision before it (and its candidate) stands again (the shape came in a burst and the
+# traffic went back, or it comes mixed with the decided shape, where its windows never fill)
 ABANDON_AFTER = 32
 # the largest share of a batch's time graphs were measured to win (H200, a 32x256 MLP: 0.73 -> 0.35 ms)
 WIN_BOUND = 0.5
@@ -408,7 +409,7 @@ class AutoGraphs:
         self.shapes: set[Any] = set()  # the input shapes trials were started for
         self._decided: tuple[Trial, Any] | None = None  # the latest trial that decided, and its input shapes
         self._batch_key: Any = None  # the input shapes of the current batch
-        self._others = 0  # batches of other shapes in a row during a new shape's trial
+        self._others = 0  # batches of other shapes since a new shape's trial started or timed a window
         self.off = ""  # why nothing is tried (then "disabled" stays)
         self.held_left_out = ""  # why held addresses are not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
@@ -470,14 +471,13 @@ class AutoGraphs:
             # a new shape's trial times its own batches only (and contiguous ones: its window starts again)
             trial.restart_window()
             self._clear_window()
+            self._switched_at = None  # other batches since a switch: its cost is not measured
             self._others += 1
             if self._others >= ABANDON_AFTER:  # the traffic went back: the decision before stands again
                 self.trial, self._trial_key = self._decided
-                self._others = 0
                 assert self.trial.decided is not None
                 self._switch(self.trial.decided)
             return
-        self._others = 0
         if trial.batch_ended():
             step_ms = (time.perf_counter() - self._step_started) * 1e3
             self._stamp()
@@ -496,6 +496,7 @@ class AutoGraphs:
         estimate = self.switch_ms if self.switch_ms is not None else first_batch_ms
         memory = _memory(self._owner)
         served = memory.served.get(self._engines, 0) if memory is not None else 0
+        self._others = 0  # the trial timed a window
         self._switch(trial.record(times, remaining, estimate, served, host_ms, waited_ms))
         if trial.decided is not None:
             self._decided = (trial, self._trial_key)
@@ -552,6 +553,7 @@ class AutoGraphs:
         ordered = [self.candidate, *sorted(rest, key=lambda c: engine_strategy(c) != strategy)]
         self.trial = Trial(ordered, recheck=remembered)
         self._trial_key = key
+        self._others = 0
         self.trials += 1
         self._clear_window()
         self._switched_at = None

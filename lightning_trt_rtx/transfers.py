@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import queue
 import sys
 import threading
@@ -51,11 +50,12 @@ log = logging.getLogger(__name__)
 DEFAULT_DEPTH = 2
 _END = object()  # the source is exhausted
 _POLL_S = 0.1  # how often a blocked thread looks whether it should stop
-# how long close() waits, while an error or Ctrl-C is raised, for a thread still reading the source (a read
-# that blocks, e.g. a stream waiting for its next request): then the thread is left behind (a daemon; it
-# stops after that read) and the error goes on. Otherwise close() waits for the read: the source (e.g. a
-# DataLoader with persistent workers) may be read again next
+# how long close() waits for a thread still reading the source (a read that blocks, e.g. a stream waiting
+# for its next request) before it leaves the thread behind (a daemon; it stops after that read): while an
+# error or Ctrl-C is raised, briefly (the error goes on); else long enough for a slow read to end, as the
+# source (e.g. a DataLoader with persistent workers) may be read again next
 CLOSE_WAIT_S = 2.0
+END_WAIT_S = 30.0
 
 
 class CudaOps:
@@ -210,8 +210,8 @@ class UploadsAhead:
     uploaded, to be handed over, and the thread may hold one more it has uploaded until there is room:
     ``depth + 1`` batches ahead of the one handed over at most (measured so: 0.95 of the bare engine).
     Iterate once; :meth:`close` (also on exhaustion or on leaving a ``with`` block) stops the reading and
-    gives the pinned memory back (while an error is raised, a thread blocked in a read is left behind after
-    ``CLOSE_WAIT_S``)::
+    gives the pinned memory back (a thread blocked in a read is left behind after ``CLOSE_WAIT_S`` while an
+    error is raised, else after ``END_WAIT_S``)::
 
         with UploadsAhead(loader, torch.device("cuda", 0)) as batches:
             for batch in batches:
@@ -357,7 +357,8 @@ class UploadsAhead:
         self._stop.set()
         thread, self._thread = self._thread, None
         raising = sys.exc_info()[0] is not None  # closed from a handler: the loop's error or Ctrl-C goes on
-        deadline = time.monotonic() + CLOSE_WAIT_S if raising else math.inf
+        wait_s = CLOSE_WAIT_S if raising else END_WAIT_S
+        deadline = time.monotonic() + wait_s
         while thread is not None and thread.is_alive() and time.monotonic() < deadline:
             try:  # unblock a producer waiting for room
                 while True:
@@ -368,8 +369,9 @@ class UploadsAhead:
         left_reading = thread is not None and thread.is_alive()
         if left_reading:
             warn(
-                f"The uploads' thread was still reading the source {CLOSE_WAIT_S:g} s after the loop raised (a read"
-                " that blocks): it is left behind and stops after that read, uploading nothing more."
+                f"The uploads' thread was still reading the source {wait_s:g} s after the loop"
+                f" {'raised' if raising else 'ended'} (a read that blocks): it is left behind and stops after that"
+                " read, uploading nothing more."
             )
         if self.gated and self.gate is not None:
             self.gate.attached = False  # no thread waits on it any more: steps take no lock

@@ -478,6 +478,88 @@ def test_a_remembered_candidate_that_the_loop_cannot_time_starts_no_trial(paced,
     session.close()
 
 
+@pytest.fixture
+def by_shape(trt, fake_gpu, monkeypatch):
+    """An engine whose pace depends on its input's batch size and strategy, on the session's clock."""
+    from lightning_trt_rtx import session as session_module
+
+    clock = EngineClock()
+    monkeypatch.setattr(auto, "time", clock)
+    monkeypatch.setattr(session_module, "time", clock)
+
+    class ByShape(trt.dynamo.runtime.TorchTensorRTModule):
+        def __init__(self, pace: dict[tuple[int, str], float]) -> None:
+            super().__init__(name="by-shape")
+            self.pace = pace
+            self.ran: list[tuple[int, str]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ran = (x.shape[0], self.runtime_settings.cuda_graph_strategy)
+            self.ran.append(ran)
+            clock.advance(self.pace[ran] / 1e3)
+            return x + 1
+
+    return ByShape
+
+
+# batch 4 loses from graphs, batch 64 gains a little, batch 16 gains much
+PACE = {(4, "disabled"): 1.0, (4, "whole_graph_capture"): 5.0, (64, "disabled"): 3.0,
+        (64, "whole_graph_capture"): 2.0, (16, "disabled"): 6.0, (16, "whole_graph_capture"): 1.0}  # fmt: skip
+
+
+def _by_shape_session(engine) -> ServingSession:
+    session = _session()
+    session.serve(torch.nn.Sequential(engine))
+    _serve(session, engine, [torch.zeros(4, 2)] * (TRIAL + 5))  # batch 4 decides "disabled"
+    assert session.auto.candidate == DISABLED
+    return session
+
+
+def test_a_new_shapes_trial_that_stops_seeing_its_shape_gives_the_main_shape_its_decision_back(by_shape):
+    engine = by_shape(PACE)
+    session = _by_shape_session(engine)
+    a, b = torch.zeros(4, 2), torch.zeros(64, 2)
+    _serve(session, engine, [b] * (auto.WARMUP[DISABLED] + auto.TIMED + 2))  # one window, then a switch
+    for _ in range(5):
+        _serve(session, engine, [a] * 100)
+    assert [strategy for _, strategy in engine.ran[-100:]] == ["disabled"] * 100
+    session.close()
+
+
+def test_a_new_shape_mixed_into_the_decided_one_gives_its_trial_up(by_shape):
+    """Batches 4 and 64 alternate, 64 remembered with upstream's capture: its windows never fill, so its trial
+    is given up and the decided candidate runs again."""
+    engine = by_shape(PACE)
+    session = _by_shape_session(engine)
+    memory = auto._memory(session.auto._owner)
+    assert memory is not None
+    memory.decisions[(session.auto._engines, (64, 2))] = auto.Decision(UPSTREAM, {UPSTREAM: 2.0, DISABLED: 3.0})
+    _serve(session, engine, [torch.zeros(4, 2), torch.zeros(64, 2)] * 200)
+    assert [strategy for size, strategy in engine.ran[-100:] if size == 4] == ["disabled"] * 50
+    session.close()
+
+
+def test_a_given_up_trial_lets_a_later_shape_have_its_own(by_shape):
+    engine = by_shape(PACE)
+    session = _by_shape_session(engine)
+    a, b, c = torch.zeros(4, 2), torch.zeros(64, 2), torch.zeros(16, 2)
+    _serve(session, engine, ([a] * 20 + [b] * 5) * 20)  # batch 64 in bursts shorter than a window
+    _serve(session, engine, [c] * 500)
+    assert [strategy for _, strategy in engine.ran[-100:]] == ["whole_graph_capture"] * 100
+    session.close()
+
+
+def test_other_shapes_between_a_switch_and_the_next_window_are_not_its_cost(by_shape):
+    engine = by_shape({**PACE, (64, "whole_graph_capture"): 3.5})
+    session = _by_shape_session(engine)
+    a, b = torch.zeros(4, 2), torch.zeros(64, 2)
+    first, rest = (auto.WARMUP[DISABLED] + auto.TIMED, auto.WARMUP[UPSTREAM] + auto.WARMUP[HELD] + 2 * auto.TIMED)
+    _serve(session, engine, [b] * first + [a] * 20 + [b] * rest + [a] * 300, known=True)
+    assert session.auto.switch_ms is not None and session.auto.switch_ms < 5.0, session.auto.describe()
+    assert [strategy for _, strategy in engine.ran[-300:]] == ["disabled"] * 300
+    session.close()
+
+
 def test_a_new_shapes_trial_cut_short_by_a_burst_ending_gives_the_main_shape_its_decision_back(trt, fake_gpu,
                                                                                                monkeypatch):
     """A shape that comes in one burst (its trial switched candidate after its first window), then the traffic

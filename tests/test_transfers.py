@@ -444,6 +444,28 @@ def test_close_waits_for_a_read_in_flight_when_nothing_is_raised(messages):
     assert not messages.matching("still reading the source")
 
 
+def test_a_loop_that_stops_early_over_a_stream_that_blocks_returns_after_the_end_wait(messages, monkeypatch):
+    """A `break` (or limit_predict_batches) over a request stream whose next request never comes."""
+    monkeypatch.setattr(transfers, "END_WAIT_S", 0.5)
+    arrived = threading.Event()
+
+    def requests():
+        yield torch.zeros(2)
+        yield torch.zeros(2)
+        arrived.wait(30)
+        yield torch.ones(2)
+
+    up = uploads(requests())
+    for _ in up:
+        break
+    time.sleep(0.3)
+    start = time.perf_counter()
+    up.close()
+    assert time.perf_counter() - start < 2.0
+    assert messages.matching("still reading the source 0.5 s after the loop ended")
+    arrived.set()
+
+
 def test_close_leaves_a_thread_blocked_in_a_read_behind_and_uploads_nothing_after_it(messages):
     """A source whose next read blocks (a stream waiting for its next request) while the loop raises (its
     step failed, Ctrl-C): close() returns after CLOSE_WAIT_S, and the read, when it returns, uploads nothing."""
