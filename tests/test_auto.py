@@ -560,30 +560,11 @@ def test_other_shapes_between_a_switch_and_the_next_window_are_not_its_cost(by_s
     session.close()
 
 
-def test_a_new_shapes_trial_cut_short_by_a_burst_ending_gives_the_main_shape_its_decision_back(trt, fake_gpu,
-                                                                                               monkeypatch):
+def test_a_new_shapes_trial_cut_short_by_a_burst_ending_gives_the_main_shape_its_decision_back(by_shape):
     """A shape that comes in one burst (its trial switched candidate after its first window), then the traffic
     goes back: after ABANDON_AFTER batches of the decided shape its candidate runs again, not the trial's."""
-    from lightning_trt_rtx import session as session_module
-
-    clock = EngineClock()
-    monkeypatch.setattr(auto, "time", clock)
-    monkeypatch.setattr(session_module, "time", clock)
-    pace = {(64, "disabled"): 1.0, (64, "whole_graph_capture"): 5.0, (4, "disabled"): 6.0,
-            (4, "whole_graph_capture"): 1.0}  # fmt: skip
-
-    class ByShape(trt.dynamo.runtime.TorchTensorRTModule):
-        def __init__(self) -> None:
-            super().__init__(name="by-shape")
-            self.ran: list[tuple[int, str]] = []
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            ran = (x.shape[0], self.runtime_settings.cuda_graph_strategy)
-            self.ran.append(ran)
-            clock.advance(pace[ran] / 1e3)
-            return x + 1
-
-    engine = ByShape()
+    engine = by_shape({(64, "disabled"): 1.0, (64, "whole_graph_capture"): 5.0, (4, "disabled"): 6.0,
+                       (4, "whole_graph_capture"): 1.0})  # fmt: skip
     session = _session()
     session.serve(torch.nn.Sequential(engine))
     a, b = torch.zeros(64, 2), torch.zeros(4, 2)
@@ -595,29 +576,11 @@ def test_a_new_shapes_trial_cut_short_by_a_burst_ending_gives_the_main_shape_its
     assert session.close().auto.startswith("kept disabled")
 
 
-def test_a_shape_first_seen_during_a_trial_gets_its_own_trial_after_the_decision(trt, fake_gpu, monkeypatch):
+def test_a_shape_first_seen_during_a_trial_gets_its_own_trial_after_the_decision(by_shape):
     """Batches of 4 win from graphs, batches of 64 lose: a batch of 64 that came during the first trial
     starts its own trial when batches of 64 come again, which keeps "disabled" for them."""
-    from lightning_trt_rtx import session as session_module
-
-    clock = EngineClock()
-    monkeypatch.setattr(auto, "time", clock)
-    monkeypatch.setattr(session_module, "time", clock)
-    pace = {(4, "disabled"): 6.0, (4, "whole_graph_capture"): 1.0, (64, "disabled"): 1.0,
-            (64, "whole_graph_capture"): 5.0}  # fmt: skip
-
-    class ByShape(trt.dynamo.runtime.TorchTensorRTModule):
-        def __init__(self) -> None:
-            super().__init__(name="by-shape")
-            self.ran: list[tuple[int, str]] = []
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            ran = (x.shape[0], self.runtime_settings.cuda_graph_strategy)
-            self.ran.append(ran)
-            clock.advance(pace[ran] / 1e3)
-            return x + 1
-
-    engine = ByShape()
+    engine = by_shape({(4, "disabled"): 6.0, (4, "whole_graph_capture"): 1.0, (64, "disabled"): 1.0,
+                       (64, "whole_graph_capture"): 5.0})  # fmt: skip
     session = _session()
     session.serve(torch.nn.Sequential(engine))
     a, b = torch.zeros(4, 2), torch.zeros(64, 2)
