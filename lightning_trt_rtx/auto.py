@@ -532,21 +532,19 @@ class AutoGraphs:
             return False
         memory = _memory(self._owner)
         remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
-        first = remembered.candidate if remembered is not None and remembered.candidate in options.candidates else (
+        if remembered is not None and remembered.candidate not in options.candidates:
+            remembered = None  # decided among candidates of which it no longer is one
+        # the trial's first candidate: the one remembered for these shapes, else the one in force where it applies
+        first = remembered.candidate if remembered is not None else (
             self.candidate if self.candidate in options.candidates else DISABLED
         )
-        if left < max(1, WARMUP.get(first, 1)) + FIRST_EXTRA_WARMUP + TIMED:
+        if left < Trial([first]).warmup_batches() + TIMED:  # the loop cannot time it once
             return False
         self.held_left_out = options.held_left_out
         self._last_stamp = None  # a switch now is timed from nothing earlier
-        if self.candidate not in options.candidates:  # started under a candidate that does not apply now
-            self._switch(DISABLED)
-        if remembered is not None and remembered.candidate in options.candidates:
-            self._switch(remembered.candidate)
-            if remembered.switch_ms and self.switch_ms is None:
-                self.switch_ms = remembered.switch_ms
-        else:
-            remembered = None
+        self._switch(first)
+        if remembered is not None and remembered.switch_ms and self.switch_ms is None:
+            self.switch_ms = remembered.switch_ms
         # the candidate in force first, then those under the same engine strategy (no switch), then the rest
         strategy = engine_strategy(self.candidate)
         rest = [c for c in options.candidates if c != self.candidate]
