@@ -100,6 +100,11 @@ _BATCH_COUNTS = {
 }
 
 
+def start_loop(session: Any, trainer: Any) -> None:
+    """``session.loop_started`` for the Trainer's running loop: whether it runs on a GPU, and its batch count."""
+    session.loop_started(trainer.strategy.root_device.type == "cuda", loop_batches(trainer))
+
+
 def loop_batches(trainer: Any) -> float:
     """How many batches the running loop serves, over its dataloaders (Lightning's own counts, public;
     ``inf`` when a dataloader has no length or the stage has no count)."""

@@ -165,7 +165,7 @@ class TRTRuntimeSettings(_LoopHooks):
             prewarm.run(self.session, pl_module)
         if trainer.state.fn == TrainerFn.PREDICTING:
             _predict_loop.upload_batches(trainer, self.session, self.upload_ahead)
-        self.session.loop_started(trainer.strategy.root_device.type == "cuda", _predict_loop.loop_batches(trainer))
+        _predict_loop.start_loop(self.session, trainer)
         self._serving = self.session
 
     def _end(self, trainer: Trainer, pl_module: LightningModule) -> None:

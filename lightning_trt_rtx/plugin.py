@@ -220,10 +220,10 @@ class TRTRuntimePrecision(Precision):
         self._prewarm()
         session = self.session if self.session is not None and self.session.auto is not None else None
         if session is not None:
-            if not session.looping:
-                trainer = self._trainer
-                cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else None
-                session.loop_started(cuda, _predict_loop.loop_batches(trainer) if trainer is not None else None)
+            if not session.looping and self._trainer is not None:
+                _predict_loop.start_loop(session, self._trainer)
+            elif not session.looping:  # served outside a Trainer: a loop of unknown length
+                session.loop_started()
             session.batch_started()
         yield
         if session is not None:
@@ -237,7 +237,7 @@ class TRTRuntimePrecision(Precision):
             return None
         if not session.looping:
             _predict_loop.upload_batches(trainer, session, self.upload_ahead)
-            session.loop_started(trainer.strategy.root_device.type == "cuda", _predict_loop.loop_batches(trainer))
+            _predict_loop.start_loop(session, trainer)
         return session
 
     @override
