@@ -561,7 +561,9 @@ def test_batches_that_move_themselves_and_tensor_subclasses_are_left_for_lightni
 
     UploadsOnCpu(monkeypatch)
     monkeypatch.setattr(transfers.UploadsAhead, "THREAD_MIN_BYTES", 0)
-    tok = lambda texts: Encoding({"input_ids": torch.ones(len(texts), 4, dtype=torch.long)}, [[None, 0]] * len(texts))  # noqa: E731
+    def tok(texts: list[str]) -> Encoding:  # a tokenizer as collate_fn
+        return Encoding({"input_ids": torch.ones(len(texts), 4, dtype=torch.long)}, [[None, 0]] * len(texts))
+
     callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
     got = cpu_trainer(callbacks=[callback]).predict(Tagger(), DataLoader(["a b"] * 4, batch_size=2, collate_fn=tok))
     assert got == [[None, 0], [None, 0]]
