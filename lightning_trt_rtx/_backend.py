@@ -341,6 +341,28 @@ def kept_output_addresses(obj: Any) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in getattr(engine, "pre_allocated_outputs", None) or [])
 
 
+def graph_capture_blocker(obj: Any, stream: Any) -> str:
+    """Why an engine cannot run inside a CUDA graph that torch captures on ``stream`` (``""``: it can):
+    not set up, output shapes that depend on the input data (the output allocator allocates at run time),
+    collectives, or TensorRT-RTX's own check of its context (lazy kernel specialization of a dynamic
+    input shape swaps kernels at run time). An engine without that check (torch-tensorrt's C++ runtime)
+    is taken to be capturable, as upstream's whole-module wrapper takes it."""
+    engine = _engine_object(obj)
+    if engine is None:
+        return "the engine is not set up yet"
+    if getattr(engine, "requires_output_allocator", False) is True:
+        return "its output shapes depend on its input data (the output allocator allocates at run time)"
+    if getattr(engine, "_has_nccl_ops", False) is True:
+        return "it runs collectives (NCCL)"
+    check = getattr(engine, "_is_monolithic_capturable", None)
+    if check is not None and not check(stream):
+        return (
+            "TensorRT-RTX says its context cannot be captured (lazy kernel specialization of a dynamic input"
+            " shape: use dynamic_shapes_kernel_specialization_strategy='eager' or 'none')"
+        )
+    return ""
+
+
 def _serialized_info(engine: Any) -> list[Any] | None:
     """A torchbind engine's serialized info: ``__getstate__()[0]``, what ``torch_tensorrt.save`` writes,
     with fields at the ``_*_IDX`` indices (the whole engine is serialized to read it); None if unreadable."""

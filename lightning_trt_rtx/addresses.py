@@ -82,7 +82,11 @@ ENABLED_ENV = "LIGHTNING_TRT_RTX_STABLE_ADDRESSES"
 # "0": leave the addresses to torch-tensorrt (whole-graph capture as upstream does it): the escape hatch,
 # and a baseline of the graphs benchmark; "1": copy what moved (the default); "always": copy from the
 # first call (for a job that knows its addresses move: saves the capture that finds it out)
-_MODES = {"0": "off", "1": "moved", "always": "always"}
+# "graphs": each call site runs its engines without their own capture (their strategy "disabled") inside
+# a CUDA graph of its own per input signature (see _Graph): one replay per call, without torch-tensorrt's
+# per-call host work
+_MODES = {"0": "off", "1": "moved", "always": "always", "graphs": "graphs"}
+GRAPH_AFTER = 2  # calls at an input signature run as they are before its capture (first execute, shapes settle)
 
 
 def mode() -> str:
@@ -91,8 +95,9 @@ def mode() -> str:
     if value not in _MODES:
         raise ValueError(
             f"${ENABLED_ENV}={value!r} is not a valid choice: use 0 (leave the addresses to torch-tensorrt),"
-            " 1 (copy an engine's inputs or outputs once their address moved; the default) or always"
-            " (copy from the first call)."
+            " 1 (copy an engine's inputs or outputs once their address moved; the default), always"
+            " (copy from the first call) or graphs (a CUDA graph of each call site, captured by this package;"
+            " the engines' own capture off)."
         )
     return _MODES[value]
 
@@ -106,6 +111,7 @@ class _Site:
         engines: list[Engine],
         from_first_call: bool = False,
         program: bool = False,
+        graphs: bool = False,
     ) -> None:
         self.module = module
         self.engines = engines
@@ -135,10 +141,111 @@ class _Site:
         # None when copied in, shape, dtype, device), the input buffers or None, output addresses,
         # inference mode)
         self._fast: tuple[tuple, list | None, tuple[int, ...], bool] | None = None
+        # under "graphs": the site's CUDA graphs by input signature (at most MAX_SHAPES, least recently used
+        # dropped), the calls seen at signatures not captured yet, and what ran
+        self.graphs: OrderedDict[tuple, _Graph] | None = OrderedDict() if graphs else None
+        self._uncaptured: dict[tuple, int] = {}
+        self._capture_stream: Any = None
+        self.replays = 0  # calls replayed from a graph
+        self.eager = 0  # calls run as they are (warm-up at a new signature, a non-tensor input, an outer capture)
+        self.captures = 0
+
+    # --- under "graphs": one CUDA graph per input signature ------------------------------------------
+
+    def _graph_call(self, args: tuple, kwargs: dict) -> Any:
+        if self.paused:
+            return self.original(*args, **kwargs)
+        if self.failure or not self._graphs_wanted():
+            self.eager += 1
+            return self.original(*args, **kwargs)
+        tensors = (*args, *(kwargs[k] for k in sorted(kwargs))) if kwargs else args
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            self.eager += 1  # a number or another value a graph would fix at its capture
+            return self.original(*args, **kwargs)
+        key = (
+            torch.is_inference_mode_enabled(),
+            len(args),
+            tuple(kwargs) if kwargs else (),
+            *[(t.shape, t.dtype, t.device) for t in tensors],
+        )
+        graphs = self.graphs
+        assert graphs is not None
+        graph = graphs.get(key)
+        if graph is None:
+            graph = self._graph_for(key, args, kwargs, tensors)
+            if graph is None:
+                self.eager += 1
+                return self.original(*args, **kwargs)
+        elif len(graphs) > 1:
+            graphs.move_to_end(key)
+        self.replays += 1
+        return graph.run(tensors)
+
+    def _graphs_wanted(self) -> bool:
+        """Engines without their own capture (a capture inside ours fails in CUDA), and no graph being
+        captured around the call (an enable_cudagraphs whole-module graph holds its launches already)."""
+        if self._cuda and _capturing():
+            return False
+        return all(engine.get().cuda_graph_strategy == "disabled" for engine in self.engines)
+
+    def _graph_for(self, key: tuple, args: tuple, kwargs: dict, tensors: tuple) -> _Graph | None:
+        """The signature's graph, captured now if the signature has run :data:`GRAPH_AFTER` calls; None
+        (the call runs as it is) before, or where it cannot be captured."""
+        seen = self._uncaptured.get(key, 0)
+        if seen < GRAPH_AFTER:
+            if len(self._uncaptured) >= 4 * MAX_SHAPES:
+                self._uncaptured.clear()  # shapes that come once: forgotten in bulk
+            self._uncaptured[key] = seen + 1
+            return None
+        if _backend.cudagraphs_mode() != _backend.STANDARD:
+            return None  # enable_cudagraphs scopes are open: their graphs capture the engines
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None  # a graph's replay records no autograd history
+        try:
+            graph = self._capture(args, kwargs, tensors)
+        except Exception as err:  # e.g. an op that synchronizes: the site runs its calls as they are
+            self._give_up(f"its call could not be captured in a CUDA graph ({type(err).__name__}: {err})")
+            return None
+        if graph is None:
+            return None
+        del self._uncaptured[key]
+        assert self.graphs is not None
+        self.graphs[key] = graph
+        while len(self.graphs) > MAX_SHAPES:
+            self.graphs.popitem(last=False)
+        self.captures += 1
+        return graph
+
+    def _capture(self, args: tuple, kwargs: dict, tensors: tuple) -> _Graph | None:
+        """Capture the call on copies of its inputs (the graph's input buffers, outside its memory pool)."""
+        if self._capture_stream is None:
+            self._capture_stream = _side_stream(tensors[0].device if tensors else None)
+            for engine in self.engines:
+                why = _backend.graph_capture_blocker(engine.obj, self._capture_stream)
+                if why:
+                    self._give_up(f"engine {engine.name}: {why}")
+                    return None
+        inputs = [t.detach().clone() for t in tensors]
+        static_args = tuple(inputs[: len(args)])
+        static_kwargs = dict(zip(sorted(kwargs), inputs[len(args) :]))
+        graph, outputs = _capture_call(functools.partial(self.original, *static_args, **static_kwargs),
+                                       self._capture_stream)  # fmt: skip
+        captured = _Graph(graph, inputs, outputs)
+        log.debug("Captured a CUDA graph of %s's call (%d input(s))", type(self.module).__name__, len(inputs))
+        return captured
+
+    def drop_graphs(self) -> None:
+        """Free the site's graphs (e.g. between loops: the engines' settings, and so their execution
+        contexts, may change before the next; a graph would replay launches into freed memory)."""
+        if self.graphs:
+            self.graphs.clear()
+        self._uncaptured.clear()
 
     # --- the wrapped forward: the steady path, else the full one ---------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.graphs is not None:
+            return self._graph_call(args, kwargs)
         fast = self._fast
         if fast is not None and not kwargs:  # the steady path: same shapes and addresses as the last call
             keys, buffers, out_addresses, inference = fast
@@ -211,9 +318,11 @@ class _Site:
         return self.original(*args, **kwargs)
 
     def let_go(self) -> None:
-        """The engines' own output setting back; the next watched call is compared with nothing before it."""
+        """The engines' own output setting back; the next watched call is compared with nothing before it.
+        Under "graphs", the graphs are freed."""
         if self.holding:
             self._give_back()
+        self.drop_graphs()
         self.forget()
 
     def forget(self) -> None:
@@ -340,15 +449,38 @@ class _Site:
             del self.module.__dict__["forward"]
         self._give_back()
         self.buffers.clear()
+        self.drop_graphs()
         self._fast = None
 
 
-class StableAddresses:
-    """Hold the input and output addresses of every engine in ``engines`` still (see the module docs)."""
+class _Graph:
+    """One call site's CUDA graph at one input signature: its input buffers and the outputs it writes."""
 
-    def __init__(self, engines: Sequence[Engine], from_first_call: bool = False) -> None:
+    __slots__ = ("graph", "inputs", "outputs")
+
+    def __init__(self, graph: Any, inputs: list[torch.Tensor], outputs: Any) -> None:
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def run(self, tensors: tuple) -> Any:
+        """The call's inputs copied in, the graph replayed on the current stream, the caller's own copy of
+        its outputs (the next replay writes into the graph's)."""
+        for buffer, tensor in zip(self.inputs, tensors):
+            buffer.copy_(tensor)
+        self.graph.replay()
+        return _copy_tensors(self.outputs)
+
+
+class StableAddresses:
+    """Hold the input and output addresses of every engine in ``engines`` still (see the module docs);
+    ``graphs``: capture each call site in CUDA graphs of its own instead (``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES``
+    ``graphs``; the engines must run without their own capture)."""
+
+    def __init__(self, engines: Sequence[Engine], from_first_call: bool = False, graphs: bool = False) -> None:
         self.sites: list[_Site] = []
         self.from_first_call = from_first_call
+        self.graphs = graphs
         self.engines = engines
         self.skipped = 0  # engines left alone (see the module docs)
         self.left: list[str] = []  # why, one entry per call site left alone (for the figures)
@@ -372,6 +504,18 @@ class StableAddresses:
         """Whether any engine's addresses can be held (the others are left alone: see the module docs)."""
         return bool(self._pending)
 
+    @property
+    def graphable(self) -> bool:
+        """Whether any call site can be captured in graphs of its own: its inputs can be copied in."""
+        return any(not program for _, _, program in self._pending)
+
+    def use_graphs(self, graphs: bool) -> None:
+        """Capture call sites in graphs of their own (True) or hold addresses (False); the sites are made
+        again at the next :meth:`install` where this changes."""
+        if graphs != self.graphs:
+            self.uninstall()
+            self.graphs = graphs
+
     def adopt(self, engines: Sequence[Engine]) -> bool:
         """Whether ``engines`` are the ones this object holds (then it keeps this list: a re-serve)."""
         if {id(e.obj) for e in engines} != {id(e.obj) for e in self.engines}:
@@ -383,7 +527,9 @@ class StableAddresses:
         if self.sites:
             return
         for module, engines, program in self._pending:
-            site = _Site(module, engines, self.from_first_call, program)
+            if self.graphs and program:
+                continue  # its inputs cannot be copied into a graph's buffers: left alone (see describe)
+            site = _Site(module, engines, self.from_first_call, program, graphs=self.graphs)
             site.install()
             self.sites.append(site)
 
@@ -411,7 +557,10 @@ class StableAddresses:
             site.uninstall()
 
     def describe(self) -> str:
-        """For the figures: what was held still, and where engines captured again."""
+        """For the figures: what was held still, and where engines captured again (under ``graphs``: what
+        the sites' own graphs replayed)."""
+        if self.graphs:
+            return self._describe_graphs()
         skipped = "; ".join(self.left)
         if not self.sites:
             return f"addresses NOT held: {skipped}" if skipped else ""
@@ -442,6 +591,30 @@ class StableAddresses:
         left = sum(s.inputs_left for s in self.sites)
         if left:
             parts.append(f"a loaded program's inputs moved at {left} call site(s): not copied, each a new capture")
+        if skipped:
+            parts.append(skipped)
+        return "; ".join(parts)
+
+
+    def _describe_graphs(self) -> str:
+        left = list(self.left)
+        programs = sum(len(engines) for _, engines, program in self._pending if program)
+        if programs:
+            left.append(
+                f"{programs} engine(s) left as they are: their program may write into its inputs (a graph's"
+                " input buffers would hide the write)"
+            )
+        skipped = "; ".join(left)
+        if not self.sites:
+            return f"call-site graphs NOT captured: {skipped}" if skipped else ""
+        failed = [s for s in self.sites if s.failure]
+        calls = sum(s.replays + s.eager for s in self.sites)
+        parts = [
+            f"call-site graphs: {len(self.sites)} call site(s), {sum(s.captures for s in self.sites)} capture(s),"
+            f" {sum(s.replays for s in self.sites)} of {calls} call(s) replayed"
+        ]
+        if failed:
+            parts.append(f"NOT captured at {len(failed)} call site(s): {failed[0].failure}")
         if skipped:
             parts.append(skipped)
         return "; ".join(parts)
@@ -596,6 +769,25 @@ def _copy_in(args: tuple, buffers: list[torch.Tensor | None]) -> tuple:
 # whether the current stream is capturing a CUDA graph (torch.cuda.is_current_stream_capturing, without
 # its Python wrapper: every held call asks)
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+
+
+def why_no_site_graphs() -> str:
+    """Why call sites cannot be captured in graphs of their own here (``""``: they can)."""
+    return "" if torch.cuda.is_available() else "CUDA graphs need a CUDA device"
+
+
+def _side_stream(device: torch.device | None) -> Any:
+    """A stream to capture on (a capture cannot run on the legacy default stream)."""
+    return torch.cuda.Stream(device)
+
+
+def _capture_call(call: Any, stream: Any) -> tuple[Any, Any]:
+    """``call()`` captured in a new CUDA graph on ``stream`` (not run): the graph, and the outputs its
+    replays write. Thread-local capture: an uploads thread's CUDA calls on its own stream do not break it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        outputs = call()
+    return graph, outputs
 
 
 def _is_number(value: Any) -> bool:

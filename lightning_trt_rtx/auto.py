@@ -5,6 +5,10 @@ Trainer.predict, ms per batch: a 32x256 MLP 0.73 default / 0.35 whole-graph capt
 program at batch 32 3.39 / 4.44). So the session times the candidates on the batches it serves:
 
 * ``"disabled"``: no graphs (the default);
+* ``"call-site graphs"``: the engines without their own capture, each call site (the module that runs
+  them) captured by :mod:`lightning_trt_rtx.addresses` in a CUDA graph of its own, where it can be: one
+  replay per call, without torch-tensorrt's per-call host work (the engines' strategy stays
+  ``"disabled"``, so trying it costs no switch);
 * ``"whole_graph_capture"``: the engines capture themselves, addresses left to torch-tensorrt (as upstream);
 * ``"whole_graph_capture, held addresses"``: the same with :mod:`lightning_trt_rtx.addresses` holding the
   engines' addresses still, where it can hold them.
@@ -63,9 +67,10 @@ from typing import Any, Literal
 import torch
 
 DISABLED = "disabled"
+SITE_GRAPHS = "call-site graphs"
 UPSTREAM = "whole_graph_capture"
 HELD = "whole_graph_capture, held addresses"
-CANDIDATES: tuple[str, ...] = (DISABLED, UPSTREAM, HELD)
+CANDIDATES: tuple[str, ...] = (DISABLED, SITE_GRAPHS, UPSTREAM, HELD)
 
 MARGIN = 0.03  # a capture candidate is kept over "disabled" only when its median is this much lower
 TIMED = 8  # timed batches per candidate
@@ -73,7 +78,8 @@ TIMED = 8  # timed batches per candidate
 # captures; held addresses take longer to settle (measured on H200 with 5: their window ran 25-40% slower
 # than their steady state on two MLPs, 0.94 vs 0.75 ms and 0.76 vs 0.57 ms, against a window after 13
 # batches that matched it; auto then kept a slower candidate)
-WARMUP: Mapping[str, int] = {DISABLED: 2, UPSTREAM: 3, HELD: 12}
+# call-site graphs: GRAPH_AFTER (2) calls as they are, the capture, then one replay more
+WARMUP: Mapping[str, int] = {DISABLED: 2, SITE_GRAPHS: 4, UPSTREAM: 3, HELD: 12}
 # the first candidate of a trial also runs the loop's first batches, slower than steady ones (measured on
 # H200: a conv net's "disabled" looked 0.96 ms per batch in its window against 0.71 ms steady, so auto
 # kept a slower candidate): it warms up this many batches more
@@ -94,7 +100,7 @@ DATA_BOUND = 0.1
 
 def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"]:
     """The engines' ``cuda_graph_strategy`` under ``candidate``."""
-    return "disabled" if candidate == DISABLED else "whole_graph_capture"
+    return "disabled" if candidate in (DISABLED, SITE_GRAPHS) else "whole_graph_capture"
 
 
 def _order(name: str) -> int:
@@ -391,6 +397,7 @@ class Options:
     candidates: tuple[str, ...] = ()
     off: str = ""  # why nothing is tried (then "disabled" stays)
     held_left_out: str = ""  # why held addresses are not a candidate
+    graphs_left_out: str = ""  # why call-site graphs are not a candidate
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -412,6 +419,7 @@ class AutoGraphs:
         self._others = 0  # batches of other shapes since a new shape's trial started or timed a window
         self.off = ""  # why nothing is tried (then "disabled" stays)
         self.held_left_out = ""  # why held addresses are not a candidate
+        self.graphs_left_out = ""  # why call-site graphs are not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
         self._owner: Any = None  # the served module, and its engines' ids: the key of what is remembered
         self._engines: tuple[int, ...] = ()
@@ -541,6 +549,7 @@ class AutoGraphs:
         if left < Trial([first]).warmup_batches() + TIMED:  # the loop cannot time it once
             return False
         self.held_left_out = options.held_left_out
+        self.graphs_left_out = options.graphs_left_out
         self._last_stamp = None  # a switch now is timed from nothing earlier
         self._switch(first)
         if remembered is not None and remembered.switch_ms and self.switch_ms is None:
@@ -644,8 +653,13 @@ class AutoGraphs:
             text += f"; a strategy switch cost {self.switch_ms:.1f} ms"
         if self.trials > 1:
             text += f"; {self.trials} trials (new input shapes)"
-        if self.held_left_out:
-            text += f"; held addresses not tried: {self.held_left_out}"
+        if self.held_left_out and self.held_left_out == self.graphs_left_out:
+            text += f"; held addresses and call-site graphs not tried: {self.held_left_out}"
+        else:
+            if self.held_left_out:
+                text += f"; held addresses not tried: {self.held_left_out}"
+            if self.graphs_left_out:
+                text += f"; call-site graphs not tried: {self.graphs_left_out}"
         return text
 
 

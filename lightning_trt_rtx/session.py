@@ -126,8 +126,11 @@ class ServingSession:
         given = dict(rank=rank, local_rank=local_rank, node_rank=node_rank, world_size=world_size)
         base = Ranks.from_environment()
         self.ranks = Ranks(**{k: getattr(base, k) if v is None else v for k, v in given.items()})
+        # under whole-graph capture, "graphs" has the package capture each call site (the engines' own capture off)
+        self._site_graphs_asked = False
         if settings.cuda_graph_strategy in ("whole_graph_capture", "auto"):
-            addresses.mode()  # a bad $LIGHTNING_TRT_RTX_STABLE_ADDRESSES is named here, not at the first engine
+            # a bad $LIGHTNING_TRT_RTX_STABLE_ADDRESSES is named here, not at the first engine
+            self._site_graphs_asked = addresses.mode() == "graphs" and settings.cuda_graph_strategy != "auto"
         self.settings = settings
         self.module = module
         self.figures = RankFigures(rank=self.ranks.rank)
@@ -233,16 +236,25 @@ class ServingSession:
         self._hold_addresses()
         return self.figures.engines
 
+    def _site_graphs(self) -> bool:
+        """Whether call sites are captured in CUDA graphs of their own now (``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES``
+        ``graphs`` under whole-graph capture, or ``"auto"``'s candidate)."""
+        if self.auto is not None:
+            return self.auto.candidate == auto.SITE_GRAPHS
+        return self._site_graphs_asked
+
     def _hold_addresses(self) -> None:
         """Under whole-graph capture, hold every engine's input and output addresses still (see
         :mod:`lightning_trt_rtx.addresses`): TensorRT-RTX replays a captured graph only while they stay.
-        Under ``"auto"``, only while its candidate is the one with held addresses."""
+        Under ``"auto"``, only while its candidate is the one with held addresses. Where call sites are
+        captured in graphs of their own, install those."""
         if self.binding is None:
             return
         mode = addresses.mode()
-        if self.engine_strategy() != "whole_graph_capture" or mode == "off" or (
+        graphs = self._site_graphs()
+        if not graphs and (self.engine_strategy() != "whole_graph_capture" or mode == "off" or (
             self.auto is not None and self.auto.candidate != auto.HELD
-        ):
+        )):
             if self.stable is not None:
                 self.stable.uninstall()  # auto switched away from it (a fixed strategy never does)
                 if not self.stable.adopt(self.binding.engines):
@@ -251,6 +263,7 @@ class ServingSession:
                 self.figures.capture = f"addresses not held (${addresses.ENABLED_ENV}=0)"
             return
         stable = self._stable_addresses(mode)
+        stable.use_graphs(graphs)
         stable.install()  # a no-op while installed
         if self._between_loops:
             stable.pause()
@@ -269,9 +282,12 @@ class ServingSession:
 
     def engine_strategy(self) -> CudaGraphStrategy:
         """The ``cuda_graph_strategy`` the engines hold now: the settings', or under ``"auto"`` its current
-        candidate's."""
+        candidate's; ``"disabled"`` where call sites are captured in graphs of their own (a capture inside
+        ours fails)."""
         if self.auto is not None:
             return auto.engine_strategy(self.auto.candidate)
+        if self._site_graphs_asked:
+            return "disabled"
         return self.settings.cuda_graph_strategy
 
     def _auto_options(self) -> auto.Options:
@@ -281,9 +297,17 @@ class ServingSession:
             return auto.Options(off=off)
         mode = addresses.mode()
         if mode == "off":
-            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out=f"${addresses.ENABLED_ENV}=0")
-        if not self._stable_addresses(mode).holdable:
-            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out="no engine's addresses can be held")
+            off = f"${addresses.ENABLED_ENV}=0"
+            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out=off, graphs_left_out=off)
+        stable = self._stable_addresses(mode)
+        if not stable.holdable:
+            why = "no engine's addresses can be held"
+            return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out=why, graphs_left_out=why)
+        why = addresses.why_no_site_graphs() or (
+            "" if stable.graphable else "no call site's inputs can be copied (its program may write into them)"
+        )
+        if why:
+            return auto.Options((auto.DISABLED, auto.UPSTREAM, auto.HELD), graphs_left_out=why)
         return auto.Options(auto.CANDIDATES)
 
     def _run_candidate(self, candidate: str) -> None:
@@ -606,7 +630,7 @@ class ServingSession:
             self.figures.auto = self.auto.describe()
             self.figures.auto_ms = self.auto.medians_ms()
         if self.stable is not None:
-            if self.auto is None or self.auto.candidate == auto.HELD:
+            if self.auto is None or self.auto.candidate in (auto.HELD, auto.SITE_GRAPHS):
                 self.figures.capture = self.stable.describe()
             self.stable.uninstall()
         try:
