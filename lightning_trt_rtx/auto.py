@@ -282,12 +282,17 @@ class Trial:
         if self._index + 1 < len(self.candidates):
             upcoming = self.candidates[self._index + 1]
             to_come = batches_to_come(remaining, served_before, self.batches_left())
-            if engine_strategy(upcoming) == engine_strategy(current) or worth_switching(
-                median, to_come, switch_ms, host, waited
-            ):
+            left = ", ".join(self.candidates[self._index + 1 :])
+            if engine_strategy(upcoming) == engine_strategy(current):
+                if remaining >= self._warmup_of(upcoming) + self.timed:
+                    self._index += 1  # no switch of strategy: it costs its warm-up batches only
+                    return self.candidate
+                self.not_tried = f"{left} not tried: the {remaining:.0f} batches left could not time them"
+                self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
+                return self.decided
+            if worth_switching(median, to_come, switch_ms, host, waited):
                 self._index += 1
                 return self.candidate
-            left = ", ".join(self.candidates[self._index + 1 :])
             earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
             bound = win_bound_ms(median, host, waited)
             why = (

@@ -17,7 +17,7 @@ from tests.gpu.models import KeptPredictions, compile_trt, mlp
 from tests.helpers import run_if
 
 # batches of a first trial with held addresses (the first candidate warms up longer)
-TRIAL = sum(auto.WARMUP.values()) + 3 * auto.TIMED + auto.FIRST_EXTRA_WARMUP
+TRIAL = sum(auto.WARMUP.values()) + len(auto.CANDIDATES) * auto.TIMED + auto.FIRST_EXTRA_WARMUP
 
 
 class Holder(L.LightningModule):
@@ -96,12 +96,15 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     with torch.no_grad():
         for x_i, got in zip(batches, writer.written, strict=True):  # through every switch of the trial
             torch.testing.assert_close(got, eager(x_i), atol=5e-2, rtol=5e-2)
-    assert figures.auto.startswith(("kept whole_graph_capture", f"kept {auto.HELD}")), figures.auto
+    graphs = ("kept whole_graph_capture", f"kept {auto.HELD}", f"kept {auto.SITE_GRAPHS}")
+    assert figures.auto.startswith(graphs), figures.auto
     medians = figures.auto_ms
-    assert set(medians) == {auto.DISABLED, auto.UPSTREAM, auto.HELD}, medians
+    # call-site graphs run under the default's strategy: tried without a switch
+    assert {auto.DISABLED, auto.SITE_GRAPHS} <= set(medians), medians
     kept = figures.auto.removeprefix("kept ").split(" (")[0]
     assert medians[kept] < medians[auto.DISABLED] * (1 - auto.MARGIN), medians
-    assert "a strategy switch cost" in figures.auto, figures.auto  # measured at the trial's switch
+    if auto.UPSTREAM in medians:  # where the engines' own capture was tried: a switch, measured
+        assert "a strategy switch cost" in figures.auto, figures.auto
     assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back
     # a later loop over the same engines (another LightningModule) starts with the decision: one window checks it
     writer = KeptPredictions()
@@ -117,7 +120,7 @@ def test_auto_keeps_graphs_on_a_launch_bound_model_and_every_prediction_is_right
     callback, outputs = _predict(compiled, batches[:24], "auto", template, known=True)
     short = callback.figures[0].auto
     _note("auto-mlp.txt", f"short loop: {short}")
-    assert short.startswith("kept disabled") and "batches left could not win back" in short, short
+    assert short.startswith("kept disabled") and "batches left could not" in short, short
     print(f"launch-bound MLP: {figures.auto}\nlater loop: {again}\nshort loop: {short}")
 
 

@@ -1,0 +1,136 @@
+"""Call-site graphs with real TensorRT-RTX engines inside Trainer.predict (``pytest -m gpu``):
+``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES=graphs`` under whole-graph capture captures each call site in a
+CUDA graph of its own; predictions equal eager on every batch (kept on the GPU, a smaller last batch, a
+graph break, a loaded program, a dynamic batch), and the figures say what was replayed."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_trt_rtx import TRTRuntimeSettings, addresses
+from lightning_trt_rtx.engines import find_engines
+from tests.gpu.models import KeptPredictions, ResNetLike, TwoBlocks, compile_trt, mlp
+from tests.helpers import run_if
+
+
+class Holder(L.LightningModule):
+    """Serves ``self.model``; records the engines' strategy at each step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.strategies: set[str] = set()
+
+    def predict_step(self, batch, batch_idx):
+        self.strategies.update(e.get().cuda_graph_strategy for e in find_engines(self.model))
+        return self.model(batch)
+
+
+def _predict(model: torch.nn.Module, samples: list[torch.Tensor], batch_size: int, **settings):
+    """Predictions kept on the GPU (a writer keeping them), over CPU samples: the figures and the writer."""
+    callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False,
+                                  **settings)  # fmt: skip
+    writer = KeptPredictions()
+    holder = Holder(model)
+    trainer = L.Trainer(accelerator="gpu", devices=1, callbacks=[callback, writer], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size)
+    trainer.predict(holder, loader, return_predictions=False)
+    return callback.figures[0], writer.written, holder, loader
+
+
+def _check(eager: torch.nn.Module, loader, written, tol: float = 5e-2) -> None:
+    with torch.no_grad():
+        expected = [eager(batch.cuda().to(next(eager.parameters()).dtype)) for batch in loader]
+    assert len(written) == len(expected)
+    assert not torch.equal(expected[0], expected[1])
+    for i, (got, want) in enumerate(zip(written, expected, strict=True)):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, msg=f"batch {i}")
+
+
+def _note(text: str) -> None:
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "site-graphs.txt"), "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+@pytest.fixture
+def graphs_mode(monkeypatch):
+    monkeypatch.setenv(addresses.ENABLED_ENV, "graphs")
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_a_compiled_model_is_replayed_and_every_kept_prediction_is_right(graphs_mode):
+    torch.manual_seed(0)
+    eager = mlp(256, 32).cuda().eval().half()
+    compiled = compile_trt(eager, torch.randn(8, 256, device="cuda", dtype=torch.float16))
+    samples = [torch.randn(256, dtype=torch.float16) for _ in range(8 * 30 + 3)]  # a smaller last batch
+    figures, written, holder, loader = _predict(compiled, samples, 8)
+    _note(f"compiled MLP: {figures.capture}")
+    _check(eager, loader, written)
+    assert holder.strategies == {"disabled"}  # the engines' own capture off: ours holds their launches
+    assert figures.capture.startswith("call-site graphs: 1 call site(s), 1 capture(s), 28 of 31 call(s)"), figures
+    assert all("forward" not in vars(e.obj) for e in find_engines(compiled))  # given back
+    assert {e.get().cuda_graph_strategy for e in find_engines(compiled)} == {"disabled"}  # as they were
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_a_model_with_a_graph_break_has_each_engine_replayed(graphs_mode):
+    torch.manual_seed(0)
+    eager = TwoBlocks().cuda().eval()
+    compiled = compile_trt(eager, torch.randn(8, 64, device="cuda"), graph_break=True)
+    figures, written, _, loader = _predict(compiled, [torch.randn(64) for _ in range(8 * 12)], 8)
+    _note(f"graph break: {figures.capture}")
+    _check(eager, loader, written, tol=2e-2)
+    assert figures.capture.startswith("call-site graphs: 2 call site(s), 2 capture(s), 20 of 24 call(s)"), figures
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_a_loaded_program_is_replayed_whole(graphs_mode, tmp_path):
+    import torch_tensorrt
+
+    from lightning_trt_rtx import load_program
+
+    torch.manual_seed(0)
+    eager = ResNetLike().cuda().eval()
+    with torch.no_grad():
+        for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    path = str(tmp_path / "resnet.ep")
+    torch_tensorrt.save(compile_trt(eager, x), path, inputs=[x])
+    program = load_program(path)
+    figures, written, _, loader = _predict(program, [torch.randn(3, 32, 32) for _ in range(8 * 12)], 8)
+    _note(f"loaded program: {figures.capture}")
+    _check(eager, loader, written, tol=2e-2)
+    assert figures.capture.startswith("call-site graphs: 1 call site(s), 1 capture(s), 10 of 12 call(s)"), figures
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+@pytest.mark.parametrize("kernels", ["lazy", "eager"])
+def test_a_dynamic_batch_is_right_whether_or_not_its_engine_can_be_captured(graphs_mode, kernels):
+    """TensorRT-RTX says whether an engine with a dynamic input can be captured (lazy kernel specialization
+    swaps kernels while it runs); where it cannot, the site runs as it is and the figures say why."""
+    import torch_tensorrt
+
+    torch.manual_seed(0)
+    eager = mlp(128, 4).cuda().eval().half()
+    spec = torch_tensorrt.Input(min_shape=(1, 128), opt_shape=(8, 128), max_shape=(16, 128), dtype=torch.float16)
+    compiled = compile_trt(eager, spec)
+    samples = [torch.randn(128, dtype=torch.float16) for _ in range(8 * 10 + 5)]
+    figures, written, _, loader = _predict(
+        compiled, samples, 8, dynamic_shapes_kernel_specialization_strategy=kernels
+    )
+    _note(f"dynamic batch, {kernels} kernels: {figures.capture}")
+    _check(eager, loader, written)
+    capture = figures.capture
+    assert capture.startswith("call-site graphs: 1 call site(s)"), capture
+    if "NOT captured" in capture:
+        assert "lazy kernel specialization" in capture and kernels == "lazy", capture
+    else:
+        assert ", 1 capture(s), 8 of 11 call(s)" in capture, capture
