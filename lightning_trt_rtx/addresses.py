@@ -24,8 +24,21 @@ the rest of the run:
   overwritten by a later batch.
 
 ``$LIGHTNING_TRT_RTX_STABLE_ADDRESSES``: ``1`` (the default) as above, ``always`` copies from the first
-call, ``0`` leaves the addresses to torch-tensorrt. This applies only while the site's engines hold
-``whole_graph_capture`` and no CUDA-graph capture is running around them (inside
+call, ``0`` leaves the addresses to torch-tensorrt, ``graphs`` captures call sites instead (below).
+
+**Call-site graphs** (``StableAddresses(..., graphs=True)``: ``graphs`` above, or ``"auto"``'s candidate;
+the session runs the engines with their own capture off): each call site whose inputs can be copied is
+captured in a ``torch.cuda.CUDAGraph`` of its own per input signature (shapes, dtypes, devices, inference
+mode), after :data:`GRAPH_AFTER` calls at it, at most :data:`MAX_SHAPES` per site. A call copies its
+inputs into the graph's buffers, replays it on the current stream and returns a copy of its outputs
+(:class:`_Graph`), with none of torch-tensorrt's per-call host work. Calls with a non-tensor input or
+autograd run as they are; a site whose engines cannot be captured
+(:func:`~lightning_trt_rtx._backend.graph_capture_blocker`) or whose capture fails runs as it is for
+good, the reason in :meth:`StableAddresses.describe`. Graphs are freed between loops and on uninstall:
+a change of the engines' settings re-creates their execution contexts, whose memory a graph holds.
+
+Held addresses apply only while the site's engines hold ``whole_graph_capture`` and no CUDA-graph
+capture is running around them (inside
 :class:`~lightning_trt_rtx.graphs.GraphScopes`' whole-module graph the engines' own capture is off and
 the outer graph already holds its buffers): otherwise calls pass straight through. A change of shapes
 is a new capture (the engine keeps one set of outputs and allocates new ones for new shapes), and so
