@@ -87,6 +87,22 @@ def compile_trt(model: torch.nn.Module, example: Any, graph_break: bool = False,
     return torch_tensorrt.compile(model.cuda().eval(), ir="dynamo", inputs=[example], min_block_size=1, **kwargs)
 
 
+def saved_resnet_like(path: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A ``ResNetLike`` (BatchNorm statistics that are not the identity) compiled for batches of 8 and saved
+    with ``torch_tensorrt.save`` at ``path``: the eager model and the example batch."""
+    import torch_tensorrt
+
+    torch.manual_seed(0)
+    eager = ResNetLike().cuda().eval()
+    with torch.no_grad():
+        for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    torch_tensorrt.save(compile_trt(eager, x), path, inputs=[x])
+    return eager, x
+
+
 class KeptPredictions(L.pytorch.callbacks.BasePredictionWriter):
     """Keeps every prediction it is handed on the GPU (as a writer batching its writes would): an engine's
     outputs cannot land where the last ones were, the case held addresses are for."""

@@ -415,21 +415,12 @@ def test_a_loaded_resnet_style_program_is_held_under_whole_graph_capture(tmp_pat
     """A program saved with ``torch_tensorrt.save`` and served with ``load_program`` (its engine sits on
     a container module of the program graph; a saved ResNet-50 used to be left alone): its addresses are
     held, its outputs equal eager on every batch, also with every prediction kept on the GPU."""
-    import torch_tensorrt
-
     from lightning_trt_rtx import load_program
     from lightning_trt_rtx.addresses import _inputs_written
-    from tests.gpu.models import ResNetLike
+    from tests.gpu.models import saved_resnet_like
 
-    torch.manual_seed(0)
-    eager = ResNetLike().cuda().eval()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity
-        for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(8, 3, 32, 32, device="cuda")
     path = str(tmp_path / "resnet.ep")
-    torch_tensorrt.save(compile_trt(eager, x), path, inputs=[x])
+    eager, x = saved_resnet_like(path)
     program = load_program(path)
     engines = find_engines(program)
     assert engines and all(e.kind == "bare" and e.runner is program for e in engines), engines

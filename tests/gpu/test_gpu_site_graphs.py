@@ -13,7 +13,7 @@ import torch
 
 from lightning_trt_rtx import TRTRuntimeSettings, addresses
 from lightning_trt_rtx.engines import find_engines
-from tests.gpu.models import KeptPredictions, ResNetLike, TwoBlocks, compile_trt, mlp
+from tests.gpu.models import KeptPredictions, TwoBlocks, compile_trt, mlp, saved_resnet_like
 from tests.helpers import run_if
 
 
@@ -91,19 +91,10 @@ def test_a_model_with_a_graph_break_has_each_engine_replayed(graphs_mode):
 
 @run_if(min_cuda_gpus=1, rtx=True)
 def test_a_loaded_program_is_replayed_whole(graphs_mode, tmp_path):
-    import torch_tensorrt
-
     from lightning_trt_rtx import load_program
 
-    torch.manual_seed(0)
-    eager = ResNetLike().cuda().eval()
-    with torch.no_grad():
-        for bn in (m for m in eager.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(8, 3, 32, 32, device="cuda")
     path = str(tmp_path / "resnet.ep")
-    torch_tensorrt.save(compile_trt(eager, x), path, inputs=[x])
+    eager, _ = saved_resnet_like(path)
     program = load_program(path)
     figures, written, _, loader = _predict(program, [torch.randn(3, 32, 32) for _ in range(8 * 12)], 8)
     _note(f"loaded program: {figures.capture}")
