@@ -35,6 +35,7 @@ KERNEL_STRATEGY_CODES = {"lazy": 0, "eager": 1, "none": 2}
 CUDA_GRAPH_STRATEGY_CODES = {"disabled": 0, "whole_graph_capture": 1}
 # Indices into an engine's serialized info (torch_tensorrt.dynamo.runtime._serialized_engine_layout, ABI 10).
 _DEVICE_IDX, _HW_COMPATIBLE_IDX, _ALIASED_IO_IDX = 2, 6, 12
+_REQUIRES_OUTPUT_ALLOCATOR_IDX, _REQUIRES_NATIVE_MULTIDEVICE_IDX = 9, 11
 
 
 def installed_distribution() -> str | None:
@@ -345,14 +346,24 @@ def graph_capture_blocker(obj: Any, stream: Any) -> str:
     """Why an engine cannot run inside a CUDA graph that torch captures on ``stream`` (``""``: it can):
     not set up, output shapes that depend on the input data (the output allocator allocates at run time),
     collectives, or TensorRT-RTX's own check of its context (lazy kernel specialization of a dynamic
-    input shape swaps kernels at run time). An engine without that check (torch-tensorrt's C++ runtime)
-    is taken to be capturable, as upstream's whole-module wrapper takes it."""
+    input shape swaps kernels at run time; only torch-tensorrt's Python runtime asks it). Read from the
+    compiled module's flags, the Python runtime's engine, or a torchbind engine's serialized info."""
     engine = _engine_object(obj)
     if engine is None:
         return "the engine is not set up yet"
-    if getattr(engine, "requires_output_allocator", False) is True:
+    allocator = _flag(obj, "requires_output_allocator") or _flag(engine, "requires_output_allocator")
+    collectives = any(
+        _flag(holder, name) for holder in (obj, engine) for name in ("requires_native_multidevice", "_has_nccl_ops")
+    )
+    if is_bare_engine(engine) and not is_trt_module(obj):  # a loaded program's: the flags are in what it serializes
+        info = _serialized_info(engine)
+        if info is None:
+            return "its serialized info could not be read (output allocator, collectives)"
+        allocator = allocator or _info_flag(info, _REQUIRES_OUTPUT_ALLOCATOR_IDX)
+        collectives = collectives or _info_flag(info, _REQUIRES_NATIVE_MULTIDEVICE_IDX)
+    if allocator:
         return "its output shapes depend on its input data (the output allocator allocates at run time)"
-    if getattr(engine, "_has_nccl_ops", False) is True:
+    if collectives:
         return "it runs collectives (NCCL)"
     check = getattr(engine, "_is_monolithic_capturable", None)
     if check is not None and not check(stream):
@@ -361,6 +372,17 @@ def graph_capture_blocker(obj: Any, stream: Any) -> str:
             " shape: use dynamic_shapes_kernel_specialization_strategy='eager' or 'none')"
         )
     return ""
+
+
+def _flag(holder: Any, name: str) -> bool:
+    try:
+        return getattr(holder, name, False) is True
+    except Exception:  # a torchbind object may raise its own error for an attribute it lacks
+        return False
+
+
+def _info_flag(info: list[Any], index: int) -> bool:
+    return len(info) > index and str(info[index]).strip() == "1"
 
 
 def _serialized_info(engine: Any) -> list[Any] | None:

@@ -28,14 +28,18 @@ call, ``0`` leaves the addresses to torch-tensorrt, ``graphs`` captures call sit
 
 **Call-site graphs** (``StableAddresses(..., graphs=True)``: ``graphs`` above, or ``"auto"``'s candidate;
 the session runs the engines with their own capture off): each call site whose inputs can be copied is
-captured in a ``torch.cuda.CUDAGraph`` of its own per input signature (shapes, dtypes, devices, inference
-mode), after :data:`GRAPH_AFTER` calls at it, at most :data:`MAX_SHAPES` per site. A call copies its
+captured in a ``torch.cuda.CUDAGraph`` of its own after :data:`GRAPH_AFTER` calls in a row at one input
+signature (shapes, dtypes, devices, inference mode); one graph at a time, freed by a call at other shapes
+(TensorRT ties a captured graph to its context's input shapes). A call copies its
 inputs into the graph's buffers, replays it on the current stream and returns a copy of its outputs
 (:class:`_Graph`), with none of torch-tensorrt's per-call host work. Calls with a non-tensor input or
 autograd run as they are; a site whose engines cannot be captured
 (:func:`~lightning_trt_rtx._backend.graph_capture_blocker`) or whose capture fails runs as it is for
-good, the reason in :meth:`StableAddresses.describe`. Graphs are freed between loops and on uninstall:
-a change of the engines' settings re-creates their execution contexts, whose memory a graph holds.
+good, the reason in :meth:`StableAddresses.describe`. Graphs are freed between loops, after a prewarm
+(:meth:`StableAddresses.forget`), where the session changed an engine's settings
+(:meth:`StableAddresses.drop_graphs`) and on uninstall: each re-creates the engines' execution contexts,
+whose memory a graph holds. Where an engine keeps its outputs (the user's ``use_pre_allocated_outputs``),
+calls without the graph hand out copies too (a later replay writes into those tensors).
 
 Held addresses apply only while the site's engines hold ``whole_graph_capture`` and no CUDA-graph
 capture is running around them (inside
@@ -68,6 +72,7 @@ their own output setting; the last call's addresses are forgotten at each, and a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import numbers
@@ -154,45 +159,56 @@ class _Site:
         # None when copied in, shape, dtype, device), the input buffers or None, output addresses,
         # inference mode)
         self._fast: tuple[tuple, list | None, tuple[int, ...], bool] | None = None
-        # under "graphs": the site's CUDA graphs by input signature (at most MAX_SHAPES, least recently used
-        # dropped), the calls seen at signatures not captured yet, and what ran
-        self.graphs: OrderedDict[tuple, _Graph] | None = OrderedDict() if graphs else None
-        self._uncaptured: dict[tuple, int] = {}
+        # under "graphs": the site's CUDA graph and the input signature it was captured at, the calls in a row
+        # at a signature not captured yet, whether an engine keeps its outputs (then the site's calls without
+        # the graph hand out copies), and what ran
+        self.graphs = graphs
+        self.graph: tuple[tuple, _Graph] | None = None
+        self._pending: tuple[tuple | None, int] = (None, 0)
+        self.keeps_outputs: bool | None = None
         self._capture_stream: Any = None
         self.replays = 0  # calls replayed from a graph
         self.eager = 0  # calls run as they are (warm-up at a new signature, a non-tensor input, an outer capture)
         self.captures = 0
 
-    # --- under "graphs": one CUDA graph per input signature ------------------------------------------
+    # --- under "graphs": one CUDA graph of the call, at the shapes of the last calls -----------------
 
     def _graph_call(self, args: tuple, kwargs: dict) -> Any:
         if self.paused:
             return self.original(*args, **kwargs)
-        if self.failure or not self._graphs_wanted():
-            self.eager += 1
-            return self.original(*args, **kwargs)
         tensors = (*args, *(kwargs[k] for k in sorted(kwargs))) if kwargs else args
-        if not all(isinstance(t, torch.Tensor) for t in tensors):
-            self.eager += 1  # a number or another value a graph would fix at its capture
-            return self.original(*args, **kwargs)
+        if (
+            self.failure
+            or not all(isinstance(t, torch.Tensor) for t in tensors)  # a number a graph would fix at its capture
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # a replay records no autograd
+            or not self._graphs_wanted()
+        ):
+            return self._eager(args, kwargs)
         key = (
             torch.is_inference_mode_enabled(),
             len(args),
             tuple(kwargs) if kwargs else (),
             *[(t.shape, t.dtype, t.device) for t in tensors],
         )
-        graphs = self.graphs
-        assert graphs is not None
-        graph = graphs.get(key)
-        if graph is None:
+        graph = self.graph
+        if graph is None or graph[0] != key:
             graph = self._graph_for(key, args, kwargs, tensors)
             if graph is None:
-                self.eager += 1
-                return self.original(*args, **kwargs)
-        elif len(graphs) > 1:
-            graphs.move_to_end(key)
+                return self._eager(args, kwargs)
         self.replays += 1
-        return graph.run(tensors)
+        return graph[1].run(tensors)
+
+    def _eager(self, args: tuple, kwargs: dict) -> Any:
+        """The call as it is: the caller's own copy of outputs an engine keeps (a later replay writes
+        into them)."""
+        self.eager += 1
+        outputs = self.original(*args, **kwargs)
+        if self.keeps_outputs is None:
+            try:
+                self.keeps_outputs = any(_backend.output_holding(e.obj) == _HELD for e in self.engines)
+            except Exception:  # an engine without the output setting keeps none
+                self.keeps_outputs = False
+        return _copy_tensors(outputs) if self.keeps_outputs else outputs
 
     def _graphs_wanted(self) -> bool:
         """Engines without their own capture (a capture inside ours fails in CUDA), and no graph being
@@ -201,63 +217,51 @@ class _Site:
             return False
         return all(engine.get().cuda_graph_strategy == "disabled" for engine in self.engines)
 
-    def _graph_for(self, key: tuple, args: tuple, kwargs: dict, tensors: tuple) -> _Graph | None:
-        """The signature's graph, captured now if the signature has run :data:`GRAPH_AFTER` calls; None
-        (the call runs as it is) before, or where it cannot be captured."""
-        seen = self._uncaptured.get(key, 0)
-        if seen < GRAPH_AFTER:
-            if len(self._uncaptured) >= 4 * MAX_SHAPES:
-                self._uncaptured.clear()  # shapes that come once: forgotten in bulk
-            self._uncaptured[key] = seen + 1
+    def _graph_for(self, key: tuple, args: tuple, kwargs: dict, tensors: tuple) -> tuple[tuple, _Graph] | None:
+        """The graph for a call at ``key``, captured now after :data:`GRAPH_AFTER` calls in a row at it;
+        None (the call runs as it is) before, or where it cannot be captured. A call at other shapes frees
+        the graph: TensorRT ties a captured graph to its execution context's input shapes (upstream's own
+        graphs are captured again at every change of shapes too)."""
+        self.graph = None
+        if self._pending[0] != key:
+            self._pending = (key, 0)
+        if self._pending[1] < GRAPH_AFTER:
+            self._pending = (key, self._pending[1] + 1)
             return None
         if _backend.cudagraphs_mode() != _backend.STANDARD:
             return None  # enable_cudagraphs scopes are open: their graphs capture the engines
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None  # a graph's replay records no autograd history
         try:
             graph = self._capture(args, kwargs, tensors)
         except Exception as err:  # e.g. an op that synchronizes: the site runs its calls as they are
             self._give_up(f"its call could not be captured in a CUDA graph ({type(err).__name__}: {err})")
             return None
-        if graph is None:
-            return None
-        del self._uncaptured[key]
-        assert self.graphs is not None
-        self.graphs[key] = graph
-        while len(self.graphs) > MAX_SHAPES:
-            self.graphs.popitem(last=False)
+        self._pending = (None, 0)
+        self.graph = (key, graph)
         self.captures += 1
-        return graph
+        return self.graph
 
-    def _capture(self, args: tuple, kwargs: dict, tensors: tuple) -> _Graph | None:
+    def _capture(self, args: tuple, kwargs: dict, tensors: tuple) -> _Graph:
         """Capture the call on copies of its inputs (the graph's input buffers, outside its memory pool)."""
         if self._capture_stream is None:
             self._capture_stream = _side_stream(tensors[0].device if tensors else None)
-            for engine in self.engines:
-                why = _backend.graph_capture_blocker(engine.obj, self._capture_stream)
-                if why:
-                    self._give_up(f"engine {engine.name}: {why}")
-                    return None
         inputs = [t.detach().clone() for t in tensors]
         static_args = tuple(inputs[: len(args)])
         static_kwargs = dict(zip(sorted(kwargs), inputs[len(args) :]))
         graph, outputs = _capture_call(functools.partial(self.original, *static_args, **static_kwargs),
                                        self._capture_stream)  # fmt: skip
-        captured = _Graph(graph, inputs, outputs)
         log.debug("Captured a CUDA graph of %s's call (%d input(s))", type(self.module).__name__, len(inputs))
-        return captured
+        return _Graph(graph, inputs, outputs)
 
     def drop_graphs(self) -> None:
-        """Free the site's graphs (e.g. between loops: the engines' settings, and so their execution
-        contexts, may change before the next; a graph would replay launches into freed memory)."""
-        if self.graphs:
-            self.graphs.clear()
-        self._uncaptured.clear()
+        """Free the site's graph (e.g. between loops, or where the engines' settings changed: that
+        re-creates their execution contexts, and a graph would replay launches into freed memory)."""
+        self.graph = None
+        self._pending = (None, 0)
 
     # --- the wrapped forward: the steady path, else the full one ---------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.graphs is not None:
+        if self.graphs:
             return self._graph_call(args, kwargs)
         fast = self._fast
         if fast is not None and not kwargs:  # the steady path: same shapes and addresses as the last call
@@ -502,6 +506,7 @@ class StableAddresses:
             module = engine.obj if engine.kind == "module" else _runner(engine)
             by_module.setdefault(id(module), (module, []))[1].append(engine)
         self._pending: list[tuple[torch.nn.Module, list[Engine], bool]] = []
+        self._blockers: dict[tuple[int, ...], str] = {}  # by the site's engines: why they cannot be captured
         for module, group in by_module.values():
             why, inputs_kept = _why_left_alone(module, group)
             if why:
@@ -517,10 +522,21 @@ class StableAddresses:
         """Whether any engine's addresses can be held (the others are left alone: see the module docs)."""
         return bool(self._pending)
 
-    @property
-    def graphable(self) -> bool:
-        """Whether any call site can be captured in graphs of its own: its inputs can be copied in."""
-        return any(not program for _, _, program in self._pending)
+    def why_not_graphed(self) -> str:
+        """Why no call site can be captured in a graph of its own (``""``: one can): its inputs cannot be
+        copied in (a program that may write into them), or an engine cannot be captured."""
+        sites = [engines for _, engines, program in self._pending if not program]
+        if not sites:
+            return "no call site's inputs can be copied (its program may write into them)"
+        reasons = [self._blocker(engines) for engines in sites]
+        return "" if not all(reasons) else reasons[0]
+
+    def _blocker(self, engines: list[Engine]) -> str:
+        """Why a call site's engines cannot be captured (``""``: they can), asked once per site."""
+        key = tuple(id(e.obj) for e in engines)
+        if key not in self._blockers:
+            self._blockers[key] = _graph_blocker(engines)
+        return self._blockers[key]
 
     def use_graphs(self, graphs: bool) -> None:
         """Capture call sites in graphs of their own (True) or hold addresses (False); the sites are made
@@ -543,6 +559,9 @@ class StableAddresses:
             if self.graphs and program:
                 continue  # its inputs cannot be copied into a graph's buffers: left alone (see describe)
             site = _Site(module, engines, self.from_first_call, program, graphs=self.graphs)
+            blocker = self._blocker(engines) if self.graphs else ""
+            if blocker:
+                site._give_up(blocker)  # its calls run as they are; the figures say why
             site.install()
             self.sites.append(site)
 
@@ -560,9 +579,16 @@ class StableAddresses:
             site.forget()
 
     def forget(self) -> None:
-        """Compare the next call with nothing before it (e.g. after a prewarm's example inputs)."""
+        """Compare the next call with nothing before it (e.g. after a prewarm's example inputs, which
+        re-creates the engines' execution contexts: call-site graphs are freed)."""
         for site in self.sites:
             site.forget()
+            site.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Free every call site's graph (the engines' settings changed: their execution contexts are new)."""
+        for site in self.sites:
+            site.drop_graphs()
 
     def uninstall(self) -> None:
         sites, self.sites = self.sites, []
@@ -794,12 +820,38 @@ def _side_stream(device: torch.device | None) -> Any:
     return torch.cuda.Stream(device)
 
 
+def _graph_blocker(engines: Sequence[Engine]) -> str:
+    """Why one of ``engines`` cannot be captured in a CUDA graph of ours (``""``: none)."""
+    if why_no_site_graphs():
+        return why_no_site_graphs()
+    try:
+        stream = _side_stream(None)
+        for engine in engines:
+            why = _backend.graph_capture_blocker(engine.obj, stream)
+            if why:
+                return f"engine {engine.name}: {why}"
+    except Exception as err:
+        return f"whether its engines can be captured could not be read ({type(err).__name__}: {err})"
+    return ""
+
+
 def _capture_call(call: Any, stream: Any) -> tuple[Any, Any]:
     """``call()`` captured in a new CUDA graph on ``stream`` (not run): the graph, and the outputs its
-    replays write. Thread-local capture: an uploads thread's CUDA calls on its own stream do not break it."""
+    replays write. Thread-local capture: an uploads thread's CUDA calls on its own stream do not break it.
+    Not ``torch.cuda.graph``: a capture that fails there leaves the caller on the capture stream (its exit
+    ends the capture before it gives the stream back, and that raises); here the stream is always given
+    back, and the call's own error is the one raised."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-        outputs = call()
+    torch.cuda.synchronize()  # nothing queued before the capture runs into it
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            outputs = call()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                graph.capture_end()  # ends the invalidated capture; the call's error is the one that matters
+            raise
+        graph.capture_end()
     return graph, outputs
 
 

@@ -231,7 +231,8 @@ class ServingSession:
             if self.auto is not None:  # a decision this process made for these engines is where they start
                 first = engines[0]  # remembered on the module holding it: it lives as long as the engines
                 self.auto.bind(first.obj if first.kind == "module" else first.owner, [id(e.obj) for e in engines])
-        self.binding.apply(self.runtime_settings())
+        if self.binding.apply(self.runtime_settings()) and self.stable is not None:
+            self.stable.drop_graphs()  # new execution contexts: a graph would replay into freed memory
         self.figures.engines = len(self.binding.engines)
         self._hold_addresses()
         return self.figures.engines
@@ -303,9 +304,7 @@ class ServingSession:
         if not stable.holdable:
             why = "no engine's addresses can be held"
             return auto.Options((auto.DISABLED, auto.UPSTREAM), held_left_out=why, graphs_left_out=why)
-        why = addresses.why_no_site_graphs() or (
-            "" if stable.graphable else "no call site's inputs can be copied (its program may write into them)"
-        )
+        why = addresses.why_no_site_graphs() or stable.why_not_graphed()
         if why:
             return auto.Options((auto.DISABLED, auto.UPSTREAM, auto.HELD), graphs_left_out=why)
         return auto.Options(auto.CANDIDATES)
@@ -313,7 +312,8 @@ class ServingSession:
     def _run_candidate(self, candidate: str) -> None:
         """Put the engines under an ``"auto"`` candidate (its driver has made it the current one)."""
         if self.binding is not None:
-            self.binding.apply(self.runtime_settings())  # a strategy change drops the execution contexts
+            if self.binding.apply(self.runtime_settings()) and self.stable is not None:
+                self.stable.drop_graphs()  # a strategy change drops the execution contexts
             self._hold_addresses()
 
     def runtime_settings(self, **overrides: Any) -> Any:
@@ -348,7 +348,9 @@ class ServingSession:
         """
         records = prewarm.prewarm(self, inputs, target)
         if self.stable is not None:
-            self.stable.forget()  # the examples are not the loop's tensors: compare its first batch with nothing
+            # the examples are not the loop's tensors: compare its first batch with nothing (and the settings were
+            # applied again: call-site graphs are freed)
+            self.stable.forget()
         return records
 
     def _check_open(self) -> None:

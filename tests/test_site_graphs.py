@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_trt_rtx import ServingSession, TRTSettings, addresses, auto
-from lightning_trt_rtx.addresses import GRAPH_AFTER, MAX_SHAPES, StableAddresses
+from lightning_trt_rtx.addresses import GRAPH_AFTER, StableAddresses
 from lightning_trt_rtx.engines import Engine
 from tests.test_addresses import BareEngine, RuntimeLikeEngine, batches, program
 from tests.test_auto import paced as paced_engines
@@ -44,6 +44,7 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(addresses, "_capture_call", capture)
     monkeypatch.setattr(addresses, "_side_stream", lambda device: object())
+    monkeypatch.setattr(addresses, "why_no_site_graphs", lambda: "")  # as on a GPU host
     return graphs
 
 
@@ -64,7 +65,7 @@ def test_a_signature_is_captured_after_its_first_calls_and_every_caller_keeps_it
     assert (site.captures, site.replays, site.eager) == (1, len(xs) - GRAPH_AFTER, GRAPH_AFTER)
     assert stable.describe() == f"call-site graphs: 1 call site(s), 1 capture(s), 8 of {len(xs)} call(s) replayed"
     stable.uninstall()
-    assert "forward" not in vars(engine) and not site.graphs
+    assert "forward" not in vars(engine) and site.graph is None
 
 
 def test_each_input_signature_has_its_own_graph_and_a_smaller_last_batch_is_right(settings, captured):
@@ -80,15 +81,17 @@ def test_each_input_signature_has_its_own_graph_and_a_smaller_last_batch_is_righ
     stable.uninstall()
 
 
-def test_graphs_are_bounded_least_recently_used_first(settings, captured):
+def test_one_graph_at_a_time_and_a_call_at_other_shapes_frees_it(settings, captured):
+    """TensorRT ties a captured graph to its context's input shapes: a call at other shapes runs as it is
+    (and sets them), so the graph before it is never replayed again; calls in a row at a shape capture it."""
     engine = RuntimeLikeEngine(settings["disabled"])
     stable = graphed(engine)
-    for size in range(1, MAX_SHAPES + 3):
-        for x in batches(*[size] * (GRAPH_AFTER + 1)):
-            assert torch.equal(engine(x), 2 * x + 1)
     site = stable.sites[0]
-    assert len(site.graphs) == MAX_SHAPES and site.captures == MAX_SHAPES + 2
-    assert [key[3][0][0] for key in site.graphs] == list(range(3, MAX_SHAPES + 3))  # the two oldest dropped
+    for x in batches(8, 8, 8, 16, 8, 16, 8, 8, 8):
+        assert torch.equal(engine(x), 2 * x + 1)
+    assert [g.replays for g in captured] == [1, 1]  # batch 8 captured, freed by 16, captured again after 2 in a row
+    assert site.graph is not None and site.graph[0][3][0][0] == 8
+    assert (site.captures, site.replays, site.eager) == (2, 2, 7)
     stable.uninstall()
 
 
@@ -108,6 +111,7 @@ def test_a_capture_that_fails_leaves_the_site_running_as_it_is_and_says_why(sett
 
     monkeypatch.setattr(addresses, "_capture_call", fail)
     monkeypatch.setattr(addresses, "_side_stream", lambda device: object())
+    monkeypatch.setattr(addresses, "why_no_site_graphs", lambda: "")
     engine = RuntimeLikeEngine(settings["disabled"])
     stable = graphed(engine)
     xs = batches(*[8] * 6)
@@ -150,6 +154,12 @@ def test_the_blocker_reads_what_upstream_says(trt):
     assert "output allocator" in _backend.graph_capture_blocker(dynamic, None)
     module = trt.dynamo.runtime.TorchTensorRTModule()  # no engine set up yet
     assert _backend.graph_capture_blocker(module, None) == "the engine is not set up yet"
+    # torch-tensorrt's C++ runtime: the compiled module holds the flags, its torchbind engine does not
+    module.engine = Engine_(True)
+    module.requires_output_allocator = True
+    assert "output allocator" in _backend.graph_capture_blocker(module, None)
+    module.requires_output_allocator, module.requires_native_multidevice = False, True
+    assert _backend.graph_capture_blocker(module, None) == "it runs collectives (NCCL)"
 
 
 def test_a_number_input_or_autograd_runs_the_call_as_it_is(settings, captured):
@@ -175,7 +185,7 @@ def test_a_pause_between_loops_frees_the_graphs_and_the_next_loop_captures_again
     xs = batches(*[8] * 4)
     [engine(x) for x in xs]
     stable.pause()  # the engines' settings (so their execution contexts) may change before the next loop
-    assert not stable.sites[0].graphs
+    assert stable.sites[0].graph is None
     assert all(torch.equal(engine(x), 2 * x + 1) for x in xs)  # between loops: as they are
     stable.resume()
     assert all(torch.equal(engine(x), 2 * x + 1) for x in xs)
@@ -187,7 +197,9 @@ def test_a_program_whose_inputs_cannot_be_copied_is_left_alone(settings, capture
     monkeypatch.setattr(addresses, "_inputs_written", lambda module: None)  # a graph whose effects cannot be read
     module, engines = program(settings["disabled"], BareEngine(settings["disabled"]))
     stable = StableAddresses(engines, graphs=True)
-    assert stable.holdable and not stable.graphable
+    assert stable.holdable and stable.why_not_graphed() == (
+        "no call site's inputs can be copied (its program may write into them)"
+    )
     stable.install()
     assert not stable.sites
     assert "their program may write into its inputs" in stable.describe()
@@ -222,7 +234,10 @@ def test_a_session_under_graphs_runs_the_engines_without_their_own_capture(trt, 
         assert session.stable is not None and session.stable.graphs
         assert all("forward" in vars(e) for e in engines)
     assert not any("forward" in vars(e) for e in engines)
-    assert session.figures.capture == "call-site graphs: 4 call site(s), 0 capture(s), 0 of 0 call(s) replayed"
+    # engine-less modules on a CPU host: nothing to capture, and the figures say why
+    assert session.figures.capture.startswith(
+        "call-site graphs: 4 call site(s), 0 capture(s), 0 of 0 call(s) replayed; NOT captured at 4 call site(s): "
+    ), session.figures.capture
 
 
 paced = paced_engines  # the fixture, by its name
@@ -231,7 +246,6 @@ paced = paced_engines  # the fixture, by its name
 def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monkeypatch, captured, paced):
     from tests.test_auto import _serve, _session
 
-    monkeypatch.setattr(addresses, "why_no_site_graphs", lambda: "")
     monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
     # a switch of strategy re-creates the execution context (60 ms): graphs leave it too little to win back
     engine = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=60.0)
@@ -255,3 +269,95 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
     assert "whole_graph_capture" not in engine.strategies, figures.auto
     assert "not tried" in figures.auto and figures.capture.startswith("call-site graphs: 1 call site(s), 1 capture(s)")
     assert figures.auto_ms[auto.SITE_GRAPHS] == pytest.approx(0.5, abs=0.2)
+
+
+def test_a_call_that_needs_autograd_is_never_answered_from_a_graph(settings, captured):
+    engine = RuntimeLikeEngine(settings["disabled"])
+    stable = graphed(engine)
+    x = batches(8)[0]
+    for _ in range(GRAPH_AFTER + 1):
+        engine(x)
+    assert stable.sites[0].graph is not None
+    w = x.clone().requires_grad_()
+    y = engine(w)
+    assert y.grad_fn is not None and captured[0].replays == 1  # run as it is: its autograd history kept
+    stable.uninstall()
+
+
+def test_an_engine_that_keeps_its_outputs_hands_out_copies_before_its_graph_too(settings, captured):
+    """An engine told by its user to keep its outputs writes every call into the same tensors; the graph
+    captured later writes into them at each replay: the calls before it hand out copies as well."""
+    engine = RuntimeLikeEngine(settings["disabled"])
+    engine.use_pre_allocated_outputs = True
+    engine.set_output_tensors_as_unowned(False)
+    stable = graphed(engine)
+    xs = batches(*[8] * 6)
+    kept = [engine(x) for x in xs]
+    assert all(torch.equal(y, 2 * x + 1) for x, y in zip(xs, kept))
+    assert stable.sites[0].keeps_outputs
+    stable.uninstall()
+
+
+def test_a_prewarm_or_new_settings_free_the_graphs(settings, captured):
+    """Both re-create the engines' execution contexts: a graph would replay launches into freed memory."""
+    engine = RuntimeLikeEngine(settings["disabled"])
+    stable = graphed(engine)
+    x = batches(8)[0]
+    for _ in range(GRAPH_AFTER + 1):
+        engine(x)
+    stable.forget()  # what a session does after a prewarm
+    assert stable.sites[0].graph is None
+    for _ in range(GRAPH_AFTER + 1):
+        engine(x)
+    stable.drop_graphs()  # what a session does where applying its settings changed an engine
+    assert stable.sites[0].graph is None and len(captured) == 2
+    stable.uninstall()
+
+
+def test_a_failed_capture_gives_the_stream_back_and_raises_the_calls_own_error(monkeypatch):
+    """``_capture_call``'s sequence against torch's CUDA-graph API, recorded (no CUDA here)."""
+    said: list[str] = []
+
+    class Graph:
+        def capture_begin(self, capture_error_mode):
+            said.append(f"begin {capture_error_mode}")
+
+        def capture_end(self):
+            said.append("end")
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    class Stream:
+        def __init__(self, stream):
+            said.append("on the capture stream")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            said.append("stream given back")
+
+    monkeypatch.setattr(addresses.torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(addresses.torch.cuda, "stream", Stream)
+    monkeypatch.setattr(addresses.torch.cuda, "synchronize", lambda: said.append("synchronize"))
+
+    def call():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing"):
+        addresses._capture_call(call, object())
+    assert said == ["synchronize", "on the capture stream", "begin thread_local", "end", "stream given back"]
+
+
+def test_auto_does_not_try_call_site_graphs_where_no_engine_can_be_captured(fake_gpu, monkeypatch, paced):
+    from tests.test_auto import _serve, _session
+
+    monkeypatch.setattr(addresses, "why_no_site_graphs", lambda: "")
+    monkeypatch.setattr(addresses, "_side_stream", lambda device: object())
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "it runs collectives (NCCL)")
+    engine = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=60.0)
+    session = _session()
+    session.serve(nn.Sequential(engine))
+    _serve(session, engine, [torch.zeros(4, 2)] * 40, known=True)
+    figures = session.close()
+    assert auto.SITE_GRAPHS not in figures.auto_ms, figures.auto
+    assert figures.auto.endswith("call-site graphs not tried: engine 0: it runs collectives (NCCL)"), figures.auto

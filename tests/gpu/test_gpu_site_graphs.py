@@ -30,8 +30,9 @@ class Holder(L.LightningModule):
         return self.model(batch)
 
 
-def _predict(model: torch.nn.Module, samples: list[torch.Tensor], batch_size: int, **settings):
-    """Predictions kept on the GPU (a writer keeping them), over CPU samples: the figures and the writer."""
+def _predict(model: torch.nn.Module, samples: list[torch.Tensor], batch_size: int | None, **settings):
+    """Predictions kept on the GPU (a writer keeping them), over CPU samples (``batch_size=None``: each
+    sample a batch): the figures and the writer."""
     callback = TRTRuntimeSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=None, print_table=False,
                                   **settings)  # fmt: skip
     writer = KeptPredictions()
@@ -125,3 +126,23 @@ def test_a_dynamic_batch_is_right_whether_or_not_its_engine_can_be_captured(grap
         assert "lazy kernel specialization" in capture and kernels == "lazy", capture
     else:
         assert ", 1 capture(s), 8 of 11 call(s)" in capture, capture
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_shapes_that_come_in_runs_are_each_captured_in_turn_and_right(graphs_mode):
+    """A dynamic batch whose sizes come in runs (8, 16, 8): each run is captured after 2 calls, the graph
+    before it freed (TensorRT ties a graph to the context's shapes), every prediction right."""
+    import torch_tensorrt
+
+    torch.manual_seed(0)
+    eager = mlp(128, 4).cuda().eval().half()
+    spec = torch_tensorrt.Input(min_shape=(1, 128), opt_shape=(8, 128), max_shape=(16, 128), dtype=torch.float16)
+    compiled = compile_trt(eager, spec)
+    sizes = [8] * 5 + [16] * 5 + [8] * 5
+    batches = [torch.randn(n, 128, dtype=torch.float16) for n in sizes]
+    figures, written, _, loader = _predict(
+        compiled, batches, None, dynamic_shapes_kernel_specialization_strategy="eager"
+    )
+    _note(f"shapes in runs: {figures.capture}")
+    _check(eager, loader, written)
+    assert figures.capture.startswith("call-site graphs: 1 call site(s), 3 capture(s), 9 of 15 call(s)"), figures
