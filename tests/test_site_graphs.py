@@ -271,13 +271,19 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
     assert figures.auto_ms[auto.SITE_GRAPHS] == pytest.approx(0.5, abs=0.2)
 
 
-def test_a_call_that_needs_autograd_is_never_answered_from_a_graph(settings, captured):
+def with_a_graph(settings) -> tuple[RuntimeLikeEngine, StableAddresses, torch.Tensor]:
+    """An engine whose site has captured its graph at one batch ``x``."""
     engine = RuntimeLikeEngine(settings["disabled"])
     stable = graphed(engine)
     x = batches(8)[0]
     for _ in range(GRAPH_AFTER + 1):
         engine(x)
     assert stable.sites[0].graph is not None
+    return engine, stable, x
+
+
+def test_a_call_that_needs_autograd_is_never_answered_from_a_graph(settings, captured):
+    engine, stable, x = with_a_graph(settings)
     w = x.clone().requires_grad_()
     y = engine(w)
     assert y.grad_fn is not None and captured[0].replays == 1  # run as it is: its autograd history kept
@@ -300,11 +306,7 @@ def test_an_engine_that_keeps_its_outputs_hands_out_copies_before_its_graph_too(
 
 def test_a_prewarm_or_new_settings_free_the_graphs(settings, captured):
     """Both re-create the engines' execution contexts: a graph would replay launches into freed memory."""
-    engine = RuntimeLikeEngine(settings["disabled"])
-    stable = graphed(engine)
-    x = batches(8)[0]
-    for _ in range(GRAPH_AFTER + 1):
-        engine(x)
+    engine, stable, x = with_a_graph(settings)
     stable.forget()  # what a session does after a prewarm
     assert stable.sites[0].graph is None
     for _ in range(GRAPH_AFTER + 1):
