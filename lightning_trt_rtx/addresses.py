@@ -101,8 +101,8 @@ ENABLED_ENV = "LIGHTNING_TRT_RTX_STABLE_ADDRESSES"
 # and a baseline of the graphs benchmark; "1": copy what moved (the default); "always": copy from the
 # first call (for a job that knows its addresses move: saves the capture that finds it out)
 # "graphs": each call site runs its engines without their own capture (their strategy "disabled") inside
-# a CUDA graph of its own per input signature (see _Graph): one replay per call, without torch-tensorrt's
-# per-call host work
+# a CUDA graph of its own, captured at the shapes of its last calls (see _Graph): one replay per call,
+# without torch-tensorrt's per-call host work
 _MODES = {"0": "off", "1": "moved", "always": "always", "graphs": "graphs"}
 GRAPH_AFTER = 2  # calls at an input signature run as they are before its capture (first execute, shapes settle)
 
@@ -822,8 +822,9 @@ def _side_stream(device: torch.device | None) -> Any:
 
 def _graph_blocker(engines: Sequence[Engine]) -> str:
     """Why one of ``engines`` cannot be captured in a CUDA graph of ours (``""``: none)."""
-    if why_no_site_graphs():
-        return why_no_site_graphs()
+    why = why_no_site_graphs()
+    if why:
+        return why
     try:
         stream = _side_stream(None)
         for engine in engines:
