@@ -212,7 +212,7 @@ class Session(Protocol):
 
     def serve(self, module: torch.nn.Module | None = None, warn_if_none: bool = True) -> int: ...
 
-    def runtime_settings(self, **overrides: Any) -> Any: ...
+    def apply_settings(self, **overrides: Any) -> int: ...
 
     def prewarm(self, inputs: Sequence[Any], target: str | None = None) -> list[Any]: ...
 
@@ -285,11 +285,11 @@ def _run(session: Session, examples: list[tuple[torch.Tensor, ...]], target: str
         try:
             if eager:
                 assert session.cache is not None
-                binding.apply(session.runtime_settings(dynamic_shapes_kernel_specialization_strategy="eager"))
+                session.apply_settings(dynamic_shapes_kernel_specialization_strategy="eager")
             for example in examples:
                 records.append(PrewarmedShape(_shape_of(example), _timed(callee, example)))
         finally:
-            restored = binding.apply(session.runtime_settings())
+            restored = session.apply_settings()
         if restored:  # the execution context goes with a settings change: make it again before the first batch
             records = [
                 PrewarmedShape(r.shape, r.first_call_ms, _timed(callee, example))

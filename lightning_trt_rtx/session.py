@@ -231,8 +231,7 @@ class ServingSession:
             if self.auto is not None:  # a decision this process made for these engines is where they start
                 first = engines[0]  # remembered on the module holding it: it lives as long as the engines
                 self.auto.bind(first.obj if first.kind == "module" else first.owner, [id(e.obj) for e in engines])
-        if self.binding.apply(self.runtime_settings()) and self.stable is not None:
-            self.stable.drop_graphs()  # new execution contexts: a graph would replay into freed memory
+        self.apply_settings()
         self.figures.engines = len(self.binding.engines)
         self._hold_addresses()
         return self.figures.engines
@@ -312,9 +311,17 @@ class ServingSession:
     def _run_candidate(self, candidate: str) -> None:
         """Put the engines under an ``"auto"`` candidate (its driver has made it the current one)."""
         if self.binding is not None:
-            if self.binding.apply(self.runtime_settings()) and self.stable is not None:
-                self.stable.drop_graphs()  # a strategy change drops the execution contexts
+            self.apply_settings()  # a strategy change drops the execution contexts
             self._hold_addresses()
+
+    def apply_settings(self, **overrides: Any) -> int:
+        """Give the bound engines this run's settings (with ``overrides``); how many changed. A change
+        re-creates their execution contexts: call-site graphs are freed (they would replay into freed memory)."""
+        assert self.binding is not None
+        changed = self.binding.apply(self.runtime_settings(**overrides))
+        if changed and self.stable is not None:
+            self.stable.drop_graphs()
+        return changed
 
     def runtime_settings(self, **overrides: Any) -> Any:
         """``torch_tensorrt.runtime.RuntimeSettings`` with this run's cache handle (and ``overrides``)."""
@@ -348,9 +355,7 @@ class ServingSession:
         """
         records = prewarm.prewarm(self, inputs, target)
         if self.stable is not None:
-            # the examples are not the loop's tensors: compare its first batch with nothing (and the settings were
-            # applied again: call-site graphs are freed)
-            self.stable.forget()
+            self.stable.forget()  # the examples are not the loop's tensors: compare its first batch with nothing
         return records
 
     def _check_open(self) -> None:

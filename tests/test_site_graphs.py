@@ -363,3 +363,22 @@ def test_auto_does_not_try_call_site_graphs_where_no_engine_can_be_captured(fake
     figures = session.close()
     assert auto.SITE_GRAPHS not in figures.auto_ms, figures.auto
     assert figures.auto.endswith("call-site graphs not tried: engine 0: it runs collectives (NCCL)"), figures.auto
+
+
+def test_a_prewarm_never_replays_a_graph_of_the_contexts_it_replaced(fake_gpu, monkeypatch, captured, paced, tmp_path):
+    """A prewarm applies eager kernel settings (new execution contexts) and runs its examples: a graph captured
+    before it is freed by that change, so the example at the graph's shapes runs as it is."""
+    monkeypatch.setenv(addresses.ENABLED_ENV, "graphs")
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    engine = paced({"disabled": 1.0, "whole_graph_capture": 1.0})
+    model = nn.Sequential(engine)
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "k.bin"))
+    with ServingSession(model, settings) as session:
+        x = torch.zeros(4, 2)
+        with torch.inference_mode():  # as a prewarm runs its examples
+            for _ in range(GRAPH_AFTER + 1):
+                model(x)
+        assert len(captured) == 1 and captured[0].replays == 1
+        session.prewarm([x])
+        assert captured[0].replays == 1  # the examples ran as they are, not from the replaced contexts' graph
+        assert torch.equal(model(x), x + 1)
