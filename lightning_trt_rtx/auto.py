@@ -283,27 +283,26 @@ class Trial:
             upcoming = self.candidates[self._index + 1]
             to_come = batches_to_come(remaining, served_before, self.batches_left())
             left = ", ".join(self.candidates[self._index + 1 :])
-            if engine_strategy(upcoming) == engine_strategy(current):
-                if remaining >= self._warmup_of(upcoming) + self.timed:
-                    self._index += 1  # no switch of strategy: it costs its warm-up batches only
-                    return self.candidate
-                self.not_tried = f"{left} not tried: the {remaining:.0f} batches left could not time them"
-                self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
-                return self.decided
-            if worth_switching(median, to_come, switch_ms, host, waited):
-                self._index += 1
+            same_strategy = engine_strategy(upcoming) == engine_strategy(current)
+            if (remaining >= self._warmup_of(upcoming) + self.timed) if same_strategy else worth_switching(
+                median, to_come, switch_ms, host, waited
+            ):
+                self._index += 1  # under the same strategy it costs its warm-up batches only
                 return self.candidate
-            earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
-            bound = win_bound_ms(median, host, waited)
-            why = (
-                f"the loop waited {waited:.3f} ms a batch for its data" if paced_by_data(median, waited)
-                else "the steps' host time" if bound == host
-                else f"{WIN_BOUND:.0%} of a batch"
-            )  # fmt: skip
-            self.not_tried = (
-                f"{left} not tried: the {remaining:.0f} batches left{earlier} could not win back re-creating"
-                f" the execution contexts (about {switch_ms:.0f} ms), winning at most {bound:.3f} ms a batch ({why})"
-            )
+            if same_strategy:
+                self.not_tried = f"{left} not tried: the {remaining:.0f} batches left could not time them"
+            else:
+                earlier = f" (and the {served_before} served in earlier loops)" if served_before else ""
+                bound = win_bound_ms(median, host, waited)
+                why = (
+                    f"the loop waited {waited:.3f} ms a batch for its data" if paced_by_data(median, waited)
+                    else "the steps' host time" if bound == host
+                    else f"{WIN_BOUND:.0%} of a batch"
+                )  # fmt: skip
+                self.not_tried = (
+                    f"{left} not tried: the {remaining:.0f} batches left{earlier} could not win back re-creating the"
+                    f" execution contexts (about {switch_ms:.0f} ms), winning at most {bound:.3f} ms a batch ({why})"
+                )
         self.decided = choose(self.per_batch_ms, current=current, remaining=remaining, switch_ms=switch_ms)
         return self.decided
 
