@@ -589,8 +589,7 @@ class ServingSession:
                 self._hold_addresses()  # a new walk (an identity test: the list is rebuilt by each apply)
         if self.auto is not None:
             waited = self.uploads.stats["waited_s"] if self.uploads is not None else None
-            left = math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
-            self.auto.batch_started(batch, self._auto_options, waited_s=waited, left=left)
+            self.auto.batch_started(batch, self._auto_options, waited_s=waited, left=self._batches_left())
         self._timer.batch_started()
         self._step_gate.step_started()
         self._in_batch = True
@@ -603,8 +602,11 @@ class ServingSession:
         self._step_gate.step_ended()
         self._timer.batch_ended()
         if self.auto is not None:
-            left = math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
-            self.auto.batch_ended(left, self.figures.first_batch_ms)
+            self.auto.batch_ended(self._batches_left(), self.figures.first_batch_ms)
+
+    def _batches_left(self) -> float:
+        """The loop's batches not yet ended (``inf``: a loop of unknown length)."""
+        return math.inf if self._loop_batches is None else max(0, self._loop_batches - self.figures.batches)
 
     def loop_ended(self) -> None:
         self._step_gate.step_ended()  # a step that raised never called batch_ended
