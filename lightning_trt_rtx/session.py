@@ -316,8 +316,17 @@ class ServingSession:
 
     def apply_settings(self, **overrides: Any) -> int:
         """Give the bound engines this run's settings (with ``overrides``); how many changed. A change
-        re-creates their execution contexts: call-site graphs are freed (they would replay into freed memory)."""
-        assert self.binding is not None
+        re-creates their execution contexts: call-site graphs are freed (they would replay into freed memory).
+        ``overrides``: ``cuda_graph_strategy`` or ``dynamic_shapes_kernel_specialization_strategy``."""
+        if self.binding is None:
+            raise RuntimeError("apply_settings needs the session's engines: call serve(module) first.")
+        unknown = sorted(set(overrides) - {"cuda_graph_strategy", "dynamic_shapes_kernel_specialization_strategy"})
+        if unknown:
+            raise TypeError(
+                f"apply_settings takes cuda_graph_strategy and dynamic_shapes_kernel_specialization_strategy;"
+                f" got {unknown}."
+            )
+        dataclasses.replace(self.settings, **overrides)  # a bad value is refused, naming the valid choices
         changed = self.binding.apply(self.runtime_settings(**overrides))
         if changed and self.stable is not None:
             self.stable.drop_graphs()

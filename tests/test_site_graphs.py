@@ -382,3 +382,16 @@ def test_a_prewarm_never_replays_a_graph_of_the_contexts_it_replaced(fake_gpu, m
         session.prewarm([x])
         assert captured[0].replays == 1  # the examples ran as they are, not from the replaced contexts' graph
         assert torch.equal(model(x), x + 1)
+
+
+def test_apply_settings_refuses_what_it_cannot_apply(trt, fake_gpu):
+    with pytest.raises(RuntimeError, match=r"apply_settings needs the session's engines: call serve\(module\) first"):
+        ServingSession(settings=TRTSettings(runtime_cache=None)).apply_settings()
+    model, _ = engine_tree(trt.dynamo.runtime.TorchTensorRTModule)
+    with ServingSession(model, TRTSettings(runtime_cache=None)) as session:
+        with pytest.raises(TypeError, match=r"takes cuda_graph_strategy and .* got \['runtime_cache'\]"):
+            session.apply_settings(runtime_cache=None)
+        with pytest.raises(ValueError, match="Valid choices"):
+            session.apply_settings(dynamic_shapes_kernel_specialization_strategy="eagerly")
+        assert session.apply_settings(dynamic_shapes_kernel_specialization_strategy="eager") == 4
+        assert session.apply_settings(dynamic_shapes_kernel_specialization_strategy="eager") == 0
