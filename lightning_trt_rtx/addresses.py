@@ -531,6 +531,18 @@ class StableAddresses:
         reasons = [self._blocker(engines) for engines in sites]
         return "" if not all(reasons) else reasons[0]
 
+    def why_not_every_engine_graphed(self) -> str:
+        """Why some engine would run outside a graph of ours (``""``: every engine's call site can be
+        captured): a site left alone, a program whose inputs cannot be copied, or an engine that cannot be
+        captured."""
+        if self.left:
+            return self.left[0]
+        for _, engines, program in self._pending:
+            why = "its program may write into its inputs" if program else self._blocker(engines)
+            if why:
+                return why
+        return ""
+
     def _blocker(self, engines: list[Engine]) -> str:
         """Why a call site's engines cannot be captured (``""``: they can), asked once per site."""
         key = tuple(id(e.obj) for e in engines)

@@ -13,6 +13,10 @@ program at batch 32 3.39 / 4.44). So the session times the candidates on the bat
 * ``"whole_graph_capture, held addresses"``: the same with :mod:`lightning_trt_rtx.addresses` holding the
   engines' addresses still, where it can hold them.
 
+The last two (the engines' own capture) are tried only where call-site graphs cannot capture every
+engine's call site (:data:`SITE_GRAPHS_COVER_ALL`): where they can, the trial is ``"disabled"`` against
+call-site graphs, under one engine strategy, and never switches.
+
 Each candidate runs a few warm-up batches, then :data:`TIMED` batches are timed; :func:`choose` keeps
 the one with the lowest median per-batch time, and ``"disabled"`` unless a capture candidate beats it
 by :data:`MARGIN` (noise never makes ``"auto"`` slower than the default). Nothing is timed after the
@@ -96,6 +100,14 @@ RECHECK = 0.25  # a remembered decision is tried again when its window is this m
 # path: no strategy wins there (measured on H200: a loaded ResNet-50 at batch 32 waited about 0.9 ms of its
 # 3.1 ms batches, and ran 3.20 / 3.93 / 3.23 ms per batch without graphs / upstream capture / held addresses)
 DATA_BOUND = 0.1
+# where call-site graphs can capture every engine's call site, the engines' own capture is not tried: it replays
+# the same engine work behind torch-tensorrt's per-call host work (H200, one call in a bare loop: 44 us against
+# 52, 78 against 82), and never ran clearly faster per batch in Trainer.predict (six models, predictions dropped
+# and kept: benchmarks/results/site-graphs-h200), while trying it costs two strategy switches (10-200 ms each)
+SITE_GRAPHS_COVER_ALL = (
+    "call-site graphs capture every engine's call site: the same replay without torch-tensorrt's per-call work,"
+    " and no strategy switch"
+)
 
 
 def engine_strategy(candidate: str) -> Literal["disabled", "whole_graph_capture"]:
@@ -402,6 +414,7 @@ class Options:
     off: str = ""  # why nothing is tried (then "disabled" stays)
     held_left_out: str = ""  # why held addresses are not a candidate
     graphs_left_out: str = ""  # why call-site graphs are not a candidate
+    own_capture_left_out: str = ""  # why the engines' own capture (upstream's, or with held addresses) is not one
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -424,6 +437,7 @@ class AutoGraphs:
         self.off = ""  # why nothing is tried (then "disabled" stays)
         self.held_left_out = ""  # why held addresses are not a candidate
         self.graphs_left_out = ""  # why call-site graphs are not a candidate
+        self.own_capture_left_out = ""  # why the engines' own capture is not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
         self._owner: Any = None  # the served module, and its engines' ids: the key of what is remembered
         self._engines: tuple[int, ...] = ()
@@ -554,6 +568,7 @@ class AutoGraphs:
             return False
         self.held_left_out = options.held_left_out
         self.graphs_left_out = options.graphs_left_out
+        self.own_capture_left_out = options.own_capture_left_out
         self._last_stamp = None  # a switch now is timed from nothing earlier
         self._switch(first)
         if remembered is not None and remembered.switch_ms and self.switch_ms is None:
@@ -664,6 +679,8 @@ class AutoGraphs:
                 text += f"; held addresses not tried: {self.held_left_out}"
             if self.graphs_left_out:
                 text += f"; call-site graphs not tried: {self.graphs_left_out}"
+        if self.own_capture_left_out:
+            text += f"; {UPSTREAM} and {HELD} not tried: {self.own_capture_left_out}"
         return text
 
 

@@ -306,6 +306,8 @@ class ServingSession:
         why = addresses.why_no_site_graphs() or stable.why_not_graphed()
         if why:
             return auto.Options((auto.DISABLED, auto.UPSTREAM, auto.HELD), graphs_left_out=why)
+        if not stable.why_not_every_engine_graphed():
+            return auto.Options((auto.DISABLED, auto.SITE_GRAPHS), own_capture_left_out=auto.SITE_GRAPHS_COVER_ALL)
         return auto.Options(auto.CANDIDATES)
 
     def _run_candidate(self, candidate: str) -> None:
@@ -518,9 +520,10 @@ class ServingSession:
         a thread may call CUDA only between steps (:class:`~lightning_trt_rtx.transfers.StepGate`):
         ``steps_marked=True`` says that :meth:`batch_started` and :meth:`batch_ended` bracket every
         step (the callbacks and the plugin do); otherwise the loop's own thread reads and stages.
-        ``small_on_host=True``: batches under 1 MiB come back staged in pinned host memory, for a loop that
-        moves each to the GPU itself with ``non_blocking=True`` (Lightning's ``batch_to_device`` does; the
-        callbacks and the plugin pass it): one batch on the GPU at a time keeps an engine's input address.
+        ``small_on_host=True``: batches under 1 MiB come back staged in pinned host memory (under 64 KiB, as
+        they are), for a loop that moves each to the GPU itself with ``non_blocking=True`` (Lightning's
+        ``batch_to_device`` does; the callbacks and the plugin pass it): one batch on the GPU at a time keeps
+        an engine's input address.
         """
         self._check_open()
         check_flag("steps_marked", steps_marked)
@@ -563,7 +566,9 @@ class ServingSession:
         pinned = f", {stats['pinned_bytes'] / staged:.0%} already pinned" if stats["pinned_bytes"] else ""
         how = {"thread": ", own thread", "loop": ""}.get(stats["mode"], "")
         how += " (CUDA calls between steps: graphs may be captured)" if uploads.gated else ""
-        self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{pinned}"
+        direct = stats["direct_batches"]
+        small = f" ({direct} under {transfers.UploadsAhead.DIRECT_MAX_BYTES >> 10} KiB, not staged)" if direct else ""
+        self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{small}{pinned}"
 
     # --- timing --------------------------------------------------------------------------------
 

@@ -271,6 +271,63 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
     assert figures.auto_ms[auto.SITE_GRAPHS] == pytest.approx(0.5, abs=0.2)
 
 
+def test_auto_never_tries_the_engines_own_capture_where_call_site_graphs_cover_every_engine(
+    fake_gpu, monkeypatch, captured, paced
+):
+    from tests.test_auto import _serve, _session
+
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    # an endless loop and a cheap switch, where the engines' own capture would be tried
+    engine = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=1.0)
+    session = _session()
+    session.serve(nn.Sequential(engine))
+    xs = [torch.full((4, 2), float(i)) for i in range(60)]
+    outputs = _serve(session, engine, xs, known=False)
+    figures = session.close()
+    assert all(torch.equal(y, x + 1) for x, y in zip(xs, outputs))
+    assert set(engine.strategies) == {"disabled"}, figures.auto
+    assert set(figures.auto_ms) == {auto.DISABLED, auto.SITE_GRAPHS}, figures.auto
+    assert figures.auto.endswith(
+        f"; {auto.UPSTREAM} and {auto.HELD} not tried: {auto.SITE_GRAPHS_COVER_ALL}"
+    ), figures.auto
+
+
+def test_auto_tries_every_candidate_where_one_engine_would_run_outside_a_graph(fake_gpu, monkeypatch, captured, paced):
+    from tests.test_auto import _serve, _session
+
+    # two engines, the second's site cannot be captured: call-site graphs would leave it without any graph
+    blocked = "it runs collectives (NCCL)"
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: blocked if obj is b else "")
+    a = paced({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
+    b = paced({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
+    model = nn.Sequential(a, b)
+    session = _session()
+    session.serve(model)
+    xs = [torch.full((4, 2), float(i)) for i in range(120)]
+    outputs = _serve(session, model, xs, known=False)
+    assert session.stable is not None
+    assert session.stable.why_not_every_engine_graphed() == "engine 1: it runs collectives (NCCL)"
+    figures = session.close()
+    assert all(torch.equal(y, x + 2) for x, y in zip(xs, outputs))
+    assert set(figures.auto_ms) == set(auto.CANDIDATES), figures.auto
+    assert "whole_graph_capture" in a.strategies and "not tried" not in figures.auto, figures.auto
+
+
+def test_every_engine_graphed_names_a_site_left_alone_or_a_program_that_writes(settings, captured, monkeypatch):
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    compiled = StableAddresses([Engine("engine", "module", RuntimeLikeEngine(settings["disabled"]))], graphs=True)
+    assert compiled.why_not_every_engine_graphed() == ""
+    monkeypatch.setattr(addresses, "_inputs_written", lambda module: None)  # its effects cannot be read
+    _, engines = program(settings["disabled"], BareEngine(settings["disabled"]))
+    assert StableAddresses(engines, graphs=True).why_not_every_engine_graphed() == (
+        "its program may write into its inputs"
+    )
+    monkeypatch.setattr(addresses, "_aliases_io", lambda engine: True)
+    assert StableAddresses(engines, graphs=True).why_not_every_engine_graphed() == (
+        "1 engine(s) left as they are: they write an output through an input (aliased I/O, e.g. a KV cache)"
+    )
+
+
 def with_a_graph(settings) -> tuple[RuntimeLikeEngine, StableAddresses, torch.Tensor]:
     """An engine whose site has captured its graph at one batch ``x``."""
     engine = RuntimeLikeEngine(settings["disabled"])

@@ -94,9 +94,11 @@ class RecordingOps:
 def uploads(
     source: Any, depth: int = 2, ops: RecordingOps | None = None, mode: str = "thread", **options: Any
 ) -> Any:
-    """``mode``: "thread" (every batch counts as large) or "loop" (every batch counts as small)."""
+    """``mode``: "thread" (every batch counts as large) or "loop" (every batch counts as small; none is small
+    enough to be copied without staging: see the tests of ``DIRECT_MAX_BYTES``)."""
     up = transfers.UploadsAhead(source, "cpu", depth=depth, ops=ops or RecordingOps(), **options)
     up.THREAD_MIN_BYTES = 0 if mode == "thread" else 1 << 62
+    up.DIRECT_MAX_BYTES = 0
     return up
 
 
@@ -284,7 +286,8 @@ def test_pinned_sources_go_up_without_staging_and_stats_count_both():
     assert [t.tolist() for t in up] == [pinned_tensor.tolist(), pageable.tolist()]
     assert [d for what, _, d in ops.log if what == "stage"] == [(8,)]
     waited = up.stats.pop("waited_s")
-    assert up.stats == {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4, "mode": "thread"}
+    expected = {"batches": 2, "staged_bytes": 8 * 4, "pinned_bytes": 4 * 4, "direct_batches": 0, "mode": "thread"}
+    assert up.stats == expected
     assert 0.0 <= waited < 1.0
 
 
@@ -337,6 +340,31 @@ def test_shape_changes_and_a_smaller_last_batch_each_get_their_own_buffer():
     got = list(uploads(batches, ops=ops))
     assert [tuple(b.shape) for b in got] == [(4, 3), (4, 5), (1, 5)]
     assert [d for what, _, d in ops.log if what == "alloc"] == [(4, 3), (4, 5), (1, 5)]
+
+
+def test_batches_under_64_kib_are_copied_from_where_they_are_and_larger_ones_staged():
+    """CUDA queues a copy this small from pageable memory without waiting for the GPU: no staging."""
+    assert transfers.UploadsAhead.DIRECT_MAX_BYTES == 64 << 10
+    small = [torch.full((2, 3), float(i)) for i in range(3)]
+    edge = torch.zeros((64 << 10) // 4)  # exactly 64 KiB of float32: staged
+    ops = RecordingOps()
+    up = transfers.UploadsAhead([small[0], (small[1], small[2]), edge], "cpu", ops=ops)
+    got = list(up)
+    assert up.stats["mode"] == "loop" and up.stats["direct_batches"] == 2
+    assert torch.equal(got[0], small[0]) and got[0] is not small[0]  # a copy on the loop's stream
+    assert all(torch.equal(g, s) for g, s in zip(got[1], small[1:]))
+    steps = [(what, d) for what, _, d in ops.log if what in ("stage", "copy_here")]
+    assert steps == [("copy_here", (2, 3))] * 3 + [("stage", tuple(edge.shape)), ("copy_here", tuple(edge.shape))]
+    assert up.stats["staged_bytes"] == 64 << 10
+
+
+def test_with_small_on_host_batches_under_64_kib_are_handed_over_as_they_are():
+    source = [torch.full((2, 3), float(i)) for i in range(3)]
+    ops = RecordingOps()
+    up = transfers.UploadsAhead(source, "cpu", ops=ops, small_on_host=True)
+    got = list(up)
+    assert all(g is s for g, s in zip(got, source, strict=True))
+    assert [what for what, _, _ in ops.log if what != "finish"] == [] and up.stats["direct_batches"] == 3
 
 
 def test_small_on_host_hands_small_batches_over_staged_for_the_consumer_to_move():
@@ -654,9 +682,12 @@ class Doubler(LightningModule):
 
 
 class UploadsOnCpu:
-    """Routes the predict loop through ``UploadsAhead`` with the recording ops: the seam on a CPU host."""
+    """Routes the predict loop through ``UploadsAhead`` with the recording ops: the seam on a CPU host.
+    ``direct``: the smallest batches are left unstaged, as on a GPU (else every batch is staged)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, direct: bool = False) -> None:
+        if not direct:
+            monkeypatch.setattr(transfers.UploadsAhead, "DIRECT_MAX_BYTES", 0)
         self.ops: list[RecordingOps] = []
         original = transfers.UploadsAhead.__init__
 
@@ -692,6 +723,16 @@ def test_trainer_predict_through_the_seam_gives_the_same_predictions_for_several
     # the batches went through the uploads (each batch's one tensor, staged)
     assert seam.staged() == 4 + 2
     assert callback.figures[0].uploads.startswith("ahead, depth 2: 6 batches")
+
+
+def test_trainer_predict_leaves_batches_under_64_kib_to_lightning_and_the_figures_say_so(monkeypatch):
+    seam = UploadsOnCpu(monkeypatch, direct=True)
+    loader = DataLoader(torch.arange(10.0).reshape(10, 1), batch_size=3)
+    callback = TRTRuntimeSettings(runtime_cache=None, print_table=False)
+    got = cpu_trainer(callbacks=[callback]).predict(Doubler(), loader)
+    assert [p.flatten().tolist() for p in got] == [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0], [12.0, 14.0, 16.0], [18.0]]
+    assert seam.staged() == 0
+    assert callback.figures[0].uploads == "ahead, depth 2: 4 batches (4 under 64 KiB, not staged)"
 
 
 def test_the_precision_plugin_alone_uploads_from_the_second_batch_and_times_the_loop(monkeypatch, messages):

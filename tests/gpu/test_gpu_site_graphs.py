@@ -146,3 +146,49 @@ def test_shapes_that_come_in_runs_are_each_captured_in_turn_and_right(graphs_mod
     _note(f"shapes in runs: {figures.capture}")
     _check(eager, loader, written)
     assert figures.capture.startswith("call-site graphs: 1 call site(s), 3 capture(s), 9 of 15 call(s)"), figures
+
+
+@run_if(min_cuda_gpus=1, rtx=True)
+def test_a_prewarm_and_apply_settings_in_a_session_free_the_graphs_and_every_output_is_right(graphs_mode, tmp_path):
+    """A ServingSession under call-site graphs, as the README shows it: a graph captured, then a prewarm (eager
+    kernels, new execution contexts) and ``apply_settings`` each free it; the next calls capture again, and
+    every output equals eager (a graph replayed into the replaced contexts' memory would not)."""
+    import torch_tensorrt
+
+    from lightning_trt_rtx import ServingSession, TRTSettings
+
+    torch.manual_seed(0)
+    eager = mlp(128, 4).cuda().eval().half()
+    spec = torch_tensorrt.Input(min_shape=(1, 128), opt_shape=(8, 128), max_shape=(16, 128), dtype=torch.float16)
+    compiled = compile_trt(eager, spec)
+    xs = [torch.randn(8, 128, device="cuda", dtype=torch.float16) for _ in range(24)]
+    # lazy kernels (the default): the prewarm's eager ones re-create the execution contexts
+    settings = TRTSettings(cuda_graph_strategy="whole_graph_capture", runtime_cache=str(tmp_path / "gpu-{gpu}.bin"))
+
+    def run(batch: torch.Tensor) -> None:
+        with torch.inference_mode():
+            got = compiled(batch)
+            torch.testing.assert_close(got, eager(batch), atol=5e-2, rtol=5e-2)
+
+    with ServingSession(compiled, settings) as session:
+        assert session.stable is not None and session.stable.graphs
+        site = session.stable.sites[0]
+        for x in xs[:4]:
+            run(x)
+        assert site.graph is not None and site.replays >= 1
+        session.prewarm([xs[0][:4], xs[0]])
+        assert site.graph is None  # the prewarm's new contexts freed it
+        for x in xs[4:10]:
+            run(x)
+        assert site.graph is not None
+        assert session.apply_settings(dynamic_shapes_kernel_specialization_strategy="eager") >= 1
+        assert site.graph is None
+        for x in xs[10:16]:
+            run(x)
+        assert session.apply_settings() >= 1 and site.graph is None  # back to the session's own
+        for x in xs[16:]:
+            run(x)
+        captures, replays = site.captures, site.replays
+    _note(f"session with a prewarm and apply_settings: {session.figures.capture}")
+    # one capture per settings (a graph kept across a change would replay the old contexts' memory instead)
+    assert captures == 4 and replays >= 24 - 4 * addresses.GRAPH_AFTER, (captures, replays)
