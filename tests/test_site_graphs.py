@@ -243,9 +243,18 @@ def test_a_session_under_graphs_runs_the_engines_without_their_own_capture(trt, 
 paced = paced_engines  # the fixture, by its name
 
 
-def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monkeypatch, captured, paced):
+def _auto_loop(model: nn.Module, batches: int, known: bool) -> tuple[list, list, ServingSession]:
+    """``batches`` batches through ``model`` in a session under ``"auto"`` (``known``: the loop says how many):
+    the inputs, the outputs and the session, open."""
     from tests.test_auto import _serve, _session
 
+    session = _session()
+    session.serve(model)
+    xs = [torch.full((4, 2), float(i)) for i in range(batches)]
+    return xs, _serve(session, model, xs, known=known), session
+
+
+def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monkeypatch, captured, paced):
     monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
     # a switch of strategy re-creates the execution context (60 ms): graphs leave it too little to win back
     engine = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=60.0)
@@ -259,10 +268,7 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
             engine.pace = steady
 
     monkeypatch.setattr(FakeGraph, "replay", graphed_pace)
-    session = _session()
-    session.serve(nn.Sequential(engine))
-    xs = [torch.full((4, 2), float(i)) for i in range(60)]
-    outputs = _serve(session, engine, xs, known=True)
+    xs, outputs, session = _auto_loop(nn.Sequential(engine), 60, known=True)
     figures = session.close()
     assert all(torch.equal(y, x + 1) for x, y in zip(xs, outputs))
     assert figures.auto.startswith(f"kept {auto.SITE_GRAPHS} (median ms per batch: disabled 3.0"), figures.auto
@@ -274,15 +280,10 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
 def test_auto_never_tries_the_engines_own_capture_where_call_site_graphs_cover_every_engine(
     fake_gpu, monkeypatch, captured, paced
 ):
-    from tests.test_auto import _serve, _session
-
     monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
     # an endless loop and a cheap switch, where the engines' own capture would be tried
     engine = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=1.0)
-    session = _session()
-    session.serve(nn.Sequential(engine))
-    xs = [torch.full((4, 2), float(i)) for i in range(60)]
-    outputs = _serve(session, engine, xs, known=False)
+    xs, outputs, session = _auto_loop(nn.Sequential(engine), 60, known=False)
     figures = session.close()
     assert all(torch.equal(y, x + 1) for x, y in zip(xs, outputs))
     assert set(engine.strategies) == {"disabled"}, figures.auto
@@ -293,18 +294,12 @@ def test_auto_never_tries_the_engines_own_capture_where_call_site_graphs_cover_e
 
 
 def test_auto_tries_every_candidate_where_one_engine_would_run_outside_a_graph(fake_gpu, monkeypatch, captured, paced):
-    from tests.test_auto import _serve, _session
-
     # two engines, the second's site cannot be captured: call-site graphs would leave it without any graph
     blocked = "it runs collectives (NCCL)"
     monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: blocked if obj is b else "")
     a = paced({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
     b = paced({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
-    model = nn.Sequential(a, b)
-    session = _session()
-    session.serve(model)
-    xs = [torch.full((4, 2), float(i)) for i in range(120)]
-    outputs = _serve(session, model, xs, known=False)
+    xs, outputs, session = _auto_loop(nn.Sequential(a, b), 120, known=False)
     assert session.stable is not None
     assert session.stable.why_not_every_engine_graphed() == "engine 1: it runs collectives (NCCL)"
     figures = session.close()
