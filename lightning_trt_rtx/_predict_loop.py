@@ -62,7 +62,8 @@ def upload_batches(trainer: Any, session: Any, wanted: bool) -> None:
         return
     device = trainer.strategy.root_device
     # the callbacks and the plugin call batch_started / batch_ended around every step; Lightning's
-    # batch_to_device moves a small batch, staged in pinned memory, inside its step without waiting
+    # batch_to_device moves a small batch (staged in pinned memory, or under 64 KiB as it is) inside its step
+    # without waiting
     wrap_batches(
         trainer, lambda batches: session.upload_ahead(batches, device, steps_marked=True, small_on_host=True)
     )

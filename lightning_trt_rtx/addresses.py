@@ -170,6 +170,7 @@ class _Site:
         self.replays = 0  # calls replayed from a graph
         self.eager = 0  # calls run as they are (warm-up at a new signature, a non-tensor input, an outer capture)
         self.captures = 0
+        self.unfit = ""  # why a call could not be replayed from any graph (its inputs), where one could not
 
     # --- under "graphs": one CUDA graph of the call, at the shapes of the last calls -----------------
 
@@ -177,12 +178,13 @@ class _Site:
         if self.paused:
             return self.original(*args, **kwargs)
         tensors = (*args, *(kwargs[k] for k in sorted(kwargs))) if kwargs else args
-        if (
-            self.failure
-            or not all(isinstance(t, torch.Tensor) for t in tensors)  # a number a graph would fix at its capture
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # a replay records no autograd
-            or not self._graphs_wanted()
-        ):
+        if self.failure or not self._graphs_wanted():
+            return self._eager(args, kwargs)
+        if not all(isinstance(t, torch.Tensor) for t in tensors):  # a number a graph would fix at its capture
+            self.unfit = "a call passed a non-tensor input (a graph would fix it at its capture)"
+            return self._eager(args, kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # a replay records no autograd
+            self.unfit = "a call needed autograd (a replay records none)"
             return self._eager(args, kwargs)
         key = (
             torch.is_inference_mode_enabled(),
@@ -532,15 +534,19 @@ class StableAddresses:
         return "" if not all(reasons) else reasons[0]
 
     def why_not_every_engine_graphed(self) -> str:
-        """Why some engine would run outside a graph of ours (``""``: every engine's call site can be
-        captured): a site left alone, a program whose inputs cannot be copied, or an engine that cannot be
-        captured."""
+        """Why some engine runs, or would run, outside a graph of ours (``""``: every engine's call site can
+        be captured, and none has run a call outside one for its inputs or a failed capture): a site left
+        alone, a program whose inputs cannot be copied, an engine that cannot be captured, or what the
+        sites met while running."""
         if self.left:
             return self.left[0]
         for _, engines, program in self._pending:
             why = "its program may write into its inputs" if program else self._blocker(engines)
             if why:
                 return why
+        for site in self.sites if self.graphs else ():
+            if site.failure or site.unfit:
+                return f"a call site ran its calls as they are: {site.failure or site.unfit}"
         return ""
 
     def _blocker(self, engines: list[Engine]) -> str:

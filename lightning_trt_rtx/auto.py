@@ -15,7 +15,10 @@ program at batch 32 3.39 / 4.44). So the session times the candidates on the bat
 
 The last two (the engines' own capture) are tried only where call-site graphs cannot capture every
 engine's call site (:data:`SITE_GRAPHS_COVER_ALL`): where they can, the trial is ``"disabled"`` against
-call-site graphs, under one engine strategy, and never switches.
+call-site graphs, under one engine strategy, and never switches, unless the call-site graphs' window ran
+calls outside a graph after all (a non-tensor input, autograd, a failed capture: :meth:`Trial.widen`).
+A decision is remembered with the candidates it was chosen among; a later loop that offers one more
+runs a whole trial.
 
 Each candidate runs a few warm-up batches, then :data:`TIMED` batches are timed; :func:`choose` keeps
 the one with the lowest median per-batch time, and ``"disabled"`` unless a capture candidate beats it
@@ -102,8 +105,9 @@ RECHECK = 0.25  # a remembered decision is tried again when its window is this m
 DATA_BOUND = 0.1
 # where call-site graphs can capture every engine's call site, the engines' own capture is not tried: it replays
 # the same engine work behind torch-tensorrt's per-call host work (H200, one call in a bare loop: 44 us against
-# 52, 78 against 82), and never ran clearly faster per batch in Trainer.predict (six models, predictions dropped
-# and kept: benchmarks/results/site-graphs-h200), while trying it costs two strategy switches (10-200 ms each)
+# 52, 78 against 82), and ran at most 5% faster per batch in Trainer.predict (six models, predictions dropped and
+# kept: benchmarks/results/site-graphs-h200 and auto-two-candidates-h200), while trying it costs two strategy
+# switches (10-200 ms each)
 SITE_GRAPHS_COVER_ALL = (
     "call-site graphs capture every engine's call site: the same replay without torch-tensorrt's per-call work,"
     " and no strategy switch"
@@ -186,6 +190,7 @@ class Decision:
     candidate: str
     medians_ms: dict[str, float]
     switch_ms: float = 0.0
+    candidates: tuple[str, ...] = CANDIDATES  # what it was chosen among (a later loop offering more tries them)
 
 
 class Trial:
@@ -247,6 +252,13 @@ class Trial:
     def batches_left(self) -> int:
         """Batches the candidates after the current one need (warm-up and window)."""
         return sum(self._warmup_of(c) + self.timed for c in self.candidates[self._index + 1 :])
+
+    def widen(self, candidates: Sequence[str]) -> None:
+        """Try ``candidates`` too, after the ones there are (e.g. the engines' own capture, once call-site
+        graphs turn out to leave calls outside a graph); a remembered decision being checked is tried again
+        among them all (it was chosen among fewer)."""
+        self.candidates = tuple(dict.fromkeys((*self.candidates, *candidates)))
+        self.recheck = None
 
     def restart_window(self) -> None:
         """Warm up and time the current candidate again (e.g. a loop ended in the middle of its window)."""
@@ -442,6 +454,7 @@ class AutoGraphs:
         self._owner: Any = None  # the served module, and its engines' ids: the key of what is remembered
         self._engines: tuple[int, ...] = ()
         self._trial_key: Any = None  # the input shapes of the latest trial
+        self._options: Callable[[], Options] | None = None  # what the session offers (asked again to widen)
         self._cuda = torch.cuda.is_available()
         self._stamps: list[Any] = []  # this window's: CUDA events, or perf_counter seconds
         self._host_ms: list[float] = []  # this window's timed steps' host time (start to end, no GPU wait)
@@ -476,6 +489,7 @@ class AutoGraphs:
         candidate once: a loop's last, smaller batch starts none. Such a trial times only batches of its
         own shape."""
         self._step_started = time.perf_counter()
+        self._options = options
         self._waited_s = (waited_s, self._waited_s[0])
         self._batch_key = key = shape_key(batch)
         if self.off or len(self.shapes) >= MAX_SHAPES:
@@ -523,6 +537,8 @@ class AutoGraphs:
         memory = _memory(self._owner)
         served = memory.served.get(self._engines, 0) if memory is not None else 0
         self._others = 0  # the trial timed a window
+        if trial.candidate == SITE_GRAPHS and self.own_capture_left_out:
+            self._widen(trial)
         self._switch(trial.record(times, remaining, estimate, served, host_ms, waited_ms))
         if trial.decided is not None:
             self._decided = (trial, self._trial_key)
@@ -558,8 +574,10 @@ class AutoGraphs:
             return False
         memory = _memory(self._owner)
         remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
-        if remembered is not None and remembered.candidate not in options.candidates:
-            remembered = None  # decided among candidates of which it no longer is one
+        if remembered is not None and (
+            remembered.candidate not in options.candidates or not set(options.candidates) <= set(remembered.candidates)
+        ):
+            remembered = None  # decided among other candidates: one no longer offered, or without one offered now
         # the trial's first candidate: the one remembered for these shapes, else the one in force where it applies
         first = remembered.candidate if remembered is not None else (
             self.candidate if self.candidate in options.candidates else DISABLED
@@ -585,6 +603,16 @@ class AutoGraphs:
         self._switched_at = None
         return True
 
+    def _widen(self, trial: Trial) -> None:
+        """Call-site graphs were offered as covering every engine: where their window ran calls outside a
+        graph after all (a non-tensor input, autograd, a failed capture), the engines' own capture joins."""
+        assert self._options is not None
+        options = self._options()
+        if not options.own_capture_left_out and not options.off:
+            self.own_capture_left_out = ""
+            self.held_left_out = options.held_left_out
+            trial.widen(options.candidates)
+
     def _switch(self, candidate: str) -> None:
         if candidate == self.candidate:
             return
@@ -605,7 +633,10 @@ class AutoGraphs:
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
         if not trial.slower_than_then:  # a slow window of its own is no yardstick for the next check
             medians.update(trial.medians_ms)
-        memory.decisions[(self._engines, self._trial_key)] = Decision(fastest, medians, self.switch_ms or 0.0)
+        among = trial.candidates if trial.recheck is None else (*trial.recheck.candidates, *trial.candidates)
+        memory.decisions[(self._engines, self._trial_key)] = Decision(
+            fastest, medians, self.switch_ms or 0.0, tuple(dict.fromkeys(among))
+        )
         memory.latest[self._engines] = fastest
 
     def _own_memory(self) -> _Memory | None:

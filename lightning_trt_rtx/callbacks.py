@@ -107,7 +107,7 @@ class TRTRuntimeSettings(_LoopHooks):
         prewarm_target: the LightningModule attribute the shapes are for; default: its only compiled
             attribute (with none, the LightningModule's own ``forward``); ``"forward"``: its ``forward``.
         upload_ahead: in GPU predict loops, upload each batch's CPU tensors on a stream of their own
-            while the previous batch runs (pinned staging, an event per batch; see
+            while the previous batch runs (large ones staged in pinned memory, with an event per batch; see
             :mod:`lightning_trt_rtx.transfers`). On by default; off by itself (the figures say why)
             where the LightningModule or DataModule overrides ``on_before_batch_transfer`` or
             ``transfer_batch_to_device``, or ``predict_step`` takes ``dataloader_iter``.

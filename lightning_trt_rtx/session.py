@@ -567,7 +567,7 @@ class ServingSession:
         how = {"thread": ", own thread", "loop": ""}.get(stats["mode"], "")
         how += " (CUDA calls between steps: graphs may be captured)" if uploads.gated else ""
         direct = stats["direct_batches"]
-        small = f" ({direct} under {transfers.UploadsAhead.DIRECT_MAX_BYTES >> 10} KiB, not staged)" if direct else ""
+        small = f" ({direct} under {uploads.DIRECT_MAX_BYTES >> 10} KiB, not staged)" if direct else ""
         self.figures.uploads = f"ahead, depth {uploads.depth}{how}: {stats['batches']} batches{small}{pinned}"
 
     # --- timing --------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_auto_keeps_call_site_graphs_without_a_switch_of_strategy(fake_gpu, monk
     assert all(torch.equal(y, x + 1) for x, y in zip(xs, outputs))
     assert figures.auto.startswith(f"kept {auto.SITE_GRAPHS} (median ms per batch: disabled 3.0"), figures.auto
     assert "whole_graph_capture" not in engine.strategies, figures.auto
-    assert "not tried" in figures.auto and figures.capture.startswith("call-site graphs: 1 call site(s), 1 capture(s)")
+    assert figures.capture.startswith("call-site graphs: 1 call site(s), 1 capture(s)"), figures.capture
     assert figures.auto_ms[auto.SITE_GRAPHS] == pytest.approx(0.5, abs=0.2)
 
 
@@ -306,6 +306,84 @@ def test_auto_tries_every_candidate_where_one_engine_would_run_outside_a_graph(f
     assert all(torch.equal(y, x + 2) for x, y in zip(xs, outputs))
     assert set(figures.auto_ms) == set(auto.CANDIDATES), figures.auto
     assert "whole_graph_capture" in a.strategies and "not tried" not in figures.auto, figures.auto
+
+
+def test_auto_tries_the_engines_own_capture_where_call_site_graphs_ran_calls_outside_a_graph(
+    fake_gpu, monkeypatch, captured, paced
+):
+    """Every site can be captured on paper, but each call passes a number: no call replays, so call-site graphs
+    are "disabled" in disguise; their window says so and the engines' own capture joins the trial."""
+    from tests.test_auto import _session
+
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+
+    class WithScale(paced):
+        def forward(self, x: torch.Tensor, scale: int = 1) -> torch.Tensor:
+            return super().forward(x) * scale
+
+    engine = WithScale({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
+    session = _session()
+    session.serve(nn.Sequential(engine))
+    session.loop_started(batches=None)
+    for i in range(120):
+        x = torch.full((4, 2), float(i))
+        session.batch_started(x)
+        assert torch.equal(engine(x, 2), 2 * (x + 1))
+        session.batch_ended()
+    session.loop_ended()
+    figures = session.close()
+    assert not captured and set(figures.auto_ms) == set(auto.CANDIDATES), figures.auto
+    assert figures.auto.startswith(("kept whole_graph_capture", f"kept {auto.HELD}")), figures.auto
+    assert "not tried" not in figures.auto, figures.auto
+
+
+def test_after_call_site_graphs_auto_leaves_the_strategy_only_where_a_switch_pays(
+    fake_gpu, monkeypatch, captured, paced
+):
+    """Four candidates (engine b's site cannot be captured): after "disabled" and call-site graphs, a 60 ms
+    switch of strategy cannot be won back over the 60-batch loop's last batches, so it is not made."""
+    monkeypatch.setattr(
+        addresses._backend, "graph_capture_blocker", lambda obj, stream: "it runs collectives" if obj is b else ""
+    )
+    a = paced({"disabled": 3.0, "whole_graph_capture": 2.0}, setup_ms=60.0)
+    b = paced({"disabled": 0.1, "whole_graph_capture": 0.1}, setup_ms=60.0)
+    xs, outputs, session = _auto_loop(nn.Sequential(a, b), 60, known=True)
+    figures = session.close()
+    assert all(torch.equal(y, x + 2) for x, y in zip(xs, outputs))
+    assert set(figures.auto_ms) == {auto.DISABLED, auto.SITE_GRAPHS}, figures.auto
+    assert set(a.strategies) == {"disabled"}, figures.auto
+    assert (
+        f"{auto.UPSTREAM}, {auto.HELD} not tried: the 30 batches left could not win back re-creating the execution"
+        " contexts" in figures.auto
+    ), figures.auto
+
+
+def test_a_decision_among_two_candidates_is_not_reused_where_four_are_offered(fake_gpu, monkeypatch, captured, paced):
+    """Engine b's site becomes uncapturable between two sessions: the second offers the engines' own capture,
+    which the first never timed, so it runs a whole trial instead of checking the first one's decision."""
+    from tests.test_auto import _serve, _session
+
+    blocked = {"b": ""}
+    monkeypatch.setattr(
+        addresses._backend, "graph_capture_blocker", lambda obj, stream: blocked["b"] if obj is b else ""
+    )
+    a = paced({"disabled": 3.0, "whole_graph_capture": 0.5}, setup_ms=1.0)
+    b = paced({"disabled": 0.1, "whole_graph_capture": 0.1}, setup_ms=1.0)
+    model = nn.Sequential(a, b)
+    xs = [torch.full((4, 2), float(i)) for i in range(120)]
+    first = _session()
+    first.serve(model)
+    _serve(first, model, xs)
+    assert set(first.close().auto_ms) == {auto.DISABLED, auto.SITE_GRAPHS}
+    blocked["b"] = "it runs collectives (NCCL)"
+    second = _session()
+    second.serve(model)
+    outputs = _serve(second, model, xs)
+    figures = second.close()
+    assert all(torch.equal(y, x + 2) for x, y in zip(xs, outputs))
+    assert "decided earlier in this process" not in figures.auto, figures.auto
+    assert set(figures.auto_ms) == set(auto.CANDIDATES), figures.auto
+    assert figures.auto.startswith(("kept whole_graph_capture", f"kept {auto.HELD}")), figures.auto
 
 
 def test_every_engine_graphed_names_a_site_left_alone_or_a_program_that_writes(settings, captured, monkeypatch):
