@@ -16,9 +16,10 @@ program at batch 32 3.39 / 4.44). So the session times the candidates on the bat
 The last two (the engines' own capture) are tried only where call-site graphs cannot capture every
 engine's call site (:data:`SITE_GRAPHS_COVER_ALL`): where they can, the trial is ``"disabled"`` against
 call-site graphs, under one engine strategy, and never switches, unless the call-site graphs' window ran
-calls outside a graph after all (a non-tensor input, autograd, a failed capture: :meth:`Trial.widen`).
-A decision is remembered with the candidates it was chosen among; a later loop that offers one more
-runs a whole trial.
+calls outside a graph after all (a non-tensor input, autograd, a failed capture: :meth:`Trial.widen`;
+the process remembers it, and later trials of those engines offer the engines' own capture from the
+start). A decision is remembered with the candidates it was chosen among; a later loop that offers one
+more runs a whole trial.
 
 Each candidate runs a few warm-up batches, then :data:`TIMED` batches are timed; :func:`choose` keeps
 the one with the lowest median per-batch time, and ``"disabled"`` unless a capture candidate beats it
@@ -68,7 +69,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -217,6 +218,7 @@ class Trial:
         self.per_batch_ms: dict[str, list[float]] = {}
         self.host_ms: dict[str, float] = {}  # each candidate's median host time of a step (where measured)
         self.waited_ms: dict[str, float] = {}  # each candidate's median wait for its batch (where measured)
+        self.options = Options(self.candidates)  # what the session offered it (why others are left out)
         self.decided: str | None = None
         self.rechecked = False  # decided by checking a remembered decision
         self.slower_than_then = False  # rechecked, over RECHECK slower than then, and nothing else ran as fast then
@@ -253,11 +255,12 @@ class Trial:
         """Batches the candidates after the current one need (warm-up and window)."""
         return sum(self._warmup_of(c) + self.timed for c in self.candidates[self._index + 1 :])
 
-    def widen(self, candidates: Sequence[str]) -> None:
-        """Try ``candidates`` too, after the ones there are (e.g. the engines' own capture, once call-site
-        graphs turn out to leave calls outside a graph); a remembered decision being checked is tried again
-        among them all (it was chosen among fewer)."""
-        self.candidates = tuple(dict.fromkeys((*self.candidates, *candidates)))
+    def widen(self, options: Options) -> None:
+        """Try the candidates of ``options`` too, after the ones there are (e.g. the engines' own capture, once
+        call-site graphs turn out to leave calls outside a graph); a remembered decision being checked is
+        tried again among them all (it was chosen among fewer)."""
+        self.candidates = tuple(dict.fromkeys((*self.candidates, *options.candidates)))
+        self.options = options
         self.recheck = None
 
     def restart_window(self) -> None:
@@ -381,6 +384,8 @@ class _Memory:
     decisions: dict[tuple, Decision] = field(default_factory=dict)
     latest: dict[tuple[int, ...], str] = field(default_factory=dict)
     served: dict[tuple[int, ...], int] = field(default_factory=dict)  # batches served under "auto", by engines
+    # engines whose call-site graphs ran calls outside a graph (their trials offer the engines' own capture too)
+    outside_graphs: set[tuple[int, ...]] = field(default_factory=set)
 
 
 _REMEMBERED: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
@@ -447,9 +452,6 @@ class AutoGraphs:
         self._batch_key: Any = None  # the input shapes of the current batch
         self._others = 0  # batches of other shapes since a new shape's trial started or timed a window
         self.off = ""  # why nothing is tried (then "disabled" stays)
-        self.held_left_out = ""  # why held addresses are not a candidate
-        self.graphs_left_out = ""  # why call-site graphs are not a candidate
-        self.own_capture_left_out = ""  # why the engines' own capture is not a candidate
         self.switch_ms: float | None = None  # what changing the engines' strategy cost, once measured
         self._owner: Any = None  # the served module, and its engines' ids: the key of what is remembered
         self._engines: tuple[int, ...] = ()
@@ -537,7 +539,7 @@ class AutoGraphs:
         memory = _memory(self._owner)
         served = memory.served.get(self._engines, 0) if memory is not None else 0
         self._others = 0  # the trial timed a window
-        if trial.candidate == SITE_GRAPHS and self.own_capture_left_out:
+        if trial.candidate == SITE_GRAPHS and trial.options.own_capture_left_out:
             self._widen(trial)
         self._switch(trial.record(times, remaining, estimate, served, host_ms, waited_ms))
         if trial.decided is not None:
@@ -573,6 +575,10 @@ class AutoGraphs:
             self.off = options.off
             return False
         memory = _memory(self._owner)
+        if options.own_capture_left_out and memory is not None and self._engines in memory.outside_graphs:
+            # these engines' call-site graphs ran calls outside a graph earlier in this process
+            own = (*options.candidates, UPSTREAM, HELD)
+            options = replace(options, candidates=tuple(dict.fromkeys(own)), own_capture_left_out="")
         remembered = memory.decisions.get((self._engines, key)) if memory is not None else None
         if remembered is not None and (
             remembered.candidate not in options.candidates or not set(options.candidates) <= set(remembered.candidates)
@@ -584,9 +590,6 @@ class AutoGraphs:
         )
         if left < Trial([first]).warmup_batches() + TIMED:  # the loop cannot time it once
             return False
-        self.held_left_out = options.held_left_out
-        self.graphs_left_out = options.graphs_left_out
-        self.own_capture_left_out = options.own_capture_left_out
         self._last_stamp = None  # a switch now is timed from nothing earlier
         self._switch(first)
         if remembered is not None and remembered.switch_ms and self.switch_ms is None:
@@ -596,6 +599,7 @@ class AutoGraphs:
         rest = [c for c in options.candidates if c != self.candidate]
         ordered = [self.candidate, *sorted(rest, key=lambda c: engine_strategy(c) != strategy)]
         self.trial = Trial(ordered, recheck=remembered)
+        self.trial.options = options
         self._trial_key = key
         self._others = 0
         self.trials += 1
@@ -609,9 +613,10 @@ class AutoGraphs:
         assert self._options is not None
         options = self._options()
         if not options.own_capture_left_out and not options.off:
-            self.own_capture_left_out = ""
-            self.held_left_out = options.held_left_out
-            trial.widen(options.candidates)
+            trial.widen(options)
+            memory = self._own_memory()
+            if memory is not None:  # later trials of these engines offer them all from the start
+                memory.outside_graphs.add(self._engines)
 
     def _switch(self, candidate: str) -> None:
         if candidate == self.candidate:
@@ -703,15 +708,15 @@ class AutoGraphs:
             text += f"; a strategy switch cost {self.switch_ms:.1f} ms"
         if self.trials > 1:
             text += f"; {self.trials} trials (new input shapes)"
-        if self.held_left_out and self.held_left_out == self.graphs_left_out:
-            text += f"; held addresses and call-site graphs not tried: {self.held_left_out}"
+        held, graphs, own = (trial.options.held_left_out, trial.options.graphs_left_out,
+                             trial.options.own_capture_left_out)  # fmt: skip
+        if held and held == graphs:
+            text += f"; held addresses and call-site graphs not tried: {held}"
         else:
-            if self.held_left_out:
-                text += f"; held addresses not tried: {self.held_left_out}"
-            if self.graphs_left_out:
-                text += f"; call-site graphs not tried: {self.graphs_left_out}"
-        if self.own_capture_left_out:
-            text += f"; {UPSTREAM} and {HELD} not tried: {self.own_capture_left_out}"
+            text += f"; held addresses not tried: {held}" if held else ""
+            text += f"; call-site graphs not tried: {graphs}" if graphs else ""
+        if own:
+            text += f"; {UPSTREAM} and {HELD} not tried: {own}"
         return text
 
 

@@ -308,33 +308,83 @@ def test_auto_tries_every_candidate_where_one_engine_would_run_outside_a_graph(f
     assert "whole_graph_capture" in a.strategies and "not tried" not in figures.auto, figures.auto
 
 
-def test_auto_tries_the_engines_own_capture_where_call_site_graphs_ran_calls_outside_a_graph(
-    fake_gpu, monkeypatch, captured, paced
-):
-    """Every site can be captured on paper, but each call passes a number: no call replays, so call-site graphs
-    are "disabled" in disguise; their window says so and the engines' own capture joins the trial."""
-    from tests.test_auto import _session
+class _Scaled(nn.Module):
+    """Calls its engine with a number besides the batch: no call can be replayed from a graph of ours."""
 
-    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    def __init__(self, engine: nn.Module) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x, 2)
+
+
+def _scaled(paced, pace: dict[str, float]) -> tuple[nn.Module, _Scaled]:
+    """A paced engine that takes a number (a scale) too, and a model that always passes one."""
 
     class WithScale(paced):
         def forward(self, x: torch.Tensor, scale: int = 1) -> torch.Tensor:
             return super().forward(x) * scale
 
-    engine = WithScale({"disabled": 3.0, "whole_graph_capture": 1.0}, setup_ms=1.0)
-    session = _session()
-    session.serve(nn.Sequential(engine))
-    session.loop_started(batches=None)
-    for i in range(120):
-        x = torch.full((4, 2), float(i))
-        session.batch_started(x)
-        assert torch.equal(engine(x, 2), 2 * (x + 1))
-        session.batch_ended()
-    session.loop_ended()
+    engine = WithScale(pace, setup_ms=1.0)
+    return engine, _Scaled(engine)
+
+
+def test_auto_tries_the_engines_own_capture_where_call_site_graphs_ran_calls_outside_a_graph(
+    fake_gpu, monkeypatch, captured, paced
+):
+    """Every site can be captured on paper, but each call passes a number: no call replays, so call-site graphs
+    are "disabled" in disguise; their window says so and the engines' own capture joins the trial. A later
+    session of the same engines offers it from the start, and checks the decision in one window."""
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    engine, model = _scaled(paced, {"disabled": 3.0, "whole_graph_capture": 1.0})
+    xs, outputs, session = _auto_loop(model, 120, known=False)
     figures = session.close()
+    assert all(torch.equal(y, 2 * (x + 1)) for x, y in zip(xs, outputs))
     assert not captured and set(figures.auto_ms) == set(auto.CANDIDATES), figures.auto
     assert figures.auto.startswith(("kept whole_graph_capture", f"kept {auto.HELD}")), figures.auto
     assert "not tried" not in figures.auto, figures.auto
+    kept = figures.auto.removeprefix("kept ").split(" (")[0]
+    switches = len([1 for a, b in zip(engine.strategies, engine.strategies[1:]) if a != b])
+    xs, outputs, session = _auto_loop(model, 60, known=False)
+    again = session.close().auto
+    assert again.startswith(f"kept {kept}, decided earlier in this process"), again
+    assert len([1 for a, b in zip(engine.strategies, engine.strategies[1:]) if a != b]) <= switches + 2, again
+
+
+def test_a_new_shapes_trial_keeps_a_widened_decision_running_and_its_figures_true(
+    fake_gpu, monkeypatch, captured, paced
+):
+    """After a widened trial kept the engines' own capture, a burst of another shape starts a trial that
+    offers it too: the main shape's batches keep running under the kept strategy, and the figures never say
+    the engines' own capture was left out."""
+    from tests.test_auto import _session
+
+    monkeypatch.setattr(addresses._backend, "graph_capture_blocker", lambda obj, stream: "")
+    engine, model = _scaled(paced, {"disabled": 3.0, "whole_graph_capture": 1.0})
+    session = _session()
+    session.serve(model)
+    session.loop_started(batches=None)
+
+    def step(shape: tuple[int, int]) -> None:
+        x = torch.ones(shape)
+        session.batch_started(x)
+        assert torch.equal(model(x), 2 * (x + 1))
+        session.batch_ended()
+
+    for _ in range(120):
+        step((4, 2))
+    assert session.auto is not None
+    kept = session.auto.candidate
+    assert kept in (auto.UPSTREAM, auto.HELD), session.auto.describe()
+    step((8, 2))
+    ran = len(engine.strategies)
+    for _ in range(auto.ABANDON_AFTER + 2):
+        step((4, 2))
+    session.loop_ended()
+    figures = session.close()
+    assert set(engine.strategies[ran:]) == {"whole_graph_capture"}, figures.auto
+    assert auto.SITE_GRAPHS_COVER_ALL not in figures.auto, figures.auto
 
 
 def test_after_call_site_graphs_auto_leaves_the_strategy_only_where_a_switch_pays(
