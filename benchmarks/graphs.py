@@ -381,12 +381,8 @@ def _summary(result: dict) -> dict:
         "upstream_kept_speedup": median["default-kept"] / median["upstream-kept"]
         if median["upstream-kept"] > 0
         else float("nan"),
-        "stable_minus_empty_over_bare_graphs": (median["stable"] - median["empty"]) / bare["whole_graph_capture"]
-        if bare["whole_graph_capture"] > 0
-        else float("nan"),
-        "site_minus_empty_over_bare_graphs": (median["site"] - median["empty"]) / bare["whole_graph_capture"]
-        if bare["whole_graph_capture"] > 0
-        else float("nan"),
+        "stable_minus_empty_over_bare_graphs": _ratio(median["stable"] - median["empty"], bare["whole_graph_capture"]),
+        "site_minus_empty_over_bare_graphs": _ratio(median["site"] - median["empty"], bare["whole_graph_capture"]),
         "site_speedup": _ratio(median["default"], median["site"]),
         **{
             f"auto{kept.replace('-', '_')}_speedup": _ratio(median["default" + kept], median["auto" + kept])

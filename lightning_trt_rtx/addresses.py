@@ -105,6 +105,7 @@ ENABLED_ENV = "LIGHTNING_TRT_RTX_STABLE_ADDRESSES"
 # without torch-tensorrt's per-call host work
 _MODES = {"0": "off", "1": "moved", "always": "always", "graphs": "graphs"}
 GRAPH_AFTER = 2  # calls at an input signature run as they are before its capture (first execute, shapes settle)
+_PROGRAM_WRITES = "its program may write into its inputs"  # why a site's inputs are not copied into a graph
 
 
 def mode() -> str:
@@ -527,11 +528,11 @@ class StableAddresses:
     def why_not_graphed(self) -> str:
         """Why no call site can be captured in a graph of its own (``""``: one can): its inputs cannot be
         copied in (a program that may write into them), or an engine cannot be captured."""
-        sites = [engines for _, engines, program in self._pending if not program]
-        if not sites:
-            return "no call site's inputs can be copied (its program may write into them)"
-        reasons = [self._blocker(engines) for engines in sites]
-        return "" if not all(reasons) else reasons[0]
+        reasons = self._site_blockers()
+        if "" in reasons:
+            return ""
+        blocked = [why for why in reasons if why != _PROGRAM_WRITES]
+        return blocked[0] if blocked else "no call site's inputs can be copied (its program may write into them)"
 
     def why_not_every_engine_graphed(self) -> str:
         """Why some engine runs, or would run, outside a graph of ours (``""``: every engine's call site can
@@ -540,14 +541,18 @@ class StableAddresses:
         sites met while running."""
         if self.left:
             return self.left[0]
-        for _, engines, program in self._pending:
-            why = "its program may write into its inputs" if program else self._blocker(engines)
-            if why:
-                return why
+        why = next((why for why in self._site_blockers() if why), "")
+        if why:
+            return why
         for site in self.sites if self.graphs else ():
             if site.failure or site.unfit:
                 return f"a call site ran its calls as they are: {site.failure or site.unfit}"
         return ""
+
+    def _site_blockers(self) -> list[str]:
+        """For each call site whose addresses can be held, why it cannot be captured in a graph of ours
+        (``""``: it can)."""
+        return [_PROGRAM_WRITES if program else self._blocker(engines) for _, engines, program in self._pending]
 
     def _blocker(self, engines: list[Engine]) -> str:
         """Why a call site's engines cannot be captured (``""``: they can), asked once per site."""

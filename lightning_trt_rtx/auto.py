@@ -205,6 +205,7 @@ class Trial:
         timed: int = TIMED,
         warmup: Mapping[str, int] = WARMUP,
         recheck: Decision | None = None,
+        options: Options | None = None,
     ) -> None:
         unknown = [c for c in candidates if c not in CANDIDATES]
         if unknown or not candidates:
@@ -218,7 +219,8 @@ class Trial:
         self.per_batch_ms: dict[str, list[float]] = {}
         self.host_ms: dict[str, float] = {}  # each candidate's median host time of a step (where measured)
         self.waited_ms: dict[str, float] = {}  # each candidate's median wait for its batch (where measured)
-        self.options = Options(self.candidates)  # what the session offered it (why others are left out)
+        # what the session offered it (why others are left out)
+        self.options = options if options is not None else Options(self.candidates)
         self.decided: str | None = None
         self.rechecked = False  # decided by checking a remembered decision
         self.slower_than_then = False  # rechecked, over RECHECK slower than then, and nothing else ran as fast then
@@ -598,8 +600,7 @@ class AutoGraphs:
         strategy = engine_strategy(self.candidate)
         rest = [c for c in options.candidates if c != self.candidate]
         ordered = [self.candidate, *sorted(rest, key=lambda c: engine_strategy(c) != strategy)]
-        self.trial = Trial(ordered, recheck=remembered)
-        self.trial.options = options
+        self.trial = Trial(ordered, recheck=remembered, options=options)
         self._trial_key = key
         self._others = 0
         self.trials += 1
@@ -638,10 +639,9 @@ class AutoGraphs:
         medians = dict(trial.recheck.medians_ms) if trial.rechecked and trial.recheck else {}
         if not trial.slower_than_then:  # a slow window of its own is no yardstick for the next check
             medians.update(trial.medians_ms)
-        among = trial.candidates if trial.recheck is None else (*trial.recheck.candidates, *trial.candidates)
-        memory.decisions[(self._engines, self._trial_key)] = Decision(
-            fastest, medians, self.switch_ms or 0.0, tuple(dict.fromkeys(among))
-        )
+        # a recheck's candidates are among the remembered decision's (a trial offering more is no recheck)
+        among = trial.candidates if trial.recheck is None else trial.recheck.candidates
+        memory.decisions[(self._engines, self._trial_key)] = Decision(fastest, medians, self.switch_ms or 0.0, among)
         memory.latest[self._engines] = fastest
 
     def _own_memory(self) -> _Memory | None:
@@ -708,15 +708,14 @@ class AutoGraphs:
             text += f"; a strategy switch cost {self.switch_ms:.1f} ms"
         if self.trials > 1:
             text += f"; {self.trials} trials (new input shapes)"
-        held, graphs, own = (trial.options.held_left_out, trial.options.graphs_left_out,
-                             trial.options.own_capture_left_out)  # fmt: skip
-        if held and held == graphs:
-            text += f"; held addresses and call-site graphs not tried: {held}"
+        options = trial.options
+        if options.held_left_out and options.held_left_out == options.graphs_left_out:
+            text += f"; held addresses and call-site graphs not tried: {options.held_left_out}"
         else:
-            text += f"; held addresses not tried: {held}" if held else ""
-            text += f"; call-site graphs not tried: {graphs}" if graphs else ""
-        if own:
-            text += f"; {UPSTREAM} and {HELD} not tried: {own}"
+            text += f"; held addresses not tried: {options.held_left_out}" if options.held_left_out else ""
+            text += f"; call-site graphs not tried: {options.graphs_left_out}" if options.graphs_left_out else ""
+        if options.own_capture_left_out:
+            text += f"; {UPSTREAM} and {HELD} not tried: {options.own_capture_left_out}"
         return text
 
 
